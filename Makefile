@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each creates or updates the
+# virtual environment and installs the freshly built wheel (never an editable copy).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/dbcore/cargo-target
+export PIP_CACHE_DIR ?= $(HOME)/.cache/pip
+
+.PHONY: demo test venv wheel install lint pytest cargo-test bench clean
+
+venv:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip "maturin>=1.9,<2"
+
+wheel: venv
+	rm -rf dist
+	$(VENV)/bin/maturin build --release --quiet -o dist --interpreter $(PY)
+
+install: wheel
+	$(PY) -m pip install -q "$$(ls dist/dbcore-*.whl)[dev]"
+	$(PY) -m pip install -q --force-reinstall --no-deps dist/dbcore-*.whl
+
+lint: venv
+	$(VENV)/bin/ruff check python tests benches
+	cargo clippy --all-targets -- -D warnings
+
+pytest: install
+	$(VENV)/bin/pytest -q
+
+cargo-test:
+	cargo test --quiet
+
+test: install lint cargo-test pytest
+
+demo: install
+	$(VENV)/bin/python -m dbcore.demo
+
+bench: install
+	$(PY) benches/bench_store.py
+
+clean:
+	rm -rf dist $(VENV)

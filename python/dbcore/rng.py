@@ -1,0 +1,91 @@
+"""Counter-based noise: Philox4x32-10, keyed by (seed, sample index, block, draw).
+
+The PyTorch reference of the generator that the Rust store (`dbcore._native`) and the CUDA kernels
+(`cuda/philox.cuh`) implement bit for bit, so every process, machine and backend draws the same noise.
+
+Layout (the contract, shared by all three implementations):
+- key     = (seed mod 2^32, seed >> 32 mod 2^32)
+- counter = (j, sample, block, draw), all uint32; `block` is the network block index
+  (0 = first block = highest noise), `draw` the cached draw k (or the epoch for online noise).
+- Gaussian element e of a sample's noise comes from group j = e // 4, output r = e % 4.
+  Outputs (0, 1) and (2, 3) are Box-Muller pairs with u = (x + 0.5) * 2^-32 in (0, 1):
+  n_even = sqrt(-2 ln u_a) cos(2 pi u_b), n_odd = sqrt(-2 ln u_a) sin(2 pi u_b).
+- The uniform that picks sigma uses group j = SIGMA_GROUP (0xFFFFFFFF), output 0.
+
+Integer arithmetic runs in int64 with explicit 32-bit masks (torch has no full uint32 support).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+SIGMA_GROUP = 0xFFFFFFFF
+MASK32 = 0xFFFFFFFF
+INV_2_32 = 2.0**-32
+
+
+def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # 32x32 -> 64 bit product in int64: wraps on overflow, the masks recover both halves exactly.
+    p = x * m
+    return (p >> 32) & MASK32, p & MASK32
+
+
+def philox4x32(
+    counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 of int64 tensors holding uint32 values; returns four uint32-valued tensors."""
+    c0, c1, c2, c3 = (c.to(torch.int64) & MASK32 for c in counter)
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    return (x.to(torch.float64) + 0.5) * INV_2_32
+
+
+def _counters(
+    j: torch.Tensor, sample: torch.Tensor, block: int, draw: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if sample.numel() and (int(sample.max()) > MASK32 or int(sample.min()) < 0):
+        raise ValueError("sample index does not fit the generator's 32-bit counter")
+    j, sample = torch.broadcast_tensors(j, sample)
+    return j, sample, torch.full_like(j, block), torch.full_like(j, draw)
+
+
+def uniform_for_sigma(sample: torch.Tensor, seed: int, block: int, draw: int) -> torch.Tensor:
+    """One uniform in (0, 1) per sample (float64), from which the block's sigma is drawn."""
+    sample = sample.to(torch.int64)
+    x0, _, _, _ = philox4x32(_counters(torch.full_like(sample, SIGMA_GROUP), sample, block, draw), seed)
+    return _uniform(x0)
+
+
+def gaussian(
+    sample: torch.Tensor, num_elements: int, seed: int, block: int, draw: int
+) -> torch.Tensor:
+    """Standard normal noise of shape (len(sample), num_elements), float64."""
+    sample = sample.to(torch.int64)
+    groups = (num_elements + 3) // 4
+    j = torch.arange(groups, dtype=torch.int64)[None, :]  # (1, G)
+    x = philox4x32(_counters(j, sample[:, None], block, draw), seed)  # 4 x (N, G)
+    u = [_uniform(v) for v in x]
+    r01 = torch.sqrt(-2.0 * torch.log(u[0]))
+    r23 = torch.sqrt(-2.0 * torch.log(u[2]))
+    a01, a23 = 2.0 * math.pi * u[1], 2.0 * math.pi * u[3]
+    n = torch.stack(
+        [r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)],
+        dim=-1,
+    )  # (N, G, 4)
+    return n.reshape(len(sample), groups * 4)[:, :num_elements]
