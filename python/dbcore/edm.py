@@ -6,7 +6,6 @@ Works on floats and on tensors alike; broadcast a per-sample sigma as `s[:, None
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,3 @@ def loss_weight(s: torch.Tensor, sd: float = SIGMA_DATA) -> torch.Tensor:
     """w(s) = (s^2 + sd^2) / (s*sd)^2: one weight per sample, never broadcast against a mean."""
     return (s * s + sd * sd) / (s * sd) ** 2
 
-
-def lognormal_cdf(sigma: float) -> float:
-    """q = Phi((ln sigma - P_mean) / P_std): the CDF of the training noise distribution."""
-    return 0.5 * (1.0 + math.erf((math.log(sigma) - P_MEAN) / (P_STD * math.sqrt(2.0))))
