@@ -1,7 +1,8 @@
 """Counter-based noise: Philox4x32-10, keyed by (seed, sample index, block, draw).
 
-The PyTorch reference of the generator that the Rust store (`dbcore._native`) and the CUDA kernels
-(`cuda/philox.cuh`) implement bit for bit, so every process, machine and backend draws the same noise.
+The PyTorch reference of the generator that the Rust store (`dbcore._native`) and the CUDA
+kernels (`cuda/philox.cuh`) implement bit for bit, so every process, machine and backend draws the
+same noise.
 
 Layout (the contract, shared by all three implementations):
 - key     = (seed mod 2^32, seed >> 32 mod 2^32)
@@ -68,7 +69,8 @@ def _counters(
 def uniform_for_sigma(sample: torch.Tensor, seed: int, block: int, draw: int) -> torch.Tensor:
     """One uniform in (0, 1) per sample (float64), from which the block's sigma is drawn."""
     sample = sample.to(torch.int64)
-    x0, _, _, _ = philox4x32(_counters(torch.full_like(sample, SIGMA_GROUP), sample, block, draw), seed)
+    j = torch.full_like(sample, SIGMA_GROUP)
+    x0, _, _, _ = philox4x32(_counters(j, sample, block, draw), seed)
     return _uniform(x0)
 
 
