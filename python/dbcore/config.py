@@ -1,0 +1,103 @@
+"""TOML run configuration: `[model]` (the recipe's config) and `[train]` (the trainer's).
+
+Unknown keys are errors that name the file, the table and the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from dbcore.recipes.vit import ViTConfig
+
+RECIPES = {"vit": ViTConfig}
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used as it is."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # per block; the end-to-end baseline gets the same number (equal compute)
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    weight: str = "none"  # loss weight mode, see dbcore.loss.WEIGHT_MODES
+    weight_clamp: float = 100.0
+    mode: Literal["independent", "sequential"] = "independent"
+    sequential_fraction: float = 0.5  # share of each batch taken from the chain states
+    inference_steps: int = 0  # Euler steps at evaluation; 0 means one per block
+    checkpoint_every: int = 200
+    backend: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass
+class Config:
+    recipe: str
+    model: Any  # the recipe's config dataclass, e.g. ViTConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source_path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": {"recipe": self.recipe, **dataclasses.asdict(self.model)},
+            "train": dataclasses.asdict(self.train),
+        }
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of the model table: what a cache must agree with."""
+        blob = json.dumps(self.to_dict()["model"], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def from_dict(data: dict[str, Any], where: str = "<config>") -> Config:
+    extra = sorted(set(data) - {"model", "train"})
+    if extra:
+        raise ConfigError(f"{where}: unknown table(s) {extra}; expected [model] and [train]")
+    model = dict(data.get("model", {}))
+    recipe = model.pop("recipe", "vit")
+    if recipe not in RECIPES:
+        raise ConfigError(f"{where} [model] recipe: expected one of {sorted(RECIPES)}, found {recipe!r}")
+    return Config(
+        recipe=recipe,
+        model=_build(RECIPES[recipe], model, f"{where} [model]"),
+        train=_build(TrainConfig, dict(data.get("train", {})), f"{where} [train]"),
+        source_path=where,
+    )
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_dict(data, str(path))
