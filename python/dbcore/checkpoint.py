@@ -1,0 +1,79 @@
+"""Checkpoints as safetensors + JSON, written atomically and verified on load.
+
+A checkpoint `NAME` is two files: `NAME.safetensors` (tensors) and `NAME.json` (metadata, with the
+sha256 of the tensor file). Both are written under temporary names and renamed, tensors first, so
+the JSON's presence means the pair is complete; a crash leaves at most `*.tmp` files, which are
+ignored and cleaned. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not match its metadata."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def save(base: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """Write `base.safetensors` and `base.json`; returns the tensor file's sha256."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    st_tmp, js_tmp = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(st_tmp))
+    digest = _sha256(st_tmp)
+    js_tmp.write_text(json.dumps({**meta, "sha256": digest}, indent=2, sort_keys=True))
+    _replace_atomically(st_tmp, st)
+    _replace_atomically(js_tmp, js)
+    return digest
+
+
+def exists(base: Path) -> bool:
+    return base.with_suffix(".json").is_file() and base.with_suffix(".safetensors").is_file()
+
+
+def load_meta(base: Path) -> dict[str, Any]:
+    js = base.with_suffix(".json")
+    if not js.is_file():
+        raise CheckpointError(f"checkpoint {base}: no {js.name} (missing or interrupted before completion)")
+    try:
+        return json.loads(js.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {base}: {js.name} is not valid JSON ({exc})") from None
+
+
+def load(base: Path, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify a checkpoint; keep only tensors whose name starts with `prefix`."""
+    meta = load_meta(base)
+    st = base.with_suffix(".safetensors")
+    if not st.is_file():
+        raise CheckpointError(f"checkpoint {base}: {st.name} is missing")
+    if _sha256(st) != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {base}: {st.name} does not match the sha256 in {base.name}.json")
+    try:
+        tensors = load_file(str(st))
+    except SafetensorError as exc:
+        raise CheckpointError(f"checkpoint {base}: unreadable {st.name} ({exc})") from None
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, meta
