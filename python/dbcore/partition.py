@@ -7,6 +7,7 @@ Blocks are indexed in network order: block 0 runs first at inference and owns th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -53,3 +54,83 @@ def sample_sigma(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     q_lo, q_hi = cdf(lo), cdf(hi)
     q = q_lo + u.to(torch.float64) * (q_hi - q_lo)
     return torch.exp(P_MEAN + P_STD * torch.special.ndtri(q))
+
+
+# --- in-block sigma distributions ---------------------------------------------------------------
+
+SIGMA_DISTS: tuple[str, ...] = ("lognormal", "loguniform")
+
+
+def sample_sigma_loguniform(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Map uniforms u in (0, 1) to ln sigma uniform on [ln lo, ln hi]."""
+    log_lo, log_hi = math.log(lo), math.log(hi)
+    return torch.exp(log_lo + u.to(torch.float64) * (log_hi - log_lo))
+
+
+def sample_sigma_for_block(
+    u: torch.Tensor, block: int, num_blocks: int, gamma: float = 0.05, dist: str = "lognormal"
+) -> torch.Tensor:
+    """Sigmas (float64) of network block `block` from uniforms u (`dbcore.rng.uniform_for_sigma`).
+
+    lognormal: the training log-normal truncated to the widened range (the paper).
+    loguniform: uniform in log sigma over the widened range (more mass at the range's ends).
+    """
+    lo, hi = block_range(block, num_blocks, gamma)
+    if dist == "lognormal":
+        return sample_sigma(u, lo, hi)
+    if dist == "loguniform":
+        return sample_sigma_loguniform(u, lo, hi)
+    raise ValueError(f"sigma distribution must be one of {SIGMA_DISTS}, got {dist!r}")
+
+
+# --- Euler sampler schedule ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One Euler step `sigma -> sigma_next` taken by network block `block`."""
+
+    block: int
+    sigma: float
+    sigma_next: float
+
+
+def block_of_sigma(sigma: float, num_blocks: int) -> int:
+    """Network block whose *un-widened* range holds sigma (a boundary goes to the lower block)."""
+    edges = boundaries(num_blocks)
+    k = sum(1 for e in edges[1:-1] if sigma > e)  # interval index, low to high noise
+    return num_blocks - 1 - k
+
+
+def steps_per_block(num_blocks: int, num_steps: int) -> list[int]:
+    """Euler steps per network block, e.g. (B=3, 50 steps) -> [17, 16, 17]; see `euler_schedule`."""
+    counts = [0] * num_blocks
+    for step in euler_schedule(num_blocks, num_steps):
+        counts[step.block] += 1
+    return counts
+
+
+def euler_schedule(num_blocks: int, num_steps: int) -> list[Step]:
+    """num_steps Euler steps from sigma_max down to sigma_min, equally spaced in q = cdf(sigma).
+
+    Grid: q_i = q_max - (i / N)(q_max - q_min), i = 0..N (N + 1 points, so N = 1 is one step
+    sigma_max -> sigma_min, not a collapse to sigma_min). Step i (q_i -> q_i+1) belongs to the block
+    whose un-widened range (`boundaries`) holds the step's midpoint in q; a midpoint exactly on a
+    boundary goes to the lower-noise block. Computed in integers: block = floor((2i+1) B / 2N).
+    Remainders therefore go to the blocks whose share rounds up: B=3, N=50 -> 17/16/17; N = B gives
+    one step per block, each starting at the block's upper boundary. A step may start up to half a
+    grid step above its block's un-widened range (the overlap gamma covers it for N >~ 4B).
+    N < B raises ValueError: some block would never run.
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if num_steps < num_blocks:
+        raise ValueError(f"num_steps ({num_steps}) must be >= num_blocks ({num_blocks})")
+    q_min, q_max = cdf(SIGMA_MIN), cdf(SIGMA_MAX)
+    grid = [SIGMA_MAX]
+    grid += [icdf(q_max - i / num_steps * (q_max - q_min)) for i in range(1, num_steps)]
+    grid += [SIGMA_MIN]
+    return [
+        Step((2 * i + 1) * num_blocks // (2 * num_steps), grid[i], grid[i + 1])
+        for i in range(num_steps)
+    ]
