@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
 
 from dbcore import __version__
@@ -11,6 +15,118 @@ from dbcore import __version__
 @click.version_option(__version__, prog_name="dbcore")
 def main() -> None:
     """Train deep networks one block at a time with DiffusionBlocks."""
+
+
+class _Fail(click.ClickException):
+    """A user-facing error: printed as one line, exit code 1, no traceback."""
+
+
+def _user_errors():
+    from dbcore.checkpoint import CheckpointError
+    from dbcore.config import ConfigError
+    from dbcore.sources import SourceError
+    from dbcore.store import StoreError
+    from dbcore.train import RunError
+
+    return (ConfigError, SourceError, StoreError, RunError, CheckpointError, FileExistsError, ValueError)
+
+
+def _run_safely(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as exc:
+        raise _Fail(str(exc)) from None
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "source", default="digits:train", show_default=True,
+              help="digits[:train|:valid] or npz:PATH")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="store to write")
+@click.option("--noise", type=click.Choice(["online", "cached"]), default="online", show_default=True)
+@click.option("--draws", default=4, show_default=True, help="noised draws per sample per block (cached)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace an existing store")
+def cache(config, source, out, noise, draws, seed, overwrite):
+    """Write inputs, targets, target embedding and schedule (and noised targets) to a store."""
+    from dbcore import config as config_mod
+    from dbcore.cache import write_cache
+    from dbcore.sources import load_source
+
+    cfg = _run_safely(config_mod.load, config)
+    src = _run_safely(load_source, source)
+    _run_safely(write_cache, cfg, src, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite)
+    click.echo(f"cached {len(src.labels)} samples of {source} into {out} (noise: {noise})")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path))
+@click.option("--out", "run", required=True, type=click.Path(path_type=Path), help="run directory")
+@click.option("--block", type=int, default=None, help="train only this block (0 = highest noise)")
+@click.option("--e2e", is_flag=True, help="train the end-to-end baseline of the same architecture")
+@click.option("--activation-checkpointing", is_flag=True, help="with --e2e: checkpoint every layer")
+@click.option("--steps", type=int, default=None, help="override [train] steps")
+@click.option("--mode", type=click.Choice(["independent", "sequential"]), default=None,
+              help="override [train] mode")
+@click.option("--backend", type=click.Choice(["auto", "torch", "cupy"]), default=None)
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def train(config, store_path, run, block, e2e, activation_checkpointing, steps, mode, backend, quiet):
+    """Train every block in turn (one in memory at a time), one block, or the --e2e baseline."""
+    from dbcore import config as config_mod
+    from dbcore.train import train_run
+
+    cfg = _run_safely(config_mod.load, config)
+    if steps is not None:
+        cfg.train.steps = steps
+    if mode is not None:
+        cfg.train.mode = mode
+    if backend is not None:
+        cfg.train.backend = backend
+    results = _run_safely(train_run, cfg, store_path, run, block=block, e2e=e2e,
+                          activation_checkpointing=activation_checkpointing, progress=not quiet)
+    for r in results:
+        click.echo(json.dumps(r))
+
+
+@main.command("eval")
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "source", default="digits:valid", show_default=True)
+@click.option("--steps", type=int, default=None, help="Euler steps in all (default: the run's)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def eval_(run, source, steps, as_json):
+    """Accuracy and loss of a DiffusionBlocks or end-to-end run."""
+    from dbcore.evaluate import evaluate
+
+    result = _run_safely(evaluate, run, source, steps)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{result['kind']}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
+                   f"on {result['num_samples']} samples of {source}")
+
+
+@main.group()
+def bench() -> None:
+    """Measurements: training memory."""
+
+
+@bench.command("memory")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-size", type=int, default=None, help="override [train] batch_size")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_memory(config, batch_size, device, as_json):
+    """Peak training memory: end-to-end, with activation checkpointing, and each block."""
+    from dbcore.memory import measure_all
+
+    result = _run_safely(measure_all, config, batch_size=batch_size, device=device)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            click.echo(f"{k}: {v}")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
