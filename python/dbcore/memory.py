@@ -1,0 +1,173 @@
+"""`dbcore bench memory`: peak training memory of end-to-end, checkpointed and per-block training.
+
+Each configuration runs in a fresh subprocess (CPU) so no allocator cache leaks between them:
+the worker builds its batch, records its resident memory, resets the kernel's high-water mark
+(`/proc/self/clear_refs`), runs a few full training steps (optimizer state included) and reports
+the high-water mark above that baseline. On CUDA it uses `torch.cuda.max_memory_allocated`.
+Beside each measurement sits the analytic model of METHOD.md section 5 (App. G of the paper):
+end-to-end `(4P + A) L`, activation checkpointing `4PL + A`, one block `(4P + A) L / B`, with P
+and A measured per layer (parameter bytes; bytes saved for backward).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dbcore import config as config_mod
+from dbcore.loss import sample_weights, weighted_ce
+from dbcore.noise import noised_targets
+from dbcore.recipes.vit import ViTBlock, ViTClassifier, make_target_embedding
+
+MEASURED_STEPS = 3
+TIMED_STEPS = 5
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+class _SavedBytes:
+    """Bytes of distinct tensors autograd saves for backward (the activations A)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def _build(kind: str, cfg) -> tuple[nn.Module, object]:
+    m = cfg.model
+    emb = make_target_embedding(m.num_classes, m.dim, 0, m.target_scale)
+    if kind.startswith("e2e"):
+        model = ViTClassifier(m, activation_checkpointing=(kind == "e2e_checkpointed"))
+        return model, emb
+    return ViTBlock(m, int(kind.removeprefix("block")), emb), emb
+
+
+def worker(config_path: str, kind: str, batch_size: int, device: str) -> dict:
+    """Run in a fresh process: peak bytes above baseline, step time, params, saved activations."""
+    cfg = config_mod.load(config_path)
+    m = cfg.model
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    x = torch.rand(batch_size, m.channels, m.image_size, m.image_size, device=dev)
+    labels = torch.randint(0, m.num_classes, (batch_size,), device=dev)
+    model, emb = _build(kind, cfg)
+    block = int(kind.removeprefix("block")) if kind.startswith("block") else None
+    if block is not None:
+        z, sigma = noised_targets(emb[labels.cpu()], torch.arange(batch_size), 0, block, 0, m)
+        z, sigma = z.to(dev), sigma.to(dev)
+    # the model's weights count as training memory: measure from before they are placed
+    model_cpu_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes("VmRSS") - model_cpu_bytes
+        _reset_peak()
+    model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> torch.Tensor:
+        if block is None:
+            loss = nn.functional.cross_entropy(model(x), labels)
+        else:
+            _, logits = model(x, z, sigma)
+            loss = weighted_ce(logits, labels, sample_weights(sigma, "none"))
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(MEASURED_STEPS):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _rss_bytes("VmHWM") - base
+    times = []
+    for _ in range(TIMED_STEPS):
+        t0 = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    saved = _SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        if block is None:
+            out = model(x)
+        else:
+            out = model(x, z, sigma)[1]
+    del out
+    params = sum(p.numel() for p in model.parameters())
+    return {"kind": kind, "peak_bytes": int(peak), "step_seconds": sorted(times)[len(times) // 2],
+            "params": params, "param_bytes": params * 4, "saved_activation_bytes": saved.total()}
+
+
+def _spawn(config_path: str, kind: str, batch_size: int, device: str) -> dict:
+    cmd = [sys.executable, "-m", "dbcore.memory", str(config_path), kind, str(batch_size), device]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory worker {kind} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_all(config_path: str | Path, batch_size: int | None = None, device: str = "cpu") -> dict:
+    cfg = config_mod.load(config_path)
+    m = cfg.model
+    bs = batch_size or cfg.train.batch_size
+    kinds = ["e2e", "e2e_checkpointed", *[f"block{b}" for b in range(m.num_blocks)]]
+    runs = {k: _spawn(str(config_path), k, bs, device) for k in kinds}
+    e2e, blocks = runs["e2e"], [runs[f"block{b}"] for b in range(m.num_blocks)]
+    # analytic model, METHOD.md section 5: P, A per layer from the end-to-end model's measurements
+    L, B = m.depth, m.num_blocks
+    p4 = 4 * e2e["param_bytes"] / L  # parameters, gradients, two Adam moments
+    a = e2e["saved_activation_bytes"] / L
+    return {
+        "config": str(config_path),
+        "device": device,
+        "batch_size": bs,
+        "num_blocks": B,
+        "depth": L,
+        "e2e_peak_bytes": e2e["peak_bytes"],
+        "checkpointed_peak_bytes": runs["e2e_checkpointed"]["peak_bytes"],
+        "block_peak_bytes": [r["peak_bytes"] for r in blocks],
+        "e2e_step_seconds": e2e["step_seconds"],
+        "checkpointed_step_seconds": runs["e2e_checkpointed"]["step_seconds"],
+        "block_step_seconds": [r["step_seconds"] for r in blocks],
+        "max_block_over_e2e_per_block": max(r["peak_bytes"] for r in blocks) / (e2e["peak_bytes"] / B),
+        "max_block_step_over_e2e_per_block": max(r["step_seconds"] for r in blocks)
+        / (e2e["step_seconds"] / B),
+        "analytic_bytes": {
+            "e2e": (p4 + a) * L,
+            "checkpointed": p4 * L + a,
+            "block": (p4 + a) * L / B,
+        },
+        "measured_parts": runs,
+    }
+
+
+if __name__ == "__main__":
+    cfg_path, kind, bs, dev = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    print(json.dumps(worker(cfg_path, kind, bs, dev)))
