@@ -33,7 +33,8 @@ cargo-test:
 test: install lint cargo-test pytest
 
 demo: install
-	$(VENV)/bin/python -m dbcore.demo
+	rm -rf demo/run_e2e demo/run_blocks
+	$(PY) -m dbcore.demo configs/vit_digits.toml --workdir demo
 
 bench: install
 	$(PY) benches/bench_store.py
