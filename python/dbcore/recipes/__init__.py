@@ -1,0 +1,1 @@
+"""Recipes: one module per architecture of the paper (METHOD.md section 7)."""
