@@ -1,0 +1,129 @@
+"""Quality ablation: valid accuracy of DiffusionBlocks for each lever, beside the end-to-end baseline.
+
+Levers (METHOD.md section 9): the noise distribution inside a block, the loss weight, the target
+embedding scale, B, training length, Euler steps per block at inference, the training mode.
+Every variant changes one thing from the base config; all run in this one process, same data.
+
+    python benches/bench_quality.py --config configs/vit_mnist.toml --data mnist --steps 600
+Writes benches/results/quality_<data>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dbcore import __version__
+from dbcore import config as config_mod
+from dbcore.cache import write_cache
+from dbcore.evaluate import evaluate
+from dbcore.sources import load_source
+from dbcore.train import train_run
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {
+    "mnist": (f"npz:{ROOT.parent / 'shared/datasets/mnist/train.npz'}",
+              f"npz:{ROOT.parent / 'shared/datasets/mnist/valid.npz'}"),
+    "digits": ("digits:train", "digits:valid"),
+}
+
+# name -> (model overrides, train overrides, eval inference steps per block or None)
+VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
+    "base": ({}, {}, None),
+    "sigma loguniform": ({"sigma_dist": "loguniform"}, {}, None),
+    "weight edm": ({}, {"weight": "edm"}, None),
+    "weight normalized": ({}, {"weight": "normalized"}, None),
+    "weight clamped": ({}, {"weight": "clamped"}, None),
+    "target scale 0.5": ({"target_scale": 0.5}, {}, None),
+    "target scale 2": ({"target_scale": 2.0}, {}, None),
+    "B=2": ({"num_blocks": 2}, {}, None),
+    "2x steps": ({}, {"steps_factor": 2}, None),
+    "sequential": ({}, {"mode": "sequential"}, None),
+}
+EVAL_ONLY = {"base, 2 steps/block": ("base", 2), "base, 4 steps/block": ("base", 4)}
+
+
+def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: str, steps: int) -> dict:
+    model_o, train_o, _ = VARIANTS[name]
+    data = copy.deepcopy(base)
+    data["model"].update(model_o)
+    train_o = dict(train_o)
+    data["train"]["steps"] = steps * train_o.pop("steps_factor", 1)
+    data["train"].update(train_o)
+    cfg = config_mod.from_dict(data, f"variant {name}")
+    slug = name.replace(" ", "_").replace("=", "").replace(",", "")
+    t0 = time.perf_counter()
+    store = work / f"{slug}.zarr"
+    write_cache(cfg, load_source(train_src), store, overwrite=True, progress=False)
+    train_run(cfg, store, work / slug, progress=False)
+    result = evaluate(work / slug, valid_src)
+    result.update(variant=name, config=cfg.to_dict(), train_seconds=round(time.perf_counter() - t0, 1))
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs/vit_mnist.toml"))
+    ap.add_argument("--data", choices=sorted(DATA), default="mnist")
+    ap.add_argument("--steps", type=int, default=None, help="per-block steps (default: the config's)")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS) + ["e2e"])
+    ap.add_argument("--work", default="/tmp/dbcore_quality")
+    ap.add_argument("--out", default=str(ROOT / "benches/results"))
+    args = ap.parse_args()
+    base_cfg = config_mod.load(args.config)
+    base = base_cfg.to_dict()
+    base["train"]["threads"] = 0
+    steps = args.steps or base_cfg.train.steps
+    train_src, valid_src = DATA[args.data]
+    work = Path(args.work) / args.data
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.variants:
+        if name == "e2e":
+            data = copy.deepcopy(base)
+            data["train"]["steps"] = steps
+            cfg = config_mod.from_dict(data, "e2e")
+            t0 = time.perf_counter()
+            write_cache(cfg, load_source(train_src), work / "e2e.zarr", overwrite=True, progress=False)
+            train_run(cfg, work / "e2e.zarr", work / "e2e", e2e=True, progress=False)
+            r = evaluate(work / "e2e", valid_src)
+            seconds = round(time.perf_counter() - t0, 1)
+            r.update(variant="end-to-end", config=cfg.to_dict(), train_seconds=seconds)
+        else:
+            r = run_variant(base, name, work, train_src, valid_src, steps)
+        rows.append(r)
+        print(json.dumps({k: r[k] for k in ("variant", "accuracy", "loss", "train_seconds")}), flush=True)
+        if name == "base":
+            for label, (_, per_block) in EVAL_ONLY.items():
+                nb = base_cfg.model.num_blocks
+                e = evaluate(work / "base", valid_src, num_steps=per_block * nb)
+                e.update(variant=label, config=r["config"], train_seconds=0.0)
+                rows.append(e)
+                print(json.dumps({k: e[k] for k in ("variant", "accuracy", "loss")}), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"dbcore": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
+            "machine": platform.machine(), "threads": torch.get_num_threads(), "data": args.data,
+            "config": args.config, "steps_per_block": steps, "command": " ".join(sys.argv)}
+    (out / f"quality_{args.data}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    lines = [
+        f"# Quality ablation on {args.data} ({steps} steps per block; `{meta['command']}`)",
+        "",
+        "| variant | valid accuracy | valid loss | inference steps | train+eval s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {r['loss']:.4f} | "
+                     f"{r.get('inference_steps') or '-'} | {r['train_seconds']} |")
+    (out / f"quality_{args.data}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
