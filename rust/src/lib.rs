@@ -1,0 +1,12 @@
+//! Rust core of dbcore: Zarr v3 stores of cached activations and targets.
+//!
+//! `store`, `gather`, `layout`, `dtype` are plain Rust (tested with `cargo test`);
+//! `python` is the thin pyo3 layer exposed as `dbcore._native`.
+
+pub mod dtype;
+pub mod error;
+pub mod gather;
+pub mod layout;
+pub mod store;
+
+mod python;

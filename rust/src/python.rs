@@ -1,0 +1,240 @@
+//! `dbcore._native`: the pyo3 bindings. Thin: argument checks, buffer access, GIL release.
+//!
+//! Errors surface as `NativeError(kind, message)`; `dbcore.store` maps `kind` to its exceptions.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use serde_json::{json, Map, Value};
+
+use crate::dtype::DType;
+use crate::error::Error;
+use crate::layout;
+use crate::store::{ArrayHandle, ArraySpec, Store, FORMAT_VERSION};
+
+create_exception!(_native, NativeError, PyException);
+
+fn to_py(e: Error) -> PyErr {
+    NativeError::new_err((e.kind(), e.to_string()))
+}
+
+fn invalid(msg: String) -> PyErr {
+    to_py(Error::Invalid(msg))
+}
+
+fn parse_attrs(attrs_json: &str) -> PyResult<Map<String, Value>> {
+    match serde_json::from_str(attrs_json) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(invalid(format!(
+            "attributes must be a JSON object, got {attrs_json}"
+        ))),
+    }
+}
+
+/// Pointer and byte length of a C-contiguous array of `dtype` (checked writable if asked).
+fn array_raw(
+    arr: &Bound<'_, PyUntypedArray>,
+    dtype: DType,
+    writable: bool,
+) -> PyResult<(*mut u8, usize)> {
+    if !arr.is_c_contiguous() {
+        return Err(invalid("array must be C-contiguous".into()));
+    }
+    let descr = arr.dtype();
+    if descr.itemsize() != dtype.size() || !descr.is_native_byteorder().unwrap_or(true) {
+        return Err(to_py(Error::DType(format!(
+            "buffer of itemsize {} does not hold {}",
+            descr.itemsize(),
+            dtype.name()
+        ))));
+    }
+    // SAFETY: `arr` is a live NumPy array, so its object header is valid to read.
+    let raw = unsafe { &*arr.as_array_ptr() };
+    if writable && raw.fields.flags & numpy::npyffi::NPY_ARRAY_WRITEABLE == 0 {
+        return Err(invalid("output array is read-only".into()));
+    }
+    Ok((raw.fields.data as *mut u8, arr.len() * dtype.size()))
+}
+
+// SAFETY (both helpers): a C-contiguous array holds `len` bytes at `ptr`, alive as long as `arr`
+// is borrowed. Another Python thread could write to it while the GIL is released: as with any
+// NumPy buffer shared between threads, that is the caller's race.
+fn array_ref<'a>(arr: &'a Bound<'_, PyUntypedArray>, dtype: DType) -> PyResult<&'a [u8]> {
+    let (ptr, len) = array_raw(arr, dtype, false)?;
+    Ok(if len == 0 {
+        &[]
+    } else {
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    })
+}
+
+#[allow(clippy::mut_from_ref)] // the buffer belongs to the NumPy array, not to the borrow
+fn array_mut<'a>(arr: &'a Bound<'_, PyUntypedArray>, dtype: DType) -> PyResult<&'a mut [u8]> {
+    let (ptr, len) = array_raw(arr, dtype, true)?;
+    Ok(if len == 0 {
+        &mut []
+    } else {
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    })
+}
+
+/// A store opened or created by `dbcore.store`.
+#[pyclass(frozen, module = "dbcore._native")]
+struct NativeStore {
+    inner: Arc<Store>,
+}
+
+impl NativeStore {
+    fn handle(&self, name: &str) -> PyResult<Arc<ArrayHandle>> {
+        self.inner.array(name).map_err(to_py)
+    }
+}
+
+#[pymethods]
+impl NativeStore {
+    #[staticmethod]
+    fn create(py: Python<'_>, path: PathBuf, attrs_json: &str, overwrite: bool) -> PyResult<Self> {
+        let attrs = parse_attrs(attrs_json)?;
+        let store = py
+            .detach(|| Store::create(&path, attrs, overwrite))
+            .map_err(to_py)?;
+        Ok(NativeStore {
+            inner: Arc::new(store),
+        })
+    }
+
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf, require_complete: bool) -> PyResult<Self> {
+        let store = py
+            .detach(|| Store::open(&path, require_complete))
+            .map_err(to_py)?;
+        Ok(NativeStore {
+            inner: Arc::new(store),
+        })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.root().to_path_buf()
+    }
+
+    /// All group attributes (the `dbcore` key included), as JSON.
+    fn attrs_json(&self) -> String {
+        Value::Object(self.inner.attrs()).to_string()
+    }
+
+    fn array_names(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        py.detach(|| self.inner.array_names()).map_err(to_py)
+    }
+
+    /// Shape, dtype, chunk and shard shapes and codecs of one array, as JSON.
+    fn array_info_json(&self, name: &str) -> PyResult<String> {
+        let h = self.handle(name)?;
+        let (chunks, shards, codecs) = h.layout();
+        Ok(json!({
+            "shape": h.shape(),
+            "dtype": h.dtype().name(),
+            "chunks": chunks,
+            "shards": shards,
+            "codecs": codecs,
+        })
+        .to_string())
+    }
+
+    #[pyo3(signature = (name, shape, dtype, chunk_rows=None, shard_rows=None, zstd_level=3))]
+    #[allow(clippy::too_many_arguments)]
+    fn create_array(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        shape: Vec<u64>,
+        dtype: &str,
+        chunk_rows: Option<u64>,
+        shard_rows: Option<i64>,
+        zstd_level: i32,
+    ) -> PyResult<()> {
+        let dtype = DType::from_name(dtype).map_err(to_py)?;
+        let rows = shape.first().copied().unwrap_or(0);
+        let row_bytes = shape.iter().skip(1).product::<u64>() * dtype.size() as u64;
+        let chunk_rows = chunk_rows.unwrap_or_else(|| layout::default_chunk_rows(rows, row_bytes));
+        // shard_rows: None = automatic, 0 = no sharding, n = n rows per shard.
+        let shard_rows = match shard_rows {
+            None => layout::default_shard_rows(rows, row_bytes, chunk_rows),
+            Some(0) => None,
+            Some(n) if n > 0 => Some(n as u64),
+            Some(n) => return Err(invalid(format!("shard_rows must be >= 0, got {n}"))),
+        };
+        let spec = ArraySpec {
+            shape,
+            dtype,
+            chunk_rows,
+            shard_rows,
+            zstd_level,
+        };
+        py.detach(|| self.inner.create_array(name, &spec))
+            .map_err(to_py)?;
+        Ok(())
+    }
+
+    /// Write `block` (C-contiguous, the array's dtype) as rows `start..start+len(block)`.
+    fn write_rows(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        start: u64,
+        block: &Bound<'_, PyUntypedArray>,
+    ) -> PyResult<()> {
+        let h = self.handle(name)?;
+        let bytes = array_ref(block, h.dtype())?;
+        py.detach(|| h.write_rows(start, bytes)).map_err(to_py)
+    }
+
+    /// Decode rows `start..stop` into `out` (C-contiguous, writable, exactly that many rows).
+    fn read_range_into(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        start: u64,
+        stop: u64,
+        out: &Bound<'_, PyUntypedArray>,
+    ) -> PyResult<()> {
+        let h = self.handle(name)?;
+        let buf = array_mut(out, h.dtype())?;
+        py.detach(|| h.read_range_into(start, stop, buf))
+            .map_err(to_py)
+    }
+
+    /// Gather `rows` (uint64, any order) into `out` (C-contiguous, writable, len(rows) rows).
+    fn read_rows_into(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        rows: &Bound<'_, PyUntypedArray>,
+        out: &Bound<'_, PyUntypedArray>,
+    ) -> PyResult<()> {
+        let h = self.handle(name)?;
+        let rows = array_ref(rows, DType::UInt64)?;
+        let rows: Vec<u64> = rows
+            .chunks_exact(8)
+            .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
+            .collect();
+        let buf = array_mut(out, h.dtype())?;
+        py.detach(|| h.read_rows_into(&rows, buf)).map_err(to_py)
+    }
+
+    fn finalize(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.finalize()).map_err(to_py)
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeStore>()?;
+    m.add("NativeError", m.py().get_type::<NativeError>())?;
+    m.add("FORMAT_VERSION", FORMAT_VERSION)?;
+    Ok(())
+}

@@ -1,0 +1,660 @@
+//! A dbcore store: one Zarr v3 group on the local filesystem holding row-chunked, zstd-compressed
+//! arrays, plus the `dbcore` group attribute `{"format": 1, "complete": bool, "arrays": {...}}`.
+//!
+//! Everything here is pure Rust (no Python); `python.rs` is a thin layer over it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rayon::prelude::*;
+use serde_json::{json, Map, Value};
+use unsafe_cell_slice::UnsafeCellSlice;
+use zarrs::array::codec::ZstdCodec;
+use zarrs::array::{
+    Array, ArrayBuilder, ArrayBytes, ArrayBytesFixedDisjointView, ArrayMetadata, ArrayShardedExt,
+    ArrayShardedReadableExt, ArrayShardedReadableExtCache, ArraySubset, CodecOptions, FillValue,
+};
+use zarrs::filesystem::FilesystemStore;
+use zarrs::group::{Group, GroupBuilder};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::gather;
+
+/// Version of the layout described in the module docs; readers refuse newer ones.
+pub const FORMAT_VERSION: u64 = 1;
+/// The group attribute that holds dbcore's own bookkeeping.
+pub const META_KEY: &str = "dbcore";
+
+/// How to lay out a new array.
+#[derive(Clone, Debug)]
+pub struct ArraySpec {
+    pub shape: Vec<u64>,
+    pub dtype: DType,
+    /// Rows per chunk (the unit of compression and of reading).
+    pub chunk_rows: u64,
+    /// Rows per shard (a multiple of `chunk_rows`), or None for one file per chunk.
+    pub shard_rows: Option<u64>,
+    pub zstd_level: i32,
+}
+
+/// An open array with what reads need; shared by all readers.
+pub struct ArrayHandle {
+    pub name: String,
+    root: PathBuf,
+    array: Array<FilesystemStore>,
+    dtype: DType,
+    row_bytes: usize,
+    /// Rows per read unit: the inner chunk when sharded, else the chunk.
+    unit_rows: u64,
+    shard_cache: Option<ArrayShardedReadableExtCache>,
+}
+
+/// A Zarr v3 group on disk.
+pub struct Store {
+    root: PathBuf,
+    storage: Arc<FilesystemStore>,
+    attrs: RwLock<Map<String, Value>>,
+    arrays: RwLock<HashMap<String, Arc<ArrayHandle>>>,
+}
+
+fn io_err(root: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Io(format!("{}: {e}", root.display()))
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && !name.starts_with("__")
+        && !name.contains(['/', '\\'])
+        && name != "zarr.json";
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("invalid array name {name:?}")))
+    }
+}
+
+impl Store {
+    /// Create an empty, incomplete store at `path`. An existing path is an error unless
+    /// `overwrite`, and even then only a Zarr store or an empty directory is deleted.
+    pub fn create(path: &Path, user_attrs: Map<String, Value>, overwrite: bool) -> Result<Self> {
+        if user_attrs.contains_key(META_KEY) {
+            return Err(Error::Invalid(format!(
+                "{}: the attribute '{META_KEY}' is reserved",
+                path.display()
+            )));
+        }
+        if path.exists() || path.is_symlink() {
+            if !overwrite {
+                return Err(Error::Exists(format!(
+                    "{}: already exists (pass overwrite=True to replace it)",
+                    path.display()
+                )));
+            }
+            remove_store(path)?;
+        }
+        std::fs::create_dir_all(path).map_err(|e| io_err(path, e))?;
+        let storage = Arc::new(FilesystemStore::new(path).map_err(|e| io_err(path, e))?);
+        let mut attrs = user_attrs;
+        attrs.insert(
+            META_KEY.into(),
+            json!({"format": FORMAT_VERSION, "complete": false}),
+        );
+        let store = Store {
+            root: path.to_path_buf(),
+            storage,
+            attrs: RwLock::new(attrs),
+            arrays: RwLock::new(HashMap::new()),
+        };
+        store.store_group_metadata()?;
+        Ok(store)
+    }
+
+    /// Open the group at `path`. With `require_complete`, only a finalized dbcore store of a known
+    /// format whose recorded arrays are all present, with the recorded dtypes and shapes, opens.
+    pub fn open(path: &Path, require_complete: bool) -> Result<Self> {
+        if !path.is_dir() {
+            return Err(Error::NotFound(format!(
+                "{}: no such store (not a directory)",
+                path.display()
+            )));
+        }
+        if !path.join("zarr.json").is_file() && !path.join(".zgroup").is_file() {
+            return Err(Error::NotFound(format!(
+                "{}: not a Zarr group (no zarr.json)",
+                path.display()
+            )));
+        }
+        let storage = Arc::new(FilesystemStore::new(path).map_err(|e| io_err(path, e))?);
+        let group = Group::open(storage.clone(), "/").map_err(|e| {
+            Error::Corrupt(format!(
+                "{}: bad group metadata (zarr.json): {e}",
+                path.display()
+            ))
+        })?;
+        let store = Store {
+            root: path.to_path_buf(),
+            storage,
+            attrs: RwLock::new(group.attributes().clone()),
+            arrays: RwLock::new(HashMap::new()),
+        };
+        if require_complete {
+            store.check_complete()?;
+        }
+        Ok(store)
+    }
+
+    fn check_complete(&self) -> Result<()> {
+        let p = self.root.display();
+        let meta = self.attrs.read().unwrap().get(META_KEY).cloned();
+        let Some(meta) = meta else {
+            return Err(Error::Incomplete(format!(
+                "{p}: not a dbcore store (no '{META_KEY}' group attribute); \
+                 open it with require_complete=False to read a group written by another tool"
+            )));
+        };
+        let format = meta.get("format").and_then(Value::as_u64);
+        match format {
+            Some(f) if f <= FORMAT_VERSION => {}
+            Some(f) => {
+                return Err(Error::Corrupt(format!(
+                    "{p}: written in dbcore store format {f}, newer than this dbcore reads ({FORMAT_VERSION})"
+                )))
+            }
+            None => {
+                return Err(Error::Corrupt(format!(
+                    "{p}: bad '{META_KEY}' attribute (no format version): {meta}"
+                )))
+            }
+        }
+        if meta.get("complete").and_then(Value::as_bool) != Some(true) {
+            return Err(Error::Incomplete(format!(
+                "{p}: incomplete store: it was never finalized (its writer crashed, was \
+                 interrupted or is still running); rewrite it, or pass require_complete=False"
+            )));
+        }
+        let recorded = meta
+            .get("arrays")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        for (name, want) in recorded {
+            let h = self.array(&name).map_err(|e| match e {
+                Error::NotFound(m) => Error::Corrupt(format!("{m} (the store records it)")),
+                e => e,
+            })?;
+            let got = json!({"shape": h.shape(), "dtype": h.dtype.name()});
+            if got != want {
+                return Err(Error::Corrupt(format!(
+                    "{p}: array '{name}': is {got} but the store recorded {want}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// All group attributes, `dbcore` included.
+    pub fn attrs(&self) -> Map<String, Value> {
+        self.attrs.read().unwrap().clone()
+    }
+
+    fn store_group_metadata(&self) -> Result<()> {
+        let attrs = self.attrs.read().unwrap().clone();
+        GroupBuilder::new()
+            .attributes(attrs)
+            .build(self.storage.clone(), "/")
+            .map_err(|e| io_err(&self.root, e))?
+            .store_metadata()
+            .map_err(|e| io_err(&self.root, e))
+    }
+
+    /// Names of the arrays directly in the group, sorted.
+    pub fn array_names(&self) -> Result<Vec<String>> {
+        let group = Group::open(self.storage.clone(), "/").map_err(|e| {
+            Error::Corrupt(format!("{}: bad group metadata: {e}", self.root.display()))
+        })?;
+        let paths = group.child_array_paths().map_err(|e| {
+            Error::Corrupt(format!("{}: cannot list arrays: {e}", self.root.display()))
+        })?;
+        let mut names: Vec<String> = paths
+            .iter()
+            .map(|p| p.as_str().trim_start_matches('/').to_string())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The open array `name` (opened once, then cached).
+    pub fn array(&self, name: &str) -> Result<Arc<ArrayHandle>> {
+        if let Some(h) = self.arrays.read().unwrap().get(name) {
+            return Ok(h.clone());
+        }
+        check_name(name)?;
+        let p = self.root.display();
+        let dir = self.root.join(name);
+        if !dir.join("zarr.json").is_file() && !dir.join(".zarray").is_file() {
+            return Err(Error::NotFound(format!(
+                "{p}: array '{name}': no such array"
+            )));
+        }
+        let array = Array::open(self.storage.clone(), &format!("/{name}")).map_err(|e| {
+            Error::Corrupt(format!(
+                "{p}: array '{name}': bad metadata (zarr.json): {e}"
+            ))
+        })?;
+        let handle = Arc::new(ArrayHandle::new(name, array, &self.root)?);
+        self.arrays
+            .write()
+            .unwrap()
+            .insert(name.to_string(), handle.clone());
+        Ok(handle)
+    }
+
+    /// Create array `name` (metadata only); fill it with `ArrayHandle::write_rows`.
+    pub fn create_array(&self, name: &str, spec: &ArraySpec) -> Result<Arc<ArrayHandle>> {
+        check_name(name)?;
+        let p = self.root.display();
+        if self.root.join(name).exists() {
+            return Err(Error::Exists(format!("{p}: array '{name}' already exists")));
+        }
+        if spec.shape.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{p}: array '{name}': needs at least one dimension (rows)"
+            )));
+        }
+        let mut chunk: Vec<u64> = spec.shape.iter().map(|&d| d.max(1)).collect();
+        chunk[0] = spec.chunk_rows.max(1);
+        let mut builder_shape = chunk.clone();
+        if let Some(s) = spec.shard_rows {
+            if s == 0 || s % chunk[0] != 0 {
+                return Err(Error::Invalid(format!(
+                    "{p}: array '{name}': shard rows {s} are not a multiple of chunk rows {}",
+                    chunk[0]
+                )));
+            }
+            builder_shape[0] = s;
+        }
+        let mut builder = ArrayBuilder::new(
+            spec.shape.clone(),
+            builder_shape,
+            spec.dtype.name(),
+            FillValue::new(vec![0u8; spec.dtype.size()]),
+        );
+        builder.bytes_to_bytes_codecs(vec![Arc::new(ZstdCodec::new(spec.zstd_level, true))]);
+        if spec.shard_rows.is_some() {
+            builder.subchunk_shape(chunk);
+        }
+        let array = builder
+            .build(self.storage.clone(), &format!("/{name}"))
+            .map_err(|e| Error::Invalid(format!("{p}: array '{name}': {e}")))?;
+        array.store_metadata().map_err(|e| io_err(&self.root, e))?;
+        let handle = Arc::new(ArrayHandle::new(name, array, &self.root)?);
+        self.arrays
+            .write()
+            .unwrap()
+            .insert(name.to_string(), handle.clone());
+        Ok(handle)
+    }
+
+    /// Record every array's shape and dtype and mark the store complete.
+    pub fn finalize(&self) -> Result<()> {
+        let mut recorded = Map::new();
+        for name in self.array_names()? {
+            let h = self.array(&name)?;
+            recorded.insert(name, json!({"shape": h.shape(), "dtype": h.dtype.name()}));
+        }
+        self.attrs.write().unwrap().insert(
+            META_KEY.into(),
+            json!({"format": FORMAT_VERSION, "complete": true, "arrays": recorded}),
+        );
+        self.store_group_metadata()
+    }
+}
+
+/// Delete an old store before overwriting it, refusing anything that does not look like one.
+fn remove_store(path: &Path) -> Result<()> {
+    let err = |e: std::io::Error| io_err(path, e);
+    if !path.is_dir() || path.is_symlink() {
+        return Err(Error::Exists(format!(
+            "{}: exists and is not a directory; refusing to overwrite it",
+            path.display()
+        )));
+    }
+    let empty = std::fs::read_dir(path).map_err(err)?.next().is_none();
+    if !empty && !path.join("zarr.json").is_file() {
+        return Err(Error::Exists(format!(
+            "{}: exists and is not a Zarr store; refusing to overwrite it",
+            path.display()
+        )));
+    }
+    std::fs::remove_dir_all(path).map_err(err)
+}
+
+impl ArrayHandle {
+    fn new(name: &str, array: Array<FilesystemStore>, root: &Path) -> Result<Self> {
+        let p = root.display();
+        let dtype_name = match array.metadata() {
+            ArrayMetadata::V3(m) => m.data_type.name().to_string(),
+            ArrayMetadata::V2(_) => {
+                return Err(Error::DType(format!(
+                    "{p}: array '{name}': Zarr v2 arrays are not supported"
+                )))
+            }
+        };
+        let dtype = DType::from_name(&dtype_name)
+            .map_err(|e| Error::DType(format!("{p}: array '{name}': {e}")))?;
+        if array.dimensionality() == 0 {
+            return Err(Error::Invalid(format!(
+                "{p}: array '{name}': 0-d arrays are not supported"
+            )));
+        }
+        let zeros = vec![0u64; array.dimensionality()];
+        let unit = match array.effective_subchunk_shape() {
+            Some(s) if array.is_exclusively_sharded() => s[0].get(),
+            _ => array
+                .chunk_shape(&zeros)
+                .map_err(|e| Error::Corrupt(format!("{p}: {e}")))?[0]
+                .get(),
+        };
+        let row_elems: u64 = array.shape()[1..].iter().product();
+        let shard_cache = array
+            .is_exclusively_sharded()
+            .then(|| ArrayShardedReadableExtCache::new(&array));
+        Ok(ArrayHandle {
+            name: name.to_string(),
+            root: root.to_path_buf(),
+            row_bytes: row_elems as usize * dtype.size(),
+            dtype,
+            unit_rows: unit,
+            shard_cache,
+            array,
+        })
+    }
+
+    fn ctx(&self, e: impl std::fmt::Display) -> String {
+        format!("{}: array '{}': {e}", self.root.display(), self.name)
+    }
+
+    pub fn shape(&self) -> Vec<u64> {
+        self.array.shape().to_vec()
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.array.shape()[0]
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// Rows per read unit (inner chunk if sharded).
+    pub fn unit_rows(&self) -> u64 {
+        self.unit_rows
+    }
+
+    /// Chunk shape (inner chunk if sharded), shard shape if sharded, and the codec metadata.
+    pub fn layout(&self) -> (Vec<u64>, Option<Vec<u64>>, Value) {
+        let zeros = vec![0u64; self.array.dimensionality()];
+        let outer: Vec<u64> = self
+            .array
+            .chunk_shape(&zeros)
+            .map(|s| s.iter().map(|d| d.get()).collect())
+            .unwrap_or_default();
+        let codecs = match self.array.metadata() {
+            ArrayMetadata::V3(m) => serde_json::to_value(&m.codecs).unwrap_or(Value::Null),
+            ArrayMetadata::V2(_) => Value::Null,
+        };
+        match self.array.effective_subchunk_shape() {
+            Some(inner) if self.array.is_exclusively_sharded() => {
+                (inner.iter().map(|d| d.get()).collect(), Some(outer), codecs)
+            }
+            _ => (outer, None, codecs),
+        }
+    }
+
+    fn rows_subset(&self, start: u64, stop: u64) -> ArraySubset {
+        let ranges: Vec<_> = std::iter::once(start..stop)
+            .chain(self.array.shape()[1..].iter().map(|&d| 0..d))
+            .collect();
+        ArraySubset::new_with_ranges(&ranges)
+    }
+
+    fn map_err(&self, e: zarrs::array::ArrayError) -> Error {
+        use zarrs::array::ArrayError as E;
+        match e {
+            E::StorageError(e) => Error::Io(self.ctx(e)),
+            e => Error::Corrupt(self.ctx(format!("cannot decode: {e}"))),
+        }
+    }
+
+    fn check_rows(&self, start: u64, n: u64, what: &str) -> Result<()> {
+        if start.checked_add(n).is_none_or(|end| end > self.rows()) {
+            return Err(Error::Index(self.ctx(format!(
+                "{what} rows {start}..{} out of range for {} rows",
+                start.saturating_add(n),
+                self.rows()
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Write whole rows `start..` from `bytes` (C order, native endianness, this array's dtype).
+    pub fn write_rows(&self, start: u64, bytes: &[u8]) -> Result<()> {
+        let rb = self.row_bytes.max(1);
+        if self.row_bytes == 0 || !bytes.len().is_multiple_of(rb) {
+            return Err(Error::Invalid(self.ctx(format!(
+                "{} bytes are not whole rows of {} bytes",
+                bytes.len(),
+                self.row_bytes
+            ))));
+        }
+        let n = (bytes.len() / rb) as u64;
+        self.check_rows(start, n, "write of")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let subset = self.rows_subset(start, start + n);
+        self.array
+            .store_array_subset_opt(
+                &subset,
+                ArrayBytes::new_flen(bytes),
+                &CodecOptions::default(),
+            )
+            .map_err(|e| self.map_err(e))
+    }
+
+    /// Decode rows `start..stop` straight into `out` (exactly that many rows), chunks in parallel.
+    pub fn read_range_into(&self, start: u64, stop: u64, out: &mut [u8]) -> Result<()> {
+        let n = stop.saturating_sub(start);
+        self.check_rows(start, n, "read of")?;
+        self.check_out(n, out.len())?;
+        if n == 0 || out.is_empty() {
+            return Ok(());
+        }
+        let mut out_shape = self.shape();
+        out_shape[0] = n;
+        let bytes = UnsafeCellSlice::new(out);
+        // SAFETY: a single view over the whole buffer, so no other view overlaps it.
+        let mut view = unsafe {
+            ArrayBytesFixedDisjointView::new(
+                bytes,
+                self.dtype.size(),
+                &out_shape,
+                ArraySubset::new_with_shape(out_shape.clone()),
+            )
+        }
+        .map_err(|e| Error::Invalid(self.ctx(e)))?;
+        self.array
+            .retrieve_array_subset_into_opt(
+                &self.rows_subset(start, stop),
+                (&mut view).into(),
+                &CodecOptions::default(),
+            )
+            .map_err(|e| self.map_err(e))
+    }
+
+    fn check_out(&self, n: u64, len: usize) -> Result<()> {
+        if n as usize * self.row_bytes != len {
+            return Err(Error::Invalid(self.ctx(format!(
+                "output buffer has {len} bytes, {n} rows need {}",
+                n as usize * self.row_bytes
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Gather `rows` (any order, repeats allowed) into `out`: each chunk touched is decoded once,
+    /// chunks in parallel, rows copied straight to their output slots.
+    pub fn read_rows_into(&self, rows: &[u64], out: &mut [u8]) -> Result<()> {
+        self.check_out(rows.len() as u64, out.len())?;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows()) {
+            return Err(Error::Index(
+                self.ctx(format!("row {bad} out of range for {} rows", self.rows())),
+            ));
+        }
+        if let Some((start, stop)) = gather::as_range(rows) {
+            return self.read_range_into(start, stop, out);
+        }
+        if self.row_bytes == 0 {
+            return Ok(());
+        }
+        let rb = self.row_bytes;
+        let groups = gather::plan(rows, self.unit_rows);
+        let out = UnsafeCellSlice::new(out);
+        let options = CodecOptions::default().with_concurrent_target(1);
+        groups.par_iter().try_for_each(|g| {
+            let subset = self.rows_subset(g.lo, g.hi);
+            let decoded: ArrayBytes<'static> = match &self.shard_cache {
+                Some(cache) => self
+                    .array
+                    .retrieve_array_subset_sharded_opt(cache, &subset, &options),
+                None => self.array.retrieve_array_subset_opt(&subset, &options),
+            }
+            .map_err(|e| self.map_err(e))?;
+            let decoded = decoded
+                .into_fixed()
+                .map_err(|e| Error::Corrupt(self.ctx(e)))?;
+            for &(row, slot) in &g.picks {
+                let src = &decoded[(row - g.lo) as usize * rb..][..rb];
+                // SAFETY: every output slot belongs to exactly one pick of one group, so no two
+                // threads write the same bytes; the slot is in bounds (checked by check_out).
+                unsafe { out.index_mut(slot * rb..(slot + 1) * rb) }.copy_from_slice(src);
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(shape: Vec<u64>, chunk_rows: u64, shard_rows: Option<u64>) -> ArraySpec {
+        ArraySpec {
+            shape,
+            dtype: DType::Int32,
+            chunk_rows,
+            shard_rows,
+            zstd_level: 3,
+        }
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n as i32).flat_map(|v| v.to_ne_bytes()).collect()
+    }
+
+    #[test]
+    fn write_read_gather_sharded_and_not() {
+        for shard in [None, Some(8)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.zarr");
+            let s = Store::create(&path, Map::new(), false).unwrap();
+            let h = s.create_array("x", &spec(vec![21, 3], 4, shard)).unwrap();
+            let bytes = data(21 * 3);
+            h.write_rows(0, &bytes[..10 * 12]).unwrap();
+            h.write_rows(10, &bytes[10 * 12..]).unwrap();
+            s.finalize().unwrap();
+
+            let s = Store::open(&path, true).unwrap();
+            assert_eq!(s.array_names().unwrap(), vec!["x"]);
+            let h = s.array("x").unwrap();
+            let mut out = vec![0u8; 21 * 12];
+            h.read_range_into(0, 21, &mut out).unwrap();
+            assert_eq!(out, bytes);
+            let rows = [20u64, 0, 5, 5, 13, 2];
+            let mut out = vec![0u8; rows.len() * 12];
+            h.read_rows_into(&rows, &mut out).unwrap();
+            for (i, &r) in rows.iter().enumerate() {
+                assert_eq!(out[i * 12..][..12], bytes[r as usize * 12..][..12]);
+            }
+            assert!(matches!(
+                h.read_rows_into(&[21], &mut [0u8; 12]),
+                Err(Error::Index(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn refuses_incomplete_existing_and_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.zarr");
+        Store::create(&path, Map::new(), false).unwrap();
+        assert!(matches!(
+            Store::open(&path, true),
+            Err(Error::Incomplete(_))
+        ));
+        assert!(Store::open(&path, false).is_ok());
+        assert!(matches!(
+            Store::create(&path, Map::new(), false),
+            Err(Error::Exists(_))
+        ));
+        assert!(Store::create(&path, Map::new(), true).is_ok());
+        assert!(matches!(
+            Store::open(&dir.path().join("no"), false),
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn overwrite_refuses_a_non_store_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("precious.txt"), "x").unwrap();
+        assert!(matches!(
+            Store::create(dir.path(), Map::new(), true),
+            Err(Error::Exists(_))
+        ));
+        assert!(dir.path().join("precious.txt").exists());
+    }
+
+    #[test]
+    fn truncated_chunk_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.zarr");
+        let s = Store::create(&path, Map::new(), false).unwrap();
+        let h = s.create_array("x", &spec(vec![8, 3], 8, None)).unwrap();
+        h.write_rows(0, &data(24)).unwrap();
+        s.finalize().unwrap();
+        let chunk = path.join("x/c/0/0");
+        let len = std::fs::metadata(&chunk).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&chunk)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let h = Store::open(&path, true).unwrap().array("x").unwrap();
+        let err = h.read_range_into(0, 8, &mut [0u8; 96]).unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+        assert!(err.to_string().contains("array 'x'"));
+    }
+}
