@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from dbcore.edm import SIGMA_DATA, loss_weight, precond
 from dbcore.loss import denoise
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dbcore.edm import loss_weight
 from dbcore.loss import denoise, sample_weights, weighted_ce, weighted_mse
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from dbcore.edm import SIGMA_MAX, SIGMA_MIN
 from dbcore.partition import (
     SIGMA_DISTS,

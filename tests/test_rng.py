@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from dbcore.rng import gaussian, philox4x32, uniform_for_sigma
 
 
