@@ -183,18 +183,20 @@ DBC_HD dbc_softmax_state dbc_softmax_push(dbc_softmax_state a, float x) {
     return a;
 }
 
-DBC_HD float dbc_softmax_lse(dbc_softmax_state a) { return a.m + logf(a.s); }
+// Row statistics kept for the backward pass: max m and ln(sum exp(x - m)); lse = m + ln s.
+// Kept apart because m + ln s rounds away the small terms when |m| is large.
 
 #define DBC_IGNORE_INDEX (-100)
 
-// Loss of one row: w (lse - x_label); 0 for an ignored row, NaN for a label outside [0, v).
-DBC_HD float dbc_ce_row_loss(float lse, float x_label, dbc_i64 label, dbc_i64 v, float w) {
+// Loss of one row: w ((m - x_label) + ln s); 0 for an ignored row, NaN for a label outside [0, v).
+DBC_HD float dbc_ce_row_loss(float m, float log_s, float x_label, dbc_i64 label, dbc_i64 v,
+                             float w) {
     if (label == DBC_IGNORE_INDEX) return 0.0f;
     if (label < 0 || label >= v) return dbc_bits_float(0x7fc00000u);
-    return w * (lse - x_label);
+    return w * ((m - x_label) + log_s);
 }
 
 // d loss_i / d logit_ij = coef * (softmax_ij - [j == label]), coef = upstream grad * w_i.
-DBC_HD float dbc_ce_grad(float x, float lse, bool is_label, float coef) {
-    return coef * (expf(x - lse) - (is_label ? 1.0f : 0.0f));
+DBC_HD float dbc_ce_grad(float x, float m, float log_s, bool is_label, float coef) {
+    return coef * (expf((x - m) - log_s) - (is_label ? 1.0f : 0.0f));
 }

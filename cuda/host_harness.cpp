@@ -93,7 +93,7 @@ void dbc_h_mse_backward(const float* z, const float* f, const float* y, const fl
 // One row as a block of `threads` threads: strided online softmax per thread, then a tree merge.
 void dbc_h_ce_forward(const float* logits, const dbc_i64* labels, const float* w, dbc_i64 n,
                       dbc_i64 v, int threads, dbc_softmax_state* scratch, float* loss,
-                      float* lse) {
+                      float* stats) {
     for (dbc_i64 row = 0; row < n; ++row) {
         const float* x = logits + row * v;
         for (int t = 0; t < threads; ++t) {
@@ -103,21 +103,22 @@ void dbc_h_ce_forward(const float* logits, const dbc_i64* labels, const float* w
         }
         for (int width = threads / 2; width > 0; width /= 2)
             for (int t = 0; t < width; ++t) scratch[t] = dbc_softmax_merge(scratch[t], scratch[t + width]);
-        const float l = dbc_softmax_lse(scratch[0]);
+        const float m = scratch[0].m, log_s = logf(scratch[0].s);
         const dbc_i64 lab = labels[row];
         const float x_lab = lab >= 0 && lab < v ? x[lab] : 0.0f;
-        loss[row] = dbc_ce_row_loss(l, x_lab, lab, v, w[row]);
-        lse[row] = l;
+        loss[row] = dbc_ce_row_loss(m, log_s, x_lab, lab, v, w[row]);
+        stats[2 * row] = m;
+        stats[2 * row + 1] = log_s;
     }
 }
 
-void dbc_h_ce_backward(const float* logits, const dbc_i64* labels, const float* lse,
+void dbc_h_ce_backward(const float* logits, const dbc_i64* labels, const float* stats,
                        const float* w, const float* g, dbc_i64 n, dbc_i64 v, float* grad) {
     for (dbc_i64 row = 0; row < n; ++row) {
         const dbc_i64 lab = labels[row];
         const float coef = lab == DBC_IGNORE_INDEX ? 0.0f : g[row] * w[row];
         for (dbc_i64 j = 0; j < v; ++j)
-            grad[row * v + j] = dbc_ce_grad(logits[row * v + j], lse[row], j == lab, coef);
+            grad[row * v + j] = dbc_ce_grad(logits[row * v + j], stats[2 * row], stats[2 * row + 1], j == lab, coef);
     }
 }
 

@@ -4,10 +4,11 @@
 // label outside [0, v) gives a NaN loss.
 #include "reduce.cuh"
 
-// One block per row (strided): online softmax of the row, then the row's loss and lse.
+// One block per row (strided): online softmax of the row, then the row's loss and its
+// statistics (max, ln sum exp(x - max)) as stats (n, 2).
 template <typename T>
 __device__ void dbc_ce_forward(const T* logits, const dbc_i64* labels, const float* w, dbc_i64 n,
-                               dbc_i64 v, float* loss, float* lse) {
+                               dbc_i64 v, float* loss, float* stats) {
     __shared__ dbc_softmax_state smem[32];
     for (dbc_i64 row = blockIdx.x; row < n; row += gridDim.x) {
         const T* x = logits + row * v;
@@ -17,27 +18,28 @@ __device__ void dbc_ce_forward(const T* logits, const dbc_i64* labels, const flo
         }
         st = dbc_block_softmax(st, smem);
         if (threadIdx.x == 0) {
-            const float l = dbc_softmax_lse(st);
+            const float log_s = logf(st.s);
             const dbc_i64 lab = labels[row];
             const float x_lab = lab >= 0 && lab < v ? dbc_to_float(x[lab]) : 0.0f;
-            loss[row] = dbc_ce_row_loss(l, x_lab, lab, v, w[row]);
-            lse[row] = l;
+            loss[row] = dbc_ce_row_loss(st.m, log_s, x_lab, lab, v, w[row]);
+            stats[2 * row] = st.m;
+            stats[2 * row + 1] = log_s;
         }
     }
 }
 
 // Grid (chunks of the row, rows strided).
 template <typename T>
-__device__ void dbc_ce_backward(const T* logits, const dbc_i64* labels, const float* lse,
+__device__ void dbc_ce_backward(const T* logits, const dbc_i64* labels, const float* stats,
                                 const float* w, const float* g, dbc_i64 n, dbc_i64 v, T* grad) {
     for (dbc_i64 row = blockIdx.y; row < n; row += gridDim.y) {
         const dbc_i64 lab = labels[row];
         const float coef = lab == DBC_IGNORE_INDEX ? 0.0f : g[row] * w[row];
-        const float l = lse[row];
+        const float m = stats[2 * row], log_s = stats[2 * row + 1];
         for (dbc_i64 j = blockIdx.x * (dbc_i64)blockDim.x + threadIdx.x; j < v;
              j += (dbc_i64)blockDim.x * gridDim.x) {
             const dbc_i64 at = row * v + j;
-            dbc_store(grad + at, dbc_ce_grad(dbc_to_float(logits[at]), l, j == lab, coef));
+            dbc_store(grad + at, dbc_ce_grad(dbc_to_float(logits[at]), m, log_s, j == lab, coef));
         }
     }
 }
@@ -45,13 +47,13 @@ __device__ void dbc_ce_backward(const T* logits, const dbc_i64* labels, const fl
 #define DBC_CE_ENTRIES(SUFFIX, T)                                                               \
     extern "C" __global__ void dbc_ce_forward_##SUFFIX(const T* logits, const dbc_i64* labels,  \
                                                        const float* w, dbc_i64 n, dbc_i64 v,    \
-                                                       float* loss, float* lse) {               \
-        dbc_ce_forward<T>(logits, labels, w, n, v, loss, lse);                                  \
+                                                       float* loss, float* stats) {               \
+        dbc_ce_forward<T>(logits, labels, w, n, v, loss, stats);                                  \
     }                                                                                           \
     extern "C" __global__ void dbc_ce_backward_##SUFFIX(                                        \
-        const T* logits, const dbc_i64* labels, const float* lse, const float* w,               \
+        const T* logits, const dbc_i64* labels, const float* stats, const float* w,               \
         const float* g, dbc_i64 n, dbc_i64 v, T* grad) {                                        \
-        dbc_ce_backward<T>(logits, labels, lse, w, g, n, v, grad);                              \
+        dbc_ce_backward<T>(logits, labels, stats, w, g, n, v, grad);                              \
     }
 
 DBC_CE_ENTRIES(f32, float)

@@ -148,13 +148,13 @@ class CELoss(torch.autograd.Function):
         w = w.to(torch.float32).contiguous()
         n, v = x.shape
         loss = torch.zeros(n, dtype=torch.float32, device=x.device)
-        lse = torch.zeros_like(loss)
+        stats = torch.zeros(n, 2, dtype=torch.float32, device=x.device)  # max, ln sum exp
         if n and v:
             with torch_stream(x.device) as dev:
                 launch(f"dbc_ce_forward_{suffix(dtype)}", dev, (min(n, 1 << 20),), (
-                    x, labels, w, np.int64(n), np.int64(v), loss, lse,
+                    x, labels, w, np.int64(n), np.int64(v), loss, stats,
                 ))
-        ctx.save_for_backward(x, labels, lse, w)
+        ctx.save_for_backward(x, labels, stats, w)
         ctx.logits_dtype = logits.dtype
         return loss
 
@@ -162,7 +162,7 @@ class CELoss(torch.autograd.Function):
     def backward(ctx, g):
         import numpy as np
 
-        x, labels, lse, w = ctx.saved_tensors
+        x, labels, stats, w = ctx.saved_tensors
         n, v = x.shape
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -172,12 +172,13 @@ class CELoss(torch.autograd.Function):
                 gc = g.to(torch.float32).contiguous()
                 with torch_stream(x.device) as dev:
                     launch(f"dbc_ce_backward_{suffix(x.dtype)}", dev, grid, (
-                        x, labels, lse, w, gc, np.int64(n), np.int64(v), grad_x,
+                        x, labels, stats, w, gc, np.int64(n), np.int64(v), grad_x,
                     ))
             grad_x = grad_x.to(ctx.logits_dtype)
         g_w = None
         if ctx.needs_input_grad[2]:
             keep = labels != -100
             x_lab = x.gather(1, labels.clamp(min=0)[:, None])[:, 0].float()
-            g_w = g * torch.where(keep, lse - x_lab, torch.zeros_like(lse))
+            ce = (stats[:, 0] - x_lab) + stats[:, 1]
+            g_w = g * torch.where(keep, ce, torch.zeros_like(ce))
         return grad_x, None, g_w

@@ -144,22 +144,23 @@ class HostLib:
         return gf, gz, gy
 
     def ce_forward(self, logits, labels, w, threads: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row (w*CE, lse), reducing each row as a block of `threads` threads would."""
+        """Per-row (w*CE, stats (n, 2) = (max, ln sum exp(x - max))), each row reduced as a
+        block of `threads` threads would."""
         logits = np.ascontiguousarray(logits, dtype=np.float32)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
         w = np.ascontiguousarray(w, dtype=np.float32)
         n, v = logits.shape
         scratch = np.empty(2 * threads, np.float32)
-        loss, lse = np.empty(n, np.float32), np.empty(n, np.float32)
+        loss, stats = np.empty(n, np.float32), np.empty((n, 2), np.float32)
         self._lib.dbc_h_ce_forward(_ptr(logits), _ptr(labels), _ptr(w), n, v, threads,
-                                   _ptr(scratch), _ptr(loss), _ptr(lse))
-        return loss, lse
+                                   _ptr(scratch), _ptr(loss), _ptr(stats))
+        return loss, stats
 
-    def ce_backward(self, logits, labels, lse, w, g) -> np.ndarray:
+    def ce_backward(self, logits, labels, stats, w, g) -> np.ndarray:
         logits = np.ascontiguousarray(logits, dtype=np.float32)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
-        lse, w, g = (np.ascontiguousarray(a, dtype=np.float32) for a in (lse, w, g))
+        stats, w, g = (np.ascontiguousarray(a, dtype=np.float32) for a in (stats, w, g))
         n, v = logits.shape
         grad = np.empty((n, v), np.float32)
-        self._lib.dbc_h_ce_backward(*map(_ptr, (logits, labels, lse, w, g)), n, v, _ptr(grad))
+        self._lib.dbc_h_ce_backward(*map(_ptr, (logits, labels, stats, w, g)), n, v, _ptr(grad))
         return grad
