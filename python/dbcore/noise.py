@@ -1,23 +1,22 @@
-"""Noised targets z = y + sigma * eps for a block, from the counter-based generator (METHOD.md 2-3).
+"""Noised targets z = y + sigma * eps of a network block (METHOD.md sections 2-3).
 
-PyTorch reference used by the cache and by online training on CPU; `dbcore.kernels` fuses the same
-computation on CUDA.
+The one entry point used by the cache (`--noise cached`) and by online training, so both draw the
+same values from the counter-based generator keyed by (seed, sample index, block, draw). On CUDA
+tensors `dbcore.kernels` runs it as one fused kernel; elsewhere its PyTorch reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dbcore import rng
-from dbcore.partition import sample_sigma_for_block
+from dbcore.kernels import noise_and_input
+from dbcore.partition import block_range
 
 
 def noised_targets(
-    y: torch.Tensor, sample: torch.Tensor, seed: int, block: int, draw: int, model_cfg
+    y: torch.Tensor, sample: torch.Tensor, seed: int, block: int, draw: int, model_cfg, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (N, d) float32, sigma (N,) float32) for clean targets y (N, d) of samples `sample` (N,)."""
-    u = rng.uniform_for_sigma(sample, seed, block, draw)  # (N,)
-    sigma = sample_sigma_for_block(u, block, model_cfg.num_blocks, model_cfg.gamma, model_cfg.sigma_dist)
-    eps = rng.gaussian(sample, y.shape[1], seed, block, draw)  # (N, d)
-    z = y.to(torch.float64) + sigma[:, None] * eps
-    return z.float(), sigma.float()
+    """(z (N, d), sigma (N,) float32) for clean targets y (N, d) of samples `sample` (N,)."""
+    lo, hi = block_range(block, model_cfg.num_blocks, model_cfg.gamma)
+    z, _, sigma = noise_and_input(y, sample, seed, block, draw, lo, hi, model_cfg.sigma_dist, backend)
+    return z, sigma

@@ -185,7 +185,7 @@ def train_block(cfg: Config, data: Dataset, run: Path, block: int, progress: boo
             z = torch.from_numpy(data.store.read(layout.noised_z(block), rows)[:, k])
             sigma = torch.from_numpy(data.store.read(layout.noised_sigma(block), rows)[:, k])
         else:  # online noise: draw = epoch, the same values a cache with K > epoch holds
-            z, sigma = noised_targets(data.emb[labels], idx, seed, block, epoch, m)
+            z, sigma = noised_targets(data.emb[labels], idx, seed, block, epoch, m, backend)
         if chain is not None:
             take = int(round(t.sequential_fraction * len(idx)))
             z, sigma = z.clone(), sigma.clone()

@@ -1,0 +1,153 @@
+"""cache -> train -> eval on digits, through the Python API and the CLI, with resume and faults."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dbcore import checkpoint, layout, store
+from dbcore import config as config_mod
+from dbcore.cache import write_cache
+from dbcore.cli import main
+from dbcore.evaluate import evaluate
+from dbcore.noise import noised_targets
+from dbcore.sources import load_source
+from dbcore.train import RunError, train_run
+
+TOML = """
+[model]
+image_size = 8
+channels = 1
+patch_size = 4
+dim = 32
+depth = 2
+heads = 2
+mlp_ratio = 2.0
+num_blocks = 2
+
+[train]
+steps = 12
+batch_size = 32
+warmup_steps = 2
+checkpoint_every = 5
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def cfg_path(tmp_path):
+    p = tmp_path / "tiny.toml"
+    p.write_text(TOML)
+    return p
+
+
+def _weights(run, name):
+    tensors, _ = checkpoint.load(run / name, prefix="model.")
+    return tensors
+
+
+def test_cache_train_eval_both_kinds(tmp_path, cfg_path):
+    cfg = config_mod.load(cfg_path)
+    s = write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", noise="online", progress=False)
+    assert store.open(s.path).attrs["source"]["num_samples"] == 1437
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "blocks", progress=False)
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "e2e", e2e=True, progress=False)
+    for run, kind in ((tmp_path / "blocks", "blocks"), (tmp_path / "e2e", "e2e")):
+        r = evaluate(run, "digits:valid")
+        assert r["kind"] == kind and r["num_samples"] == 360
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0
+    metrics = [json.loads(line) for line in (tmp_path / "blocks/metrics.jsonl").read_text().splitlines()]
+    assert {m["name"] for m in metrics} == {"block0", "block1"}
+
+
+def test_resume_from_mid_run_checkpoint(tmp_path, cfg_path, monkeypatch):
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "full", block=0, progress=False)
+
+    from dbcore import train as train_mod
+
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:  # after the step-5 checkpoint, before the end
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=0, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert checkpoint.load_meta(tmp_path / "crash/block0")["step"] == 5
+    train_mod.train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=0, progress=False)
+    a, b = _weights(tmp_path / "full", "block0"), _weights(tmp_path / "crash", "block0")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_noise_equals_online_noise(tmp_path, cfg_path):
+    cfg = config_mod.load(cfg_path)
+    src = load_source("digits:train")
+    s = write_cache(cfg, src, tmp_path / "c.zarr", noise="cached", draws=2, seed=7, progress=False)
+    s = store.open(s.path)
+    emb = torch.from_numpy(s.read(layout.TARGET_EMBEDDING, slice(None)))
+    rows = [3, 100, 1400]
+    idx = torch.tensor(rows)
+    z_cached = torch.from_numpy(s.read(layout.noised_z(1), idx.numpy()))  # (3, K, d)
+    sigma_cached = torch.from_numpy(s.read(layout.noised_sigma(1), idx.numpy()))
+    z, sigma = noised_targets(emb[torch.from_numpy(src.labels[rows])], idx, 7, 1, 1, cfg.model)
+    assert torch.allclose(z_cached[:, 1], z) and torch.allclose(sigma_cached[:, 1], sigma)
+
+
+def test_sequential_mode_refuses_states_from_other_checkpoints(tmp_path, cfg_path):
+    cfg = config_mod.load(cfg_path)
+    cfg.train.mode = "sequential"
+    write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "seq", progress=False)
+    chain = tmp_path / "seq/chain/block1.zarr"
+    assert store.open(chain).read("z", slice(0, 4)).shape == (4, 32)
+    # retrain block 0 with another seed: the cached chain states no longer match its checkpoint
+    for suffix in (".json", ".safetensors"):
+        (tmp_path / f"seq/block0{suffix}").unlink()
+    cfg.train.seed = 1
+    with pytest.raises(RunError, match="another config|other checkpoints"):
+        train_run(cfg, tmp_path / "c.zarr", tmp_path / "seq", progress=False)
+
+
+def test_train_refuses_a_store_of_another_config(tmp_path, cfg_path):
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
+    cfg.model.target_scale = 2.0
+    with pytest.raises(RunError, match="different \\[model\\] config"):
+        train_run(cfg, tmp_path / "c.zarr", tmp_path / "r", progress=False)
+
+
+def test_cli_cache_train_eval_and_clean_errors(tmp_path, cfg_path):
+    r = CliRunner()
+    store_path = str(tmp_path / "c.zarr")
+    out = r.invoke(main, ["cache", str(cfg_path), "--data", "digits:train", "--out", store_path])
+    assert out.exit_code == 0, out.output
+    again = r.invoke(main, ["cache", str(cfg_path), "--out", str(tmp_path / "c.zarr")])
+    assert again.exit_code != 0 and "Traceback" not in again.output and "exist" in again.output
+    out = r.invoke(main, ["train", str(cfg_path), "--store", str(tmp_path / "c.zarr"), "--out",
+                          str(tmp_path / "run"), "--steps", "3", "--quiet"])
+    assert out.exit_code == 0, out.output
+    out = r.invoke(main, ["eval", str(tmp_path / "run"), "--data", "digits:valid", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert {"accuracy", "loss"} <= set(result)
+    missing = ["--data", "npz:/nonexistent.npz", "--out", str(tmp_path / "x")]
+    bad = r.invoke(main, ["cache", str(cfg_path), *missing])
+    assert bad.exit_code != 0 and "not found" in bad.output and "Traceback" not in bad.output
+    (tmp_path / "bad.toml").write_text("[model]\nwidth = 3\n")
+    bad = r.invoke(main, ["cache", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "y")])
+    assert bad.exit_code != 0 and "unknown key(s) ['width']" in bad.output
