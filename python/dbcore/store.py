@@ -1,0 +1,313 @@
+"""Zarr v3 stores of cached activations and targets, written and read in Rust (`dbcore._native`).
+
+A store is one Zarr v3 group on the local filesystem. Each array is chunked along rows (axis 0),
+compressed with zstd (level 3, with checksum) and, when it has many chunks, sharded (about 64 MiB
+shards of about 1 MiB chunks); zarr-python 3 and any other Zarr v3 reader open it as it is.
+
+Crash safety: the group attribute `dbcore` holds `{"format": 1, "complete": false}` from `create`
+until `finalize()` rewrites it as `{"format": 1, "complete": true, "arrays": {name: {"shape",
+"dtype"}}}`. `open` refuses a store that was never finalized, was written by a newer format, or
+whose arrays are missing or differ from that record; `open(path, require_complete=False)` reads
+any Zarr v3 group (e.g. one written by zarr-python). Every failure is a `StoreError` naming the
+store, the array and the problem.
+
+    s = create("acts.zarr", attrs={"model": "vit"})
+    s.write_array("x", x)                       # whole array
+    w = s.array_writer("h", (n, 256), "float16")
+    w.write(0, block)                           # or streamed, block by block
+    s.finalize()
+    s = open("acts.zarr")
+    s.read("h", np.array([7, 3, 9]))            # gather rows
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dbcore import _native
+
+DTYPES = (
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+)
+META_KEY = "dbcore"
+FORMAT_VERSION: int = _native.FORMAT_VERSION
+
+
+class StoreError(Exception):
+    """Any failure to create, write, open or read a store."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """The store or array already exists."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No store at the path, or no such array in it."""
+
+
+class IncompleteStoreError(StoreError):
+    """The store was never finalized (or is not a dbcore store)."""
+
+
+class CorruptStoreError(StoreError):
+    """Bad metadata, a truncated or corrupt chunk, or arrays that differ from the store's record."""
+
+
+class DTypeError(StoreError, TypeError):
+    """A dtype the store cannot hold, or other than the one expected."""
+
+
+class StoreIndexError(StoreError, IndexError):
+    """Rows out of range."""
+
+
+class StoreValueError(StoreError, ValueError):
+    """A bad argument: shape, name, attributes, chunking."""
+
+
+_ERRORS: dict[str, type[StoreError]] = {
+    "exists": StoreExistsError,
+    "not_found": StoreNotFoundError,
+    "incomplete": IncompleteStoreError,
+    "corrupt": CorruptStoreError,
+    "dtype": DTypeError,
+    "index": StoreIndexError,
+    "invalid": StoreValueError,
+    "io": StoreError,
+}
+
+
+@contextmanager
+def _native_errors() -> Iterator[None]:
+    try:
+        yield
+    except _native.NativeError as e:
+        kind, msg = e.args
+        raise _ERRORS.get(kind, StoreError)(msg) from None
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """What `dbcore info` shows about one array."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]  # the unit of compression (inner chunk when sharded)
+    shards: tuple[int, ...] | None
+    codecs: list[dict[str, Any]]
+    nbytes: int  # in memory
+    nbytes_stored: int  # on disk, metadata included
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _native_dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.name not in DTYPES:
+        raise DTypeError(f"unsupported dtype {dt} (supported: {', '.join(DTYPES)})")
+    return dt.newbyteorder("=")
+
+
+class ArrayWriter:
+    """Writes one array in row blocks: `write(rows_start, block)`, any order, larger than memory."""
+
+    def __init__(self, store: Store, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.store, self.name, self.shape, self.dtype = store, name, shape, dtype
+
+    def write(self, rows_start: int, block: np.ndarray) -> None:
+        """Write `block` as rows `rows_start .. rows_start + len(block)` (dtype must match)."""
+        block = np.asarray(block)
+        where = f"{self.store.path}: array {self.name!r}"
+        if block.dtype.name != self.dtype.name:
+            raise DTypeError(f"{where}: block has dtype {block.dtype}, the array {self.dtype}")
+        if block.shape[1:] != self.shape[1:]:
+            raise StoreValueError(
+                f"{where}: block of shape {block.shape} does not fit rows of shape {self.shape[1:]}"
+            )
+        if rows_start < 0:
+            raise StoreIndexError(f"{where}: negative rows_start {rows_start}")
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        with _native_errors():
+            self.store._native.write_rows(self.name, rows_start, block)
+
+
+class Store:
+    """An open store. Get one from `create` or `open`; safe to read from several threads."""
+
+    def __init__(self, native: _native.NativeStore) -> None:
+        self._native = native
+        self.path = Path(native.path)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "incomplete"
+        return f"<dbcore.store.Store {str(self.path)!r} ({state}, arrays: {self.arrays()})>"
+
+    def _all_attrs(self) -> dict[str, Any]:
+        return json.loads(self._native.attrs_json())
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The user's group attributes (dbcore's own `dbcore` key left out)."""
+        return {k: v for k, v in self._all_attrs().items() if k != META_KEY}
+
+    @property
+    def complete(self) -> bool:
+        meta = self._all_attrs().get(META_KEY)
+        return isinstance(meta, dict) and meta.get("complete") is True
+
+    def arrays(self) -> list[str]:
+        """Names of the arrays in the store, sorted."""
+        with _native_errors():
+            return self._native.array_names()
+
+    def info(self, name: str) -> ArrayInfo:
+        with _native_errors():
+            d = json.loads(self._native.array_info_json(name))
+        shape = tuple(d["shape"])
+        return ArrayInfo(
+            name=name,
+            shape=shape,
+            dtype=d["dtype"],
+            chunks=tuple(d["chunks"]),
+            shards=tuple(d["shards"]) if d["shards"] else None,
+            codecs=d["codecs"],
+            nbytes=int(np.prod(shape, dtype=np.int64)) * np.dtype(d["dtype"]).itemsize,
+            nbytes_stored=_dir_bytes(self.path / name),
+        )
+
+    def array_writer(
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: Any,
+        chunks: int | None = None,
+        shards: int | None = None,
+        level: int = 3,
+    ) -> ArrayWriter:
+        """Create array `name` and return a writer for it.
+
+        `chunks`: rows per chunk (default: about 1 MiB); `shards`: rows per shard, a multiple of
+        `chunks` (default: about 64 MiB when there are 16 chunks or more; 0: no sharding).
+        """
+        dt = _native_dtype(dtype)
+        shape = tuple(int(d) for d in shape)
+        with _native_errors():
+            self._native.create_array(name, list(shape), dt.name, chunks, shards, level)
+        return ArrayWriter(self, name, shape, dt)
+
+    def write_array(
+        self,
+        name: str,
+        array: Any,
+        chunks: int | None = None,
+        shards: int | None = None,
+        level: int = 3,
+    ) -> None:
+        """Store a whole in-memory array as `name` (see `array_writer` for the layout options)."""
+        array = np.asarray(array)
+        if array.ndim == 0:
+            raise StoreValueError(f"{self.path}: array {name!r}: needs at least one dimension")
+        w = self.array_writer(name, array.shape, array.dtype, chunks, shards, level)
+        w.write(0, array)
+
+    def read(self, name: str, rows: Any = None, dtype: Any = None) -> np.ndarray:
+        """Rows of array `name`: all (None), a slice, an int, or an integer array (gather).
+
+        With `dtype`, refuse an array of another dtype instead of returning it.
+        """
+        with _native_errors():
+            d = json.loads(self._native.array_info_json(name))
+        shape, dt = tuple(d["shape"]), np.dtype(d["dtype"])
+        where = f"{self.path}: array {name!r}"
+        if dtype is not None and np.dtype(dtype) != dt:
+            raise DTypeError(f"{where}: has dtype {dt}, expected {np.dtype(dtype)}")
+        n = shape[0]
+        if rows is None:
+            rows = slice(None)
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            if step == 1:
+                out = np.empty((max(stop - start, 0), *shape[1:]), dtype=dt)
+                with _native_errors():
+                    self._native.read_range_into(name, start, max(start, stop), out)
+                return out
+            rows = np.arange(start, stop, step)
+        if isinstance(rows, (int, np.integer)):
+            return self.read(name, np.array([rows]))[0]
+        idx = np.asarray(rows)
+        if idx.ndim != 1 or not (idx.dtype.kind in "iu" or idx.size == 0):
+            raise StoreValueError(f"{where}: rows must be a slice, an int or a 1-D integer array")
+        idx = idx.astype(np.int64, copy=False)
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise StoreIndexError(f"{where}: row {bad} out of range for {n} rows")
+        out = np.empty((idx.size, *shape[1:]), dtype=dt)
+        with _native_errors():
+            self._native.read_rows_into(name, idx.astype(np.uint64), out)
+        return out
+
+    def finalize(self) -> None:
+        """Record the arrays' shapes and dtypes and mark the store complete."""
+        with _native_errors():
+            self._native.finalize()
+
+
+def create(
+    path: str | os.PathLike[str], attrs: dict[str, Any] | None = None, overwrite: bool = False
+) -> Store:
+    """Create an empty, incomplete store (a Zarr v3 group); `path` must not exist unless `overwrite`."""
+    try:
+        attrs_json = json.dumps(attrs or {}, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise StoreValueError(f"{path}: attributes are not JSON: {e}") from None
+    with _native_errors():
+        return Store(_native.NativeStore.create(os.fspath(path), attrs_json, overwrite))
+
+
+def open(path: str | os.PathLike[str], require_complete: bool = True) -> Store:  # noqa: A001
+    """Open a store; `require_complete=False` also reads unfinished stores and foreign Zarr groups."""
+    with _native_errors():
+        return Store(_native.NativeStore.open(os.fspath(path), require_complete))
+
+
+__all__ = [
+    "ArrayInfo",
+    "ArrayWriter",
+    "CorruptStoreError",
+    "DTypeError",
+    "IncompleteStoreError",
+    "Store",
+    "StoreError",
+    "StoreExistsError",
+    "StoreIndexError",
+    "StoreNotFoundError",
+    "StoreValueError",
+    "create",
+    "open",
+]
