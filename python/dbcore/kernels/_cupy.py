@@ -67,6 +67,8 @@ def as_cupy(t: torch.Tensor | None) -> Any:
     """Zero-copy CuPy view of a CUDA tensor (DLPack); None is passed as a null pointer."""
     if t is None:
         return np.uint64(0)
+    if t.dtype == torch.bfloat16:  # CuPy may lack bfloat16; the kernels read the raw 16 bits
+        t = t.view(torch.int16)
     return import_cupy().from_dlpack(t.detach())
 
 
