@@ -129,5 +129,53 @@ def bench_memory(config, batch_size, device, as_json):
     sys.stdout.flush()
 
 
+def _codecs_summary(codecs: list) -> str:
+    parts = []
+    for c in codecs:
+        cfg = c.get("configuration") or {}
+        if c["name"] == "sharding_indexed":
+            parts.append(f"sharding[{_codecs_summary(cfg.get('codecs', []))}]")
+        elif c["name"] == "zstd":
+            parts.append(f"zstd:{cfg.get('level')}")
+        else:
+            parts.append(c["name"])
+    return ",".join(parts)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def info(store_path, as_json):
+    """Arrays (shape, dtype, chunks, codecs, bytes), attributes and state of a store."""
+    from dbcore import store
+
+    s = _run_safely(store.open, store_path, require_complete=False)
+    arrays = {name: _run_safely(s.info, name).to_dict() for name in _run_safely(s.arrays)}
+    if as_json:
+        report = {"path": str(s.path), "complete": s.complete, "attrs": s.attrs, "arrays": arrays}
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{s.path}  ({'complete' if s.complete else 'INCOMPLETE: never finalized'})")
+    click.echo(f"attributes: {json.dumps(s.attrs)}")
+    head = ("array", "shape", "dtype", "chunks", "shards", "codecs", "memory", "disk", "ratio")
+    rows = [head]
+    for name, a in arrays.items():
+        ratio = a["nbytes"] / a["nbytes_stored"] if a["nbytes_stored"] else 0.0
+        rows.append((name, str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])),
+                     str(tuple(a["shards"])) if a["shards"] else "-", _codecs_summary(a["codecs"]),
+                     _size(a["nbytes"]), _size(a["nbytes_stored"]), f"{ratio:.2f}x"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
 if __name__ == "__main__":
     main()

@@ -205,17 +205,28 @@ class Store:
         name: str,
         shape: Sequence[int],
         dtype: Any,
-        chunks: int | None = None,
+        chunks: int | Sequence[int] | None = None,
         shards: int | None = None,
         level: int = 3,
     ) -> ArrayWriter:
         """Create array `name` and return a writer for it.
 
-        `chunks`: rows per chunk (default: about 1 MiB); `shards`: rows per shard, a multiple of
-        `chunks` (default: about 64 MiB when there are 16 chunks or more; 0: no sharding).
+        `chunks`: rows per chunk (default: about 1 MiB), or a full chunk shape whose other axes
+        span the array; `shards`: rows per shard, a multiple of `chunks` (default: about 64 MiB
+        when there are 16 chunks or more; 0: no sharding).
         """
         dt = _native_dtype(dtype)
         shape = tuple(int(d) for d in shape)
+        if chunks is not None and not isinstance(chunks, (int, np.integer)):
+            chunks = tuple(int(c) for c in chunks)
+            if chunks[1:] != shape[1:]:
+                raise StoreValueError(
+                    f"{self.path}: array {name!r}: chunks {chunks} must span every axis but the "
+                    f"first (shape {shape}); dbcore chunks along rows only"
+                )
+            chunks = chunks[0]
+        if (chunks is not None and chunks < 1) or (shards is not None and shards < 0):
+            raise StoreValueError(f"{self.path}: array {name!r}: bad chunks={chunks} shards={shards}")
         with _native_errors():
             self._native.create_array(name, list(shape), dt.name, chunks, shards, level)
         return ArrayWriter(self, name, shape, dt)
@@ -224,7 +235,7 @@ class Store:
         self,
         name: str,
         array: Any,
-        chunks: int | None = None,
+        chunks: int | Sequence[int] | None = None,
         shards: int | None = None,
         level: int = 3,
     ) -> None:
