@@ -9,7 +9,6 @@ import dbcore.kernels as K
 from dbcore.kernels import reference
 from dbcore.kernels._cupy import cupy_available
 from dbcore.loss import denoise, sample_weights, weighted_ce, weighted_mse
-from dbcore.noise import noised_targets  # noqa: F401  (the cache's reference must stay importable)
 from dbcore.partition import block_range
 
 
