@@ -152,7 +152,7 @@ def _train_loop(name, model, step_loss, cfg: Config, run: Path, n: int, progress
         if t.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
-        loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
+        loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
         bar.update(1)
         done = step + 1
         if done % LOG_EVERY == 0 or done == t.steps:
