@@ -7,6 +7,8 @@ pub mod dtype;
 pub mod error;
 pub mod gather;
 pub mod layout;
+pub mod philox;
 pub mod store;
+pub mod stream;
 
 mod python;

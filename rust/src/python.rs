@@ -15,6 +15,7 @@ use crate::dtype::DType;
 use crate::error::Error;
 use crate::layout;
 use crate::store::{ArrayHandle, ArraySpec, Store, FORMAT_VERSION};
+use crate::{philox, stream};
 
 create_exception!(_native, NativeError, PyException);
 
@@ -231,9 +232,225 @@ impl NativeStore {
     }
 }
 
+/// A batch stream over one store (`dbcore.data.BatchStream` wraps it; see rust/src/stream.rs).
+#[pyclass(frozen, module = "dbcore._native")]
+struct NativeStream {
+    inner: std::sync::Mutex<stream::Stream>,
+}
+
+type BatchTuple<'py> = (
+    u64,
+    usize,
+    Bound<'py, numpy::PyArray1<u64>>,
+    Vec<Bound<'py, numpy::PyArray1<u8>>>,
+    Option<Bound<'py, numpy::PyArray1<f64>>>,
+    Option<Bound<'py, numpy::PyArray1<f64>>>,
+);
+
+impl NativeStream {
+    fn lock(&self) -> std::sync::MutexGuard<'_, stream::Stream> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl NativeStream {
+    #[new]
+    #[pyo3(signature = (path, arrays, draws, batch_size, shuffle="chunks", seed=0, rank=0,
+        world_size=1, drop_last=false, chunk_rows=None, window_chunks=None, threads=None,
+        prefetch=4, worker=0, num_workers=1, noise=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        arrays: Vec<String>,
+        draws: Vec<bool>,
+        batch_size: usize,
+        shuffle: &str,
+        seed: u64,
+        rank: usize,
+        world_size: usize,
+        drop_last: bool,
+        chunk_rows: Option<u64>,
+        window_chunks: Option<u64>,
+        threads: Option<usize>,
+        prefetch: usize,
+        worker: usize,
+        num_workers: usize,
+        noise: Option<(u64, u32, usize)>,
+    ) -> PyResult<Self> {
+        if draws.len() != arrays.len() {
+            return Err(invalid("arrays and draws differ in length".into()));
+        }
+        let spec = stream::Spec {
+            arrays: arrays
+                .into_iter()
+                .zip(draws)
+                .map(|(name, draw)| stream::Selection { name, draw })
+                .collect(),
+            batch_size,
+            mode: stream::Mode::from_name(shuffle).map_err(to_py)?,
+            seed,
+            rank,
+            world_size,
+            drop_last,
+            chunk_rows,
+            window_chunks,
+            threads,
+            prefetch,
+            worker,
+            num_workers,
+            noise: noise.map(|(seed, block, dim)| stream::NoiseSpec { seed, block, dim }),
+        };
+        let s = py
+            .detach(|| stream::Stream::open(&path, spec))
+            .map_err(to_py)?;
+        Ok(NativeStream {
+            inner: std::sync::Mutex::new(s),
+        })
+    }
+
+    #[getter]
+    fn num_samples(&self) -> u64 {
+        self.lock().num_samples()
+    }
+    #[getter]
+    fn num_batches(&self) -> usize {
+        self.lock().num_batches()
+    }
+    #[getter]
+    fn num_rank_samples(&self) -> usize {
+        self.lock().num_rank_samples()
+    }
+    #[getter]
+    fn chunk_rows(&self) -> u64 {
+        self.lock().chunk_rows
+    }
+    #[getter]
+    fn window_chunks(&self) -> u64 {
+        self.lock().window_chunks
+    }
+    #[getter]
+    fn threads(&self) -> usize {
+        self.lock().threads
+    }
+
+    /// (name, row shape after draw selection, dtype) per array.
+    fn outputs(&self) -> Vec<(String, Vec<u64>, &'static str)> {
+        self.lock().outputs()
+    }
+
+    /// The epoch's global order and its window starts.
+    fn order<'py>(
+        &self,
+        py: Python<'py>,
+        epoch: u64,
+    ) -> (Bound<'py, numpy::PyArray1<u64>>, Vec<usize>) {
+        let o = py.detach(|| self.lock().order(epoch));
+        (numpy::PyArray1::from_vec(py, o.order), o.window_starts)
+    }
+
+    /// Start (or restart) `epoch` at the rank's batch `position`.
+    fn start(&self, py: Python<'_>, epoch: u64, position: usize) {
+        py.detach(|| self.lock().start(epoch, position))
+    }
+
+    /// The next batch `(epoch, position, indices, [bytes per array], eps, uniform)`, or None at the
+    /// end of the epoch. Waits without the GIL.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchTuple<'py>>> {
+        let Some(b) = py.detach(|| self.lock().next_batch()) else {
+            return Ok(None);
+        };
+        let b = b.map_err(to_py)?;
+        let noise = !b.uniform.is_empty() || !b.eps.is_empty();
+        Ok(Some((
+            b.epoch,
+            b.position,
+            numpy::PyArray1::from_vec(py, b.indices),
+            b.arrays
+                .into_iter()
+                .map(|a| numpy::PyArray1::from_vec(py, a))
+                .collect(),
+            noise.then(|| numpy::PyArray1::from_vec(py, b.eps)),
+            noise.then(|| numpy::PyArray1::from_vec(py, b.uniform)),
+        )))
+    }
+
+    /// Stop the background threads (joins them).
+    fn stop(&self, py: Python<'_>) {
+        py.detach(|| self.lock().stop())
+    }
+}
+
+/// Philox4x32-10 of one counter under one key (`dbcore.rng.philox4x32`).
+#[pyfunction]
+fn philox4x32(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    philox::philox4x32(ctr, key)
+}
+
+fn samples_u32(samples: &numpy::PyReadonlyArray1<'_, u64>) -> PyResult<Vec<u32>> {
+    samples
+        .as_array()
+        .iter()
+        .map(|&s| {
+            u32::try_from(s).map_err(|_| {
+                invalid(format!(
+                    "sample index {s} does not fit the generator's 32-bit counter"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Standard normal noise (len(samples) * num_elements,) float64, row-major (`dbcore.rng.gaussian`).
+#[pyfunction]
+fn gaussian<'py>(
+    py: Python<'py>,
+    samples: numpy::PyReadonlyArray1<'py, u64>,
+    num_elements: usize,
+    seed: u64,
+    block: u32,
+    draw: u32,
+) -> PyResult<Bound<'py, numpy::PyArray1<f64>>> {
+    let s = samples_u32(&samples)?;
+    let out = py.detach(|| {
+        let mut out = vec![0.0f64; s.len() * num_elements];
+        if num_elements > 0 {
+            for (row, &i) in out.chunks_mut(num_elements).zip(&s) {
+                philox::gaussian_into(i, seed, block, draw, row);
+            }
+        }
+        out
+    });
+    Ok(numpy::PyArray1::from_vec(py, out))
+}
+
+/// The sigma uniform of each sample (`dbcore.rng.uniform_for_sigma`).
+#[pyfunction]
+fn uniform_for_sigma<'py>(
+    py: Python<'py>,
+    samples: numpy::PyReadonlyArray1<'py, u64>,
+    seed: u64,
+    block: u32,
+    draw: u32,
+) -> PyResult<Bound<'py, numpy::PyArray1<f64>>> {
+    let s = samples_u32(&samples)?;
+    let out: Vec<f64> = s
+        .iter()
+        .map(|&i| philox::uniform_for_sigma(i, seed, block, draw))
+        .collect();
+    Ok(numpy::PyArray1::from_vec(py, out))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeStore>()?;
+    m.add_class::<NativeStream>()?;
+    m.add_function(wrap_pyfunction!(philox4x32, m)?)?;
+    m.add_function(wrap_pyfunction!(gaussian, m)?)?;
+    m.add_function(wrap_pyfunction!(uniform_for_sigma, m)?)?;
+    m.add("STREAM_MAX_THREADS", stream::MAX_THREADS)?;
+    m.add("STREAM_DEFAULT_THREADS", stream::DEFAULT_THREADS)?;
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add("FORMAT_VERSION", FORMAT_VERSION)?;
     Ok(())

@@ -1,0 +1,786 @@
+//! Streaming mini-batches out of a store: per-epoch order, sharding, background decoding.
+//!
+//! **Order.** The global order of an epoch is a pure function of (n, seed, epoch, chunk_rows,
+//! window_chunks, mode), never of the rank, the world size or the number of workers:
+//! - `Chunks` (default): the read units (chunks of `chunk_rows` rows) are shuffled, cut into
+//!   windows of `window_chunks` consecutive shuffled chunks, and the samples of each window are
+//!   shuffled among themselves. A batch therefore mixes samples of a whole window (every one of
+//!   its chunks), and each chunk is decoded once per window and rank.
+//! - `Exact`: one uniform permutation of all n samples (every segment then touches every chunk).
+//! - `Sequential`: 0..n.
+//!
+//! The random words come from Philox4x32-10 keyed by `seed`, counters tagged apart from noise.
+//!
+//! **Sharding.** The order is cut into global batches of `batch_size * world_size`; rank r takes
+//! the r-th slice of `batch_size` of each. A final partial global batch is dropped with
+//! `drop_last`, else split into `world_size` near-equal contiguous parts (one smaller batch each,
+//! possibly empty): no sample is repeated and none is left out. DataLoader worker w of W takes the
+//! rank's batches `position + w, position + w + W, ...`, so W workers read in turn yield the
+//! rank's batches in order.
+//!
+//! **Pipeline.** Two threads per running epoch and one decode pool (`threads`, at most
+//! `MAX_THREADS`): the *decoder* gathers the rows of the next segment (this reader's samples of one
+//! window, in consumption order) of every array, chunk by chunk in parallel, straight into the
+//! segment buffers, one segment ahead; the *assembler* copies batch rows out of the segments
+//! (selecting the epoch's draw of drawn arrays), adds online noise, and pushes batches into a queue
+//! of `prefetch` batches. Nothing here touches Python.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::philox::{self, Counter};
+use crate::store::{ArrayHandle, Store};
+
+/// Hard cap on decode threads per stream.
+pub const MAX_THREADS: usize = 16;
+/// Default decode threads: min(this, available cores).
+pub const DEFAULT_THREADS: usize = 4;
+/// Default window: at least this many chunks ...
+pub const WINDOW_MIN_CHUNKS: u64 = 4;
+/// ... and at least this many global batches ...
+pub const WINDOW_MIN_BATCHES: u64 = 8;
+/// ... unless a window's decoded rows (all arrays) would exceed this many bytes (never < 1 chunk).
+pub const WINDOW_MAX_BYTES: u64 = 128 << 20;
+
+const TAG_CHUNKS: u32 = 0x5348_0001;
+const TAG_WINDOWS: u32 = 0x5348_0002;
+const TAG_EXACT: u32 = 0x5348_0003;
+
+/// How an epoch's samples are ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Sequential,
+    Chunks,
+    Exact,
+}
+
+impl Mode {
+    pub fn from_name(s: &str) -> Result<Mode> {
+        match s {
+            "sequential" | "none" => Ok(Mode::Sequential),
+            "chunks" => Ok(Mode::Chunks),
+            "exact" => Ok(Mode::Exact),
+            _ => Err(Error::Invalid(format!(
+                "shuffle must be 'chunks', 'exact' or 'sequential', got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// The global order of one epoch and where its windows start (positions into the order).
+pub struct Order {
+    pub order: Vec<u64>,
+    pub window_starts: Vec<usize>,
+}
+
+impl Order {
+    /// Window index of every position (non-decreasing).
+    pub fn window_of(&self) -> Vec<u32> {
+        let mut w = vec![0u32; self.order.len()];
+        for (i, pair) in self.window_starts.windows(2).enumerate() {
+            w[pair[0]..pair[1]].fill(i as u32);
+        }
+        if let Some(&last) = self.window_starts.last() {
+            w[last..].fill(self.window_starts.len() as u32 - 1);
+        }
+        w
+    }
+}
+
+/// The global order of `epoch` (see the module docs).
+pub fn epoch_order(
+    n: u64,
+    seed: u64,
+    epoch: u64,
+    mode: Mode,
+    chunk_rows: u64,
+    window_chunks: u64,
+) -> Order {
+    let chunk_rows = chunk_rows.max(1);
+    let window_chunks = window_chunks.max(1);
+    let window_rows = (chunk_rows * window_chunks) as usize;
+    let e = epoch as u32;
+    match mode {
+        Mode::Chunks => {
+            let n_chunks = n.div_ceil(chunk_rows);
+            let mut chunks: Vec<u64> = (0..n_chunks).collect();
+            Counter::new(seed, [TAG_CHUNKS, e]).shuffle(&mut chunks);
+            let mut order = Vec::with_capacity(n as usize);
+            let mut starts = Vec::new();
+            for (w, win) in chunks.chunks(window_chunks as usize).enumerate() {
+                let start = order.len();
+                starts.push(start);
+                for &c in win {
+                    order.extend(c * chunk_rows..((c + 1) * chunk_rows).min(n));
+                }
+                let mut rng = Counter::new(seed, [TAG_WINDOWS, e]);
+                rng.skip((w as u64) << 40);
+                rng.shuffle(&mut order[start..]);
+            }
+            Order {
+                order,
+                window_starts: starts,
+            }
+        }
+        Mode::Exact | Mode::Sequential => {
+            let mut order: Vec<u64> = (0..n).collect();
+            if mode == Mode::Exact {
+                Counter::new(seed, [TAG_EXACT, e]).shuffle(&mut order);
+            }
+            let starts = (0..order.len()).step_by(window_rows).collect();
+            Order {
+                order,
+                window_starts: starts,
+            }
+        }
+    }
+}
+
+/// The batches of `rank` as ranges of positions into an order of `n` (see the module docs).
+pub fn rank_batches(
+    n: usize,
+    batch_size: usize,
+    rank: usize,
+    world: usize,
+    drop_last: bool,
+) -> Vec<(usize, usize)> {
+    let b = batch_size.max(1);
+    let g = b * world.max(1);
+    let full = n / g;
+    let mut out: Vec<(usize, usize)> = (0..full)
+        .map(|i| (i * g + rank * b, i * g + (rank + 1) * b))
+        .collect();
+    let rem = n - full * g;
+    if rem > 0 && !drop_last {
+        let start = full * g;
+        out.push((start + rem * rank / world, start + rem * (rank + 1) / world));
+    }
+    out
+}
+
+/// One array to read, and whether to take the epoch's draw (`epoch % K` of axis 1) of it.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub name: String,
+    pub draw: bool,
+}
+
+/// Online noise: Gaussians (dim per sample) and the sigma uniform, draw = epoch.
+#[derive(Clone, Copy, Debug)]
+pub struct NoiseSpec {
+    pub seed: u64,
+    pub block: u32,
+    pub dim: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub arrays: Vec<Selection>,
+    pub batch_size: usize,
+    pub mode: Mode,
+    pub seed: u64,
+    pub rank: usize,
+    pub world_size: usize,
+    pub drop_last: bool,
+    /// Shuffle unit in rows (default: the largest read unit of the arrays).
+    pub chunk_rows: Option<u64>,
+    pub window_chunks: Option<u64>,
+    pub threads: Option<usize>,
+    pub prefetch: usize,
+    pub worker: usize,
+    pub num_workers: usize,
+    pub noise: Option<NoiseSpec>,
+}
+
+/// One mini-batch: `position` is its index among the rank's batches of the epoch.
+pub struct Batch {
+    pub epoch: u64,
+    pub position: usize,
+    pub indices: Vec<u64>,
+    pub arrays: Vec<Vec<u8>>,
+    pub eps: Vec<f64>,
+    pub uniform: Vec<f64>,
+}
+
+struct Ctx {
+    spec: Spec,
+    handles: Vec<Arc<ArrayHandle>>,
+    pool: rayon::ThreadPool,
+}
+
+struct Running {
+    rx: Option<Receiver<Result<Batch>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.rx = None; // unblocks a full queue
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A batch reader over one store (see the module docs). Start an epoch with `start`, then `next`.
+pub struct Stream {
+    store: Arc<Store>,
+    ctx: Arc<Ctx>,
+    n: u64,
+    pub chunk_rows: u64,
+    pub window_chunks: u64,
+    pub threads: usize,
+    running: Option<Running>,
+    pid: u32,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // A forked child: the threads (and any lock they held) exist only in the parent.
+            // Leak everything rather than join threads that are not there.
+            std::mem::forget(self.running.take());
+            std::mem::forget(self.ctx.clone());
+            std::mem::forget(self.store.clone());
+        }
+    }
+}
+
+fn with_msg(e: &Error, msg: String) -> Error {
+    match e {
+        Error::Exists(_) => Error::Exists(msg),
+        Error::NotFound(_) => Error::NotFound(msg),
+        Error::Incomplete(_) => Error::Incomplete(msg),
+        Error::Corrupt(_) => Error::Corrupt(msg),
+        Error::DType(_) => Error::DType(msg),
+        Error::Index(_) => Error::Index(msg),
+        Error::Invalid(_) => Error::Invalid(msg),
+        Error::Io(_) => Error::Io(msg),
+    }
+}
+
+/// Gather `rows` of `h` into `out`; a failure names the first chunk that does not decode.
+fn gather(h: &ArrayHandle, rows: &[u64], out: &mut [u8]) -> Result<()> {
+    let Err(e) = h.read_rows_into(rows, out) else {
+        return Ok(());
+    };
+    let unit = h.unit_rows().max(1);
+    let mut chunks: Vec<u64> = rows.iter().map(|r| r / unit).collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    for c in chunks {
+        let (lo, hi) = (c * unit, ((c + 1) * unit).min(h.rows()));
+        let mut tmp = vec![0u8; (hi - lo) as usize * h.row_bytes()];
+        if let Err(inner) = h.read_range_into(lo, hi, &mut tmp) {
+            return Err(with_msg(
+                &inner,
+                format!("{inner} [chunk {c} of array '{}': rows {lo}..{hi}]", h.name),
+            ));
+        }
+    }
+    Err(e)
+}
+
+impl Stream {
+    /// Open the complete store at `path` for `spec` (an incomplete store is refused).
+    pub fn open(path: &std::path::Path, spec: Spec) -> Result<Stream> {
+        let store = Arc::new(Store::open(path, true)?);
+        Stream::new(store, spec)
+    }
+
+    pub fn new(store: Arc<Store>, spec: Spec) -> Result<Stream> {
+        let p = store.root().display().to_string();
+        if spec.arrays.is_empty() {
+            return Err(Error::Invalid(format!("{p}: no arrays to stream")));
+        }
+        if spec.batch_size == 0 {
+            return Err(Error::Invalid(format!("{p}: batch_size must be >= 1")));
+        }
+        if spec.world_size == 0 || spec.rank >= spec.world_size {
+            return Err(Error::Invalid(format!(
+                "{p}: rank {} is outside 0..world_size {}",
+                spec.rank, spec.world_size
+            )));
+        }
+        if spec.num_workers == 0 || spec.worker >= spec.num_workers {
+            return Err(Error::Invalid(format!(
+                "{p}: worker {} is outside 0..{}",
+                spec.worker, spec.num_workers
+            )));
+        }
+        let mut handles = Vec::new();
+        for sel in &spec.arrays {
+            let h = store.array(&sel.name)?;
+            if sel.draw && (h.shape().len() < 2 || h.shape()[1] == 0) {
+                return Err(Error::Invalid(format!(
+                    "{p}: array '{}': a drawn array needs shape (N, K, ...), has {:?}",
+                    sel.name,
+                    h.shape()
+                )));
+            }
+            handles.push(h);
+        }
+        let n = handles[0].rows();
+        if let Some(h) = handles.iter().find(|h| h.rows() != n) {
+            return Err(Error::Invalid(format!(
+                "{p}: array '{}' has {} rows, '{}' has {n}",
+                h.name,
+                h.rows(),
+                handles[0].name
+            )));
+        }
+        if n > u32::MAX as u64 && spec.noise.is_some() {
+            return Err(Error::Invalid(format!(
+                "{p}: {n} samples do not fit the generator's 32-bit counter"
+            )));
+        }
+        let chunk_rows = spec
+            .chunk_rows
+            .unwrap_or_else(|| handles.iter().map(|h| h.unit_rows()).max().unwrap_or(1))
+            .max(1);
+        let row_bytes: u64 = handles
+            .iter()
+            .map(|h| h.row_bytes() as u64)
+            .sum::<u64>()
+            .max(1);
+        let window_chunks = spec.window_chunks.unwrap_or_else(|| {
+            let global = (spec.batch_size * spec.world_size) as u64;
+            let want = (WINDOW_MIN_CHUNKS * chunk_rows).max(WINDOW_MIN_BATCHES * global);
+            let cap = (WINDOW_MAX_BYTES / row_bytes).max(chunk_rows);
+            want.min(cap).div_ceil(chunk_rows).max(1)
+        });
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let threads = spec
+            .threads
+            .unwrap_or(DEFAULT_THREADS.min(cores))
+            .clamp(1, MAX_THREADS);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("dbcore-decode-{i}"))
+            .build()
+            .map_err(|e| Error::Io(format!("{p}: cannot start decode threads: {e}")))?;
+        Ok(Stream {
+            store,
+            ctx: Arc::new(Ctx {
+                spec,
+                handles,
+                pool,
+            }),
+            n,
+            chunk_rows,
+            window_chunks,
+            threads,
+            running: None,
+            pid: std::process::id(),
+        })
+    }
+
+    pub fn num_samples(&self) -> u64 {
+        self.n
+    }
+
+    /// Batches of this rank per epoch (all workers together).
+    pub fn num_batches(&self) -> usize {
+        let s = &self.ctx.spec;
+        rank_batches(
+            self.n as usize,
+            s.batch_size,
+            s.rank,
+            s.world_size,
+            s.drop_last,
+        )
+        .len()
+    }
+
+    /// Samples of this rank per epoch.
+    pub fn num_rank_samples(&self) -> usize {
+        let s = &self.ctx.spec;
+        rank_batches(
+            self.n as usize,
+            s.batch_size,
+            s.rank,
+            s.world_size,
+            s.drop_last,
+        )
+        .iter()
+        .map(|(a, b)| b - a)
+        .sum()
+    }
+
+    /// Per array: output row shape (after draw selection) and dtype name.
+    pub fn outputs(&self) -> Vec<(String, Vec<u64>, &'static str)> {
+        self.ctx
+            .handles
+            .iter()
+            .zip(&self.ctx.spec.arrays)
+            .map(|(h, sel)| {
+                let skip = if sel.draw { 2 } else { 1 };
+                (
+                    sel.name.clone(),
+                    h.shape()[skip..].to_vec(),
+                    h.dtype().name(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn order(&self, epoch: u64) -> Order {
+        let s = &self.ctx.spec;
+        epoch_order(
+            self.n,
+            s.seed,
+            epoch,
+            s.mode,
+            self.chunk_rows,
+            self.window_chunks,
+        )
+    }
+
+    /// Stop any running epoch and start `epoch` at the rank's batch `position`.
+    pub fn start(&mut self, epoch: u64, position: usize) {
+        self.running = None;
+        let s = &self.ctx.spec;
+        let order = self.order(epoch);
+        let window = order.window_of();
+        let mut seq = Vec::new(); // this reader's samples in consumption order
+        let mut seq_window = Vec::new();
+        let mut batches = Vec::new(); // (position, start, end) into seq
+        let all = rank_batches(
+            self.n as usize,
+            s.batch_size,
+            s.rank,
+            s.world_size,
+            s.drop_last,
+        );
+        for (pos, &(lo, hi)) in all.iter().enumerate().skip(position) {
+            if (pos - position) % s.num_workers != s.worker {
+                continue;
+            }
+            batches.push((pos, seq.len(), seq.len() + hi - lo));
+            seq.extend_from_slice(&order.order[lo..hi]);
+            seq_window.extend_from_slice(&window[lo..hi]);
+        }
+        let mut segments = Vec::new(); // [start, end) into seq
+        let mut start = 0;
+        for i in 1..=seq.len() {
+            if i == seq.len() || seq_window[i] != seq_window[start] {
+                segments.push((start, i));
+                start = i;
+            }
+        }
+        let (tx, rx) = sync_channel(s.prefetch.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = self.ctx.clone();
+        let stop2 = stop.clone();
+        let seq = Arc::new(seq);
+        let thread = std::thread::Builder::new()
+            .name("dbcore-assemble".into())
+            .spawn(move || assemble(ctx, epoch, seq, segments, batches, tx, stop2))
+            .expect("cannot start the stream thread");
+        self.running = Some(Running {
+            rx: Some(rx),
+            stop,
+            thread: Some(thread),
+        });
+    }
+
+    /// The next batch of the running epoch; None at its end (or when none was started).
+    pub fn next_batch(&mut self) -> Option<Result<Batch>> {
+        let r = self.running.as_ref()?;
+        match r.rx.as_ref()?.recv() {
+            Ok(b) => Some(b),
+            Err(_) => {
+                self.running = None;
+                None
+            }
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.running = None;
+    }
+}
+
+/// Decoded rows of one segment, per array, in seq order.
+struct Segment {
+    start: usize,
+    end: usize,
+    bufs: Vec<Vec<u8>>,
+}
+
+fn decode_segments(
+    ctx: Arc<Ctx>,
+    seq: Arc<Vec<u64>>,
+    segments: Vec<(usize, usize)>,
+    tx: SyncSender<Result<Segment>>,
+    stop: Arc<AtomicBool>,
+) {
+    for (start, end) in segments {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let rows = &seq[start..end];
+        let seg = ctx.pool.install(|| {
+            let mut bufs = Vec::with_capacity(ctx.handles.len());
+            for h in &ctx.handles {
+                let mut buf = vec![0u8; rows.len() * h.row_bytes()];
+                gather(h, rows, &mut buf)?;
+                bufs.push(buf);
+            }
+            Ok(Segment { start, end, bufs })
+        });
+        let failed = seg.is_err();
+        if tx.send(seg).is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn assemble(
+    ctx: Arc<Ctx>,
+    epoch: u64,
+    seq: Arc<Vec<u64>>,
+    segments: Vec<(usize, usize)>,
+    batches: Vec<(usize, usize, usize)>,
+    tx: SyncSender<Result<Batch>>,
+    stop: Arc<AtomicBool>,
+) {
+    let (seg_tx, seg_rx) = sync_channel::<Result<Segment>>(1);
+    let decoder = {
+        let (ctx, seq, stop) = (ctx.clone(), seq.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("dbcore-decode".into())
+            .spawn(move || decode_segments(ctx, seq, segments, seg_tx, stop))
+    };
+    let decoder = match decoder {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = tx.send(Err(Error::Io(format!(
+                "cannot start the decode thread: {e}"
+            ))));
+            return;
+        }
+    };
+    let spec = &ctx.spec;
+    let hs = &ctx.handles;
+    // Output row bytes and the byte offset of the epoch's draw inside a stored row.
+    let picks: Vec<(usize, usize)> = hs
+        .iter()
+        .zip(&spec.arrays)
+        .map(|(h, sel)| {
+            if sel.draw {
+                let k = h.shape()[1];
+                let sub = h.row_bytes() / k as usize;
+                (sub, (epoch % k) as usize * sub)
+            } else {
+                (h.row_bytes(), 0)
+            }
+        })
+        .collect();
+    let mut live: VecDeque<Segment> = VecDeque::new();
+    'batches: for (position, a, b) in batches {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        while live.front().is_some_and(|s| s.end <= a) {
+            live.pop_front();
+        }
+        while live.back().is_none_or(|s| s.end < b) {
+            match seg_rx.recv() {
+                Ok(Ok(s)) => live.push_back(s),
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(e));
+                    break 'batches;
+                }
+                Err(_) => break 'batches,
+            }
+        }
+        let m = b - a;
+        let mut arrays: Vec<Vec<u8>> = picks.iter().map(|&(rb, _)| vec![0u8; m * rb]).collect();
+        for seg in &live {
+            let (lo, hi) = (seg.start.max(a), seg.end.min(b));
+            if lo >= hi {
+                continue;
+            }
+            for (i, &(rb, off)) in picks.iter().enumerate() {
+                let full = hs[i].row_bytes();
+                let src = &seg.bufs[i];
+                let dst = &mut arrays[i];
+                if off == 0 && rb == full {
+                    dst[(lo - a) * rb..(hi - a) * rb]
+                        .copy_from_slice(&src[(lo - seg.start) * full..(hi - seg.start) * full]);
+                } else {
+                    for r in lo..hi {
+                        let s = (r - seg.start) * full + off;
+                        dst[(r - a) * rb..(r - a + 1) * rb].copy_from_slice(&src[s..s + rb]);
+                    }
+                }
+            }
+        }
+        let indices = seq[a..b].to_vec();
+        let (mut eps, mut uniform) = (Vec::new(), Vec::new());
+        if let Some(ns) = spec.noise {
+            eps = vec![0.0f64; m * ns.dim];
+            let draw = epoch as u32;
+            for (i, &s) in indices.iter().enumerate() {
+                philox::gaussian_into(
+                    s as u32,
+                    ns.seed,
+                    ns.block,
+                    draw,
+                    &mut eps[i * ns.dim..(i + 1) * ns.dim],
+                );
+                uniform.push(philox::uniform_for_sigma(s as u32, ns.seed, ns.block, draw));
+            }
+        }
+        let batch = Batch {
+            epoch,
+            position,
+            indices,
+            arrays,
+            eps,
+            uniform,
+        };
+        if tx.send(Ok(batch)).is_err() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    drop(seg_rx);
+    let _ = decoder.join();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::store::ArraySpec;
+    use serde_json::Map;
+
+    #[test]
+    fn orders_are_permutations_and_deterministic() {
+        for mode in [Mode::Sequential, Mode::Chunks, Mode::Exact] {
+            let o = epoch_order(1003, 7, 2, mode, 10, 3);
+            let mut s = o.order.clone();
+            s.sort_unstable();
+            assert_eq!(s, (0..1003).collect::<Vec<_>>());
+            assert_eq!(o.order, epoch_order(1003, 7, 2, mode, 10, 3).order);
+            if mode != Mode::Sequential {
+                assert_ne!(o.order, epoch_order(1003, 7, 3, mode, 10, 3).order);
+            }
+            let w = o.window_of();
+            assert!(w.windows(2).all(|p| p[0] <= p[1]));
+        }
+        // chunk mode: each window holds exactly the samples of its (whole) chunks
+        let o = epoch_order(1003, 7, 2, Mode::Chunks, 10, 3);
+        for (i, &s) in o.window_starts.iter().enumerate() {
+            let e = o.window_starts.get(i + 1).copied().unwrap_or(o.order.len());
+            let mut chunks: Vec<u64> = o.order[s..e].iter().map(|r| r / 10).collect();
+            chunks.sort_unstable();
+            chunks.dedup();
+            assert!(chunks.len() <= 3);
+        }
+    }
+
+    #[test]
+    fn ranks_cover_without_overlap() {
+        for (n, b, w, drop) in [
+            (103, 8, 3, false),
+            (103, 8, 3, true),
+            (7, 4, 4, false),
+            (64, 8, 2, true),
+        ] {
+            let mut seen = vec![0u32; n];
+            for r in 0..w {
+                for (lo, hi) in rank_batches(n, b, r, w, drop) {
+                    assert!(hi - lo <= b);
+                    seen[lo..hi].iter_mut().for_each(|c| *c += 1);
+                }
+            }
+            assert!(seen.iter().all(|&c| c <= 1));
+            if !drop {
+                assert!(seen.iter().all(|&c| c == 1));
+            } else {
+                assert_eq!(
+                    seen.iter().filter(|&&c| c == 1).count(),
+                    n / (b * w) * b * w
+                );
+            }
+        }
+    }
+
+    fn spec(arrays: &[(&str, bool)], batch: usize) -> Spec {
+        Spec {
+            arrays: arrays
+                .iter()
+                .map(|&(n, d)| Selection {
+                    name: n.into(),
+                    draw: d,
+                })
+                .collect(),
+            batch_size: batch,
+            mode: Mode::Chunks,
+            seed: 1,
+            rank: 0,
+            world_size: 1,
+            drop_last: false,
+            chunk_rows: None,
+            window_chunks: Some(2),
+            threads: Some(2),
+            prefetch: 2,
+            worker: 0,
+            num_workers: 1,
+            noise: None,
+        }
+    }
+
+    #[test]
+    fn streams_rows_and_draws() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.zarr");
+        let s = Store::create(&path, Map::new(), false).unwrap();
+        let mk = |shape: Vec<u64>| ArraySpec {
+            shape,
+            dtype: DType::Int32,
+            chunk_rows: 4,
+            shard_rows: Some(8),
+            zstd_level: 1,
+        };
+        let x = s.create_array("x", &mk(vec![30, 2])).unwrap();
+        let bytes: Vec<u8> = (0..60i32).flat_map(|v| v.to_ne_bytes()).collect();
+        x.write_rows(0, &bytes).unwrap();
+        let z = s.create_array("z", &mk(vec![30, 3])).unwrap();
+        let zb: Vec<u8> = (0..90i32).flat_map(|v| v.to_ne_bytes()).collect();
+        z.write_rows(0, &zb).unwrap();
+        s.finalize().unwrap();
+        let mut st = Stream::open(&path, spec(&[("x", false), ("z", true)], 7)).unwrap();
+        assert_eq!(st.num_batches(), 5);
+        for epoch in 0..4u64 {
+            st.start(epoch, 0);
+            let mut seen = Vec::new();
+            while let Some(b) = st.next_batch() {
+                let b = b.unwrap();
+                for (i, &r) in b.indices.iter().enumerate() {
+                    let xv = i32::from_ne_bytes(b.arrays[0][i * 8..i * 8 + 4].try_into().unwrap());
+                    assert_eq!(xv as u64, 2 * r);
+                    let zv = i32::from_ne_bytes(b.arrays[1][i * 4..i * 4 + 4].try_into().unwrap());
+                    assert_eq!(zv as u64, 3 * r + epoch % 3);
+                }
+                seen.extend(b.indices);
+            }
+            assert_eq!(seen, st.order(epoch).order);
+        }
+        // resume at batch 3 gives the tail
+        st.start(1, 3);
+        let tail: Vec<u64> = std::iter::from_fn(|| st.next_batch())
+            .flat_map(|b| b.unwrap().indices)
+            .collect();
+        assert_eq!(tail, st.order(1).order[21..]);
+    }
+}
