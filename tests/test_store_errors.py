@@ -50,6 +50,16 @@ def test_incomplete_store_is_refused(tmp_path):
     assert not s2.complete and s2.arrays() == ["x"]
 
 
+def test_new_array_after_finalize_needs_another_finalize(tmp_path):
+    p = _complete(tmp_path / "s.zarr")
+    s = store.open(p)
+    s.write_array("y", np.ones(5, "int32"))
+    with pytest.raises(store.IncompleteStoreError):
+        store.open(p)
+    s.finalize()
+    assert store.open(p).arrays() == ["x", "y"]
+
+
 def test_missing_store(tmp_path):
     with pytest.raises(store.StoreNotFoundError, match="no such store"):
         store.open(tmp_path / "nope.zarr")

@@ -6,10 +6,10 @@ shards of about 1 MiB chunks); zarr-python 3 and any other Zarr v3 reader open i
 
 Crash safety: the group attribute `dbcore` holds `{"format": 1, "complete": false}` from `create`
 until `finalize()` rewrites it as `{"format": 1, "complete": true, "arrays": {name: {"shape",
-"dtype"}}}`. `open` refuses a store that was never finalized, was written by a newer format, or
-whose arrays are missing or differ from that record; `open(path, require_complete=False)` reads
-any Zarr v3 group (e.g. one written by zarr-python). Every failure is a `StoreError` naming the
-store, the array and the problem.
+"dtype"}}}`; creating another array sets `complete` back to false. `open` refuses a store that was
+never finalized, was written by a newer format, or whose arrays are missing or differ from that
+record; `open(path, require_complete=False)` reads any Zarr v3 group (e.g. one written by
+zarr-python). Every failure is a `StoreError` naming the store, the array and the problem.
 
     s = create("acts.zarr", attrs={"model": "vit"})
     s.write_array("x", x)                       # whole array

@@ -294,12 +294,27 @@ impl Store {
             .build(self.storage.clone(), &format!("/{name}"))
             .map_err(|e| Error::Invalid(format!("{p}: array '{name}': {e}")))?;
         array.store_metadata().map_err(|e| io_err(&self.root, e))?;
+        self.mark_incomplete()?;
         let handle = Arc::new(ArrayHandle::new(name, array, &self.root)?);
         self.arrays
             .write()
             .unwrap()
             .insert(name.to_string(), handle.clone());
         Ok(handle)
+    }
+
+    /// A finalized store that gains an array is incomplete again until the next `finalize`.
+    fn mark_incomplete(&self) -> Result<()> {
+        let mut attrs = self.attrs.write().unwrap();
+        let Some(meta) = attrs.get_mut(META_KEY).and_then(Value::as_object_mut) else {
+            return Ok(()); // a group written by another tool: leave its attributes alone
+        };
+        if meta.get("complete") == Some(&Value::Bool(false)) {
+            return Ok(());
+        }
+        meta.insert("complete".into(), Value::Bool(false));
+        drop(attrs);
+        self.store_group_metadata()
     }
 
     /// Record every array's shape and dtype and mark the store complete.
