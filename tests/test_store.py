@@ -76,6 +76,21 @@ def test_streamed_writer_unaligned_blocks(tmp_path):
     assert np.array_equal(store.open(tmp_path / "s.zarr").read("h"), x)
 
 
+def test_writer_buffers_partial_shards_until_close(tmp_path):
+    x = _data("int32", (100, 4))
+    s = store.create(tmp_path / "s.zarr")
+    with s.array_writer("x", x.shape, "int32", chunks=10, shards=40) as w:
+        w.write(0, x[:25])
+        assert w.pending_rows == 25  # shard 0..40 not whole yet
+        w.write(25, x[25:90])
+        assert w.pending_rows == 10  # 0..80 on disk, 80..90 waits
+        w.write(95, x[95:])
+    s2 = store.open(tmp_path / "s.zarr", require_complete=False)
+    y = s2.read("x")
+    assert np.array_equal(y[:90], x[:90]) and np.array_equal(y[95:], x[95:])
+    assert not y[90:95].any()  # never written: the fill value
+
+
 def test_chunk_shape_tuple(tmp_path):
     s = store.create(tmp_path / "s.zarr")
     s.write_array("z", np.ones((40, 2, 3), "float32"), chunks=(8, 2, 3))

@@ -134,10 +134,32 @@ def _native_dtype(dtype: Any) -> np.dtype:
 
 
 class ArrayWriter:
-    """Writes one array in row blocks: `write(rows_start, block)`, any order, larger than memory."""
+    """Writes one array in row blocks: `write(rows_start, block)`, any order, larger than memory.
+
+    Rows wait in memory until their shard (or chunk) is whole, so each is compressed once; the rest
+    reach disk on `close()` or `Store.finalize()`. Usable as a context manager.
+    """
 
     def __init__(self, store: Store, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.store, self.name, self.shape, self.dtype = store, name, shape, dtype
+        with _native_errors():
+            self._native = store._native.writer(name)
+
+    def __enter__(self) -> ArrayWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows written but still in memory."""
+        return self._native.pending_rows
+
+    def close(self) -> None:
+        """Write every row still in memory (idempotent)."""
+        with _native_errors():
+            self._native.flush()
 
     def write(self, rows_start: int, block: np.ndarray) -> None:
         """Write `block` as rows `rows_start .. rows_start + len(block)` (dtype must match)."""
@@ -153,7 +175,7 @@ class ArrayWriter:
             raise StoreIndexError(f"{where}: negative rows_start {rows_start}")
         block = np.ascontiguousarray(block, dtype=self.dtype)
         with _native_errors():
-            self.store._native.write_rows(self.name, rows_start, block)
+            self._native.write(rows_start, block)
 
 
 class Store:
@@ -162,6 +184,7 @@ class Store:
     def __init__(self, native: _native.NativeStore) -> None:
         self._native = native
         self.path = Path(native.path)
+        self._writers: list[ArrayWriter] = []
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
@@ -229,7 +252,9 @@ class Store:
             raise StoreValueError(f"{self.path}: array {name!r}: bad chunks={chunks} shards={shards}")
         with _native_errors():
             self._native.create_array(name, list(shape), dt.name, chunks, shards, level)
-        return ArrayWriter(self, name, shape, dt)
+        w = ArrayWriter(self, name, shape, dt)
+        self._writers.append(w)
+        return w
 
     def write_array(
         self,
@@ -243,8 +268,8 @@ class Store:
         array = np.asarray(array)
         if array.ndim == 0:
             raise StoreValueError(f"{self.path}: array {name!r}: needs at least one dimension")
-        w = self.array_writer(name, array.shape, array.dtype, chunks, shards, level)
-        w.write(0, array)
+        with self.array_writer(name, array.shape, array.dtype, chunks, shards, level) as w:
+            w.write(0, array)
 
     def read(self, name: str, rows: Any = None, dtype: Any = None) -> np.ndarray:
         """Rows of array `name`: all (None), a slice, an int, or an integer array (gather).
@@ -284,7 +309,10 @@ class Store:
         return out
 
     def finalize(self) -> None:
-        """Record the arrays' shapes and dtypes and mark the store complete."""
+        """Flush every writer, record the arrays' shapes and dtypes, mark the store complete."""
+        for w in self._writers:
+            w.close()
+        self._writers.clear()
         with _native_errors():
             self._native.finalize()
 

@@ -1,6 +1,6 @@
 //! Rust core of dbcore: Zarr v3 stores of cached activations and targets.
 //!
-//! `store`, `gather`, `layout`, `dtype` are plain Rust (tested with `cargo test`);
+//! `store`, `writer`, `gather`, `layout`, `dtype` are plain Rust (tested with `cargo test`);
 //! `python` is the thin pyo3 layer exposed as `dbcore._native`.
 
 pub mod dtype;
@@ -10,5 +10,6 @@ pub mod layout;
 pub mod philox;
 pub mod store;
 pub mod stream;
+pub mod writer;
 
 mod python;

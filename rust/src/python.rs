@@ -15,6 +15,7 @@ use crate::dtype::DType;
 use crate::error::Error;
 use crate::layout;
 use crate::store::{ArrayHandle, ArraySpec, Store, FORMAT_VERSION};
+use crate::writer::RowWriter;
 use crate::{philox, stream};
 
 create_exception!(_native, NativeError, PyException);
@@ -225,6 +226,13 @@ impl NativeStore {
             .collect();
         let buf = array_mut(out, h.dtype())?;
         py.detach(|| h.read_rows_into(&rows, buf)).map_err(to_py)
+    }
+
+    /// A buffering writer for array `name` (see rust/src/writer.rs).
+    fn writer(&self, name: &str) -> PyResult<NativeWriter> {
+        Ok(NativeWriter {
+            inner: RowWriter::new(self.handle(name)?),
+        })
     }
 
     fn finalize(&self, py: Python<'_>) -> PyResult<()> {
@@ -442,9 +450,33 @@ fn uniform_for_sigma<'py>(
     Ok(numpy::PyArray1::from_vec(py, out))
 }
 
+/// Streams row blocks into one array, encoding each shard once it is complete.
+#[pyclass(frozen, module = "dbcore._native")]
+struct NativeWriter {
+    inner: RowWriter,
+}
+
+#[pymethods]
+impl NativeWriter {
+    fn write(&self, py: Python<'_>, start: u64, block: &Bound<'_, PyUntypedArray>) -> PyResult<()> {
+        let bytes = array_ref(block, self.inner.handle().dtype())?;
+        py.detach(|| self.inner.write(start, bytes)).map_err(to_py)
+    }
+
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.flush()).map_err(to_py)
+    }
+
+    #[getter]
+    fn pending_rows(&self) -> u64 {
+        self.inner.pending_rows()
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeStore>()?;
+    m.add_class::<NativeWriter>()?;
     m.add_class::<NativeStream>()?;
     m.add_function(wrap_pyfunction!(philox4x32, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian, m)?)?;

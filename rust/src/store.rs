@@ -463,18 +463,32 @@ impl ArrayHandle {
         Ok(())
     }
 
-    /// Write whole rows `start..` from `bytes` (C order, native endianness, this array's dtype).
-    pub fn write_rows(&self, start: u64, bytes: &[u8]) -> Result<()> {
+    /// Rows per write unit: the shard if sharded, else the chunk.
+    pub fn write_unit_rows(&self) -> u64 {
+        let zeros = vec![0u64; self.array.dimensionality()];
+        self.array
+            .chunk_shape(&zeros)
+            .map(|s| s[0].get())
+            .unwrap_or(1)
+    }
+
+    /// Rows in a block of `len` bytes written at `start`, once checked to be whole rows in range.
+    pub fn check_block(&self, start: u64, len: usize) -> Result<u64> {
         let rb = self.row_bytes.max(1);
-        if self.row_bytes == 0 || !bytes.len().is_multiple_of(rb) {
+        if self.row_bytes == 0 || !len.is_multiple_of(rb) {
             return Err(Error::Invalid(self.ctx(format!(
-                "{} bytes are not whole rows of {} bytes",
-                bytes.len(),
+                "{len} bytes are not whole rows of {} bytes",
                 self.row_bytes
             ))));
         }
-        let n = (bytes.len() / rb) as u64;
+        let n = (len / rb) as u64;
         self.check_rows(start, n, "write of")?;
+        Ok(n)
+    }
+
+    /// Write whole rows `start..` from `bytes` (C order, native endianness, this array's dtype).
+    pub fn write_rows(&self, start: u64, bytes: &[u8]) -> Result<()> {
+        let n = self.check_block(start, bytes.len())?;
         if n == 0 {
             return Ok(());
         }
