@@ -3,10 +3,21 @@
 With `noise="cached"` it also writes K noised targets (and their sigmas) per sample per block,
 drawn by the counter-based generator keyed by (seed, sample index, block, draw): exactly the values
 that `noise="online"` training draws on the fly, so both modes and every backend agree.
+
+Streaming: every array is written in blocks of whole shards (or chunks) of about 32 MiB, taken from
+the source (a NumPy memmap works: nothing else is loaded whole); the Rust writer compresses a
+block's chunks in parallel while Python computes the next block. Each finished block is recorded
+in `STORE/.dbcore-cache-progress`; a run interrupted before `finalize` resumes where it stopped
+when started again with the same inputs (finished blocks are not redone). A complete store, or an
+interrupted one of other inputs, is refused unless `overwrite`.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +32,9 @@ from dbcore.partition import block_range, boundaries
 from dbcore.recipes.vit import make_target_embedding
 from dbcore.sources import Source
 
-ROWS_PER_WRITE = 4096
+ROWS_PER_WRITE = 4096  # rows per chunk of the noised targets
+WRITE_TARGET_BYTES = 32 << 20  # a write covers whole shards or chunks, about this many bytes
+LEDGER = ".dbcore-cache-progress"  # in the store: "array start_row" per finished write, for resuming
 
 
 def schedule_attrs(cfg: Config) -> dict:
@@ -45,6 +58,7 @@ def write_cache(
     overwrite: bool = False,
     progress: bool = True,
 ) -> store.Store:
+    """Write the cache store `out`, streaming row blocks (see the module docs for resume)."""
     m = cfg.model
     if noise not in ("online", "cached"):
         raise ValueError(f"noise must be 'online' or 'cached', found {noise!r}")
@@ -71,36 +85,125 @@ def write_cache(
         "noise": {"mode": noise, "draws": draws if noise == "cached" else 0, "seed": seed},
         "target_embedding": {"kind": "seeded-random", "seed": seed, "scale": m.target_scale},
     }
-    s = store.create(out, attrs=attrs, overwrite=overwrite)
-    s.write_array(layout.IMAGES, source.images)
-    s.write_array(layout.LABELS, source.labels)
-    s.write_array(layout.TARGET_EMBEDDING, emb.numpy())
+    out = Path(out)
+    s, done = _open_for_writing(out, attrs, overwrite)
+    jobs = [
+        _Job(layout.IMAGES, source.images.shape, "uint8", None, lambda a, b: source.images[a:b]),
+        _Job(layout.LABELS, source.labels.shape, "int64", None, lambda a, b: source.labels[a:b]),
+        _Job(layout.TARGET_EMBEDDING, tuple(emb.shape), "float32", None, lambda a, b: emb[a:b].numpy()),
+    ]
     if noise == "cached":
-        _write_noise(s, cfg, emb, source.labels, draws, seed, progress)
+        jobs += _noise_jobs(cfg, emb, source.labels, draws, seed)
+    _run_jobs(s, out, jobs, done, progress)
     s.finalize()
+    (out / LEDGER).unlink(missing_ok=True)
     return s
 
 
-def _write_noise(
-    s: store.Store, cfg: Config, emb: torch.Tensor, labels: np.ndarray, draws: int, seed: int, progress: bool
-) -> None:
+@dataclass
+class _Job:
+    """One array: its layout and the rows [a, b) of its content, computed on demand."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...] | None
+    rows: Callable[[int, int], np.ndarray]
+
+
+def _open_for_writing(out: Path, attrs: dict, overwrite: bool) -> tuple[store.Store, set[tuple[str, int]]]:
+    """A fresh store, or the interrupted one at `out` (same inputs) and its finished write units."""
+    if overwrite or not (out / "zarr.json").is_file():
+        return store.create(out, attrs=attrs, overwrite=overwrite), set()
+    s = store.open(out, require_complete=False)
+    if s.complete:
+        raise store.StoreExistsError(
+            f"{out}: already exists and holds a complete cache; "
+            "pass overwrite=True (--overwrite) to rewrite it"
+        )
+    if s.attrs != json.loads(json.dumps(attrs)) or not (out / LEDGER).is_file():
+        raise store.StoreExistsError(
+            f"{out}: exists and holds an interrupted cache of other inputs (source, config, noise "
+            "or seed) or of another tool; pass overwrite=True (--overwrite) to replace it"
+        )
+    done = set()
+    for line in (out / LEDGER).read_text().splitlines():
+        name, _, start = line.rpartition(" ")
+        if name and start.isdigit():
+            done.add((name, int(start)))
+    return s, done
+
+
+def _unit_rows(info: store.ArrayInfo) -> int:
+    """Rows per write: whole shards (or whole chunks), about WRITE_TARGET_BYTES at least."""
+    row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
+    unit = info.shards[0] if info.shards else info.chunks[0]
+    return max(1, unit) * max(1, WRITE_TARGET_BYTES // (max(1, unit) * row_bytes))
+
+
+def _run_jobs(s: store.Store, out: Path, jobs: list[_Job], done: set, progress: bool) -> None:
+    plans = []
+    for job in jobs:
+        if job.name in s.arrays():
+            info = s.info(job.name)
+            if info.shape != tuple(job.shape) or info.dtype != job.dtype:
+                raise store.CorruptStoreError(f"{out}: array {job.name!r} is {info.shape} {info.dtype}, "
+                                              f"expected {tuple(job.shape)} {job.dtype}; pass overwrite=True")
+            writer = store.ArrayWriter(s, job.name, tuple(job.shape), np.dtype(job.dtype))
+        else:
+            writer = s.array_writer(job.name, job.shape, job.dtype, chunks=job.chunks)
+            info = s.info(job.name)
+        unit = _unit_rows(info)
+        starts = [a for a in range(0, job.shape[0], unit) if (job.name, a) not in done]
+        plans.append((job, writer, unit, starts))
+    total = sum(len(p[3]) for p in plans)
+    bar = tqdm(total=total, desc="cache", unit="block", disable=not progress)
+    # Compute the next block while the previous one is compressed (in parallel, in Rust, GIL
+    # released) and written; each finished block is recorded in the ledger for resuming.
+    with ThreadPoolExecutor(max_workers=1) as pool, open(out / LEDGER, "a") as ledger:
+        pending: list[tuple[Future, str, int]] = []
+
+        def finish(f: Future, name: str, a: int) -> None:
+            f.result()
+            ledger.write(f"{name} {a}\n")
+            ledger.flush()
+            bar.update(1)
+
+        for job, writer, unit, starts in plans:
+            for a in starts:
+                block = np.ascontiguousarray(job.rows(a, min(job.shape[0], a + unit)))
+                while len(pending) >= 2:
+                    finish(*pending.pop(0))
+                pending.append((pool.submit(writer.write, a, block), job.name, a))
+        for p in pending:
+            finish(*p)
+    bar.close()
+
+
+def _noise_jobs(cfg: Config, emb: torch.Tensor, labels: np.ndarray, draws: int, seed: int) -> list[_Job]:
     m = cfg.model
     n = len(labels)
     chunk = max(1, min(ROWS_PER_WRITE, n))
-    total = m.num_blocks * draws * ((n + chunk - 1) // chunk)
-    bar = tqdm(total=total, desc="noised targets", unit="chunk", disable=not progress)
-    for b in range(m.num_blocks):
-        zw = s.array_writer(layout.noised_z(b), (n, draws, m.dim), "float32", chunks=(chunk, draws, m.dim))
-        sw = s.array_writer(layout.noised_sigma(b), (n, draws), "float32", chunks=(chunk, draws))
-        for start in range(0, n, chunk):
-            idx = torch.arange(start, min(n, start + chunk))
-            y = emb[torch.from_numpy(labels[start : start + chunk])]  # (n, d)
+    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def noised(b: int, a: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        if (b, a) not in cache:  # z and sigma of the same rows: computed once, used twice
+            cache.clear()
+            idx = torch.arange(a, stop)
+            y = emb[torch.from_numpy(labels[a:stop])]  # (n, d)
             zs, sigmas = [], []
             for k in range(draws):
                 z, sigma = noised_targets(y, idx, seed, b, k, m)
                 zs.append(z)
                 sigmas.append(sigma)
-                bar.update(1)
-            zw.write(start, torch.stack(zs, dim=1).float().numpy())  # (n, K, d)
-            sw.write(start, torch.stack(sigmas, dim=1).float().numpy())  # (n, K)
-    bar.close()
+            z_all = torch.stack(zs, dim=1).float().numpy()  # (n, K, d)
+            cache[(b, a)] = (z_all, torch.stack(sigmas, dim=1).float().numpy())  # (n, K)
+        return cache[(b, a)]
+
+    jobs = []
+    for b in range(m.num_blocks):
+        jobs.append(_Job(layout.noised_z(b), (n, draws, m.dim), "float32", (chunk, draws, m.dim),
+                         lambda a, stop, b=b: noised(b, a, stop)[0]))
+        jobs.append(_Job(layout.noised_sigma(b), (n, draws), "float32", (chunk, draws),
+                         lambda a, stop, b=b: noised(b, a, stop)[1]))
+    return jobs

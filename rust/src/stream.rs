@@ -10,6 +10,8 @@
 //! - `Sequential`: 0..n.
 //!
 //! The random words come from Philox4x32-10 keyed by `seed`, counters tagged apart from noise.
+//! The default window (at least `WINDOW_MIN_CHUNKS` chunks and `WINDOW_MIN_ROWS` rows, at most
+//! `WINDOW_MAX_BYTES` of decoded rows but never under one chunk) depends on the store alone.
 //!
 //! **Sharding.** The order is cut into global batches of `batch_size * world_size`; rank r takes
 //! the r-th slice of `batch_size` of each. A final partial global batch is dropped with
@@ -41,8 +43,9 @@ pub const MAX_THREADS: usize = 16;
 pub const DEFAULT_THREADS: usize = 4;
 /// Default window: at least this many chunks ...
 pub const WINDOW_MIN_CHUNKS: u64 = 4;
-/// ... and at least this many global batches ...
-pub const WINDOW_MIN_BATCHES: u64 = 8;
+/// ... and at least this many rows (not batches: the order must not depend on the batch size or
+/// the world size) ...
+pub const WINDOW_MIN_ROWS: u64 = 4096;
 /// ... unless a window's decoded rows (all arrays) would exceed this many bytes (never < 1 chunk).
 pub const WINDOW_MAX_BYTES: u64 = 128 << 20;
 
@@ -350,8 +353,7 @@ impl Stream {
             .sum::<u64>()
             .max(1);
         let window_chunks = spec.window_chunks.unwrap_or_else(|| {
-            let global = (spec.batch_size * spec.world_size) as u64;
-            let want = (WINDOW_MIN_CHUNKS * chunk_rows).max(WINDOW_MIN_BATCHES * global);
+            let want = (WINDOW_MIN_CHUNKS * chunk_rows).max(WINDOW_MIN_ROWS);
             let cap = (WINDOW_MAX_BYTES / row_bytes).max(chunk_rows);
             want.min(cap).div_ceil(chunk_rows).max(1)
         });

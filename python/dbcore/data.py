@@ -1,0 +1,268 @@
+"""Streaming mini-batches out of a store, the work done in Rust (`rust/src/stream.rs`).
+
+    s = BatchStream("cache.zarr", ["images", "labels"], batch_size=128, seed=0)
+    for batch in s:             # one epoch per iteration; dicts of numpy arrays + "index"
+        ...
+    s.state_dict()              # {"epoch": e, "position": batches already yielded, ...}
+
+Order: a pure function of (seed, epoch) and the store's chunking, the same for any number of
+ranks or workers. `shuffle=True` ("chunks") shuffles the chunks, cuts them into windows of
+`window_chunks` chunks and shuffles the samples of each window: by default a window holds at
+least 4 chunks and 4096 rows, at most 128 MiB of decoded rows of the streamed arrays (never less
+than one chunk), a function of the store and the arrays only; see `window_chunks` / `chunk_rows`
+(the chunk is the largest read unit of the streamed arrays). `shuffle="exact"` is one
+uniform permutation of all samples (each batch then decodes from everywhere: slower on big
+stores); `shuffle=False` reads in order.
+
+Sharding: global batches of `batch_size * world_size`, rank r takes slice r of each; the final
+partial global batch is dropped (`drop_last`) or split into near-equal parts, so ranks never
+repeat or miss a sample (use `drop_last=True` under DDP, so every rank has as many batches).
+
+Threads: each iterating process runs two Rust threads (decode-ahead, assemble) and a decode pool
+of `threads` (default min(4, cores), at most `STREAM_MAX_THREADS` = 16); the GIL is released while
+waiting and decoding. Threads start lazily in the process that iterates: a stream created before a
+`fork` (DataLoader workers) starts afresh in the child (the parent's threads are left alone), and
+the pool is private, so it nests safely inside other thread pools.
+
+As a `torch.utils.data.IterableDataset`: `DataLoader(stream, batch_size=None, num_workers=W)`;
+worker w yields the batches position+w, position+w+W, ..., which the DataLoader interleaves back
+into the same order. Under a DataLoader the workers hold copies: call `set_epoch(e)` before each
+epoch and count the batches you consumed to resume (`load_state_dict({"epoch": e, "position": p})`).
+
+Noised targets of block b (`for_block`): with a cached store the epoch's draw `epoch % K` of
+`noised_z_b{b}` / `noised_sigma_b{b}`; with an online store the Gaussians and sigma uniforms of
+draw = epoch come from the Rust Philox (`dbcore.rng`'s contract), and `noised_targets` maps them
+to (z, sigma) like `dbcore.noise.noised_targets`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from dbcore import _native, layout
+from dbcore import store as store_mod
+from dbcore.partition import sample_sigma_for_block
+from dbcore.store import _native_errors
+
+INDEX = "index"  # the batch key holding the sample indices (int64)
+EPS = "eps"  # online noise: (B, d) float64 standard normals
+SIGMA_UNIFORM = "sigma_uniform"  # online noise: (B,) float64 uniforms in (0, 1)
+STREAM_MAX_THREADS: int = _native.STREAM_MAX_THREADS
+
+
+def _shuffle_name(shuffle: bool | str) -> str:
+    if shuffle is True:
+        return "chunks"
+    if shuffle is False:
+        return "sequential"
+    if shuffle in ("chunks", "exact", "sequential"):
+        return shuffle
+    raise ValueError(f"shuffle must be True, False, 'chunks', 'exact' or 'sequential', got {shuffle!r}")
+
+
+class BatchStream(IterableDataset):
+    """Mini-batches of `arrays` (dicts of numpy arrays plus `"index"`), see the module docs.
+
+    `draw`: arrays of shape (N, K, ...) of which each epoch takes draw `epoch % K` (giving
+    (B, ...)). `noise`: (seed, block, dim) to add `"eps"` (B, dim) and `"sigma_uniform"` (B,)
+    from the counter-based generator, draw = epoch.
+    """
+
+    def __init__(
+        self,
+        store_path: str | os.PathLike[str],
+        arrays: Sequence[str],
+        batch_size: int,
+        shuffle: bool | str = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        *,
+        draw: Sequence[str] = (),
+        noise: tuple[int, int, int] | None = None,
+        window_chunks: int | None = None,
+        chunk_rows: int | None = None,
+        threads: int | None = None,
+        prefetch: int = 4,
+        epoch: int = 0,
+    ) -> None:
+        super().__init__()
+        self.store_path = Path(store_path)
+        self.arrays = list(arrays)
+        unknown = set(draw) - set(self.arrays)
+        if unknown:
+            raise ValueError(f"draw names arrays not streamed: {sorted(unknown)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if threads is not None and not 1 <= threads <= STREAM_MAX_THREADS:
+            raise ValueError(f"threads must be in 1..{STREAM_MAX_THREADS}, got {threads}")
+        self.draw = [a in set(draw) for a in self.arrays]
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle = _shuffle_name(shuffle)
+        self.drop_last, self.noise = drop_last, noise
+        self.window_chunks, self.chunk_rows, self.threads, self.prefetch = (
+            window_chunks, chunk_rows, threads, prefetch)
+        self.epoch, self.position = int(epoch), 0
+        self._native: _native.NativeStream | None = None
+        self._key: tuple[int, int, int] | None = None  # (pid, worker, num_workers) of _native
+        self._open(0, 1)  # validates now; opened again lazily in another process or worker
+
+    # ------------------------------------------------------------------ native handle, per process
+
+    def _open(self, worker: int, num_workers: int) -> _native.NativeStream:
+        key = (os.getpid(), worker, num_workers)
+        if self._native is not None and self._key == key:
+            return self._native
+        with _native_errors():
+            native = _native.NativeStream(
+                os.fspath(self.store_path), self.arrays, self.draw, self.batch_size, self.shuffle,
+                self.seed, self.rank, self.world_size, self.drop_last, self.chunk_rows,
+                self.window_chunks, self.threads, self.prefetch, worker, num_workers, self.noise,
+            )
+        if self._native is not None and self._key is not None and self._key[0] == key[0]:
+            self._native.stop()
+        self._native, self._key = native, key
+        self._outputs = [(name, tuple(shape), np.dtype(dt)) for name, shape, dt in native.outputs()]
+        return native
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["_native"], d["_key"] = None, None
+        return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
+    # ------------------------------------------------------------------ sizes
+
+    def __len__(self) -> int:
+        """Batches of this rank per epoch."""
+        return self._handle().num_batches
+
+    def _handle(self) -> _native.NativeStream:
+        if self._native is None:
+            return self._open(0, 1)
+        return self._native
+
+    @property
+    def num_samples(self) -> int:
+        """Samples of this rank per epoch."""
+        return self._handle().num_rank_samples
+
+    @property
+    def remaining(self) -> int:
+        """Batches left in the current epoch (for a progress bar)."""
+        return len(self) - self.position
+
+    @property
+    def plan(self) -> dict[str, int]:
+        """The shuffle unit (`chunk_rows`), window (`window_chunks`) and decode `threads` in use."""
+        h = self._handle()
+        return {"chunk_rows": h.chunk_rows, "window_chunks": h.window_chunks, "threads": h.threads}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The global sample order of `epoch` (before sharding)."""
+        return self._handle().order(epoch)[0]
+
+    # ------------------------------------------------------------------ state
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("seed", "batch_size", "world_size", "shuffle"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"state has {k}={state[k]!r}, this stream {getattr(self, k)!r}")
+        self.epoch, self.position = int(state["epoch"]), int(state.get("position", 0))
+
+    # ------------------------------------------------------------------ iteration
+
+    def _to_dict(self, item) -> dict[str, np.ndarray]:
+        _, _, idx, bufs, eps, uni = item
+        m = len(idx)
+        out = {name: buf.view(dt).reshape(m, *shape)
+               for (name, shape, dt), buf in zip(self._outputs, bufs, strict=True)}
+        out[INDEX] = idx.astype(np.int64)
+        if eps is not None:
+            out[EPS] = eps.reshape(m, -1)
+            out[SIGMA_UNIFORM] = uni
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """The rest of the current epoch; then the epoch advances."""
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        native = self._open(worker, num_workers)
+        if self.position >= native.num_batches > 0:  # the last epoch was consumed but not closed
+            self.epoch, self.position = self.epoch + 1, 0
+        epoch = self.epoch
+        native.start(epoch, self.position)
+        try:
+            while True:
+                with _native_errors():
+                    item = native.next()
+                if item is None:
+                    break
+                self.position = item[1] + 1
+                yield self._to_dict(item)
+            if self.epoch == epoch:
+                self.epoch, self.position = epoch + 1, 0
+        finally:
+            native.stop()
+
+    def close(self) -> None:
+        """Stop the background threads now (they also stop when the stream is collected)."""
+        if self._native is not None and self._key is not None and self._key[0] == os.getpid():
+            self._native.stop()
+
+    # ------------------------------------------------------------------ a block's noised targets
+
+    @classmethod
+    def for_block(cls, store_path: str | os.PathLike[str], block: int, batch_size: int,
+                  arrays: Sequence[str] = (layout.IMAGES, layout.LABELS), **kw: Any) -> BatchStream:
+        """Stream `arrays` plus block `block`'s noised targets: the cached draw `epoch % K`
+        (`noised_z_b{b}`, `noised_sigma_b{b}`) or, for an online store, the generator's noise."""
+        s = store_mod.open(store_path)
+        noise = s.attrs.get("noise", {})
+        names = list(arrays)
+        if noise.get("draws"):
+            z, sig = layout.noised_z(block), layout.noised_sigma(block)
+            return cls(store_path, [*names, z, sig], batch_size, draw=[z, sig], **kw)
+        dim = s.info(layout.TARGET_EMBEDDING).shape[1]
+        return cls(store_path, names, batch_size, noise=(int(noise.get("seed", 0)), block, dim), **kw)
+
+
+def noised_targets(batch: dict[str, np.ndarray], y: torch.Tensor, block: int, model_cfg) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """(z (B, d) float32, sigma (B,) float32) of a `for_block` batch whose clean targets are `y`.
+
+    Cached: the stored draw. Online: sigma from the uniform by the block's in-block distribution,
+    z = y + sigma * eps computed in float64 then cast, as `dbcore.noise.noised_targets` does.
+    """
+    zname = layout.noised_z(block)
+    if zname in batch:
+        return torch.from_numpy(batch[zname]), torch.from_numpy(batch[layout.noised_sigma(block)])
+    m = model_cfg
+    sigma = sample_sigma_for_block(torch.from_numpy(batch[SIGMA_UNIFORM]), block, m.num_blocks, m.gamma,
+                                   m.sigma_dist)
+    eps = torch.from_numpy(batch[EPS]).view(y.shape)
+    z = (y.double() + sigma.view(-1, *([1] * (y.dim() - 1))) * eps).to(y.dtype)
+    return z, sigma.float()
+
+
+__all__ = ["BatchStream", "EPS", "INDEX", "SIGMA_UNIFORM", "STREAM_MAX_THREADS", "noised_targets"]
