@@ -72,6 +72,7 @@ def machine() -> dict[str, object]:
         "cpu": cpu,
         "cpus_available": len(os.sched_getaffinity(0)),
         "memory_gib": round(mem / 2**30, 1),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],  # shared machines: noise
         "python": platform.python_version(),
     }
 
