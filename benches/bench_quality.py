@@ -43,7 +43,6 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "weight clamped": ({}, {"weight": "clamped"}, None),
     "target scale 0.5": ({"target_scale": 0.5}, {}, None),
     "target scale 2": ({"target_scale": 2.0}, {}, None),
-    "B=2": ({"num_blocks": 2}, {}, None),
     "2x steps": ({}, {"steps_factor": 2}, None),
     "sequential": ({}, {"mode": "sequential"}, None),
 }
@@ -73,11 +72,15 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/vit_mnist.toml"))
     ap.add_argument("--data", choices=sorted(DATA), default="mnist")
     ap.add_argument("--steps", type=int, default=None, help="per-block steps (default: the config's)")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS) + ["e2e"])
+    ap.add_argument("--variants", nargs="*", default=["all"], help="names, or all")
     ap.add_argument("--work", default="/tmp/dbcore_quality")
     ap.add_argument("--out", default=str(ROOT / "benches/results"))
     args = ap.parse_args()
     base_cfg = config_mod.load(args.config)
+    half_b = max(1, base_cfg.model.num_blocks // 2)
+    VARIANTS[f"B={half_b}"] = ({"num_blocks": half_b}, {}, None)
+    if args.variants == ["all"]:
+        args.variants = [*VARIANTS, "e2e"]
     base = base_cfg.to_dict()
     base["train"]["threads"] = 0
     steps = args.steps or base_cfg.train.steps

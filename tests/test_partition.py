@@ -129,3 +129,20 @@ def test_single_step_does_not_collapse():
 def test_too_few_steps():
     with pytest.raises(ValueError):
         euler_schedule(3, 2)
+
+
+def test_loguniform_first_policy_only_changes_block_zero():
+    from dbcore.partition import block_sigma_dist, sample_sigma_for_block
+
+    assert [block_sigma_dist("loguniform-first", b) for b in range(3)] == [
+        "loguniform",
+        "lognormal",
+        "lognormal",
+    ]
+    u = torch.rand(1000, dtype=torch.float64)
+    first = sample_sigma_for_block(u, 0, 4, 0.05, "loguniform-first")
+    assert torch.equal(first, sample_sigma_for_block(u, 0, 4, 0.05, "loguniform"))
+    later = sample_sigma_for_block(u, 2, 4, 0.05, "loguniform-first")
+    assert torch.equal(later, sample_sigma_for_block(u, 2, 4, 0.05, "lognormal"))
+    with pytest.raises(ValueError, match="sigma distribution"):
+        block_sigma_dist("uniform", 0)

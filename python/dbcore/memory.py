@@ -11,6 +11,9 @@ and A measured per layer (parameter bytes; bytes saved for backward).
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import gc
 import json
 import subprocess
 import sys
@@ -38,6 +41,22 @@ def _rss_bytes(field: str) -> int:
 
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def _warm_up(cfg, dev: torch.device) -> None:
+    """One tiny training step first, so that one-off library state (thread pools, kernel caches,
+    autograd engine) sits in the baseline rather than in the training peak; then give freed heap
+    back to the OS so the baseline holds no reusable free memory."""
+    tiny = dataclasses.replace(cfg.model, depth=1, num_blocks=1, layer_split=None)
+    model = ViTClassifier(tiny).to(dev)
+    x = torch.rand(2, tiny.channels, tiny.image_size, tiny.image_size, device=dev)
+    opt = torch.optim.AdamW(model.parameters())
+    nn.functional.cross_entropy(model(x), torch.zeros(2, dtype=torch.long, device=dev)).backward()
+    opt.step()
+    del model, opt, x
+    gc.collect()
+    if dev.type == "cpu":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _SavedBytes:
@@ -69,6 +88,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str) -> dict:
     m = cfg.model
     torch.manual_seed(0)
     dev = torch.device(device)
+    _warm_up(cfg, dev)
     x = torch.rand(batch_size, m.channels, m.image_size, m.image_size, device=dev)
     labels = torch.randint(0, m.num_classes, (batch_size,), device=dev)
     model, emb = _build(kind, cfg)
@@ -83,6 +103,8 @@ def worker(config_path: str, kind: str, batch_size: int, device: str) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         base = _rss_bytes("VmRSS") - model_cpu_bytes
         _reset_peak()
     model.to(dev)

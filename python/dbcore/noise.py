@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from dbcore.kernels import noise_and_input
-from dbcore.partition import block_range
+from dbcore.partition import block_range, block_sigma_dist
 
 
 def noised_targets(
@@ -18,5 +18,6 @@ def noised_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z (N, d), sigma (N,) float32) for clean targets y (N, d) of samples `sample` (N,)."""
     lo, hi = block_range(block, model_cfg.num_blocks, model_cfg.gamma)
-    z, _, sigma = noise_and_input(y, sample, seed, block, draw, lo, hi, model_cfg.sigma_dist, backend)
+    dist = block_sigma_dist(model_cfg.sigma_dist, block)
+    z, _, sigma = noise_and_input(y, sample, seed, block, draw, lo, hi, dist, backend)
     return z, sigma

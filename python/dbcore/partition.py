@@ -59,6 +59,18 @@ def sample_sigma(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 # --- in-block sigma distributions ---------------------------------------------------------------
 
 SIGMA_DISTS: tuple[str, ...] = ("lognormal", "loguniform")
+# A config may also name a per-block policy: "loguniform-first" gives the first block (the one the
+# sampler queries at sigma_max, where z carries no label) loguniform and every other block lognormal.
+CONFIG_SIGMA_DISTS: tuple[str, ...] = (*SIGMA_DISTS, "loguniform-first")
+
+
+def block_sigma_dist(dist: str, block: int) -> str:
+    """The in-block distribution that network block `block` draws from under config value `dist`."""
+    if dist == "loguniform-first":
+        return "loguniform" if block == 0 else "lognormal"
+    if dist not in SIGMA_DISTS:
+        raise ValueError(f"sigma distribution must be one of {CONFIG_SIGMA_DISTS}, got {dist!r}")
+    return dist
 
 
 def sample_sigma_loguniform(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -74,13 +86,12 @@ def sample_sigma_for_block(
 
     lognormal: the training log-normal truncated to the widened range (the paper).
     loguniform: uniform in log sigma over the widened range (more mass at the range's ends).
+    loguniform-first: loguniform for block 0, lognormal for the others.
     """
     lo, hi = block_range(block, num_blocks, gamma)
-    if dist == "lognormal":
+    if block_sigma_dist(dist, block) == "lognormal":
         return sample_sigma(u, lo, hi)
-    if dist == "loguniform":
-        return sample_sigma_loguniform(u, lo, hi)
-    raise ValueError(f"sigma distribution must be one of {SIGMA_DISTS}, got {dist!r}")
+    return sample_sigma_loguniform(u, lo, hi)
 
 
 # --- Euler sampler schedule ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from dbcore.edm import precond
 from dbcore.layers import AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
 from dbcore.loss import WeightMode, denoise, sample_weights, weighted_ce
-from dbcore.partition import SIGMA_DISTS
+from dbcore.partition import CONFIG_SIGMA_DISTS
 
 PIXEL_MEAN = 0.5  # x in [0, 1] -> (x - mean) / std in [-1, 1]
 PIXEL_STD = 0.5
@@ -43,15 +43,15 @@ class ViTConfig:
     layer_split: list[int] | None = None  # layers per block, network order; None = depth / B each
     gamma: float = 0.05  # overlap of the block ranges (METHOD.md 3)
     target_scale: float = 1.0  # norm of the rows of E
-    sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.SIGMA_DISTS
+    sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        if self.sigma_dist not in SIGMA_DISTS:
-            raise ValueError(f"sigma_dist must be one of {SIGMA_DISTS}, got {self.sigma_dist!r}")
+        if self.sigma_dist not in CONFIG_SIGMA_DISTS:
+            raise ValueError(f"sigma_dist must be one of {CONFIG_SIGMA_DISTS}, got {self.sigma_dist!r}")
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         if self.target_scale <= 0:
