@@ -10,7 +10,7 @@ ranks or workers. `shuffle=True` ("chunks") shuffles the chunks, cuts them into 
 `window_chunks` chunks and shuffles the samples of each window: by default a window holds at
 least 4 chunks and 4096 rows, at most 128 MiB of decoded rows of the streamed arrays (never less
 than one chunk), a function of the store and the arrays only; see `window_chunks` / `chunk_rows`
-(the chunk is the largest read unit of the streamed arrays). `shuffle="exact"` is one
+(the chunk is the read unit of the streamed array with the largest rows). `shuffle="exact"` is one
 uniform permutation of all samples (each batch then decodes from everywhere: slower on big
 stores); `shuffle=False` reads in order.
 

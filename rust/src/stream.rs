@@ -189,7 +189,7 @@ pub struct Spec {
     pub rank: usize,
     pub world_size: usize,
     pub drop_last: bool,
-    /// Shuffle unit in rows (default: the largest read unit of the arrays).
+    /// Shuffle unit in rows (default: the read unit of the array with the largest rows).
     pub chunk_rows: Option<u64>,
     pub window_chunks: Option<u64>,
     pub threads: Option<usize>,
@@ -343,9 +343,15 @@ impl Stream {
                 "{p}: {n} samples do not fit the generator's 32-bit counter"
             )));
         }
+        // Default shuffle unit: the read unit of the array with the largest rows (it dominates I/O).
         let chunk_rows = spec
             .chunk_rows
-            .unwrap_or_else(|| handles.iter().map(|h| h.unit_rows()).max().unwrap_or(1))
+            .unwrap_or_else(|| {
+                handles
+                    .iter()
+                    .max_by_key(|h| h.row_bytes())
+                    .map_or(1, |h| h.unit_rows())
+            })
             .max(1);
         let row_bytes: u64 = handles
             .iter()
