@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 NOISE_FREQ_DIM = 256  # width of the sinusoidal embedding of c_noise
 NOISE_MAX_PERIOD = 10_000.0
@@ -70,9 +71,17 @@ class AdaLNLayer(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """h (N, T, d), c (N, d) -> (N, T, d)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        h = h + gate1[:, None] * self.attn(modulate(self.norm1(h), shift1, scale1))
-        h = h + gate2[:, None] * self.mlp(modulate(self.norm2(h), shift2, scale2))
+        h = h + gate1[:, None] * self.attn(self._norm_modulate(self.norm1, h, shift1, scale1))
+        h = h + gate2[:, None] * self.mlp(self._norm_modulate(self.norm2, h, shift2, scale2))
         return h
+
+    @staticmethod
+    def _norm_modulate(norm: nn.Module, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+        # Memory: LN + modulate is recomputed in backward, so it saves only h (as a plain LN does)
+        # instead of an extra (N, T, d) normalised copy; the cost is a few elementwise ops.
+        if torch.is_grad_enabled() and h.requires_grad:
+            return checkpoint(lambda x: modulate(norm(x), shift, scale), h, use_reentrant=False)
+        return modulate(norm(h), shift, scale)
 
 
 class AdaLNFinal(nn.Module):
