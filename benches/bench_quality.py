@@ -38,6 +38,7 @@ DATA = {
 VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "base": ({}, {}, None),
     "sigma loguniform": ({"sigma_dist": "loguniform"}, {}, None),
+    "sigma loguniform-first": ({"sigma_dist": "loguniform-first"}, {}, None),
     "weight edm": ({}, {"weight": "edm"}, None),
     "weight normalized": ({}, {"weight": "normalized"}, None),
     "weight clamped": ({}, {"weight": "clamped"}, None),
@@ -45,6 +46,7 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "target scale 2": ({"target_scale": 2.0}, {}, None),
     "2x steps": ({}, {"steps_factor": 2}, None),
     "sequential": ({}, {"mode": "sequential"}, None),
+    "loguniform-first + sequential": ({"sigma_dist": "loguniform-first"}, {"mode": "sequential"}, None),
 }
 EVAL_ONLY = {"base, 2 steps/block": ("base", 2), "base, 4 steps/block": ("base", 4)}
 
@@ -57,7 +59,7 @@ def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: st
     data["train"]["steps"] = steps * train_o.pop("steps_factor", 1)
     data["train"].update(train_o)
     cfg = config_mod.from_dict(data, f"variant {name}")
-    slug = name.replace(" ", "_").replace("=", "").replace(",", "")
+    slug = "".join(c if c.isalnum() else "_" for c in name)
     t0 = time.perf_counter()
     store = work / f"{slug}.zarr"
     write_cache(cfg, load_source(train_src), store, overwrite=True, progress=False)
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--data", choices=sorted(DATA), default="mnist")
     ap.add_argument("--steps", type=int, default=None, help="per-block steps (default: the config's)")
     ap.add_argument("--variants", nargs="*", default=["all"], help="names, or all")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription)")
     ap.add_argument("--work", default="/tmp/dbcore_quality")
     ap.add_argument("--out", default=str(ROOT / "benches/results"))
     args = ap.parse_args()
@@ -82,7 +85,7 @@ def main() -> None:
     if args.variants == ["all"]:
         args.variants = [*VARIANTS, "e2e"]
     base = base_cfg.to_dict()
-    base["train"]["threads"] = 0
+    base["train"]["threads"] = args.threads
     steps = args.steps or base_cfg.train.steps
     train_src, valid_src = DATA[args.data]
     work = Path(args.work) / args.data
