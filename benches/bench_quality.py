@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: st
     t0 = time.perf_counter()
     store = work / f"{slug}.zarr"
     write_cache(cfg, load_source(train_src), store, overwrite=True, progress=False)
+    shutil.rmtree(work / slug, ignore_errors=True)
     train_run(cfg, store, work / slug, progress=False)
     result = evaluate(work / slug, valid_src)
     result.update(variant=name, config=cfg.to_dict(), train_seconds=round(time.perf_counter() - t0, 1))
@@ -98,6 +100,7 @@ def main() -> None:
             cfg = config_mod.from_dict(data, "e2e")
             t0 = time.perf_counter()
             write_cache(cfg, load_source(train_src), work / "e2e.zarr", overwrite=True, progress=False)
+            shutil.rmtree(work / "e2e", ignore_errors=True)
             train_run(cfg, work / "e2e.zarr", work / "e2e", e2e=True, progress=False)
             r = evaluate(work / "e2e", valid_src)
             seconds = round(time.perf_counter() - t0, 1)
