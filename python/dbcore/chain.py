@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from dbcore import checkpoint, store
+from dbcore import checkpoint, layout, store
 from dbcore.config import Config
 from dbcore.sampler import chain_states
-from dbcore.train import Dataset, RunError, load_trained_block
+from dbcore.train import RunError, images_to_tensor, load_trained_block, read_target_embedding
 
 
 def fingerprint(run: Path, upto_block: int) -> str:
@@ -29,7 +29,7 @@ def fingerprint(run: Path, upto_block: int) -> str:
 
 
 def chain_states_for(
-    cfg: Config, data: Dataset, run: Path, block: int, progress: bool = True
+    cfg: Config, store_path: Path, run: Path, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z (N, d), sigma (N,)) handed to `block` by the trained earlier blocks, cached in the run."""
     fp = fingerprint(run, block)
@@ -42,9 +42,11 @@ def chain_states_for(
                 f"(fingerprint {s.attrs.get('fingerprint', '?')[:12]} vs {fp[:12]}); delete it to recompute"
             )
         return torch.from_numpy(s.read("z", slice(None))), torch.from_numpy(s.read("sigma", slice(None)))
+    cache = store.open(store_path)
+    emb = read_target_embedding(cache)
     z, sigma = chain_states(
-        lambda b: load_trained_block(run, cfg, b, data.emb),
-        data.images,
+        lambda b: load_trained_block(run, cfg, b, emb),
+        images_to_tensor(cache.read(layout.IMAGES), torch.device("cpu")),
         cfg.model,
         num_steps=cfg.train.inference_steps or cfg.model.num_blocks,
         upto_block=block,

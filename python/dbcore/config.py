@@ -42,7 +42,8 @@ class TrainConfig:
     sequential_fraction: float = 0.5  # share of each batch taken from the chain states
     inference_steps: int = 0  # Euler steps at evaluation; 0 means one per block
     checkpoint_every: int = 200
-    backend: str = "auto"
+    backend: str = "auto"  # noise and loss kernels: auto | torch | cupy
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
 

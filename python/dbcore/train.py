@@ -1,10 +1,12 @@
 """`dbcore train`: train each block alone (or the end-to-end baseline) from a cache store.
 
-One block in memory at a time: its own model, AdamW, warmup + cosine LR and checkpoint. A run
-directory holds `run.json`, `block{b}.safetensors/.json` (or `e2e.*`), `metrics.jsonl` and, in
-sequential mode, the chain states of earlier blocks (`chain/`). Interrupted runs resume from the
-last checkpoint and end bit-identical to an uninterrupted one: batch order is a function of
-(seed, epoch) and noise of (seed, sample, block, draw), and the LR is a function of the step.
+One block in memory at a time: its own model, AdamW, warmup + cosine LR and checkpoint. Batches
+stream from the store through `dbcore.data.BatchStream` (Rust, prefetched), so the trainer never
+holds the dataset. A run directory holds `run.json`, `block{b}.safetensors/.json` (or `e2e.*`),
+`metrics.jsonl` and, in sequential mode, the chain states of earlier blocks (`chain/`).
+Interrupted runs resume from the last checkpoint and end bit-identical to an uninterrupted one:
+batch order is a function of (seed, epoch), noise of (seed, sample, block, draw), the LR of the
+step, and the stream's position is part of the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,38 +24,33 @@ from tqdm import tqdm
 
 from dbcore import checkpoint, layout, store
 from dbcore.config import Config
+from dbcore.data import BatchStream, noised_targets
 from dbcore.kernels import block_loss_ce, resolve_backend
 from dbcore.loss import sample_weights
-from dbcore.noise import noised_targets
 from dbcore.recipes.vit import ViTBlock, ViTClassifier
 
 LOG_EVERY = 25
+Batch = dict[str, np.ndarray]
 
 
 class RunError(RuntimeError):
     """A run directory, store or config that do not fit together."""
 
 
-@dataclass
-class Dataset:
-    """The cache held in memory as tensors (small sources; streaming is `dbcore.data`)."""
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
-    images: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
-    labels: torch.Tensor  # (N,) int64
-    emb: torch.Tensor  # (V, d) float32
-    store: store.Store
 
-    @classmethod
-    def open(cls, path: Path) -> Dataset:
-        s = store.open(path)
-        images = s.read(layout.IMAGES, slice(None))  # (N, H, W, C) uint8
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        labels = torch.from_numpy(s.read(layout.LABELS, slice(None))).long()
-        emb = torch.from_numpy(s.read(layout.TARGET_EMBEDDING, slice(None))).float()
-        return cls(images=x, labels=labels, emb=emb, store=s)
+def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1] on `device`."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
 
-    def __len__(self) -> int:
-        return len(self.labels)
+
+def read_target_embedding(s: store.Store) -> torch.Tensor:
+    return torch.from_numpy(s.read(layout.TARGET_EMBEDDING)).float()  # (V, d)
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -63,15 +60,6 @@ def lr_at(step: int, cfg: Config) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
     return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> tuple[torch.Tensor, int]:
-    """Sample indices of `step` and its epoch: a fresh permutation per (seed, epoch), last batch dropped."""
-    per_epoch = max(1, n // batch_size)
-    epoch, pos = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[pos * batch_size : (pos + 1) * batch_size], epoch
 
 
 def check_store(cfg: Config, s: store.Store) -> None:
@@ -108,12 +96,13 @@ def _save(base: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict) 
     return checkpoint.save(base, {**tensors, **optim}, {**meta, "param_groups": groups})
 
 
-def _resume(base: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+def _resume(base: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream) -> int:
     if not checkpoint.exists(base):
         return 0
     tensors, meta = checkpoint.load(base)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     _load_optim(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["param_groups"])
+    stream.load_state_dict(meta["stream"])
     return int(meta["step"])
 
 
@@ -127,26 +116,36 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
+def _batches(stream: BatchStream) -> Iterator[Batch]:
+    """Endless batches, epoch after epoch, from wherever the stream stands."""
+    while True:
+        yield from stream
+
+
 # ----------------------------------------------------------------------------- the loops
 
 
-def _train_loop(name, model, step_loss, cfg: Config, run: Path, n: int, progress: bool) -> dict:
+def _train_loop(name: str, model: nn.Module, step_loss: Callable[[Batch], torch.Tensor], cfg: Config,
+                run: Path, stream: BatchStream, progress: bool) -> dict:
     """Shared loop of a block and of the end-to-end model: LR, clipping, checkpoints, metrics."""
     t = cfg.train
     base = run / name
     opt = make_optimizer(model, cfg)
-    start = _resume(base, model, opt)
+    start = _resume(base, model, opt, stream)
     meta = {"name": name, "total_steps": t.steps, "config_fingerprint": cfg.fingerprint()}
     if start >= t.steps:
         return {"name": name, "resumed_at": start, "steps": 0}
     bar = tqdm(total=t.steps, initial=start, desc=name, disable=not progress, unit="step")
-    t0, loss_sum, loss_count = time.perf_counter(), 0.0, 0
+    t0, wait, loss_sum, loss_count = time.perf_counter(), 0.0, 0.0, 0
+    batches = _batches(stream)
     for step in range(start, t.steps):
-        idx, epoch = batch_indices(step, n, t.batch_size, t.seed)
+        w0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - w0
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = step_loss(idx, epoch)
+        loss = step_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
@@ -156,56 +155,63 @@ def _train_loop(name, model, step_loss, cfg: Config, run: Path, n: int, progress
         bar.update(1)
         done = step + 1
         if done % LOG_EVERY == 0 or done == t.steps:
+            elapsed = time.perf_counter() - t0
             _log(run, {"name": name, "step": done, "loss": loss_sum / loss_count, "lr": lr,
-                       "elapsed_s": round(time.perf_counter() - t0, 3)})
+                       "elapsed_s": round(elapsed, 3), "data_wait_fraction": round(wait / elapsed, 5)})
             bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
             loss_sum, loss_count = 0.0, 0
         if done % t.checkpoint_every == 0 or done == t.steps:
-            _save(base, model, opt, {**meta, "step": done, "done": done == t.steps})
+            _save(base, model, opt, {**meta, "step": done, "done": done == t.steps,
+                                     "stream": stream.state_dict()})
     bar.close()
-    return {"name": name, "resumed_at": start, "steps": t.steps - start,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    stream.close()
+    elapsed = time.perf_counter() - t0
+    return {"name": name, "resumed_at": start, "steps": t.steps - start, "seconds": round(elapsed, 3),
+            "data_wait_fraction": round(wait / elapsed, 5)}
 
 
-def train_block(cfg: Config, data: Dataset, run: Path, block: int, progress: bool = True,
+def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: bool = True,
                 chain: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Train network block `block` alone. `chain`: (z, sigma) states handed by earlier blocks."""
     m, t = cfg.model, cfg.train
+    device = resolve_device(t.device)
+    backend = resolve_backend(t.backend, device)
+    emb = read_target_embedding(store.open(store_path))
     torch.manual_seed(t.seed * 1009 + block)
-    model = ViTBlock(m, block, data.emb)
-    noise = data.store.attrs["noise"]
-    seed, draws = noise["seed"], noise["draws"]
-    backend = resolve_backend(t.backend)
+    model = ViTBlock(m, block, emb).to(device)
+    stream = BatchStream.for_block(store_path, block, t.batch_size, seed=t.seed, drop_last=True)
 
-    def step_loss(idx: torch.Tensor, epoch: int) -> torch.Tensor:
-        labels = data.labels[idx]
-        if draws:  # cached noise: this epoch's draw
-            k = epoch % draws
-            rows = idx.numpy()
-            z = torch.from_numpy(data.store.read(layout.noised_z(block), rows)[:, k])
-            sigma = torch.from_numpy(data.store.read(layout.noised_sigma(block), rows)[:, k])
-        else:  # online noise: draw = epoch, the same values a cache with K > epoch holds
-            z, sigma = noised_targets(data.emb[labels], idx, seed, block, epoch, m, backend)
+    def step_loss(batch: Batch) -> torch.Tensor:
+        labels = torch.from_numpy(batch[layout.LABELS])
+        z, sigma = noised_targets(batch, emb[labels], block, m)  # (B, d), (B,)
         if chain is not None:
-            take = int(round(t.sequential_fraction * len(idx)))
+            take = int(round(t.sequential_fraction * len(labels)))
+            idx = torch.from_numpy(batch["index"][:take])
             z, sigma = z.clone(), sigma.clone()
-            z[:take], sigma[:take] = chain[0][idx[:take]], chain[1][idx[:take]]
-        _, logits = model(data.images[idx], z, sigma)
-        w = sample_weights(sigma, t.weight, t.weight_clamp)
-        return block_loss_ce(logits, labels, w, backend=backend)
+            z[:take], sigma[:take] = chain[0][idx], chain[1][idx]
+        x = images_to_tensor(batch[layout.IMAGES], device)
+        _, logits = model(x, z.to(device), sigma.to(device))
+        w = sample_weights(sigma.to(device), t.weight, t.weight_clamp)
+        return block_loss_ce(logits, labels.to(device), w, backend=backend)
 
-    return _train_loop(f"block{block}", model, step_loss, cfg, run, len(data), progress)
+    return _train_loop(f"block{block}", model, step_loss, cfg, run, stream, progress)
 
 
-def train_e2e(cfg: Config, data: Dataset, run: Path, progress: bool = True,
+def train_e2e(cfg: Config, store_path: Path, run: Path, progress: bool = True,
               activation_checkpointing: bool = False) -> dict:
-    torch.manual_seed(cfg.train.seed)
-    model = ViTClassifier(cfg.model, activation_checkpointing=activation_checkpointing)
+    t = cfg.train
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    model = ViTClassifier(cfg.model, activation_checkpointing=activation_checkpointing).to(device)
+    stream = BatchStream(store_path, [layout.IMAGES, layout.LABELS], t.batch_size, seed=t.seed,
+                         drop_last=True)
 
-    def step_loss(idx: torch.Tensor, epoch: int) -> torch.Tensor:
-        return nn.functional.cross_entropy(model(data.images[idx]), data.labels[idx])
+    def step_loss(batch: Batch) -> torch.Tensor:
+        x = images_to_tensor(batch[layout.IMAGES], device)
+        labels = torch.from_numpy(batch[layout.LABELS]).to(device)
+        return nn.functional.cross_entropy(model(x), labels)
 
-    return _train_loop("e2e", model, step_loss, cfg, run, len(data), progress)
+    return _train_loop("e2e", model, step_loss, cfg, run, stream, progress)
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -230,11 +236,10 @@ def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None
     """Train every block in turn (one in memory at a time), one block, or the end-to-end baseline."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    data = Dataset.open(store_path)
-    check_store(cfg, data.store)
+    check_store(cfg, store.open(store_path))
     _write_run_json(run, cfg, store_path, "e2e" if e2e else "blocks")
     if e2e:
-        return [train_e2e(cfg, data, run, progress, activation_checkpointing)]
+        return [train_e2e(cfg, store_path, run, progress, activation_checkpointing)]
     num_blocks = cfg.model.num_blocks
     blocks = range(num_blocks) if block is None else [block]
     if block is not None and not 0 <= block < num_blocks:
@@ -245,8 +250,8 @@ def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None
         if cfg.train.mode == "sequential" and b > 0:
             from dbcore.chain import chain_states_for
 
-            chain = chain_states_for(cfg, data, run, b, progress)
-        results.append(train_block(cfg, data, run, b, progress, chain))
+            chain = chain_states_for(cfg, store_path, run, b)
+        results.append(train_block(cfg, store_path, run, b, progress, chain))
     return results
 
 
