@@ -162,10 +162,13 @@ def measure_all(config_path: str | Path, batch_size: int | None = None, device: 
     kinds = ["e2e", "e2e_checkpointed", *[f"block{b}" for b in range(m.num_blocks)]]
     runs = {k: _spawn(str(config_path), k, bs, device) for k in kinds}
     e2e, blocks = runs["e2e"], [runs[f"block{b}"] for b in range(m.num_blocks)]
-    # analytic model, METHOD.md section 5: P, A per layer from the end-to-end model's measurements
+    # analytic model, METHOD.md section 5: 4P (weights, gradients, two Adam moments) + A (bytes
+    # saved for backward), each configuration from its own parameter count and saved activations
     L, B = m.depth, m.num_blocks
-    p4 = 4 * e2e["param_bytes"] / L  # parameters, gradients, two Adam moments
-    a = e2e["saved_activation_bytes"] / L
+
+    def model_bytes(r: dict, activations: float) -> float:
+        return 4 * r["param_bytes"] + activations
+
     return {
         "config": str(config_path),
         "device": device,
@@ -175,16 +178,11 @@ def measure_all(config_path: str | Path, batch_size: int | None = None, device: 
         "e2e_peak_bytes": e2e["peak_bytes"],
         "checkpointed_peak_bytes": runs["e2e_checkpointed"]["peak_bytes"],
         "block_peak_bytes": [r["peak_bytes"] for r in blocks],
-        "e2e_step_seconds": e2e["step_seconds"],
-        "checkpointed_step_seconds": runs["e2e_checkpointed"]["step_seconds"],
-        "block_step_seconds": [r["step_seconds"] for r in blocks],
         "max_block_over_e2e_per_block": max(r["peak_bytes"] for r in blocks) / (e2e["peak_bytes"] / B),
-        "max_block_step_over_e2e_per_block": max(r["step_seconds"] for r in blocks)
-        / (e2e["step_seconds"] / B),
         "analytic_bytes": {
-            "e2e": (p4 + a) * L,
-            "checkpointed": p4 * L + a,
-            "block": (p4 + a) * L / B,
+            "e2e": model_bytes(e2e, e2e["saved_activation_bytes"]),  # (4P + A) L
+            "checkpointed": model_bytes(e2e, e2e["saved_activation_bytes"] / L),  # 4PL + A
+            "blocks": [model_bytes(r, r["saved_activation_bytes"]) for r in blocks],  # (4P + A) L / B
         },
         "measured_parts": runs,
     }

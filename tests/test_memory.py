@@ -1,0 +1,33 @@
+import json
+
+from click.testing import CliRunner
+
+from dbcore.cli import main
+
+TOML = """
+[model]
+image_size = 8
+patch_size = 2
+dim = 64
+depth = 4
+heads = 2
+num_blocks = 2
+
+[train]
+batch_size = 256
+"""
+
+
+def test_bench_memory_measures_every_configuration(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(TOML)
+    out = CliRunner().invoke(main, ["bench", "memory", str(cfg), "--json"])
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.output)
+    assert r["num_blocks"] == 2 and len(r["block_peak_bytes"]) == 2
+    assert r["e2e_peak_bytes"] > 0 and all(b > 0 for b in r["block_peak_bytes"])
+    # a block holds half the layers: its saved activations are well under the whole model's
+    parts = r["measured_parts"]
+    assert parts["block0"]["saved_activation_bytes"] < 0.8 * parts["e2e"]["saved_activation_bytes"]
+    assert parts["e2e_checkpointed"]["saved_activation_bytes"] < parts["e2e"]["saved_activation_bytes"]
+    assert len(r["analytic_bytes"]["blocks"]) == 2
