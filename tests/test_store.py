@@ -141,3 +141,50 @@ def test_empty_rows(tmp_path):
     s.finalize()
     s = store.open(tmp_path / "s.zarr")
     assert s.read("e").shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shards", [0, 16])
+@pytest.mark.parametrize("row_shape", [(5, 3), (64, 80)])  # small rows: span reads; big: per row
+def test_uncompressed_round_trip(tmp_path, dtype, shards, row_shape):
+    x = _data(dtype, (103, *row_shape))
+    s = store.create(tmp_path / "s.zarr")
+    s.write_array("x", x, chunks=8, shards=shards, compression=None)
+    s.finalize()
+    s = store.open(tmp_path / "s.zarr")
+    info = s.info("x")
+    assert info.compression is None and info.nbytes_stored >= info.nbytes
+    inner = info.codecs[0]["configuration"]["codecs"] if shards else info.codecs
+    assert [c["name"] for c in inner] == ["bytes"]
+    assert [c["name"] for c in info.codecs] == (["sharding_indexed"] if shards else ["bytes"])
+    assert np.array_equal(s.read("x"), x)
+    assert np.array_equal(s.read("x", slice(10, 50)), x[10:50])
+    rows = np.array([102, 0, 7, 7, 8, 64, -2, 33, 9, 10, 11])
+    assert np.array_equal(s.read("x", rows), x[rows])
+    rows = np.random.default_rng(0).integers(0, 103, 300)
+    assert np.array_equal(s.read("x", rows), x[rows])
+
+
+@pytest.mark.parametrize("shards", [0, 24])
+def test_uncompressed_missing_chunks_read_as_zeros(tmp_path, shards):
+    s = store.create(tmp_path / "s.zarr")
+    x = _data("float32", (48, 4096))  # rows of 16 KiB
+    x[8:24] = 0  # all-zero chunks need not be stored
+    w = s.array_writer("x", x.shape, x.dtype, chunks=8, shards=shards, compression=None)
+    w.write(0, x[:8])
+    w.write(16, x[16:])  # rows 8..16 are never written
+    s.finalize()
+    s = store.open(tmp_path / "s.zarr")
+    assert np.array_equal(s.read("x"), x)
+    rows = np.array([47, 9, 0, 17, 12, 30])
+    assert np.array_equal(s.read("x", rows), x[rows])
+
+
+def test_compression_argument(tmp_path):
+    s = store.create(tmp_path / "s.zarr")
+    s.write_array("a", np.arange(10), compression="zstd")
+    s.write_array("b", np.arange(10), compression="none")
+    assert s.info("a").compression == "zstd" and s.info("b").compression is None
+    with pytest.raises(store.StoreValueError, match="compression"):
+        s.write_array("c", np.arange(10), compression="lz4")
+    assert "c" not in s.arrays()

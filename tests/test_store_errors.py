@@ -12,9 +12,10 @@ import pytest
 from dbcore import store
 
 
-def _complete(path: Path, shards: int = 0) -> Path:
+def _complete(path: Path, shards: int = 0, compression: str | None = "zstd") -> Path:
     s = store.create(path)
-    s.write_array("x", np.arange(4000, dtype="float32").reshape(1000, 4), chunks=100, shards=shards)
+    s.write_array("x", np.arange(4000, dtype="float32").reshape(1000, 4), chunks=100, shards=shards,
+                  compression=compression)
     s.finalize()
     return path
 
@@ -68,9 +69,10 @@ def test_missing_store(tmp_path):
         store.open(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("compression", ["zstd", None])
 @pytest.mark.parametrize("shards", [0, 400])
-def test_truncated_chunk(tmp_path, shards):
-    p = _complete(tmp_path / "s.zarr", shards)
+def test_truncated_chunk(tmp_path, shards, compression):
+    p = _complete(tmp_path / "s.zarr", shards, compression)
     victim = _chunk_files(p / "x")[1]
     os.truncate(victim, victim.stat().st_size // 2)
     s = store.open(p)

@@ -20,13 +20,14 @@ def _data(dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return rng.integers(0, 100, size=shape).astype(dtype)
 
 
+@pytest.mark.parametrize("compression", ["zstd", None])
 @pytest.mark.parametrize("shards", [0, 32])
-def test_zarr_python_reads_dbcore(tmp_path, shards):
+def test_zarr_python_reads_dbcore(tmp_path, shards, compression):
     p = tmp_path / "s.zarr"
     s = store.create(p, attrs={"model": "vit", "blocks": [1, 2], "nested": {"a": 0.5}})
     xs = {dt: _data(dt, (77, 4, 3)) for dt in DTYPES}
     for dt, x in xs.items():
-        s.write_array(dt, x, chunks=8, shards=shards)
+        s.write_array(dt, x, chunks=8, shards=shards, compression=compression)
     s.finalize()
     g = zarr.open_group(p, mode="r")
     assert g.metadata.zarr_format == 3
@@ -36,12 +37,16 @@ def test_zarr_python_reads_dbcore(tmp_path, shards):
         a = g[dt]
         assert a.dtype == np.dtype(dt) and a.chunks == (8, 4, 3)
         assert a.shards == ((32, 4, 3) if shards else None)
+        assert len(a.compressors) == (1 if compression else 0)
         assert np.array_equal(a[:], x)
+        rows = np.array([76, 0, 40, 9, 9])
+        assert np.array_equal(a.oindex[rows], x[rows])
 
 
+@pytest.mark.parametrize("compressed", [True, False])
 @pytest.mark.parametrize("sharded", [False, True])
 @pytest.mark.parametrize("pipeline", ["default", "zarrs"])
-def test_dbcore_reads_zarr_python(tmp_path, sharded, pipeline):
+def test_dbcore_reads_zarr_python(tmp_path, sharded, pipeline, compressed):
     if pipeline == "zarrs":
         pytest.importorskip("zarrs")
         cfg = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
@@ -58,7 +63,7 @@ def test_dbcore_reads_zarr_python(tmp_path, sharded, pipeline):
                 dtype=dt,
                 chunks=(10, 6),
                 shards=(30, 6) if sharded else None,
-                compressors=ZstdCodec(level=3),
+                compressors=ZstdCodec(level=3) if compressed else None,
             )
             a[:] = x
     s = store.open(p, require_complete=False)
@@ -66,6 +71,7 @@ def test_dbcore_reads_zarr_python(tmp_path, sharded, pipeline):
     assert s.arrays() == sorted(DTYPES)
     for dt, x in xs.items():
         assert s.info(dt).chunks == (10, 6)
+        assert s.info(dt).compression == ("zstd" if compressed else None)
         assert np.array_equal(s.read(dt), x)
         rows = np.array([89, 0, 45, 12, 12])
         assert np.array_equal(s.read(dt, rows), x[rows])

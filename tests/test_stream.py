@@ -250,3 +250,29 @@ def test_bad_arguments(path):
         BatchStream(path, ["x"], 4, threads=99)
     with pytest.raises(store.StoreValueError):
         BatchStream(path, ["x", "y"], 4, draw=["y"])  # y is 1-D: no draws axis
+
+
+@pytest.mark.parametrize("shuffle", ["chunks", "exact"])
+def test_uncompressed_store_streams_the_same(path, tmp_path, shuffle):
+    p = tmp_path / "u.zarr"
+    s = store.create(p)
+    s.write_array("x", X, chunks=50, shards=200, compression=None)
+    s.write_array("z", Z, chunks=64, compression=None)
+    s.write_array("y", np.arange(N, dtype=np.int64), chunks=100, compression=None)
+    s.finalize()
+    kw = dict(draw=["z"], seed=5, chunk_rows=50, shuffle=shuffle, window_chunks=3)
+    a = BatchStream(path, ["x", "z", "y"], 48, **kw)
+    b = BatchStream(p, ["x", "z", "y"], 48, **kw)
+    for _ in range(2):
+        for ba, bb in zip(a, b, strict=True):
+            assert ba.keys() == bb.keys()
+            for k in ba:
+                np.testing.assert_array_equal(ba[k], bb[k])
+
+
+def test_empty_rank_batch(path):
+    # 1000 = 3 * 333 + 1: the last global batch has one sample, ranks 0 and 1 get empty batches
+    for rank in range(3):
+        s = BatchStream(path, ["y"], 333, rank=rank, world_size=3, seed=0)
+        sizes = [len(b[INDEX]) for b in s]
+        assert len(sizes) == len(s) == 2 and sizes == [333, 1 if rank == 2 else 0]

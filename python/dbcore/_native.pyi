@@ -26,7 +26,8 @@ class NativeStore:
         dtype: str,
         chunk_rows: int | None = None,
         shard_rows: int | None = None,
-        zstd_level: int = 3,
+        compression: str = "zstd",
+        level: int = 3,
     ) -> None: ...
     def write_rows(self, name: str, start: int, block: np.ndarray) -> None: ...
     def read_range_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None: ...

@@ -4,6 +4,12 @@ A store is one Zarr v3 group on the local filesystem. Each array is chunked alon
 compressed with zstd (level 3, with checksum) and, when it has many chunks, sharded (about 64 MiB
 shards of about 1 MiB chunks); zarr-python 3 and any other Zarr v3 reader open it as it is.
 
+`compression=None` stores an array uncompressed: the `bytes` codec alone (little-endian), sharded
+the same way. Reads of such an array skip decoding: each row is read from its chunk straight into
+the output (`BatchStream` reaches a large fraction of memory-copy speed). Uncompressed chunks have
+no checksum (the shard index keeps its crc32c): a truncated chunk or shard is reported, a flipped
+bit inside one is not.
+
 Crash safety: the group attribute `dbcore` holds `{"format": 1, "complete": false}` from `create`
 until `finalize()` rewrites it as `{"format": 1, "complete": true, "arrays": {name: {"shape",
 "dtype"}}}`; creating another array sets `complete` back to false. `open` refuses a store that was
@@ -13,6 +19,7 @@ zarr-python). Every failure is a `StoreError` naming the store, the array and th
 
     s = create("acts.zarr", attrs={"model": "vit"})
     s.write_array("x", x)                       # whole array
+    s.write_array("acts", a, compression=None)  # uncompressed: fastest to read, larger on disk
     w = s.array_writer("h", (n, 256), "float16")
     w.write(0, block)                           # or streamed, block by block
     s.finalize()
@@ -112,7 +119,7 @@ class ArrayInfo:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    chunks: tuple[int, ...]  # the unit of compression (inner chunk when sharded)
+    chunks: tuple[int, ...]  # the unit of compression and reading (inner chunk when sharded)
     shards: tuple[int, ...] | None
     codecs: list[dict[str, Any]]
     nbytes: int  # in memory
@@ -120,6 +127,15 @@ class ArrayInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def compression(self) -> str | None:
+        """The bytes-to-bytes codec of the chunks ("zstd", ...), None when uncompressed."""
+        codecs = self.codecs
+        if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+            codecs = (codecs[0].get("configuration") or {}).get("codecs", [])
+        names = [c["name"] for c in codecs if c["name"] not in ("bytes", "transpose")]
+        return ",".join(names) or None
 
 
 def _dir_bytes(path: Path) -> int:
@@ -131,6 +147,17 @@ def _native_dtype(dtype: Any) -> np.dtype:
     if dt.name not in DTYPES:
         raise DTypeError(f"unsupported dtype {dt} (supported: {', '.join(DTYPES)})")
     return dt.newbyteorder("=")
+
+
+COMPRESSIONS = ("zstd", None)
+
+
+def _compression_name(compression: str | None) -> str:
+    if compression is None or compression == "none":
+        return "none"
+    if compression == "zstd":
+        return "zstd"
+    raise StoreValueError(f"compression must be 'zstd' or None, got {compression!r}")
 
 
 class ArrayWriter:
@@ -231,13 +258,16 @@ class Store:
         chunks: int | Sequence[int] | None = None,
         shards: int | None = None,
         level: int = 3,
+        compression: str | None = "zstd",
     ) -> ArrayWriter:
         """Create array `name` and return a writer for it.
 
         `chunks`: rows per chunk (default: about 1 MiB), or a full chunk shape whose other axes
         span the array; `shards`: rows per shard, a multiple of `chunks` (default: about 64 MiB
-        when there are 16 chunks or more; 0: no sharding).
+        when there are 16 chunks or more; 0: no sharding); `compression`: "zstd" (at `level`) or
+        None (uncompressed: the bytes codec alone, no checksum; see the module docs).
         """
+        codec = _compression_name(compression)
         dt = _native_dtype(dtype)
         shape = tuple(int(d) for d in shape)
         if chunks is not None and not isinstance(chunks, (int, np.integer)):
@@ -251,7 +281,7 @@ class Store:
         if (chunks is not None and chunks < 1) or (shards is not None and shards < 0):
             raise StoreValueError(f"{self.path}: array {name!r}: bad chunks={chunks} shards={shards}")
         with _native_errors():
-            self._native.create_array(name, list(shape), dt.name, chunks, shards, level)
+            self._native.create_array(name, list(shape), dt.name, chunks, shards, codec, level)
         w = ArrayWriter(self, name, shape, dt)
         self._writers.append(w)
         return w
@@ -263,12 +293,14 @@ class Store:
         chunks: int | Sequence[int] | None = None,
         shards: int | None = None,
         level: int = 3,
+        compression: str | None = "zstd",
     ) -> None:
         """Store a whole in-memory array as `name` (see `array_writer` for the layout options)."""
         array = np.asarray(array)
         if array.ndim == 0:
             raise StoreValueError(f"{self.path}: array {name!r}: needs at least one dimension")
-        with self.array_writer(name, array.shape, array.dtype, chunks, shards, level) as w:
+        with self.array_writer(name, array.shape, array.dtype, chunks, shards, level,
+                               compression) as w:
             w.write(0, array)
 
     def read(self, name: str, rows: Any = None, dtype: Any = None) -> np.ndarray:

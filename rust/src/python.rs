@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use crate::dtype::DType;
 use crate::error::Error;
 use crate::layout;
-use crate::store::{ArrayHandle, ArraySpec, Store, FORMAT_VERSION};
+use crate::store::{ArrayHandle, ArraySpec, Compression, Store, FORMAT_VERSION};
 use crate::writer::RowWriter;
 use crate::{philox, stream};
 
@@ -147,7 +147,9 @@ impl NativeStore {
         .to_string())
     }
 
-    #[pyo3(signature = (name, shape, dtype, chunk_rows=None, shard_rows=None, zstd_level=3))]
+    /// `compression`: "zstd" (at `level`) or "none" (the bytes codec alone, no checksum).
+    #[pyo3(signature = (name, shape, dtype, chunk_rows=None, shard_rows=None, compression="zstd",
+        level=3))]
     #[allow(clippy::too_many_arguments)]
     fn create_array(
         &self,
@@ -157,8 +159,10 @@ impl NativeStore {
         dtype: &str,
         chunk_rows: Option<u64>,
         shard_rows: Option<i64>,
-        zstd_level: i32,
+        compression: &str,
+        level: i32,
     ) -> PyResult<()> {
+        let compression = Compression::from_name(compression, level).map_err(to_py)?;
         let dtype = DType::from_name(dtype).map_err(to_py)?;
         let rows = shape.first().copied().unwrap_or(0);
         let row_bytes = shape.iter().skip(1).product::<u64>() * dtype.size() as u64;
@@ -175,7 +179,7 @@ impl NativeStore {
             dtype,
             chunk_rows,
             shard_rows,
-            zstd_level,
+            compression,
         };
         py.detach(|| self.inner.create_array(name, &spec))
             .map_err(to_py)?;

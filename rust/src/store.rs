@@ -1,9 +1,17 @@
-//! A dbcore store: one Zarr v3 group on the local filesystem holding row-chunked, zstd-compressed
-//! arrays, plus the `dbcore` group attribute `{"format": 1, "complete": bool, "arrays": {...}}`.
+//! A dbcore store: one Zarr v3 group on the local filesystem holding row-chunked arrays (zstd
+//! compressed, or uncompressed: the `bytes` codec alone), plus the `dbcore` group attribute
+//! `{"format": 1, "complete": bool, "arrays": {...}}`.
+//!
+//! Reads of an uncompressed array whose rows lie contiguously in its chunks (every dbcore array:
+//! chunks span all axes but the first) skip the codec pipeline: each row is read from its chunk
+//! (or inner chunk of a shard, located through the cached shard index) straight into its output
+//! slot with one `pread`. Uncompressed chunks carry no checksum (a shard's index keeps its crc32c):
+//! a truncated chunk or shard is detected, a flipped bit inside one is not.
 //!
 //! Everything here is pure Rust (no Python); `python.rs` is a thin layer over it.
 
 use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -22,6 +30,28 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gather;
 
+/// How the chunks of a new array are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// The `bytes` codec alone: chunks hold the raw little-endian rows.
+    None,
+    /// `bytes` then `zstd` at this level, with zstd's checksum.
+    Zstd(i32),
+}
+
+impl Compression {
+    /// `"zstd"` (at `level`) or `"none"`.
+    pub fn from_name(name: &str, level: i32) -> Result<Compression> {
+        match name {
+            "zstd" => Ok(Compression::Zstd(level)),
+            "none" => Ok(Compression::None),
+            _ => Err(Error::Invalid(format!(
+                "compression must be 'zstd' or 'none', got {name:?}"
+            ))),
+        }
+    }
+}
+
 /// Version of the layout described in the module docs; readers refuse newer ones.
 pub const FORMAT_VERSION: u64 = 1;
 /// The group attribute that holds dbcore's own bookkeeping.
@@ -36,7 +66,7 @@ pub struct ArraySpec {
     pub chunk_rows: u64,
     /// Rows per shard (a multiple of `chunk_rows`), or None for one file per chunk.
     pub shard_rows: Option<u64>,
-    pub zstd_level: i32,
+    pub compression: Compression,
 }
 
 /// An open array with what reads need; shared by all readers.
@@ -49,6 +79,15 @@ pub struct ArrayHandle {
     /// Rows per read unit: the inner chunk when sharded, else the chunk.
     unit_rows: u64,
     shard_cache: Option<ArrayShardedReadableExtCache>,
+    /// Set when chunks hold raw rows that reads may take straight from the files.
+    raw: Option<Raw>,
+}
+
+/// Direct access to the rows of an uncompressed array (see the module docs).
+struct Raw {
+    storage: Arc<FilesystemStore>,
+    /// Rows per shard (the grid's chunk) when sharded, else None.
+    shard_rows: Option<u64>,
 }
 
 /// A Zarr v3 group on disk.
@@ -248,7 +287,7 @@ impl Store {
                 "{p}: array '{name}': bad metadata (zarr.json): {e}"
             ))
         })?;
-        let handle = Arc::new(ArrayHandle::new(name, array, &self.root)?);
+        let handle = Arc::new(ArrayHandle::new(name, array, &self.root, &self.storage)?);
         self.arrays
             .write()
             .unwrap()
@@ -286,7 +325,9 @@ impl Store {
             spec.dtype.name(),
             FillValue::new(vec![0u8; spec.dtype.size()]),
         );
-        builder.bytes_to_bytes_codecs(vec![Arc::new(ZstdCodec::new(spec.zstd_level, true))]);
+        if let Compression::Zstd(level) = spec.compression {
+            builder.bytes_to_bytes_codecs(vec![Arc::new(ZstdCodec::new(level, true))]);
+        }
         if spec.shard_rows.is_some() {
             builder.subchunk_shape(chunk);
         }
@@ -295,7 +336,7 @@ impl Store {
             .map_err(|e| Error::Invalid(format!("{p}: array '{name}': {e}")))?;
         array.store_metadata().map_err(|e| io_err(&self.root, e))?;
         self.mark_incomplete()?;
-        let handle = Arc::new(ArrayHandle::new(name, array, &self.root)?);
+        let handle = Arc::new(ArrayHandle::new(name, array, &self.root, &self.storage)?);
         self.arrays
             .write()
             .unwrap()
@@ -352,7 +393,12 @@ fn remove_store(path: &Path) -> Result<()> {
 }
 
 impl ArrayHandle {
-    fn new(name: &str, array: Array<FilesystemStore>, root: &Path) -> Result<Self> {
+    fn new(
+        name: &str,
+        array: Array<FilesystemStore>,
+        root: &Path,
+        storage: &Arc<FilesystemStore>,
+    ) -> Result<Self> {
         let p = root.display();
         let dtype_name = match array.metadata() {
             ArrayMetadata::V3(m) => m.data_type.name().to_string(),
@@ -381,6 +427,10 @@ impl ArrayHandle {
         let shard_cache = array
             .is_exclusively_sharded()
             .then(|| ArrayShardedReadableExtCache::new(&array));
+        let raw = raw_layout(&array, unit).map(|shard_rows| Raw {
+            storage: storage.clone(),
+            shard_rows,
+        });
         Ok(ArrayHandle {
             name: name.to_string(),
             root: root.to_path_buf(),
@@ -388,8 +438,14 @@ impl ArrayHandle {
             dtype,
             unit_rows: unit,
             shard_cache,
+            raw,
             array,
         })
+    }
+
+    /// True when reads take rows straight from uncompressed chunks.
+    pub fn is_raw(&self) -> bool {
+        self.raw.is_some()
     }
 
     fn ctx(&self, e: impl std::fmt::Display) -> String {
@@ -426,7 +482,7 @@ impl ArrayHandle {
             .map(|s| s.iter().map(|d| d.get()).collect())
             .unwrap_or_default();
         let codecs = match self.array.metadata() {
-            ArrayMetadata::V3(m) => serde_json::to_value(&m.codecs).unwrap_or(Value::Null),
+            ArrayMetadata::V3(m) => codecs_json(serde_json::to_value(&m.codecs).unwrap_or(Value::Null)),
             ArrayMetadata::V2(_) => Value::Null,
         };
         match self.array.effective_subchunk_shape() {
@@ -546,22 +602,51 @@ impl ArrayHandle {
     /// chunks in parallel, rows copied straight to their output slots.
     pub fn read_rows_into(&self, rows: &[u64], out: &mut [u8]) -> Result<()> {
         self.check_out(rows.len() as u64, out.len())?;
+        self.check_row_ids(rows)?;
+        if let Some((start, stop)) = gather::as_range(rows) {
+            if self.raw.is_none() {
+                return self.read_range_into(start, stop, out);
+            }
+        }
+        let rb = self.row_bytes;
+        let slots = (0..rows.len()).map(|i| (0, i * rb)).collect();
+        let scatter = Scatter::new(vec![out], slots, rb)?;
+        self.read_rows_scatter(rows, 0, &scatter)
+    }
+
+    fn check_row_ids(&self, rows: &[u64]) -> Result<()> {
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows()) {
             return Err(Error::Index(
                 self.ctx(format!("row {bad} out of range for {} rows", self.rows())),
             ));
         }
-        if let Some((start, stop)) = gather::as_range(rows) {
-            return self.read_range_into(start, stop, out);
+        Ok(())
+    }
+
+    /// Gather bytes `col..col + scatter.len` of each of `rows` (any order, repeats allowed) into
+    /// the scatter's slot of the same index: each chunk touched is read or decoded once, chunks in
+    /// parallel (in the current rayon pool).
+    pub fn read_rows_scatter(&self, rows: &[u64], col: usize, scatter: &Scatter) -> Result<()> {
+        let len = scatter.len;
+        if rows.len() != scatter.slots.len() || col + len > self.row_bytes {
+            return Err(Error::Invalid(self.ctx(format!(
+                "{} rows into {} slots of bytes {col}..{} (rows have {})",
+                rows.len(),
+                scatter.slots.len(),
+                col + len,
+                self.row_bytes
+            ))));
         }
-        if self.row_bytes == 0 {
+        self.check_row_ids(rows)?;
+        if len == 0 || rows.is_empty() {
             return Ok(());
         }
-        let rb = self.row_bytes;
         let groups = gather::plan(rows, self.unit_rows);
-        let out = UnsafeCellSlice::new(out);
         let options = CodecOptions::default().with_concurrent_target(1);
         groups.par_iter().try_for_each(|g| {
+            if self.raw.is_some() && self.raw_group(g, col, scatter)? {
+                return Ok(());
+            }
             let subset = self.rows_subset(g.lo, g.hi);
             let decoded: ArrayBytes<'static> = match &self.shard_cache {
                 Some(cache) => self
@@ -573,15 +658,220 @@ impl ArrayHandle {
             let decoded = decoded
                 .into_fixed()
                 .map_err(|e| Error::Corrupt(self.ctx(e)))?;
+            let rb = self.row_bytes;
             for &(row, slot) in &g.picks {
-                let src = &decoded[(row - g.lo) as usize * rb..][..rb];
-                // SAFETY: every output slot belongs to exactly one pick of one group, so no two
-                // threads write the same bytes; the slot is in bounds (checked by check_out).
-                unsafe { out.index_mut(slot * rb..(slot + 1) * rb) }.copy_from_slice(src);
+                let src = &decoded[(row - g.lo) as usize * rb + col..][..len];
+                // SAFETY: every slot belongs to exactly one pick of one group (`plan`), and the
+                // scatter's slots are disjoint and in bounds (`Scatter::new`).
+                unsafe { scatter.slot(slot) }.copy_from_slice(src);
             }
             Ok(())
         })
     }
+
+    /// Read the picks of `g` straight from an uncompressed chunk. Ok(false): the chunk is not
+    /// stored (it holds the fill value), the caller decodes it the ordinary way.
+    fn raw_group(&self, g: &gather::Group, col: usize, scatter: &Scatter) -> Result<bool> {
+        let raw = self.raw.as_ref().expect("raw array");
+        let unit = g.lo / self.unit_rows;
+        let rb = self.row_bytes as u64;
+        let chunk_bytes = self.unit_rows * rb;
+        let mut idx = vec![0u64; self.array.dimensionality()];
+        let (path, base) = match (raw.shard_rows, &self.shard_cache) {
+            (Some(shard_rows), Some(cache)) => {
+                idx[0] = unit;
+                let range = self
+                    .array
+                    .subchunk_byte_range(cache, &idx)
+                    .map_err(|e| self.map_err(e))?;
+                // An inner chunk that is not stored has no range (or offset = length = u64::MAX).
+                let Some(range) = range.filter(|r| r.length(u64::MAX) != u64::MAX) else {
+                    return Ok(false);
+                };
+                if range.length(u64::MAX) != chunk_bytes {
+                    return Err(Error::Corrupt(self.ctx(format!(
+                        "inner chunk {unit} has {} bytes, expected {chunk_bytes}",
+                        range.length(u64::MAX)
+                    ))));
+                }
+                idx[0] = g.lo / shard_rows;
+                (
+                    raw.storage.key_to_fspath(&self.array.chunk_key(&idx)),
+                    range.start(u64::MAX),
+                )
+            }
+            _ => {
+                idx[0] = unit;
+                (raw.storage.key_to_fspath(&self.array.chunk_key(&idx)), 0)
+            }
+        };
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::Io(self.ctx(format!("{}: {e}", path.display())))),
+        };
+        let io = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Corrupt(self.ctx(format!("{}: truncated chunk", path.display())))
+            } else {
+                Error::Io(self.ctx(format!("{}: {e}", path.display())))
+            }
+        };
+        let size = file.metadata().map_err(io)?.len();
+        if size < base + chunk_bytes || (raw.shard_rows.is_none() && size != chunk_bytes) {
+            return Err(Error::Corrupt(self.ctx(format!(
+                "{}: {size} bytes, chunk {unit} needs {}",
+                path.display(),
+                base + chunk_bytes
+            ))));
+        }
+        let len = scatter.len;
+        let first = unit * self.unit_rows;
+        if len >= RAW_ROW_READ_BYTES || g.picks.len() == 1 {
+            for &(row, slot) in &g.picks {
+                let at = base + (row - first) * rb + col as u64;
+                // SAFETY: as in `read_rows_scatter`.
+                file.read_exact_at(unsafe { scatter.slot(slot) }, at)
+                    .map_err(io)?;
+            }
+        } else {
+            let mut span = vec![0u8; ((g.hi - g.lo) * rb) as usize];
+            file.read_exact_at(&mut span, base + (g.lo - first) * rb)
+                .map_err(io)?;
+            for &(row, slot) in &g.picks {
+                let src = &span[((row - g.lo) * rb) as usize + col..][..len];
+                // SAFETY: as in `read_rows_scatter`.
+                unsafe { scatter.slot(slot) }.copy_from_slice(src);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Rows of at least this many bytes are read one `pread` each; smaller ones in one span per chunk.
+const RAW_ROW_READ_BYTES: usize = 16 << 10;
+
+/// Output slots of a gather: slot i is `len` bytes at `slots[i] = (piece, byte offset)`.
+/// Slots are checked disjoint and in bounds, so gathers may fill them from several threads.
+pub struct Scatter<'a> {
+    pieces: Vec<UnsafeCellSlice<'a, u8>>,
+    slots: Vec<(usize, usize)>,
+    len: usize,
+}
+
+impl<'a> Scatter<'a> {
+    pub fn new(pieces: Vec<&'a mut [u8]>, slots: Vec<(usize, usize)>, len: usize) -> Result<Self> {
+        let mut sorted = slots.clone();
+        sorted.sort_unstable();
+        let bad = sorted.iter().any(|&(p, off)| {
+            pieces
+                .get(p)
+                .is_none_or(|piece| off.checked_add(len).is_none_or(|end| end > piece.len()))
+        }) || (len > 0 && sorted.windows(2).any(|w| w[0].0 == w[1].0 && w[0].1 + len > w[1].1));
+        if bad {
+            return Err(Error::Invalid(format!(
+                "output slots of {len} bytes overlap or fall outside their buffers"
+            )));
+        }
+        Ok(Scatter {
+            pieces: pieces.into_iter().map(UnsafeCellSlice::new).collect(),
+            slots,
+            len,
+        })
+    }
+
+    /// # Safety
+    /// No other reference to slot `i` may be alive (slots are disjoint, so distinct `i` are fine).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slot(&self, i: usize) -> &mut [u8] {
+        let (p, off) = self.slots[i];
+        self.pieces[p].index_mut(off..off + self.len)
+    }
+}
+
+/// Codec metadata as JSON, every codec spelled `{"name": ..., "configuration"?: ...}` (Zarr v3 also
+/// allows a bare name, which other writers use for codecs without configuration), nested chains of
+/// sharding included.
+fn codecs_json(codecs: Value) -> Value {
+    fn norm(v: Value) -> Value {
+        match v {
+            Value::Array(cs) => Value::Array(cs.into_iter().map(norm_codec).collect()),
+            v => v,
+        }
+    }
+    fn norm_codec(c: Value) -> Value {
+        match c {
+            Value::String(name) => json!({ "name": name }),
+            Value::Object(mut o) => {
+                if let Some(Value::Object(cfg)) = o.get_mut("configuration") {
+                    for key in ["codecs", "index_codecs"] {
+                        if let Some(v) = cfg.remove(key) {
+                            cfg.insert(key.into(), norm(v));
+                        }
+                    }
+                }
+                Value::Object(o)
+            }
+            c => c,
+        }
+    }
+    norm(codecs)
+}
+
+/// Whether `array` is read by `raw_group`: the `bytes` codec alone (little-endian, on a
+/// little-endian host), regular grids, rows contiguous in chunks. Some(shard rows if sharded).
+fn raw_layout(array: &Array<FilesystemStore>, unit_rows: u64) -> Option<Option<u64>> {
+    let ArrayMetadata::V3(m) = array.metadata() else {
+        return None;
+    };
+    let meta = serde_json::to_value(m).ok()?;
+    let codecs = codecs_json(serde_json::to_value(&m.codecs).unwrap_or(Value::Null));
+    let regular = meta["chunk_grid"]["name"] == "regular";
+    let no_transformers = meta
+        .get("storage_transformers")
+        .and_then(Value::as_array)
+        .is_none_or(|t| t.is_empty());
+    if !regular || !no_transformers || unit_rows == 0 {
+        return None;
+    }
+    let plain_bytes = |codecs: &Value| -> bool {
+        let Some([c]) = codecs.as_array().map(Vec::as_slice) else {
+            return false;
+        };
+        let endian = c["configuration"]["endian"].as_str();
+        c["name"] == "bytes"
+            && (endian.is_none() || (endian == Some("little") && cfg!(target_endian = "little")))
+    };
+    let shape = array.shape();
+    let zeros = vec![0u64; shape.len()];
+    let grid: Vec<u64> = array
+        .chunk_shape(&zeros)
+        .ok()?
+        .iter()
+        .map(|d| d.get())
+        .collect();
+    let spans_rows = |chunk: &[u64]| chunk.len() == shape.len() && chunk[1..] == shape[1..];
+    if shape[1..].contains(&0) || !spans_rows(&grid) {
+        return None;
+    }
+    let codecs = &codecs;
+    if plain_bytes(codecs) {
+        return Some(None);
+    }
+    let [sharding] = codecs.as_array()?.as_slice() else {
+        return None;
+    };
+    let inner: Vec<u64> = array
+        .effective_subchunk_shape()?
+        .iter()
+        .map(|d| d.get())
+        .collect();
+    (sharding["name"] == "sharding_indexed"
+        && array.is_exclusively_sharded()
+        && plain_bytes(&sharding["configuration"]["codecs"])
+        && spans_rows(&inner)
+        && inner[0] == unit_rows)
+        .then_some(Some(grid[0]))
 }
 
 #[cfg(test)]
@@ -594,7 +884,7 @@ mod tests {
             dtype: DType::Int32,
             chunk_rows,
             shard_rows,
-            zstd_level: 3,
+            compression: Compression::Zstd(3),
         }
     }
 
@@ -631,6 +921,53 @@ mod tests {
                 Err(Error::Index(_))
             ));
         }
+    }
+
+    #[test]
+    fn uncompressed_rows_are_read_straight_from_the_files() {
+        for (shard, cols) in [(None, 3), (Some(8), 3), (None, 5000), (Some(8), 5000)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.zarr");
+            let s = Store::create(&path, Map::new(), false).unwrap();
+            let mut sp = spec(vec![21, cols], 4, shard);
+            sp.compression = Compression::None;
+            let h = s.create_array("x", &sp).unwrap();
+            assert!(h.is_raw());
+            let rb = cols as usize * 4;
+            let bytes = data(21 * cols as usize);
+            h.write_rows(0, &bytes[..8 * rb]).unwrap(); // rows 8..12 stay unwritten (zeros)
+            h.write_rows(12, &bytes[12 * rb..]).unwrap();
+            s.finalize().unwrap();
+            let h = Store::open(&path, true).unwrap().array("x").unwrap();
+            assert!(h.is_raw());
+            let rows = [20u64, 0, 5, 5, 13, 2, 9, 3];
+            let mut out = vec![0u8; rows.len() * rb];
+            h.read_rows_into(&rows, &mut out).unwrap();
+            for (i, &r) in rows.iter().enumerate() {
+                let want = if (8..12).contains(&r) {
+                    vec![0u8; rb]
+                } else {
+                    bytes[r as usize * rb..][..rb].to_vec()
+                };
+                assert_eq!(out[i * rb..][..rb], want[..], "row {r}");
+            }
+            // a column range of each row, scattered over two buffers
+            let (mut a, mut b) = (vec![0u8; 8], vec![0u8; 8]);
+            let sc = Scatter::new(vec![&mut a, &mut b], vec![(1, 0), (0, 0)], 8).unwrap();
+            h.read_rows_scatter(&[1, 14], 4, &sc).unwrap();
+            assert_eq!(b, bytes[rb + 4..rb + 12]);
+            assert_eq!(a, bytes[14 * rb + 4..14 * rb + 12]);
+        }
+    }
+
+    #[test]
+    fn scatter_refuses_overlapping_slots() {
+        let mut a = vec![0u8; 16];
+        assert!(Scatter::new(vec![&mut a], vec![(0, 0), (0, 4)], 8).is_err());
+        let mut a = vec![0u8; 16];
+        assert!(Scatter::new(vec![&mut a], vec![(0, 12)], 8).is_err());
+        let mut a = vec![0u8; 16];
+        assert!(Scatter::new(vec![&mut a], vec![(0, 8), (0, 0)], 8).is_ok());
     }
 
     #[test]

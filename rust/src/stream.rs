@@ -20,12 +20,14 @@
 //! rank's batches `position + w, position + w + W, ...`, so W workers read in turn yield the
 //! rank's batches in order.
 //!
-//! **Pipeline.** Two threads per running epoch and one decode pool (`threads`, at most
-//! `MAX_THREADS`): the *decoder* gathers the rows of the next segment (this reader's samples of one
+//! **Pipeline.** One thread per running epoch and one decode pool (`threads`, at most
+//! `MAX_THREADS`): the thread gathers the rows of each segment (this reader's samples of one
 //! window, in consumption order) of every array, chunk by chunk in parallel, straight into the
-//! segment buffers, one segment ahead; the *assembler* copies batch rows out of the segments
-//! (selecting the epoch's draw of drawn arrays), adds online noise, and pushes batches into a queue
-//! of `prefetch` batches. Nothing here touches Python.
+//! buffers of the batches that hold them (only the epoch's draw of drawn arrays; a batch may
+//! straddle two segments), adds online noise, and queues the complete batches: up to `prefetch`
+//! plus one segment's worth, so that it decodes the next segment while the consumer takes the
+//! last one's batches. Each batch buffer is written once and handed over as it is (no copy).
+//! Nothing here touches Python.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +37,8 @@ use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::philox::{self, Counter};
-use crate::store::{ArrayHandle, Store};
+use crate::store::{ArrayHandle, Scatter, Store};
+use rayon::prelude::*;
 
 /// Hard cap on decode threads per stream.
 pub const MAX_THREADS: usize = 16;
@@ -268,9 +271,10 @@ fn with_msg(e: &Error, msg: String) -> Error {
     }
 }
 
-/// Gather `rows` of `h` into `out`; a failure names the first chunk that does not decode.
-fn gather(h: &ArrayHandle, rows: &[u64], out: &mut [u8]) -> Result<()> {
-    let Err(e) = h.read_rows_into(rows, out) else {
+/// Gather bytes `col..` of `rows` of `h` into `out`; a failure names the first chunk that does not
+/// decode.
+fn gather(h: &ArrayHandle, rows: &[u64], col: usize, out: &Scatter) -> Result<()> {
+    let Err(e) = h.read_rows_scatter(rows, col, out) else {
         return Ok(());
     };
     let unit = h.unit_rows().max(1);
@@ -482,14 +486,21 @@ impl Stream {
                 start = i;
             }
         }
-        let (tx, rx) = sync_channel(s.prefetch.max(1));
+        // Room for a whole segment's batches beyond `prefetch`, so that the thread decodes the next
+        // segment while the consumer works through the last one.
+        let per_segment = segments
+            .iter()
+            .map(|&(a, b)| (b - a).div_ceil(s.batch_size.max(1)) + 1)
+            .max()
+            .unwrap_or(0);
+        let (tx, rx) = sync_channel(s.prefetch.max(1) + per_segment);
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = self.ctx.clone();
         let stop2 = stop.clone();
         let seq = Arc::new(seq);
         let thread = std::thread::Builder::new()
-            .name("dbcore-assemble".into())
-            .spawn(move || assemble(ctx, epoch, seq, segments, batches, tx, stop2))
+            .name("dbcore-decode".into())
+            .spawn(move || decode_batches(ctx, epoch, seq, segments, batches, tx, stop2))
             .expect("cannot start the stream thread");
         self.running = Some(Running {
             rx: Some(rx),
@@ -515,72 +526,11 @@ impl Stream {
     }
 }
 
-/// Decoded rows of one segment, per array, in seq order.
-struct Segment {
-    start: usize,
-    end: usize,
-    bufs: Vec<Vec<u8>>,
-}
-
-fn decode_segments(
-    ctx: Arc<Ctx>,
-    seq: Arc<Vec<u64>>,
-    segments: Vec<(usize, usize)>,
-    tx: SyncSender<Result<Segment>>,
-    stop: Arc<AtomicBool>,
-) {
-    for (start, end) in segments {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let rows = &seq[start..end];
-        let seg = ctx.pool.install(|| {
-            let mut bufs = Vec::with_capacity(ctx.handles.len());
-            for h in &ctx.handles {
-                let mut buf = vec![0u8; rows.len() * h.row_bytes()];
-                gather(h, rows, &mut buf)?;
-                bufs.push(buf);
-            }
-            Ok(Segment { start, end, bufs })
-        });
-        let failed = seg.is_err();
-        if tx.send(seg).is_err() || failed {
-            return;
-        }
-    }
-}
-
-fn assemble(
-    ctx: Arc<Ctx>,
-    epoch: u64,
-    seq: Arc<Vec<u64>>,
-    segments: Vec<(usize, usize)>,
-    batches: Vec<(usize, usize, usize)>,
-    tx: SyncSender<Result<Batch>>,
-    stop: Arc<AtomicBool>,
-) {
-    let (seg_tx, seg_rx) = sync_channel::<Result<Segment>>(1);
-    let decoder = {
-        let (ctx, seq, stop) = (ctx.clone(), seq.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("dbcore-decode".into())
-            .spawn(move || decode_segments(ctx, seq, segments, seg_tx, stop))
-    };
-    let decoder = match decoder {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = tx.send(Err(Error::Io(format!(
-                "cannot start the decode thread: {e}"
-            ))));
-            return;
-        }
-    };
-    let spec = &ctx.spec;
-    let hs = &ctx.handles;
-    // Output row bytes and the byte offset of the epoch's draw inside a stored row.
-    let picks: Vec<(usize, usize)> = hs
+/// Output row bytes and the byte offset of the epoch's draw inside a stored row, per array.
+fn picks(ctx: &Ctx, epoch: u64) -> Vec<(usize, usize)> {
+    ctx.handles
         .iter()
-        .zip(&spec.arrays)
+        .zip(&ctx.spec.arrays)
         .map(|(h, sel)| {
             if sel.draw {
                 let k = h.shape()[1];
@@ -590,78 +540,113 @@ fn assemble(
                 (h.row_bytes(), 0)
             }
         })
-        .collect();
-    let mut live: VecDeque<Segment> = VecDeque::new();
-    'batches: for (position, a, b) in batches {
+        .collect()
+}
+
+/// The epoch's thread: decodes segment after segment straight into the buffers of the batches
+/// that hold their rows (a batch may straddle two segments), adds online noise, and sends each
+/// batch once complete.
+fn decode_batches(
+    ctx: Arc<Ctx>,
+    epoch: u64,
+    seq: Arc<Vec<u64>>,
+    segments: Vec<(usize, usize)>,
+    batches: Vec<(usize, usize, usize)>,
+    tx: SyncSender<Result<Batch>>,
+    stop: Arc<AtomicBool>,
+) {
+    let picks = picks(&ctx, epoch);
+    let new_batch = |(position, a, b): (usize, usize, usize)| Batch {
+        epoch,
+        position,
+        indices: seq[a..b].to_vec(),
+        arrays: picks.iter().map(|&(rb, _)| vec![0u8; (b - a) * rb]).collect(),
+        eps: Vec::new(),
+        uniform: Vec::new(),
+    };
+    // Batches being filled, in order, with their [start, end) into seq.
+    let mut open: VecDeque<(usize, usize, Batch)> = VecDeque::new();
+    let mut next = 0; // the next batch to allocate
+    let send = |done: Vec<Batch>| -> bool {
+        let done = add_noise(&ctx, epoch, done);
+        done.into_iter().all(|b| tx.send(Ok(b)).is_ok())
+    };
+    for (start, end) in segments {
         if stop.load(Ordering::Relaxed) {
-            break;
+            return;
         }
-        while live.front().is_some_and(|s| s.end <= a) {
-            live.pop_front();
+        while next < batches.len() && batches[next].1 < end {
+            let (_, a, b) = batches[next];
+            open.push_back((a, b, new_batch(batches[next])));
+            next += 1;
         }
-        while live.back().is_none_or(|s| s.end < b) {
-            match seg_rx.recv() {
-                Ok(Ok(s)) => live.push_back(s),
-                Ok(Err(e)) => {
-                    let _ = tx.send(Err(e));
-                    break 'batches;
-                }
-                Err(_) => break 'batches,
-            }
-        }
-        let m = b - a;
-        let mut arrays: Vec<Vec<u8>> = picks.iter().map(|&(rb, _)| vec![0u8; m * rb]).collect();
-        for seg in &live {
-            let (lo, hi) = (seg.start.max(a), seg.end.min(b));
-            if lo >= hi {
-                continue;
-            }
-            for (i, &(rb, off)) in picks.iter().enumerate() {
-                let full = hs[i].row_bytes();
-                let src = &seg.bufs[i];
-                let dst = &mut arrays[i];
-                if off == 0 && rb == full {
-                    dst[(lo - a) * rb..(hi - a) * rb]
-                        .copy_from_slice(&src[(lo - seg.start) * full..(hi - seg.start) * full]);
-                } else {
-                    for r in lo..hi {
-                        let s = (r - seg.start) * full + off;
-                        dst[(r - a) * rb..(r - a + 1) * rb].copy_from_slice(&src[s..s + rb]);
+        let rows = &seq[start..end];
+        let filled = ctx.pool.install(|| -> Result<()> {
+            for (i, h) in ctx.handles.iter().enumerate() {
+                let (rb, col) = picks[i];
+                let mut slots = Vec::with_capacity(rows.len());
+                let mut k = 0;
+                for p in start..end {
+                    while open[k].1 <= p {
+                        k += 1;
                     }
+                    slots.push((k, (p - open[k].0) * rb));
                 }
+                let pieces = open
+                    .iter_mut()
+                    .map(|(_, _, b)| b.arrays[i].as_mut_slice())
+                    .collect();
+                gather(h, rows, col, &Scatter::new(pieces, slots, rb)?)?;
             }
+            Ok(())
+        });
+        if let Err(e) = filled {
+            let _ = tx.send(Err(e));
+            return;
         }
-        let indices = seq[a..b].to_vec();
-        let (mut eps, mut uniform) = (Vec::new(), Vec::new());
-        if let Some(ns) = spec.noise {
-            eps = vec![0.0f64; m * ns.dim];
-            let draw = epoch as u32;
-            for (i, &s) in indices.iter().enumerate() {
+        let mut done = Vec::new();
+        while open.front().is_some_and(|o| o.1 <= end) {
+            done.push(open.pop_front().unwrap().2);
+        }
+        if !send(done) {
+            return;
+        }
+    }
+    // Whatever is left holds no rows (empty batches of a rank past the last sample).
+    let rest = open
+        .into_iter()
+        .map(|o| o.2)
+        .chain(batches[next..].iter().map(|&b| new_batch(b)))
+        .collect();
+    send(rest);
+}
+
+/// Online noise of each batch (Gaussians and sigma uniforms of draw = epoch), batches in parallel.
+fn add_noise(ctx: &Ctx, epoch: u64, mut done: Vec<Batch>) -> Vec<Batch> {
+    let Some(ns) = ctx.spec.noise else {
+        return done;
+    };
+    let draw = epoch as u32;
+    ctx.pool.install(|| {
+        done.par_iter_mut().for_each(|b| {
+            b.eps = vec![0.0f64; b.indices.len() * ns.dim];
+            for (i, &s) in b.indices.iter().enumerate() {
                 philox::gaussian_into(
                     s as u32,
                     ns.seed,
                     ns.block,
                     draw,
-                    &mut eps[i * ns.dim..(i + 1) * ns.dim],
+                    &mut b.eps[i * ns.dim..(i + 1) * ns.dim],
                 );
-                uniform.push(philox::uniform_for_sigma(s as u32, ns.seed, ns.block, draw));
             }
-        }
-        let batch = Batch {
-            epoch,
-            position,
-            indices,
-            arrays,
-            eps,
-            uniform,
-        };
-        if tx.send(Ok(batch)).is_err() {
-            break;
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    drop(seg_rx);
-    let _ = decoder.join();
+            b.uniform = b
+                .indices
+                .iter()
+                .map(|&s| philox::uniform_for_sigma(s as u32, ns.seed, ns.block, draw))
+                .collect();
+        })
+    });
+    done
 }
 
 #[cfg(test)]
@@ -758,7 +743,7 @@ mod tests {
             dtype: DType::Int32,
             chunk_rows: 4,
             shard_rows: Some(8),
-            zstd_level: 1,
+            compression: crate::store::Compression::Zstd(1),
         };
         let x = s.create_array("x", &mk(vec![30, 2])).unwrap();
         let bytes: Vec<u8> = (0..60i32).flat_map(|v| v.to_ne_bytes()).collect();

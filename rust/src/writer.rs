@@ -158,7 +158,7 @@ mod tests {
             dtype: DType::UInt8,
             chunk_rows: 4,
             shard_rows: Some(8),
-            zstd_level: 1,
+            compression: crate::store::Compression::Zstd(1),
         };
         let w = RowWriter::new(s.create_array("x", &spec).unwrap());
         let data: Vec<u8> = (0..100).map(|v| v as u8).collect();
