@@ -151,3 +151,20 @@ def test_cli_cache_train_eval_and_clean_errors(tmp_path, cfg_path):
     (tmp_path / "bad.toml").write_text("[model]\nwidth = 3\n")
     bad = r.invoke(main, ["cache", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "y")])
     assert bad.exit_code != 0 and "unknown key(s) ['width']" in bad.output
+
+
+def test_target_mixing_keeps_labels_and_is_reproducible():
+    from dbcore.noise import mix_targets
+    from dbcore.recipes.vit import make_target_embedding
+
+    emb = make_target_embedding(10, 16, 0)
+    labels = torch.arange(1000) % 10
+    sample = torch.arange(1000)
+    a = mix_targets(emb, labels, sample, 0, 1, 0, 0.5)
+    assert torch.equal(a, mix_targets(emb, labels, sample, 0, 1, 0, 0.5))
+    unchanged = (a == emb[labels]).all(dim=1)
+    assert 0.4 < unchanged.float().mean() < 0.6  # about half mixed
+    # a mixed row lies between the label's row and another class's row
+    coeff = (a[~unchanged] @ emb.T)  # (M, V)
+    assert (coeff.argmax(dim=1) != labels[~unchanged]).any()  # some point at the other class
+    assert torch.equal(mix_targets(emb, labels, sample, 0, 1, 0, 0.0), emb[labels])

@@ -40,6 +40,7 @@ class TrainConfig:
     weight_clamp: float = 100.0
     mode: Literal["independent", "sequential"] = "independent"
     sequential_fraction: float = 0.5  # share of each batch taken from the chain states
+    mix_fraction: float = 0.0  # share of each batch with mixed target rows, see noise.mix_targets
     inference_steps: int = 0  # Euler steps at evaluation; 0 means one per block
     checkpoint_every: int = 200
     backend: str = "auto"  # noise and loss kernels: auto | torch | cupy

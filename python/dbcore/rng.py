@@ -12,6 +12,8 @@ Layout (the contract, shared by all three implementations):
   Outputs (0, 1) and (2, 3) are Box-Muller pairs with u = (x + 0.5) * 2^-32 in (0, 1):
   n_even = sqrt(-2 ln u_a) cos(2 pi u_b), n_odd = sqrt(-2 ln u_a) sin(2 pi u_b).
 - The uniform that picks sigma uses group j = SIGMA_GROUP (0xFFFFFFFF), output 0.
+- The uniforms of target mixing (`dbcore.train`, `mix_fraction`) use group j = MIX_GROUP
+  (0xFFFFFFFE), outputs 0..2.
 
 Integer arithmetic runs in int64 with explicit 32-bit masks (torch has no full uint32 support).
 """
@@ -28,6 +30,7 @@ PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 SIGMA_GROUP = 0xFFFFFFFF
+MIX_GROUP = 0xFFFFFFFE
 MASK32 = 0xFFFFFFFF
 INV_2_32 = 2.0**-32
 
@@ -64,6 +67,13 @@ def _counters(
         raise ValueError("sample index does not fit the generator's 32-bit counter")
     j, sample = torch.broadcast_tensors(j, sample)
     return j, sample, torch.full_like(j, block), torch.full_like(j, draw)
+
+
+def uniforms(sample: torch.Tensor, seed: int, block: int, draw: int, group: int) -> torch.Tensor:
+    """The four uniforms in (0, 1) (float64) of counter group `group`: (N, 4)."""
+    sample = sample.to(torch.int64)
+    j = torch.full_like(sample, group)
+    return torch.stack([_uniform(v) for v in philox4x32(_counters(j, sample, block, draw), seed)], dim=1)
 
 
 def uniform_for_sigma(sample: torch.Tensor, seed: int, block: int, draw: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dbcore.config import Config
 from dbcore.data import BatchStream, noised_targets
 from dbcore.kernels import block_loss_ce, resolve_backend
 from dbcore.loss import sample_weights
+from dbcore.noise import mix_targets
 from dbcore.recipes.vit import ViTBlock, ViTClassifier
 
 LOG_EVERY = 25
@@ -183,7 +184,11 @@ def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: 
 
     def step_loss(batch: Batch) -> torch.Tensor:
         labels = torch.from_numpy(batch[layout.LABELS])
-        z, sigma = noised_targets(batch, emb[labels], block, m)  # (B, d), (B,)
+        y = emb[labels]  # (B, d)
+        z, sigma = noised_targets(batch, y, block, m)  # (B, d), (B,)
+        if t.mix_fraction > 0:
+            sample = torch.from_numpy(batch["index"])
+            z = z + (mix_targets(emb, labels, sample, t.seed, block, stream.epoch, t.mix_fraction) - y)
         if chain is not None:
             take = int(round(t.sequential_fraction * len(labels)))
             idx = torch.from_numpy(batch["index"][:take])
