@@ -276,3 +276,14 @@ def test_empty_rank_batch(path):
         s = BatchStream(path, ["y"], 333, rank=rank, world_size=3, seed=0)
         sizes = [len(b[INDEX]) for b in s]
         assert len(sizes) == len(s) == 2 and sizes == [333, 1 if rank == 2 else 0]
+
+
+def test_held_batches_keep_their_rows_while_buffers_are_reused(path):
+    s = BatchStream(path, ["x", "z"], 64, draw=["z"], seed=2, chunk_rows=50)
+    held = list(s)  # epoch 0, all held
+    for b in s:  # epoch 1: buffers given back in between are reused
+        b["x"][:] = -1  # batches are writable
+    del b
+    for b in held:
+        np.testing.assert_array_equal(b["x"], X[b[INDEX]])
+        np.testing.assert_array_equal(b["z"], Z[b[INDEX], 0])

@@ -250,6 +250,38 @@ struct NativeStream {
     inner: std::sync::Mutex<stream::Stream>,
 }
 
+/// Owns one batch buffer while NumPy arrays view it, then gives it back to its stream's pool.
+#[pyclass(frozen, module = "dbcore._native")]
+struct BatchBuffer {
+    buf: Vec<u8>,
+    pool: Arc<stream::BufferPool>,
+}
+
+impl Drop for BatchBuffer {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
+/// A writable uint8 array over `buf` that returns it to `pool` once collected (no copy).
+fn pooled_array<'py>(
+    py: Python<'py>,
+    buf: Vec<u8>,
+    pool: &Arc<stream::BufferPool>,
+) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
+    let owner = Bound::new(
+        py,
+        BatchBuffer {
+            buf,
+            pool: pool.clone(),
+        },
+    )?;
+    let view = numpy::ndarray::ArrayView1::from(owner.get().buf.as_slice());
+    // SAFETY: the array keeps `owner` alive as its base, and `owner.buf` is never touched (so
+    // never reallocated) until `owner` is dropped.
+    Ok(unsafe { numpy::PyArray1::borrow_from_array(&view, owner.clone().into_any()) })
+}
+
 type BatchTuple<'py> = (
     u64,
     usize,
@@ -370,19 +402,25 @@ impl NativeStream {
     /// The next batch `(epoch, position, indices, [bytes per array], eps, uniform)`, or None at the
     /// end of the epoch. Waits without the GIL.
     fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchTuple<'py>>> {
-        let Some(b) = py.detach(|| self.lock().next_batch()) else {
+        let (b, pool) = py.detach(|| {
+            let mut s = self.lock();
+            (s.next_batch(), s.buffers())
+        });
+        let Some(b) = b else {
             return Ok(None);
         };
         let b = b.map_err(to_py)?;
+        let arrays = b
+            .arrays
+            .into_iter()
+            .map(|a| pooled_array(py, a, &pool))
+            .collect::<PyResult<Vec<_>>>()?;
         let noise = !b.uniform.is_empty() || !b.eps.is_empty();
         Ok(Some((
             b.epoch,
             b.position,
             numpy::PyArray1::from_vec(py, b.indices),
-            b.arrays
-                .into_iter()
-                .map(|a| numpy::PyArray1::from_vec(py, a))
-                .collect(),
+            arrays,
             noise.then(|| numpy::PyArray1::from_vec(py, b.eps)),
             noise.then(|| numpy::PyArray1::from_vec(py, b.uniform)),
         )))
@@ -482,6 +520,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeStore>()?;
     m.add_class::<NativeWriter>()?;
     m.add_class::<NativeStream>()?;
+    m.add_class::<BatchBuffer>()?;
     m.add_function(wrap_pyfunction!(philox4x32, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian, m)?)?;
     m.add_function(wrap_pyfunction!(uniform_for_sigma, m)?)?;

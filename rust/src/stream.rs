@@ -52,6 +52,9 @@ pub const WINDOW_MIN_ROWS: u64 = 4096;
 /// ... unless a window's decoded rows (all arrays) would exceed this many bytes (never < 1 chunk).
 pub const WINDOW_MAX_BYTES: u64 = 128 << 20;
 
+/// Batch buffers handed back by the consumer and kept for reuse, at most this many bytes per stream.
+pub const POOL_MAX_BYTES: usize = 256 << 20;
+
 const TAG_CHUNKS: u32 = 0x5348_0001;
 const TAG_WINDOWS: u32 = 0x5348_0002;
 const TAG_EXACT: u32 = 0x5348_0003;
@@ -216,6 +219,42 @@ struct Ctx {
     spec: Spec,
     handles: Vec<Arc<ArrayHandle>>,
     pool: rayon::ThreadPool,
+    buffers: Arc<BufferPool>,
+}
+
+/// Batch buffers to reuse: already faulted in, and never zeroed again (every byte of a batch
+/// buffer is written by the gather before the batch is handed out).
+#[derive(Default)]
+pub struct BufferPool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// A buffer of `len` bytes (old contents, or zeros when new).
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        if let Ok(mut free) = self.free.lock() {
+            if let Some(i) = free
+                .iter()
+                .position(|b| b.capacity() >= len && b.capacity() <= 2 * len.max(1))
+            {
+                let mut buf = free.swap_remove(i);
+                buf.resize(len, 0);
+                return buf;
+            }
+        }
+        vec![0u8; len]
+    }
+
+    /// Keep `buf` for a later batch (unless the pool is full; never waits for the lock, so a
+    /// buffer dropped in a forked child whose parent held the lock is simply freed).
+    pub fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut free) = self.free.try_lock() {
+            let held: usize = free.iter().map(Vec::capacity).sum();
+            if buf.capacity() > 0 && held + buf.capacity() <= POOL_MAX_BYTES {
+                free.push(buf);
+            }
+        }
+    }
 }
 
 struct Running {
@@ -383,6 +422,7 @@ impl Stream {
                 spec,
                 handles,
                 pool,
+                buffers: Arc::new(BufferPool::default()),
             }),
             n,
             chunk_rows,
@@ -524,6 +564,11 @@ impl Stream {
     pub fn stop(&mut self) {
         self.running = None;
     }
+
+    /// Where the consumer may give batch buffers back once done with them.
+    pub fn buffers(&self) -> Arc<BufferPool> {
+        self.ctx.buffers.clone()
+    }
 }
 
 /// Output row bytes and the byte offset of the epoch's draw inside a stored row, per array.
@@ -560,7 +605,10 @@ fn decode_batches(
         epoch,
         position,
         indices: seq[a..b].to_vec(),
-        arrays: picks.iter().map(|&(rb, _)| vec![0u8; (b - a) * rb]).collect(),
+        arrays: picks
+            .iter()
+            .map(|&(rb, _)| ctx.buffers.take((b - a) * rb))
+            .collect(),
         eps: Vec::new(),
         uniform: Vec::new(),
     };
