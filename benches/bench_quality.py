@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "target scale 2": ({"target_scale": 2.0}, {}, None),
     "2x steps": ({}, {"steps_factor": 2}, None),
     "sequential": ({}, {"mode": "sequential"}, None),
+    "target mixing 0.5": ({}, {"mix_fraction": 0.5}, None),
+    "loguniform-first + mixing 0.5": ({"sigma_dist": "loguniform-first"}, {"mix_fraction": 0.5}, None),
     "loguniform-first + sequential": ({"sigma_dist": "loguniform-first"}, {"mode": "sequential"}, None),
 }
 EVAL_ONLY = {"base, 2 steps/block": ("base", 2), "base, 4 steps/block": ("base", 4)}
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="per-block steps (default: the config's)")
     ap.add_argument("--variants", nargs="*", default=["all"], help="names, or all")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription)")
+    ap.add_argument("--append", action="store_true", help="merge into an existing results file")
     ap.add_argument("--work", default="/tmp/dbcore_quality")
     ap.add_argument("--out", default=str(ROOT / "benches/results"))
     args = ap.parse_args()
@@ -121,7 +124,13 @@ def main() -> None:
     meta = {"dbcore": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
             "machine": platform.machine(), "threads": torch.get_num_threads(), "data": args.data,
             "config": args.config, "steps_per_block": steps, "command": " ".join(sys.argv)}
-    (out / f"quality_{args.data}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    path = out / f"quality_{args.data}.json"
+    if args.append and path.is_file():
+        old = json.loads(path.read_text())
+        names = {r["variant"] for r in rows}
+        rows = [r for r in old["results"] if r["variant"] not in names] + rows
+        meta["command"] = " && ".join([old["meta"]["command"], meta["command"]])
+    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     lines = [
         f"# Quality ablation on {args.data} ({steps} steps per block; `{meta['command']}`)",
         "",
