@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="per-block steps (default: the config's)")
     ap.add_argument("--variants", nargs="*", default=["all"], help="names, or all")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription)")
+    ap.add_argument("--name", default=None, help="results file stem (default: quality_<data>)")
     ap.add_argument("--append", action="store_true", help="merge into an existing results file")
     ap.add_argument("--work", default="/tmp/dbcore_quality")
     ap.add_argument("--out", default=str(ROOT / "benches/results"))
@@ -124,7 +125,8 @@ def main() -> None:
     meta = {"dbcore": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
             "machine": platform.machine(), "threads": torch.get_num_threads(), "data": args.data,
             "config": args.config, "steps_per_block": steps, "command": " ".join(sys.argv)}
-    path = out / f"quality_{args.data}.json"
+    stem = args.name or f"quality_{args.data}"
+    path = out / f"{stem}.json"
     if args.append and path.is_file():
         old = json.loads(path.read_text())
         names = {r["variant"] for r in rows}
@@ -140,7 +142,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {r['loss']:.4f} | "
                      f"{r.get('inference_steps') or '-'} | {r['train_seconds']} |")
-    (out / f"quality_{args.data}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
