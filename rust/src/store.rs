@@ -5,16 +5,18 @@
 //! Reads of an uncompressed array whose rows lie contiguously in its chunks (every dbcore array:
 //! chunks span all axes but the first) skip the codec pipeline: each row is read from its chunk
 //! (or inner chunk of a shard, located through the cached shard index) straight into its output
-//! slot with one `pread`. Uncompressed chunks carry no checksum (a shard's index keeps its crc32c):
-//! a truncated chunk or shard is detected, a flipped bit inside one is not.
+//! slot with one `pread`, or, for a reader that keeps `FileMaps` (a stream), with a user-space
+//! `memcpy` out of a read-only map of the file. Uncompressed chunks carry no checksum (a shard's
+//! index keeps its crc32c): a truncated chunk or shard is detected, a flipped bit inside one is not.
 //!
 //! Everything here is pure Rust (no Python); `python.rs` is a thin layer over it.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use memmap2::Mmap;
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use unsafe_cell_slice::UnsafeCellSlice;
@@ -627,6 +629,17 @@ impl ArrayHandle {
     /// the scatter's slot of the same index: each chunk touched is read or decoded once, chunks in
     /// parallel (in the current rayon pool).
     pub fn read_rows_scatter(&self, rows: &[u64], col: usize, scatter: &Scatter) -> Result<()> {
+        self.read_rows_scatter_mapped(rows, col, scatter, None)
+    }
+
+    /// `read_rows_scatter`, uncompressed chunks read through the maps of `maps` when given.
+    pub fn read_rows_scatter_mapped(
+        &self,
+        rows: &[u64],
+        col: usize,
+        scatter: &Scatter,
+        maps: Option<&FileMaps>,
+    ) -> Result<()> {
         let len = scatter.len;
         if rows.len() != scatter.slots.len() || col + len > self.row_bytes {
             return Err(Error::Invalid(self.ctx(format!(
@@ -644,7 +657,7 @@ impl ArrayHandle {
         let groups = gather::plan(rows, self.unit_rows);
         let options = CodecOptions::default().with_concurrent_target(1);
         groups.par_iter().try_for_each(|g| {
-            if self.raw.is_some() && self.raw_group(g, col, scatter)? {
+            if self.raw.is_some() && self.raw_group(g, col, scatter, maps)? {
                 return Ok(());
             }
             let subset = self.rows_subset(g.lo, g.hi);
@@ -669,9 +682,16 @@ impl ArrayHandle {
         })
     }
 
-    /// Read the picks of `g` straight from an uncompressed chunk. Ok(false): the chunk is not
-    /// stored (it holds the fill value), the caller decodes it the ordinary way.
-    fn raw_group(&self, g: &gather::Group, col: usize, scatter: &Scatter) -> Result<bool> {
+    /// Read the picks of `g` straight from an uncompressed chunk (through its file's map when
+    /// `maps` has one). Ok(false): the chunk is not stored (it holds the fill value), the caller
+    /// decodes it the ordinary way.
+    fn raw_group(
+        &self,
+        g: &gather::Group,
+        col: usize,
+        scatter: &Scatter,
+        maps: Option<&FileMaps>,
+    ) -> Result<bool> {
         let raw = self.raw.as_ref().expect("raw array");
         let unit = g.lo / self.unit_rows;
         let rb = self.row_bytes as u64;
@@ -705,6 +725,35 @@ impl ArrayHandle {
                 (raw.storage.key_to_fspath(&self.array.chunk_key(&idx)), 0)
             }
         };
+        let len = scatter.len;
+        let first = unit * self.unit_rows;
+        let short = |size: u64| {
+            Error::Corrupt(self.ctx(format!(
+                "{}: {size} bytes, chunk {unit} needs {}",
+                path.display(),
+                base + chunk_bytes
+            )))
+        };
+        let mapped = match maps.map(|m| m.get(&path)).transpose() {
+            Ok(m) => m,
+            Err(e) => return Err(Error::Io(self.ctx(format!("{}: {e}", path.display())))),
+        };
+        match mapped {
+            Some(Mapped::Missing) => return Ok(false),
+            Some(Mapped::Map(map)) => {
+                let size = map.len() as u64;
+                if size < base + chunk_bytes || (raw.shard_rows.is_none() && size != chunk_bytes) {
+                    return Err(short(size));
+                }
+                for &(row, slot) in &g.picks {
+                    let at = (base + (row - first) * rb) as usize + col;
+                    // SAFETY: as in `read_rows_scatter`.
+                    unsafe { scatter.slot(slot) }.copy_from_slice(&map[at..at + len]);
+                }
+                return Ok(true);
+            }
+            Some(Mapped::Unmapped) | None => {}
+        }
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -719,14 +768,8 @@ impl ArrayHandle {
         };
         let size = file.metadata().map_err(io)?.len();
         if size < base + chunk_bytes || (raw.shard_rows.is_none() && size != chunk_bytes) {
-            return Err(Error::Corrupt(self.ctx(format!(
-                "{}: {size} bytes, chunk {unit} needs {}",
-                path.display(),
-                base + chunk_bytes
-            ))));
+            return Err(short(size));
         }
-        let len = scatter.len;
-        let first = unit * self.unit_rows;
         if len >= RAW_ROW_READ_BYTES || g.picks.len() == 1 {
             for &(row, slot) in &g.picks {
                 let at = base + (row - first) * rb + col as u64;
@@ -750,6 +793,69 @@ impl ArrayHandle {
 
 /// Rows of at least this many bytes are read one `pread` each; smaller ones in one span per chunk.
 const RAW_ROW_READ_BYTES: usize = 16 << 10;
+
+/// At most this many files are kept mapped by one `FileMaps`; past it the cache starts afresh
+/// (maps in use stay alive until their reads end). Keeps well under `vm.max_map_count`.
+pub const MAX_FILE_MAPS: usize = 4096;
+
+/// Read-only memory maps of the chunk and shard files of uncompressed arrays, kept by one reader
+/// (a stream) for its lifetime: rows are then copied with a user-space `memcpy` straight out of
+/// the page cache, without a system call and a kernel copy per row, and the pages mapped in one
+/// epoch stay mapped for the next.
+///
+/// A file is mapped whole, once. Before any byte of it is read, the length it had when mapped is
+/// checked against the bytes the read needs (the chunk size, or the inner chunk's range in the
+/// shard index), so a file that was already truncated gives the usual corrupt-store error naming
+/// the array, never a SIGBUS. Out of scope: a file truncated in place *while* it is mapped (by
+/// another process rewriting the store under a running reader); touching its lost pages raises
+/// SIGBUS, as with any mapped file. A file deleted or replaced by a new file (a store overwritten)
+/// is harmless: the map keeps the old contents. A file that cannot be mapped is read with `pread`.
+#[derive(Default)]
+pub struct FileMaps {
+    /// None: the file could not be mapped (read it with `pread`).
+    maps: Mutex<HashMap<PathBuf, Option<Arc<Mmap>>>>,
+}
+
+enum Mapped {
+    Map(Arc<Mmap>),
+    /// The file does not exist (the chunk holds the fill value).
+    Missing,
+    /// Read the file with `pread`.
+    Unmapped,
+}
+
+impl FileMaps {
+    fn get(&self, path: &Path) -> std::io::Result<Mapped> {
+        let found = |m: &Option<Arc<Mmap>>| m.clone().map_or(Mapped::Unmapped, Mapped::Map);
+        if let Some(m) = self.maps.lock().unwrap().get(path) {
+            return Ok(found(m));
+        }
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Mapped::Missing),
+            Err(e) => return Err(e),
+        };
+        // SAFETY: the map is read-only and private to this reader; reads stay within the length
+        // the file had when mapped (checked by the caller). A file shrunk while mapped is out of
+        // scope (see the type's docs).
+        let map = unsafe { Mmap::map(&file) }.ok().map(Arc::new);
+        let mut maps = self.maps.lock().unwrap();
+        if maps.len() >= MAX_FILE_MAPS {
+            maps.clear();
+        }
+        // Another thread may have mapped it meanwhile: keep one.
+        Ok(found(maps.entry(path.to_path_buf()).or_insert(map)))
+    }
+
+    /// Files mapped (or found unmappable) so far.
+    pub fn len(&self) -> usize {
+        self.maps.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Output slots of a gather: slot i is `len` bytes at `slots[i] = (piece, byte offset)`.
 /// Slots are checked disjoint and in bounds, so gathers may fill them from several threads.
@@ -958,6 +1064,42 @@ mod tests {
             assert_eq!(b, bytes[rb + 4..rb + 12]);
             assert_eq!(a, bytes[14 * rb + 4..14 * rb + 12]);
         }
+    }
+
+    #[test]
+    fn mapped_reads_match_and_refuse_a_short_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.zarr");
+        let s = Store::create(&path, Map::new(), false).unwrap();
+        let mut sp = spec(vec![16, 3], 4, Some(8));
+        sp.compression = Compression::None;
+        let h = s.create_array("x", &sp).unwrap();
+        let bytes = data(16 * 3);
+        h.write_rows(0, &bytes).unwrap();
+        s.finalize().unwrap();
+        // shard 1 (rows 8..16) cut in the middle, its index kept: inner chunk 3 lies past the end
+        let shard = path.join("x/c/1/0");
+        let full = std::fs::read(&shard).unwrap();
+        let index = 2 * 16 + 4;
+        let cut = [&full[..48], &full[full.len() - index..]].concat();
+        std::fs::write(&shard, cut).unwrap();
+        let h = Store::open(&path, true).unwrap().array("x").unwrap();
+        let maps = FileMaps::default();
+        let read = |rows: &[u64]| {
+            let mut out = vec![0u8; rows.len() * 12];
+            let slots = (0..rows.len()).map(|i| (0, i * 12)).collect();
+            let sc = Scatter::new(vec![&mut out], slots, 12).unwrap();
+            h.read_rows_scatter_mapped(rows, 0, &sc, Some(&maps)).map(|_| out)
+        };
+        let rows = [9u64, 0, 7, 11, 2];
+        let out = read(&rows).unwrap();
+        for (i, &r) in rows.iter().enumerate() {
+            assert_eq!(out[i * 12..][..12], bytes[r as usize * 12..][..12]);
+        }
+        assert_eq!(maps.len(), 2);
+        let err = read(&[13]).unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+        assert!(err.to_string().contains("array 'x'") && err.to_string().contains("chunk 3"));
     }
 
     #[test]

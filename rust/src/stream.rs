@@ -27,6 +27,9 @@
 //! straddle two segments), adds online noise, and queues the complete batches: up to `prefetch`
 //! plus one segment's worth, so that it decodes the next segment while the consumer takes the
 //! last one's batches. Each batch buffer is written once and handed over as it is (no copy).
+//! Uncompressed chunk and shard files are read through read-only memory maps kept for the
+//! stream's lifetime (`store::FileMaps`: rows are `memcpy`d from the page cache, a file already
+//! truncated is refused as corrupt; one truncated while mapped is out of scope).
 //! Nothing here touches Python.
 
 use std::collections::VecDeque;
@@ -37,7 +40,7 @@ use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::philox::{self, Counter};
-use crate::store::{ArrayHandle, Scatter, Store};
+use crate::store::{ArrayHandle, FileMaps, Scatter, Store};
 use rayon::prelude::*;
 
 /// Hard cap on decode threads per stream.
@@ -220,6 +223,8 @@ struct Ctx {
     handles: Vec<Arc<ArrayHandle>>,
     pool: rayon::ThreadPool,
     buffers: Arc<BufferPool>,
+    /// Maps of the uncompressed chunk and shard files read so far.
+    maps: FileMaps,
 }
 
 /// Batch buffers to reuse: already faulted in, and never zeroed again (every byte of a batch
@@ -310,10 +315,16 @@ fn with_msg(e: &Error, msg: String) -> Error {
     }
 }
 
-/// Gather bytes `col..` of `rows` of `h` into `out`; a failure names the first chunk that does not
-/// decode.
-fn gather(h: &ArrayHandle, rows: &[u64], col: usize, out: &Scatter) -> Result<()> {
-    let Err(e) = h.read_rows_scatter(rows, col, out) else {
+/// Gather bytes `col..` of `rows` of `h` into `out` (uncompressed files through `maps`); a failure
+/// names the first chunk that does not decode.
+fn gather(
+    h: &ArrayHandle,
+    rows: &[u64],
+    col: usize,
+    out: &Scatter,
+    maps: &FileMaps,
+) -> Result<()> {
+    let Err(e) = h.read_rows_scatter_mapped(rows, col, out, Some(maps)) else {
         return Ok(());
     };
     let unit = h.unit_rows().max(1);
@@ -423,6 +434,7 @@ impl Stream {
                 handles,
                 pool,
                 buffers: Arc::new(BufferPool::default()),
+                maps: FileMaps::default(),
             }),
             n,
             chunk_rows,
@@ -644,7 +656,7 @@ fn decode_batches(
                     .iter_mut()
                     .map(|(_, _, b)| b.arrays[i].as_mut_slice())
                     .collect();
-                gather(h, rows, col, &Scatter::new(pieces, slots, rb)?)?;
+                gather(h, rows, col, &Scatter::new(pieces, slots, rb)?, &ctx.maps)?;
             }
             Ok(())
         });
