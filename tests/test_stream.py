@@ -287,3 +287,49 @@ def test_held_batches_keep_their_rows_while_buffers_are_reused(path):
     for b in held:
         np.testing.assert_array_equal(b["x"], X[b[INDEX]])
         np.testing.assert_array_equal(b["z"], Z[b[INDEX], 0])
+
+
+X4 = np.arange(400 * 4, dtype=np.float32).reshape(400, 4)
+
+
+@pytest.mark.parametrize("shards", [0, 100])
+def test_truncated_uncompressed_file_is_corrupt_not_sigbus(tmp_path, shards):
+    # Uncompressed files are read through memory maps: a file shorter than what the read needs
+    # (a chunk file cut short, or a shard cut in the middle with its index intact, so the index
+    # points past the end of the file) must give the corrupt-store error naming array and chunk.
+    p = tmp_path / "t.zarr"
+    s = store.create(p)
+    s.write_array("x", X4, chunks=20, shards=shards, compression=None)
+    s.finalize()
+    if shards:
+        victim = p / "x" / "c" / "1" / "0"  # rows 100..200: inner chunks 5..9
+        data = victim.read_bytes()
+        index = 5 * 16 + 4  # 5 inner chunks x (offset, length) + crc32c, at the end
+        victim.write_bytes(data[: 2 * 20 * 16] + data[-index:])  # keeps inner chunks 5, 6
+    else:
+        victim = p / "x" / "c" / "7" / "0"
+        victim.write_bytes(victim.read_bytes()[:10])
+    bs = BatchStream(p, ["x"], 20, shuffle=False, window_chunks=1)
+    it = iter(bs)
+    for i in range(7):  # rows 0..139 come from good chunks
+        np.testing.assert_array_equal(next(it)["x"], X4[i * 20 : (i + 1) * 20])
+    with pytest.raises(store.CorruptStoreError, match=r"array 'x'.*chunk 7 .*rows 140\.\.160"):
+        list(it)
+
+
+def test_uncompressed_maps_survive_epochs_and_overwrite(tmp_path):
+    # The maps live as long as the stream; a store overwritten (files replaced) under a running
+    # stream keeps giving the old rows rather than faulting.
+    p = tmp_path / "m.zarr"
+    s = store.create(p)
+    s.write_array("x", X4, chunks=20, shards=100, compression=None)
+    s.finalize()
+    bs = BatchStream(p, ["x"], 16, seed=3, chunk_rows=20)
+    for _ in range(3):
+        for b in bs:
+            np.testing.assert_array_equal(b["x"], X4[b[INDEX]])
+    s = store.create(p, overwrite=True)
+    s.write_array("x", -X4, chunks=20, shards=100, compression=None)
+    s.finalize()
+    for b in bs:
+        np.testing.assert_array_equal(b["x"], X4[b[INDEX]])
