@@ -73,6 +73,32 @@ def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: st
     return result
 
 
+def write_results(args: argparse.Namespace, rows: list[dict], steps: int) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"dbcore": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
+            "machine": platform.machine(), "threads": torch.get_num_threads(), "data": args.data,
+            "config": args.config, "steps_per_block": steps, "command": " ".join(sys.argv)}
+    path = out / f"{args.name or 'quality_' + args.data}.json"
+    if args.append and path.is_file():
+        old = json.loads(path.read_text())
+        names = {r["variant"] for r in rows}
+        rows = [r for r in old["results"] if r["variant"] not in names] + rows
+        if meta["command"] not in old["meta"]["command"]:
+            meta["command"] = " && ".join([old["meta"]["command"], meta["command"]])
+    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    lines = [
+        f"# Quality on {args.data} ({steps} steps per block; `{meta['command']}`)",
+        "",
+        "| variant | valid accuracy | valid loss | inference steps | train+eval s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {r['loss']:.4f} | "
+                     f"{r.get('inference_steps') or '-'} | {r['train_seconds']} |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs/vit_mnist.toml"))
@@ -120,29 +146,7 @@ def main() -> None:
                 e.update(variant=label, config=r["config"], train_seconds=0.0)
                 rows.append(e)
                 print(json.dumps({k: e[k] for k in ("variant", "accuracy", "loss")}), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"dbcore": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
-            "machine": platform.machine(), "threads": torch.get_num_threads(), "data": args.data,
-            "config": args.config, "steps_per_block": steps, "command": " ".join(sys.argv)}
-    stem = args.name or f"quality_{args.data}"
-    path = out / f"{stem}.json"
-    if args.append and path.is_file():
-        old = json.loads(path.read_text())
-        names = {r["variant"] for r in rows}
-        rows = [r for r in old["results"] if r["variant"] not in names] + rows
-        meta["command"] = " && ".join([old["meta"]["command"], meta["command"]])
-    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    lines = [
-        f"# Quality ablation on {args.data} ({steps} steps per block; `{meta['command']}`)",
-        "",
-        "| variant | valid accuracy | valid loss | inference steps | train+eval s |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {r['loss']:.4f} | "
-                     f"{r.get('inference_steps') or '-'} | {r['train_seconds']} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        write_results(args, rows, steps)  # after every variant: a long run keeps what it measured
 
 
 if __name__ == "__main__":
