@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,9 +33,12 @@ def _user_errors():
 
 
 def _run_safely(fn, *args, **kwargs):
+    """Run fn, turning a user-facing error into one line; DBCORE_DEBUG=1 keeps the traceback."""
     try:
         return fn(*args, **kwargs)
     except _user_errors() as exc:
+        if os.environ.get("DBCORE_DEBUG"):
+            raise
         raise _Fail(str(exc)) from None
 
 
