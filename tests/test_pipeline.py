@@ -168,3 +168,22 @@ def test_target_mixing_keeps_labels_and_is_reproducible():
     coeff = (a[~unchanged] @ emb.T)  # (M, V)
     assert (coeff.argmax(dim=1) != labels[~unchanged]).any()  # some point at the other class
     assert torch.equal(mix_targets(emb, labels, sample, 0, 1, 0, 0.0), emb[labels])
+
+
+def test_target_embedding_from_a_file(tmp_path, cfg_path):
+    import numpy as np
+
+    rows = np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32)
+    np.save(tmp_path / "e.npy", rows)
+    r = CliRunner()
+    out = r.invoke(main, ["cache", str(cfg_path), "--out", str(tmp_path / "c.zarr"),
+                          "--target-embedding", str(tmp_path / "e.npy")])
+    assert out.exit_code == 0, out.output
+    s = store.open(tmp_path / "c.zarr")
+    assert np.array_equal(s.read(layout.TARGET_EMBEDDING), rows)
+    assert s.attrs["target_embedding"]["kind"] == "file"
+    np.save(tmp_path / "bad.npy", rows[:, :5])
+    bad = r.invoke(main, ["cache", str(cfg_path), "--out", str(tmp_path / "d.zarr"),
+                          "--target-embedding", str(tmp_path / "bad.npy")])
+    assert bad.exit_code != 0 and "expected shape (10, 32)" in bad.output
+    assert not (tmp_path / "d.zarr").exists()

@@ -14,6 +14,7 @@ interrupted one of other inputs, is refused unless `overwrite`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,8 +58,13 @@ def write_cache(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    target_embedding: np.ndarray | None = None,
 ) -> store.Store:
-    """Write the cache store `out`, streaming row blocks (see the module docs for resume)."""
+    """Write the cache store `out`, streaming row blocks (see the module docs for resume).
+
+    `target_embedding`: the frozen rows E (num_classes, dim) to use instead of seeded random
+    unit vectors (stored as float32 as given: normalise them as you mean training to see them).
+    """
     m = cfg.model
     if noise not in ("online", "cached"):
         raise ValueError(f"noise must be 'online' or 'cached', found {noise!r}")
@@ -74,7 +80,13 @@ def write_cache(
         raise ValueError(
             f"source {source.spec}: label {source.num_classes - 1} >= num_classes {m.num_classes}"
         )
-    emb = make_target_embedding(m.num_classes, m.dim, seed, m.target_scale)  # (V, d)
+    if target_embedding is None:
+        emb = make_target_embedding(m.num_classes, m.dim, seed, m.target_scale)  # (V, d)
+        emb_attrs = {"kind": "seeded-random", "seed": seed, "scale": m.target_scale}
+    else:
+        emb = _checked_embedding(target_embedding, m.num_classes, m.dim)
+        digest = hashlib.sha256(emb.numpy().tobytes()).hexdigest()
+        emb_attrs = {"kind": "file", "sha256": digest}
     attrs = {
         "format": layout.FORMAT,
         "format_version": layout.FORMAT_VERSION,
@@ -83,7 +95,7 @@ def write_cache(
         "config_fingerprint": cfg.fingerprint(),
         "schedule": schedule_attrs(cfg),
         "noise": {"mode": noise, "draws": draws if noise == "cached" else 0, "seed": seed},
-        "target_embedding": {"kind": "seeded-random", "seed": seed, "scale": m.target_scale},
+        "target_embedding": emb_attrs,
     }
     out = Path(out)
     s, done = _open_for_writing(out, attrs, overwrite)
@@ -98,6 +110,16 @@ def write_cache(
     s.finalize()
     (out / LEDGER).unlink(missing_ok=True)
     return s
+
+
+def _checked_embedding(rows: np.ndarray, num_classes: int, dim: int) -> torch.Tensor:
+    rows = np.asarray(rows)
+    if rows.shape != (num_classes, dim):
+        raise ValueError(f"target embedding: expected shape ({num_classes}, {dim}) (num_classes, dim), "
+                         f"found {rows.shape}")
+    if not np.issubdtype(rows.dtype, np.floating) or not np.isfinite(rows).all():
+        raise ValueError(f"target embedding: expected finite floats, found {rows.dtype}")
+    return torch.from_numpy(rows.astype(np.float32))
 
 
 @dataclass

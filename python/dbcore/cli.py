@@ -51,15 +51,21 @@ def _run_safely(fn, *args, **kwargs):
 @click.option("--draws", default=4, show_default=True, help="noised draws per sample per block (cached)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an existing store")
-def cache(config, source, out, noise, draws, seed, overwrite):
+@click.option("--target-embedding", "emb_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help=".npy (num_classes, dim) float rows E; default: seeded random unit rows")
+def cache(config, source, out, noise, draws, seed, overwrite, emb_path):
     """Write inputs, targets, target embedding and schedule (and noised targets) to a store."""
+    import numpy as np
+
     from dbcore import config as config_mod
     from dbcore.cache import write_cache
     from dbcore.sources import load_source
 
     cfg = _run_safely(config_mod.load, config)
     src = _run_safely(load_source, source)
-    _run_safely(write_cache, cfg, src, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite)
+    emb = _run_safely(np.load, emb_path, allow_pickle=False) if emb_path else None
+    _run_safely(write_cache, cfg, src, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
+                target_embedding=emb)
     click.echo(f"cached {len(src.labels)} samples of {source} into {out} (noise: {noise})")
 
 
