@@ -187,3 +187,20 @@ def test_target_embedding_from_a_file(tmp_path, cfg_path):
                           "--target-embedding", str(tmp_path / "bad.npy")])
     assert bad.exit_code != 0 and "expected shape (10, 32)" in bad.output
     assert not (tmp_path / "d.zarr").exists()
+
+
+def test_paper_shared_mode_ties_modules_trains_and_evaluates(tmp_path, cfg_path):
+    from dbcore.paper_shared import SharedViT, block_of_step
+
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
+    emb = torch.zeros(10, 32)
+    shared = SharedViT(cfg.model, emb)
+    assert shared.blocks[0].head is shared.blocks[1].head
+    assert shared.blocks[0].layers is not shared.blocks[1].layers
+    assert {block_of_step(s, 0, 2) for s in range(50)} == {0, 1}
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "p", paper_shared=True, progress=False)
+    meta = checkpoint.load_meta(tmp_path / "p/shared")
+    assert meta["done"] and meta["step"] == 2 * cfg.train.steps  # B x the per-block budget
+    r = evaluate(tmp_path / "p", "digits:valid")
+    assert r["kind"] == "paper-shared" and 0.0 <= r["accuracy"] <= 1.0

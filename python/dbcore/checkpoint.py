@@ -37,12 +37,25 @@ def _replace_atomically(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors for safetensors, which refuses names that share memory (tied modules): a
+    repeated storage is written as a copy under each of its names."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 def save(base: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     """Write `base.safetensors` and `base.json`; returns the tensor file's sha256."""
     base.parent.mkdir(parents=True, exist_ok=True)
     st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
     st_tmp, js_tmp = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(st_tmp))
+    save_file(_unshared(tensors), str(st_tmp))
     digest = _sha256(st_tmp)
     js_tmp.write_text(json.dumps({**meta, "sha256": digest}, indent=2, sort_keys=True))
     _replace_atomically(st_tmp, st)

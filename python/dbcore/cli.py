@@ -76,12 +76,16 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path):
 @click.option("--block", type=int, default=None, help="train only this block (0 = highest noise)")
 @click.option("--e2e", is_flag=True, help="train the end-to-end baseline of the same architecture")
 @click.option("--activation-checkpointing", is_flag=True, help="with --e2e: checkpoint every layer")
+@click.option("--paper-shared", is_flag=True,
+              help="for comparison only: the paper's layout (shared embeddings and head, one "
+              "optimizer, a random block per step)")
 @click.option("--steps", type=int, default=None, help="override [train] steps")
 @click.option("--mode", type=click.Choice(["independent", "sequential"]), default=None,
               help="override [train] mode")
 @click.option("--backend", type=click.Choice(["auto", "torch", "cupy"]), default=None)
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def train(config, store_path, run, block, e2e, activation_checkpointing, steps, mode, backend, quiet):
+def train(config, store_path, run, block, e2e, activation_checkpointing, paper_shared, steps, mode, backend,
+          quiet):
     """Train every block in turn (one in memory at a time), one block, or the --e2e baseline."""
     from dbcore import config as config_mod
     from dbcore.train import train_run
@@ -94,7 +98,8 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, steps, 
     if backend is not None:
         cfg.train.backend = backend
     results = _run_safely(train_run, cfg, store_path, run, block=block, e2e=e2e,
-                          activation_checkpointing=activation_checkpointing, progress=not quiet)
+                          activation_checkpointing=activation_checkpointing, progress=not quiet,
+                          paper_shared=paper_shared)
     for r in results:
         click.echo(json.dumps(r))
 

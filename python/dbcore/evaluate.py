@@ -45,6 +45,13 @@ def evaluate(run: Path, data: str, num_steps: int | None = None) -> dict:
         with torch.no_grad():
             logits = torch.cat([model(xb) for xb in x.split(EVAL_BATCH)])
         steps = None
+    elif info["kind"] == "paper-shared":
+        from dbcore.paper_shared import load_shared
+
+        shared = load_shared(run, cfg)
+        steps = num_steps or cfg.train.inference_steps or cfg.model.num_blocks
+        _, logits = sample_labels(lambda b: shared.blocks[b], x, cfg.model, num_steps=steps,
+                                  batch_size=EVAL_BATCH, seed=cfg.train.seed)
     else:
         tensors, _ = checkpoint.load(run / "block0", prefix="model.")
         emb = tensors["target_embedding"] if "target_embedding" in tensors else None

@@ -237,12 +237,18 @@ def _write_run_json(run: Path, cfg: Config, store_path: Path, kind: str) -> None
 
 
 def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None,
-              e2e: bool = False, activation_checkpointing: bool = False, progress: bool = True) -> list[dict]:
-    """Train every block in turn (one in memory at a time), one block, or the end-to-end baseline."""
+              e2e: bool = False, activation_checkpointing: bool = False, progress: bool = True,
+              paper_shared: bool = False) -> list[dict]:
+    """Train every block in turn (one in memory at a time), one block, the end-to-end baseline, or
+    (for comparison only) the paper's shared layout (`dbcore.paper_shared`)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     check_store(cfg, store.open(store_path))
-    _write_run_json(run, cfg, store_path, "e2e" if e2e else "blocks")
+    _write_run_json(run, cfg, store_path, "e2e" if e2e else "paper-shared" if paper_shared else "blocks")
+    if paper_shared:
+        from dbcore.paper_shared import train_paper_shared
+
+        return [train_paper_shared(cfg, store_path, run, progress)]
     if e2e:
         return [train_e2e(cfg, store_path, run, progress, activation_checkpointing)]
     num_blocks = cfg.model.num_blocks
