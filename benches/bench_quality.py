@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "2x steps": ({}, {"steps_factor": 2}, None),
     "sequential": ({}, {"mode": "sequential"}, None),
     "target mixing 0.5": ({}, {"mix_fraction": 0.5}, None),
+    "paper shared layout (comparison)": ({}, {"paper_shared": True}, None),
     "loguniform-first + mixing 0.5": ({"sigma_dist": "loguniform-first"}, {"mix_fraction": 0.5}, None),
     "loguniform-first + sequential": ({"sigma_dist": "loguniform-first"}, {"mode": "sequential"}, None),
 }
@@ -60,6 +61,7 @@ def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: st
     data["model"].update(model_o)
     train_o = dict(train_o)
     data["train"]["steps"] = steps * train_o.pop("steps_factor", 1)
+    paper_shared = train_o.pop("paper_shared", False)
     data["train"].update(train_o)
     cfg = config_mod.from_dict(data, f"variant {name}")
     slug = "".join(c if c.isalnum() else "_" for c in name)
@@ -67,7 +69,7 @@ def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: st
     store = work / f"{slug}.zarr"
     write_cache(cfg, load_source(train_src), store, overwrite=True, progress=False)
     shutil.rmtree(work / slug, ignore_errors=True)
-    train_run(cfg, store, work / slug, progress=False)
+    train_run(cfg, store, work / slug, progress=False, paper_shared=paper_shared)
     result = evaluate(work / slug, valid_src)
     result.update(variant=name, config=cfg.to_dict(), train_seconds=round(time.perf_counter() - t0, 1))
     return result
