@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "2x steps": ({}, {"steps_factor": 2}, None),
     "sequential": ({}, {"mode": "sequential"}, None),
     "target mixing 0.5": ({}, {"mix_fraction": 0.5}, None),
+    "target mixing 0.75": ({}, {"mix_fraction": 0.75}, None),
     "paper shared layout (comparison)": ({}, {"paper_shared": True}, None),
     "loguniform-first + mixing 0.5": ({"sigma_dist": "loguniform-first"}, {"mix_fraction": 0.5}, None),
     "loguniform-first + sequential": ({"sigma_dist": "loguniform-first"}, {"mode": "sequential"}, None),
@@ -116,6 +117,10 @@ def main() -> None:
     base_cfg = config_mod.load(args.config)
     half_b = max(1, base_cfg.model.num_blocks // 2)
     VARIANTS[f"B={half_b}"] = ({"num_blocks": half_b}, {}, None)
+    per_block = base_cfg.model.depth // base_cfg.model.num_blocks
+    if base_cfg.model.num_blocks > 1 and per_block > 1:  # the first block sets the chain: deepen it
+        split = [per_block + 1] + [per_block] * (base_cfg.model.num_blocks - 2) + [per_block - 1]
+        VARIANTS["first block +1 layer"] = ({"layer_split": split}, {}, None)
     if args.variants == ["all"]:
         args.variants = [*VARIANTS, "e2e"]
     base = base_cfg.to_dict()
