@@ -12,7 +12,7 @@ from dbcore import rng
 from dbcore.edm import P_MEAN, P_STD, SIGMA_DATA
 from dbcore.kernels import reference
 from dbcore.kernels.host import HostCompilerMissing, host_library
-from dbcore.partition import block_range
+from dbcore.partition import block_range, sample_sigma
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def _mse_case(n: int, e: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     z, f, y = (torch.randn(n, e, generator=g) for _ in range(3))
     u = torch.rand(n, generator=g, dtype=torch.float64)
-    sigma = reference.sample_sigma(u, 0.002, 80.0).float()
+    sigma = sample_sigma(u, 0.002, 80.0).float()
     w = torch.rand(n, generator=g) * 10
     return z, f, y, sigma, w
 

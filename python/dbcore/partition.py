@@ -89,9 +89,16 @@ def sample_sigma_for_block(
     loguniform-first: loguniform for block 0, lognormal for the others.
     """
     lo, hi = block_range(block, num_blocks, gamma)
-    if block_sigma_dist(dist, block) == "lognormal":
+    return sample_sigma_in_range(u, lo, hi, block_sigma_dist(dist, block))
+
+
+def sample_sigma_in_range(u: torch.Tensor, lo: float, hi: float, dist: str) -> torch.Tensor:
+    """Sigmas (float64) in [lo, hi] from uniforms u under an in-block distribution of SIGMA_DISTS."""
+    if dist == "lognormal":
         return sample_sigma(u, lo, hi)
-    return sample_sigma_loguniform(u, lo, hi)
+    if dist == "loguniform":
+        return sample_sigma_loguniform(u, lo, hi)
+    raise ValueError(f"sigma distribution must be one of {SIGMA_DISTS}, got {dist!r}")
 
 
 # --- Euler sampler schedule ---------------------------------------------------------------------

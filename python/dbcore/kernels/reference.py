@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dbcore import rng
 from dbcore.edm import precond
 from dbcore.loss import denoise
-from dbcore.partition import SIGMA_DISTS, cdf, sample_sigma, sample_sigma_loguniform
+from dbcore.partition import SIGMA_DISTS, cdf, sample_sigma_in_range
 
 DIST_CODES: dict[str, int] = {"lognormal": 0, "loguniform": 1}  # enum of cuda/dbcore_math.cuh
 
@@ -28,9 +28,8 @@ def sigma_of_samples(
     sample_idx: torch.Tensor, seed: int, block: int, draw: int, lo: float, hi: float, dist: str
 ) -> torch.Tensor:
     """Sigma (N,) float64 on the CPU for each sample, from the generator's sigma uniform."""
-    dist_params(dist, lo, hi)  # validates dist
     u = rng.uniform_for_sigma(sample_idx.detach().cpu(), seed, block, draw)
-    return sample_sigma(u, lo, hi) if dist == "lognormal" else sample_sigma_loguniform(u, lo, hi)
+    return sample_sigma_in_range(u, lo, hi, dist)
 
 
 def noise_and_input(
