@@ -118,6 +118,16 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 impl Store {
+    /// Wrap `array` in a handle and keep it in the open-array cache.
+    fn remember(&self, name: &str, array: Array<FilesystemStore>) -> Result<Arc<ArrayHandle>> {
+        let handle = Arc::new(ArrayHandle::new(name, array, &self.root, &self.storage)?);
+        self.arrays
+            .write()
+            .unwrap()
+            .insert(name.to_string(), handle.clone());
+        Ok(handle)
+    }
+
     /// Create an empty, incomplete store at `path`. An existing path is an error unless
     /// `overwrite`, and even then only a Zarr store or an empty directory is deleted.
     pub fn create(path: &Path, user_attrs: Map<String, Value>, overwrite: bool) -> Result<Self> {
@@ -289,12 +299,7 @@ impl Store {
                 "{p}: array '{name}': bad metadata (zarr.json): {e}"
             ))
         })?;
-        let handle = Arc::new(ArrayHandle::new(name, array, &self.root, &self.storage)?);
-        self.arrays
-            .write()
-            .unwrap()
-            .insert(name.to_string(), handle.clone());
-        Ok(handle)
+        self.remember(name, array)
     }
 
     /// Create array `name` (metadata only); fill it with `ArrayHandle::write_rows`.
@@ -338,12 +343,7 @@ impl Store {
             .map_err(|e| Error::Invalid(format!("{p}: array '{name}': {e}")))?;
         array.store_metadata().map_err(|e| io_err(&self.root, e))?;
         self.mark_incomplete()?;
-        let handle = Arc::new(ArrayHandle::new(name, array, &self.root, &self.storage)?);
-        self.arrays
-            .write()
-            .unwrap()
-            .insert(name.to_string(), handle.clone());
-        Ok(handle)
+        self.remember(name, array)
     }
 
     /// A finalized store that gains an array is incomplete again until the next `finalize`.

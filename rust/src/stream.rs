@@ -449,30 +449,21 @@ impl Stream {
         self.n
     }
 
+    /// This rank's batches of an epoch, as position ranges (all workers together).
+    fn my_batches(&self) -> Vec<(usize, usize)> {
+        let s = &self.ctx.spec;
+        rank_batches(self.n as usize, s.batch_size, s.rank, s.world_size, s.drop_last)
+    }
+
     /// Batches of this rank per epoch (all workers together).
     pub fn num_batches(&self) -> usize {
-        let s = &self.ctx.spec;
-        rank_batches(
-            self.n as usize,
-            s.batch_size,
-            s.rank,
-            s.world_size,
-            s.drop_last,
-        )
-        .len()
+        self.my_batches().len()
     }
 
     /// Samples of this rank per epoch.
     pub fn num_rank_samples(&self) -> usize {
-        let s = &self.ctx.spec;
-        rank_batches(
-            self.n as usize,
-            s.batch_size,
-            s.rank,
-            s.world_size,
-            s.drop_last,
-        )
-        .iter()
+        self.my_batches()
+            .iter()
         .map(|(a, b)| b - a)
         .sum()
     }
