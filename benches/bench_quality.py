@@ -121,8 +121,13 @@ def main() -> None:
     if base_cfg.model.num_blocks > 1 and per_block > 1:  # the first block sets the chain: deepen it
         split = [per_block + 1] + [per_block] * (base_cfg.model.num_blocks - 2) + [per_block - 1]
         VARIANTS["first block +1 layer"] = ({"layer_split": split}, {}, None)
+    # end-to-end references: the full depth, and one block's depth alone (what the first block,
+    # which sees no label in z, can reach by itself)
+    one_block = {"depth": per_block, "num_blocks": 1, "layer_split": None}
+    e2e_variants = {"e2e": ("end-to-end", {}),
+                    "e2e one block deep": (f"end-to-end, {per_block} layers", one_block)}
     if args.variants == ["all"]:
-        args.variants = [*VARIANTS, "e2e"]
+        args.variants = [*VARIANTS, *e2e_variants]
     base = base_cfg.to_dict()
     base["train"]["threads"] = args.threads
     steps = args.steps or base_cfg.train.steps
@@ -131,17 +136,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.variants:
-        if name == "e2e":
+        if name in e2e_variants:
+            label, model_o = e2e_variants[name]
             data = copy.deepcopy(base)
+            data["model"].update(model_o)
             data["train"]["steps"] = steps
-            cfg = config_mod.from_dict(data, "e2e")
+            cfg = config_mod.from_dict(data, name)
+            slug = name.replace(" ", "_")
             t0 = time.perf_counter()
-            write_cache(cfg, load_source(train_src), work / "e2e.zarr", overwrite=True, progress=False)
-            shutil.rmtree(work / "e2e", ignore_errors=True)
-            train_run(cfg, work / "e2e.zarr", work / "e2e", e2e=True, progress=False)
-            r = evaluate(work / "e2e", valid_src)
+            write_cache(cfg, load_source(train_src), work / f"{slug}.zarr", overwrite=True, progress=False)
+            shutil.rmtree(work / slug, ignore_errors=True)
+            train_run(cfg, work / f"{slug}.zarr", work / slug, e2e=True, progress=False)
+            r = evaluate(work / slug, valid_src)
             seconds = round(time.perf_counter() - t0, 1)
-            r.update(variant="end-to-end", config=cfg.to_dict(), train_seconds=seconds)
+            r.update(variant=label, config=cfg.to_dict(), train_seconds=seconds)
         else:
             r = run_variant(base, name, work, train_src, valid_src, steps)
         rows.append(r)

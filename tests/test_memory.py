@@ -31,3 +31,13 @@ def test_bench_memory_measures_every_configuration(tmp_path):
     assert parts["block0"]["saved_activation_bytes"] < 0.8 * parts["e2e"]["saved_activation_bytes"]
     assert parts["e2e_checkpointed"]["saved_activation_bytes"] < parts["e2e"]["saved_activation_bytes"]
     assert len(r["analytic_bytes"]["blocks"]) == 2
+    # the tight allocator follows live tensors: half the layers take clearly less than all of them
+    assert r["allocator"] == "tight"
+    assert max(r["block_peak_bytes"]) < 0.9 * r["e2e_peak_bytes"]
+
+
+def test_bench_memory_rejects_an_unknown_allocator(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(TOML)
+    out = CliRunner().invoke(main, ["bench", "memory", str(cfg), "--allocator", "jemalloc"])
+    assert out.exit_code != 0 and "jemalloc" in out.output

@@ -130,12 +130,14 @@ def bench() -> None:
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch-size", type=int, default=None, help="override [train] batch_size")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--allocator", type=click.Choice(["tight", "default"]), default="tight", show_default=True,
+              help="CPU: tight = live tensor bytes (fixed mmap threshold); default = glibc as is")
 @click.option("--json", "as_json", is_flag=True)
-def bench_memory(config, batch_size, device, as_json):
+def bench_memory(config, batch_size, device, allocator, as_json):
     """Peak training memory: end-to-end, with activation checkpointing, and each block."""
     from dbcore.memory import measure_all
 
-    result = _run_safely(measure_all, config, batch_size=batch_size, device=device)
+    result = _run_safely(measure_all, config, batch_size=batch_size, device=device, allocator=allocator)
     if as_json:
         click.echo(json.dumps(result))
     else:

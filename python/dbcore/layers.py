@@ -10,10 +10,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 NOISE_FREQ_DIM = 256  # width of the sinusoidal embedding of c_noise
 NOISE_MAX_PERIOD = 10_000.0
+LN_EPS = 1e-6  # DiT's LayerNorm epsilon
 NOISE_SCALE = 1_000.0  # c_noise = ln(s)/4 spans about [-1.6, 1.1]; spread it over the frequencies
 
 
@@ -29,11 +29,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.mix(h))
+
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs before the output projection: (N, T, d) -> (N, T, d)."""
         n, t, d = h.shape
         qkv = self.qkv(h).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (N, H, T, d/H) each
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d/H)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return out.transpose(1, 2).reshape(n, t, d)
 
 
 class Mlp(nn.Module):
@@ -44,12 +48,76 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+        return self.fc2(self.hidden(h))
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, T, d) -> (N, T, hidden), the input of fc2."""
+        return F.gelu(self.fc1(h), approximate="tanh")
 
 
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """h * (1 + scale) + shift with h (N, T, d) and shift, scale (N, d)."""
-    return h * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], h, 1 + scale[:, None])
+
+
+class _NormModulate(torch.autograd.Function):
+    """modulate(LN(h), shift, scale) (LN without affine) saving only h, mean and rstd, as a plain
+    LayerNorm does: the normalised copy is rebuilt in backward, whose LN part is the fused kernel.
+    Memory: one (N, T, d) tensor saved instead of two, and no autograd recomputation pass."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
+        xhat, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), None, None, eps)
+        ctx.save_for_backward(h, mean, rstd, scale)
+        return modulate(xhat, shift, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        h, mean, rstd, scale = ctx.saved_tensors
+        xhat = (h - mean) * rstd  # (N, T, d)
+        grad_scale = torch.einsum("ntd,ntd->nd", g, xhat)
+        grad_shift = g.sum(1)
+        del xhat
+        grad_h = torch.ops.aten.native_layer_norm_backward(
+            g * (1 + scale[:, None]), h, [h.shape[-1]], mean, rstd, None, None, [True, False, False]
+        )[0]
+        return grad_h, grad_shift, grad_scale, None
+
+
+class _GatedResidual(torch.autograd.Function):
+    """h + gate * (a @ W.T + b) saving a (as the Linear alone does) but not the projection u:
+    u is needed only for the gate's gradient and is rebuilt in backward (one matmul, a few % of a
+    step), which keeps the adaLN gates from adding two (N, T, d) tensors per layer to memory."""
+
+    @staticmethod
+    def forward(ctx, h, gate, a, weight, bias):
+        ctx.save_for_backward(gate, a, weight, bias)
+        return torch.addcmul(h, gate[:, None], F.linear(a, weight, bias))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        gate, a, weight, bias = ctx.saved_tensors
+        grad_gate = torch.einsum("ntd,ntd->nd", g, F.linear(a, weight, bias))  # (N, d)
+        gu = g * gate[:, None]  # dL/du, (N, T, d)
+        grad_a = gu @ weight  # (N, T, d_in)
+        grad_w = gu.reshape(-1, gu.shape[-1]).T @ a.reshape(-1, a.shape[-1])  # (d, d_in)
+        return g, grad_gate, grad_a, grad_w, gu.sum((0, 1))
+
+
+def gated_residual(h: torch.Tensor, gate: torch.Tensor, proj: nn.Linear, a: torch.Tensor) -> torch.Tensor:
+    """h + gate[:, None] * proj(a): h (N, T, d), gate (N, d), a (N, T, d_in) -> (N, T, d)."""
+    if torch.is_grad_enabled():
+        return _GatedResidual.apply(h, gate, a, proj.weight, proj.bias)
+    return torch.addcmul(h, gate[:, None], proj(a))
+
+
+def norm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """modulate(LayerNorm(h), shift, scale): (N, T, d), (N, d), (N, d) -> (N, T, d)."""
+    if torch.is_grad_enabled() and (h.requires_grad or shift.requires_grad or scale.requires_grad):
+        return _NormModulate.apply(h, shift, scale, eps)
+    return modulate(F.layer_norm(h, (h.shape[-1],), eps=eps), shift, scale)
 
 
 class AdaLNLayer(nn.Module):
@@ -60,9 +128,8 @@ class AdaLNLayer(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.eps = LN_EPS
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.modulation[1].weight)
@@ -71,17 +138,10 @@ class AdaLNLayer(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """h (N, T, d), c (N, d) -> (N, T, d)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        h = h + gate1[:, None] * self.attn(self._norm_modulate(self.norm1, h, shift1, scale1))
-        h = h + gate2[:, None] * self.mlp(self._norm_modulate(self.norm2, h, shift2, scale2))
-        return h
-
-    @staticmethod
-    def _norm_modulate(norm: nn.Module, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
-        # Memory: LN + modulate is recomputed in backward, so it saves only h (as a plain LN does)
-        # instead of an extra (N, T, d) normalised copy; the cost is a few elementwise ops.
-        if torch.is_grad_enabled() and h.requires_grad:
-            return checkpoint(lambda x: modulate(norm(x), shift, scale), h, use_reentrant=False)
-        return modulate(norm(h), shift, scale)
+        a = self.attn.mix(norm_modulate(h, shift1, scale1, self.eps))  # (N, T, d)
+        h = gated_residual(h, gate1, self.attn.proj, a)
+        m = self.mlp.hidden(norm_modulate(h, shift2, scale2, self.eps))  # (N, T, hidden)
+        return gated_residual(h, gate2, self.mlp.fc2, m)
 
 
 class AdaLNFinal(nn.Module):
@@ -89,7 +149,7 @@ class AdaLNFinal(nn.Module):
 
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, out_dim)
         for m in (self.modulation[1], self.linear):

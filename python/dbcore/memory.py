@@ -4,6 +4,13 @@ Each configuration runs in a fresh subprocess (CPU) so no allocator cache leaks 
 the worker builds its batch, records its resident memory, resets the kernel's high-water mark
 (`/proc/self/clear_refs`), runs a few full training steps (optimizer state included) and reports
 the high-water mark above that baseline. On CUDA it uses `torch.cuda.max_memory_allocated`.
+
+Allocator (CPU): with glibc's default, freed tensors may stay in the heap and the high-water
+mark then counts free space, which varies by tens of MB between identical blocks (allocation
+order). `allocator="tight"` (the default) fixes glibc's mmap threshold at 64 KiB, so every tensor
+of 64 KiB or more gets its own pages and gives them back when freed: the high-water mark follows
+the bytes of live tensors, as `max_memory_allocated` does on CUDA. `allocator="default"` measures
+glibc as a process gets it; both are reported by `benches/bench_blocks.py`.
 Beside each measurement sits the analytic model of METHOD.md section 5 (App. G of the paper):
 end-to-end `(4P + A) L`, activation checkpointing `4PL + A`, one block `(4P + A) L / B`, with P
 and A measured per layer (parameter bytes; bytes saved for backward).
@@ -29,6 +36,9 @@ from dbcore.noise import noised_targets
 from dbcore.recipes.vit import ViTBlock, ViTClassifier, make_target_embedding
 
 MEASURED_STEPS = 3
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+TIGHT_MMAP_THRESHOLD = 64 * 1024
+ALLOCATORS = ("tight", "default")
 TIMED_STEPS = 5
 
 
@@ -82,8 +92,16 @@ def _build(kind: str, cfg) -> tuple[nn.Module, object]:
     return ViTBlock(m, int(kind.removeprefix("block")), emb), emb
 
 
-def worker(config_path: str, kind: str, batch_size: int, device: str) -> dict:
+def _set_allocator(allocator: str) -> None:
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
+    if allocator == "tight" and not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, TIGHT_MMAP_THRESHOLD):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: is this glibc?")
+
+
+def worker(config_path: str, kind: str, batch_size: int, device: str, allocator: str = "tight") -> dict:
     """Run in a fresh process: peak bytes above baseline, step time, params, saved activations."""
+    _set_allocator(allocator)
     cfg = config_mod.load(config_path)
     m = cfg.model
     torch.manual_seed(0)
@@ -147,20 +165,25 @@ def worker(config_path: str, kind: str, batch_size: int, device: str) -> dict:
             "params": params, "param_bytes": params * 4, "saved_activation_bytes": saved.total()}
 
 
-def _spawn(config_path: str, kind: str, batch_size: int, device: str) -> dict:
-    cmd = [sys.executable, "-m", "dbcore.memory", str(config_path), kind, str(batch_size), device]
+def _spawn(config_path: str, kind: str, batch_size: int, device: str, allocator: str) -> dict:
+    cmd = [sys.executable, "-m", "dbcore.memory", str(config_path), kind, str(batch_size), device,
+           allocator]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory worker {kind} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_all(config_path: str | Path, batch_size: int | None = None, device: str = "cpu") -> dict:
+def measure_all(
+    config_path: str | Path, batch_size: int | None = None, device: str = "cpu", allocator: str = "tight"
+) -> dict:
     cfg = config_mod.load(config_path)
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
     m = cfg.model
     bs = batch_size or cfg.train.batch_size
     kinds = ["e2e", "e2e_checkpointed", *[f"block{b}" for b in range(m.num_blocks)]]
-    runs = {k: _spawn(str(config_path), k, bs, device) for k in kinds}
+    runs = {k: _spawn(str(config_path), k, bs, device, allocator) for k in kinds}
     e2e, blocks = runs["e2e"], [runs[f"block{b}"] for b in range(m.num_blocks)]
     # analytic model, METHOD.md section 5: 4P (weights, gradients, two Adam moments) + A (bytes
     # saved for backward), each configuration from its own parameter count and saved activations
@@ -172,6 +195,7 @@ def measure_all(config_path: str | Path, batch_size: int | None = None, device: 
     return {
         "config": str(config_path),
         "device": device,
+        "allocator": allocator if device == "cpu" else "cuda caching allocator",
         "batch_size": bs,
         "num_blocks": B,
         "depth": L,
@@ -189,5 +213,5 @@ def measure_all(config_path: str | Path, batch_size: int | None = None, device: 
 
 
 if __name__ == "__main__":
-    cfg_path, kind, bs, dev = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    print(json.dumps(worker(cfg_path, kind, bs, dev)))
+    cfg_path, kind, bs, dev, alloc = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    print(json.dumps(worker(cfg_path, kind, bs, dev, alloc)))

@@ -165,7 +165,7 @@ class ViTBlock(nn.Module):
         c = self.noise_embed(p.c_noise)  # (N, d)
         for layer in self.layers:
             h = layer(h, c)
-        raw = self.final(h[:, 0], c)  # F (N, d)
+        raw = self.final(h[:, 0].contiguous(), c)  # F (N, d); a view would keep all of h saved
         d_hat = denoise(z, raw, sigma)  # D = c_skip*z + c_out*F, (N, d)
         return d_hat, self.head(d_hat)
 
@@ -209,4 +209,5 @@ class ViTClassifier(nn.Module):
                 h = checkpoint(layer, h, use_reentrant=False)
             else:
                 h = layer(h)
-        return self.head(self.norm(h[:, 0]))
+        # contiguous: a view of h[:, 0] would keep all of h (N, T, d) saved for the norm's backward
+        return self.head(self.norm(h[:, 0].contiguous()))
