@@ -52,8 +52,17 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "paper shared layout (comparison)": ({}, {"paper_shared": True}, None),
     "loguniform-first + mixing 0.5": ({"sigma_dist": "loguniform-first"}, {"mix_fraction": 0.5}, None),
     "loguniform-first + sequential": ({"sigma_dist": "loguniform-first"}, {"mode": "sequential"}, None),
+    "gates start at 1": ({"gate_init": 1.0}, {}, None),
+    "top-first + gates 1": ({"sigma_dist": "top-first", "gate_init": 1.0}, {}, None),
+    "top + gates 1": ({"sigma_dist": "top", "gate_init": 1.0}, {}, None),
+    "top-first + gates 1 + sequential": ({"sigma_dist": "top-first", "gate_init": 1.0},
+                                         {"mode": "sequential"}, None),
 }
 EVAL_ONLY = {"base, 2 steps/block": ("base", 2), "base, 4 steps/block": ("base", 4)}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: str, steps: int) -> dict:
@@ -65,7 +74,7 @@ def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: st
     paper_shared = train_o.pop("paper_shared", False)
     data["train"].update(train_o)
     cfg = config_mod.from_dict(data, f"variant {name}")
-    slug = "".join(c if c.isalnum() else "_" for c in name)
+    slug = _slug(name)
     t0 = time.perf_counter()
     store = work / f"{slug}.zarr"
     write_cache(cfg, load_source(train_src), store, overwrite=True, progress=False)
@@ -93,12 +102,12 @@ def write_results(args: argparse.Namespace, rows: list[dict], steps: int) -> Non
     lines = [
         f"# Quality on {args.data} ({steps} steps per block; `{meta['command']}`)",
         "",
-        "| variant | valid accuracy | valid loss | inference steps | train+eval s |",
-        "|---|---|---|---|---|",
+        "| variant | valid accuracy | valid loss | inference steps | decode | train+eval s |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {r['loss']:.4f} | "
-                     f"{r.get('inference_steps') or '-'} | {r['train_seconds']} |")
+                     f"{r.get('inference_steps') or '-'} | {r.get('decode') or '-'} | {r['train_seconds']} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -154,6 +163,12 @@ def main() -> None:
             r = run_variant(base, name, work, train_src, valid_src, steps)
         rows.append(r)
         print(json.dumps({k: r[k] for k in ("variant", "accuracy", "loss", "train_seconds")}), flush=True)
+        if name not in e2e_variants:  # the same checkpoints, the other decoding (no training)
+            other = "product" if r["decode"] == "last" else "last"
+            e = evaluate(work / _slug(name), valid_src, decode=other)
+            e.update(variant=f"{name}, {other} decode", config=r["config"], train_seconds=0.0)
+            rows.append(e)
+            print(json.dumps({k: e[k] for k in ("variant", "accuracy", "loss")}), flush=True)
         if name == "base":
             for label, (_, per_block) in EVAL_ONLY.items():
                 nb = base_cfg.model.num_blocks

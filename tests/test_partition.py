@@ -132,9 +132,9 @@ def test_too_few_steps():
 
 
 def test_loguniform_first_policy_only_changes_block_zero():
-    from dbcore.partition import block_sigma_dist, sample_sigma_for_block
+    from dbcore.partition import block_sigma_law, sample_sigma_for_block
 
-    assert [block_sigma_dist("loguniform-first", b) for b in range(3)] == [
+    assert [block_sigma_law("loguniform-first", b, 3)[2] for b in range(3)] == [
         "loguniform",
         "lognormal",
         "lognormal",
@@ -145,4 +145,19 @@ def test_loguniform_first_policy_only_changes_block_zero():
     later = sample_sigma_for_block(u, 2, 4, 0.05, "loguniform-first")
     assert torch.equal(later, sample_sigma_for_block(u, 2, 4, 0.05, "lognormal"))
     with pytest.raises(ValueError, match="sigma distribution"):
-        block_sigma_dist("uniform", 0)
+        block_sigma_law("uniform", 0, 3)
+
+
+def test_top_policies_train_where_the_one_step_per_block_sampler_queries():
+    from dbcore.partition import block_sigma_law, sample_sigma_for_block
+
+    u = torch.rand(500, dtype=torch.float64)
+    levels = [s.sigma for s in euler_schedule(4, 4)]  # block b's one step starts at levels[b]
+    for b in range(4):
+        s = sample_sigma_for_block(u, b, 4, 0.05, "top")
+        assert torch.allclose(s, torch.full_like(s, levels[b]), rtol=1e-12), b
+        lo, hi, dist = block_sigma_law("top-first", b, 4, 0.05)
+        if b == 0:
+            assert lo == hi == SIGMA_MAX
+        else:
+            assert (lo, hi, dist) == (*block_range(b, 4, 0.05), "lognormal")

@@ -113,3 +113,35 @@ def test_sample_index_keys_the_noise():
     z_a = initial_noise(torch.tensor([5, 6]), 16, 2, seed=0)
     z_b = initial_noise(torch.tensor([6]), 16, 2, seed=0)
     assert torch.equal(z_a[1], z_b[0])
+
+
+class FixedLogits(nn.Module):
+    """Block b answers the same logits for every sample, whatever z is."""
+
+    def __init__(self, emb, logits):
+        super().__init__()
+        self.register_buffer("target_embedding", emb)
+        self.register_buffer("logits", logits)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, z, sigma):
+        return None, self.logits.expand(len(x), -1)
+
+
+def test_product_decode_sums_every_steps_log_softmax():
+    v = CFG.num_classes
+    per_block = [torch.zeros(v), torch.zeros(v)]
+    per_block[0][3], per_block[0][5] = 4.0, 3.0  # block 0 prefers class 3 ...
+    per_block[1][5], per_block[1][3] = 2.0, 1.5  # ... block 1, the last, class 5 by a little less
+    x = torch.zeros(4, CFG.channels, CFG.image_size, CFG.image_size)
+
+    def load(b):
+        return FixedLogits(EMB, per_block[b])
+
+    last, _ = sample_labels(load, x, CFG, num_steps=2)
+    prod, scores = sample_labels(load, x, CFG, num_steps=2, decode="product")
+    expect = sum(torch.log_softmax(lg, -1) for lg in per_block)
+    assert last.tolist() == [5] * 4 and prod.tolist() == [3] * 4
+    assert torch.allclose(scores, expect.expand(4, -1))
+    with pytest.raises(ValueError, match="decode"):
+        sample_labels(load, x, CFG, decode="vote")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from dbcore import layout, store
 from dbcore.config import Config
 from dbcore.noise import noised_targets
-from dbcore.partition import block_range, boundaries
+from dbcore.partition import block_range, block_sigma_law, boundaries
 from dbcore.recipes.vit import make_target_embedding
 from dbcore.sources import Source
 
@@ -46,6 +46,8 @@ def schedule_attrs(cfg: Config) -> dict:
         "sigma_dist": m.sigma_dist,
         "boundaries": boundaries(m.num_blocks),
         "block_ranges": [list(block_range(b, m.num_blocks, m.gamma)) for b in range(m.num_blocks)],
+        "block_sigma_laws": [list(block_sigma_law(m.sigma_dist, b, m.num_blocks, m.gamma))
+                             for b in range(m.num_blocks)],
     }
 
 

@@ -108,12 +108,14 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", "source", default="digits:valid", show_default=True)
 @click.option("--steps", type=int, default=None, help="Euler steps in all (default: the run's)")
+@click.option("--decode", type=click.Choice(["last", "product"]), default=None,
+              help="the last step's logits or the product of every step's beliefs (default: the run's)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def eval_(run, source, steps, as_json):
+def eval_(run, source, steps, decode, as_json):
     """Accuracy and loss of a DiffusionBlocks or end-to-end run."""
     from dbcore.evaluate import evaluate
 
-    result = _run_safely(evaluate, run, source, steps)
+    result = _run_safely(evaluate, run, source, steps, decode)
     if as_json:
         click.echo(json.dumps(result))
     else:

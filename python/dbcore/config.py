@@ -42,10 +42,17 @@ class TrainConfig:
     sequential_fraction: float = 0.5  # share of each batch taken from the chain states
     mix_fraction: float = 0.0  # share of each batch with mixed target rows, see noise.mix_targets
     inference_steps: int = 0  # Euler steps at evaluation; 0 means one per block
+    decode: str = "last"  # the prediction: "last" step's logits or "product", see dbcore.sampler
     checkpoint_every: int = 200
     backend: str = "auto"  # noise and loss kernels: auto | torch | cupy
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        from dbcore.sampler import DECODES
+
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
 
 
 @dataclass

@@ -32,8 +32,10 @@ def _images(source) -> torch.Tensor:
     return torch.from_numpy(source.images).permute(0, 3, 1, 2).float() / 255.0  # (N, C, H, W)
 
 
-def evaluate(run: Path, data: str, num_steps: int | None = None) -> dict:
+def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | None = None) -> dict:
+    """One JSON-able dict: accuracy and loss (CE of the prediction's scores) of a run on `data`."""
     info, cfg = load_run(run)
+    decode = decode or cfg.train.decode
     source = load_source(data)
     x, labels = _images(source), torch.from_numpy(source.labels)
     t0 = time.perf_counter()
@@ -51,7 +53,7 @@ def evaluate(run: Path, data: str, num_steps: int | None = None) -> dict:
         shared = load_shared(run, cfg)
         steps = num_steps or cfg.train.inference_steps or cfg.model.num_blocks
         _, logits = sample_labels(lambda b: shared.blocks[b], x, cfg.model, num_steps=steps,
-                                  batch_size=EVAL_BATCH, seed=cfg.train.seed)
+                                  batch_size=EVAL_BATCH, seed=cfg.train.seed, decode=decode)
     else:
         tensors, _ = checkpoint.load(run / "block0", prefix="model.")
         emb = tensors["target_embedding"] if "target_embedding" in tensors else None
@@ -60,7 +62,7 @@ def evaluate(run: Path, data: str, num_steps: int | None = None) -> dict:
         steps = num_steps or cfg.train.inference_steps or cfg.model.num_blocks
         _, logits = sample_labels(
             lambda b: load_trained_block(run, cfg, b, emb), x, cfg.model, num_steps=steps,
-            batch_size=EVAL_BATCH, seed=cfg.train.seed,
+            batch_size=EVAL_BATCH, seed=cfg.train.seed, decode=decode,
         )
     pred = logits.argmax(dim=1)
     return {
@@ -70,5 +72,6 @@ def evaluate(run: Path, data: str, num_steps: int | None = None) -> dict:
         "accuracy": float((pred == labels).float().mean()),
         "loss": float(F.cross_entropy(logits.float(), labels)),
         "inference_steps": steps,
+        "decode": decode if info["kind"] != "e2e" else None,
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -123,10 +123,11 @@ def norm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
 class AdaLNLayer(nn.Module):
     """DiT layer: pre-LN attention and MLP, shift/scale/gate of each from the noise embedding c.
 
-    The modulation projection is zero-initialised, so a fresh layer is the identity.
+    The modulation projection is zero-initialised. gate_init = 0 is DiT's adaLN-Zero (a fresh layer
+    is the identity); gate_init = 1 starts it as a plain pre-LN layer, independent of the noise level.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, gate_init: float = 0.0) -> None:
         super().__init__()
         self.eps = LN_EPS
         self.attn = Attention(dim, heads)
@@ -134,6 +135,9 @@ class AdaLNLayer(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
+        with torch.no_grad():  # gate = gate_init at any noise level until training moves it
+            self.modulation[1].bias[2 * dim : 3 * dim] = gate_init
+            self.modulation[1].bias[5 * dim : 6 * dim] = gate_init
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """h (N, T, d), c (N, d) -> (N, T, d)."""

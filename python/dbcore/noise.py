@@ -11,15 +11,14 @@ import torch
 
 from dbcore import rng
 from dbcore.kernels import noise_and_input
-from dbcore.partition import block_range, block_sigma_dist
+from dbcore.partition import block_sigma_law
 
 
 def noised_targets(
     y: torch.Tensor, sample: torch.Tensor, seed: int, block: int, draw: int, model_cfg, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z (N, d), sigma (N,) float32) for clean targets y (N, d) of samples `sample` (N,)."""
-    lo, hi = block_range(block, model_cfg.num_blocks, model_cfg.gamma)
-    dist = block_sigma_dist(model_cfg.sigma_dist, block)
+    lo, hi, dist = block_sigma_law(model_cfg.sigma_dist, block, model_cfg.num_blocks, model_cfg.gamma)
     z, _, sigma = noise_and_input(y, sample, seed, block, draw, lo, hi, dist, backend)
     return z, sigma
 

@@ -59,18 +59,31 @@ def sample_sigma(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 # --- in-block sigma distributions ---------------------------------------------------------------
 
 SIGMA_DISTS: tuple[str, ...] = ("lognormal", "loguniform")
-# A config may also name a per-block policy: "loguniform-first" gives the first block (the one the
-# sampler queries at sigma_max, where z carries no label) loguniform and every other block lognormal.
-CONFIG_SIGMA_DISTS: tuple[str, ...] = (*SIGMA_DISTS, "loguniform-first")
+# A config may also name a per-block policy (`block_sigma_law`):
+#   loguniform-first: block 0 (queried first, at sigma_max, where z carries no label) loguniform,
+#                     the others lognormal;
+#   top-first:        block 0 trains only at sigma_max, the one level where the one-step-per-block
+#                     sampler queries it (it is then a classifier of x alone); the others lognormal;
+#   top:              every block trains only at the level where that sampler queries it, the upper
+#                     boundary of its range. Both "top" policies fit training to the one-step-per-
+#                     block sampler (inference_steps = B); they are this project's, not the paper's.
+CONFIG_SIGMA_DISTS: tuple[str, ...] = (*SIGMA_DISTS, "loguniform-first", "top-first", "top")
 
 
-def block_sigma_dist(dist: str, block: int) -> str:
-    """The in-block distribution that network block `block` draws from under config value `dist`."""
+def block_sigma_law(dist: str, block: int, num_blocks: int, gamma: float = 0.05) -> tuple[float, float, str]:
+    """(lo, hi, in-block distribution) that network block `block` draws sigma from under config
+    value `dist`; the one mapping used by online sampling, the cache and the kernels."""
+    lo, hi = block_range(block, num_blocks, gamma)
+    top = boundaries(num_blocks)[num_blocks - block]  # un-widened upper edge: the sampler's level
     if dist == "loguniform-first":
-        return "loguniform" if block == 0 else "lognormal"
+        return lo, hi, "loguniform" if block == 0 else "lognormal"
+    if dist == "top-first":
+        return (top, top, "loguniform") if block == 0 else (lo, hi, "lognormal")
+    if dist == "top":
+        return top, top, "loguniform"  # ln sigma uniform on [ln top, ln top]: the point top
     if dist not in SIGMA_DISTS:
         raise ValueError(f"sigma distribution must be one of {CONFIG_SIGMA_DISTS}, got {dist!r}")
-    return dist
+    return lo, hi, dist
 
 
 def sample_sigma_loguniform(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -86,10 +99,9 @@ def sample_sigma_for_block(
 
     lognormal: the training log-normal truncated to the widened range (the paper).
     loguniform: uniform in log sigma over the widened range (more mass at the range's ends).
-    loguniform-first: loguniform for block 0, lognormal for the others.
+    Per-block policies (loguniform-first, top-first, top): see `block_sigma_law`.
     """
-    lo, hi = block_range(block, num_blocks, gamma)
-    return sample_sigma_in_range(u, lo, hi, block_sigma_dist(dist, block))
+    return sample_sigma_in_range(u, *block_sigma_law(dist, block, num_blocks, gamma))
 
 
 def sample_sigma_in_range(u: torch.Tensor, lo: float, hi: float, dist: str) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Blocks run in network order 0..B-1 (high to low noise) over `dbcore.partition.euler_schedule`:
 block b is loaded, takes all of its steps on every batch, and is released before block b+1 loads.
 Step: `z <- z + (s_next - s) * (z - D_hat) / s` with `D_hat = softmax(logits) @ E` (target space).
-The prediction is the logits of the last step (num_steps network evaluations in total).
+The prediction is the logits of the last step (num_steps network evaluations in total), or with
+decode="product" the sum over every step of log softmax(logits): a product of the blocks' beliefs,
+at no extra cost (this project's option, not the paper's).
 
 Initial noise: `z = sigma_max * eps`, eps from `dbcore.rng.gaussian` keyed by (seed, sample index,
 block = B, draw = 0). Block id B belongs to no network block (those are 0..B-1), so the initial
@@ -22,6 +24,7 @@ from dbcore.partition import euler_schedule
 from dbcore.recipes.vit import ViTBlock, ViTConfig
 
 LoadBlock = Callable[[int], ViTBlock]
+DECODES: tuple[str, ...] = ("last", "product")
 
 
 def initial_noise(sample: torch.Tensor, dim: int, num_blocks: int, seed: int) -> torch.Tensor:
@@ -39,20 +42,25 @@ def _run(
     batch_size: int,
     seed: int,
     sample_index: torch.Tensor | None,
+    decode: str = "last",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run blocks 0..num_run-1 over all samples; returns z (N, d) and the last logits (N, V)."""
+    """Run blocks 0..num_run-1 over all samples; returns z (N, d) and the scores (N, V) of
+    `decode`: the last logits, or the sum of every step's log-softmax."""
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     steps = euler_schedule(cfg.num_blocks, num_steps)
     n = len(x)
     sample = torch.arange(n) if sample_index is None else sample_index.to(torch.int64)
     z = initial_noise(sample, cfg.dim, cfg.num_blocks, seed)  # (N, d), kept on the CPU
-    logits = None
+    scores = torch.zeros(n, cfg.num_classes) if decode == "product" else None
     for b in range(num_run):
         block = load_block(b)
         block.eval()
         device = next(block.parameters()).device
         emb = block.target_embedding.float()  # (V, d)
         mine = [s for s in steps if s.block == b]
-        logits = torch.empty(n, cfg.num_classes)
+        if decode == "last":
+            scores = torch.empty(n, cfg.num_classes)
         with torch.no_grad():
             for i in range(0, n, batch_size):
                 xb = x[i : i + batch_size].to(device)
@@ -62,12 +70,15 @@ def _run(
                     _, lg = block(xb, zb, sigma)  # (n_b, V)
                     d_hat = torch.softmax(lg.float(), dim=-1) @ emb  # (n_b, d), in target space
                     zb = zb + (s.sigma_next - s.sigma) / s.sigma * (zb - d_hat)
+                    if decode == "product":
+                        scores[i : i + batch_size] += torch.log_softmax(lg.float(), dim=-1).cpu()
                 z[i : i + batch_size] = zb.cpu()
-                logits[i : i + batch_size] = lg.float().cpu()
+                if decode == "last":
+                    scores[i : i + batch_size] = lg.float().cpu()
         del block, emb  # release block b before loading block b+1
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return z, logits
+    return z, scores
 
 
 def sample_labels(
@@ -78,17 +89,19 @@ def sample_labels(
     batch_size: int = 256,
     seed: int = 0,
     sample_index: torch.Tensor | None = None,
+    decode: str = "last",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted labels (N,) and final logits (N, V) for images x (N, C, H, W) in [0, 1].
+    """Predicted labels (N,) and scores (N, V) for images x (N, C, H, W) in [0, 1]: the last
+    step's logits (decode="last", METHOD.md 6) or the sum of every step's log-softmax ("product").
 
     load_block(b) returns block b ready to run (on its device); it is called once per block, in
     order, and the sampler keeps no reference after the block's steps. num_steps defaults to one
     per block. sample_index (N,) keys the initial noise (default arange(N)).
     """
     num_steps = cfg.num_blocks if num_steps is None else num_steps
-    _, logits = _run(load_block, x, cfg, num_steps, cfg.num_blocks, batch_size, seed, sample_index)
-    assert logits is not None
-    return logits.argmax(dim=1), logits
+    _, scores = _run(load_block, x, cfg, num_steps, cfg.num_blocks, batch_size, seed, sample_index, decode)
+    assert scores is not None
+    return scores.argmax(dim=1), scores
 
 
 def chain_states(

@@ -43,6 +43,7 @@ class ViTConfig:
     layer_split: list[int] | None = None  # layers per block, network order; None = depth / B each
     gamma: float = 0.05  # overlap of the block ranges (METHOD.md 3)
     target_scale: float = 1.0  # norm of the rows of E
+    gate_init: float = 0.0  # adaLN gates at initialisation: 0 = DiT's adaLN-Zero, 1 = a plain pre-LN layer
     sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
 
     def __post_init__(self) -> None:
@@ -147,9 +148,12 @@ class ViTBlock(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.channels, d, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, d) * POS_INIT_STD)
         self.z_embed = nn.Linear(d, d)  # the noisy target token c_in * z -> hidden
+        # Zero-initialised weight: at high sigma c_in * z is pure noise (unit Gaussian entries), and
+        # a default-initialised projection would put a random token at the readout position.
+        nn.init.zeros_(self.z_embed.weight)
         self.noise_embed = NoiseEmbedder(d)
         n = layers_in_block(cfg, block_index)
-        self.layers = nn.ModuleList(AdaLNLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(n))
+        self.layers = nn.ModuleList(AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init) for _ in range(n))
         self.final = AdaLNFinal(d, d)  # F, zero-initialised: a fresh block has D = c_skip * z
         self.head = nn.Linear(d, cfg.num_classes)  # learned readout of D
 
