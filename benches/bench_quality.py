@@ -102,12 +102,16 @@ def write_results(args: argparse.Namespace, rows: list[dict], steps: int) -> Non
     lines = [
         f"# Quality on {args.data} ({steps} steps per block; `{meta['command']}`)",
         "",
-        "| variant | valid accuracy | valid loss | inference steps | decode | train+eval s |",
-        "|---|---|---|---|---|---|",
+        "| variant | valid accuracy | valid loss | inference steps | decode | along the chain "
+        "| train+eval s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        key = "accuracy_product" if r.get("decode") == "product" else "accuracy_last"
+        chain = " / ".join(f"{100 * p[key]:.2f}" for p in r.get("per_block", [])) or "-"
         lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {r['loss']:.4f} | "
-                     f"{r.get('inference_steps') or '-'} | {r.get('decode') or '-'} | {r['train_seconds']} |")
+                     f"{r.get('inference_steps') or '-'} | {r.get('decode') or '-'} | {chain} | "
+                     f"{r['train_seconds']} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

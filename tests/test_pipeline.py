@@ -145,6 +145,16 @@ def test_cli_cache_train_eval_and_clean_errors(tmp_path, cfg_path):
     assert out.exit_code == 0, out.output
     result = json.loads(out.output)
     assert {"accuracy", "loss"} <= set(result)
+    # along the chain: one entry per block, the last one is the prediction itself
+    blocks = config_mod.load(cfg_path).model.num_blocks
+    assert [p["block"] for p in result["per_block"]] == list(range(blocks))
+    key = "accuracy_product" if result["decode"] == "product" else "accuracy_last"
+    assert result["per_block"][-1][key] == pytest.approx(result["accuracy"], abs=1e-6)
+    other = "product" if result["decode"] == "last" else "last"
+    out = r.invoke(main, ["eval", str(tmp_path / "run"), "--data", "digits:valid", "--json",
+                          "--decode", other])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["decode"] == other
     missing = ["--data", "npz:/nonexistent.npz", "--out", str(tmp_path / "x")]
     bad = r.invoke(main, ["cache", str(cfg_path), *missing])
     assert bad.exit_code != 0 and "not found" in bad.output and "Traceback" not in bad.output

@@ -36,6 +36,7 @@ def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | N
     """One JSON-able dict: accuracy and loss (CE of the prediction's scores) of a run on `data`."""
     info, cfg = load_run(run)
     decode = decode or cfg.train.decode
+    trace: list[dict[str, torch.Tensor]] = []
     source = load_source(data)
     x, labels = _images(source), torch.from_numpy(source.labels)
     t0 = time.perf_counter()
@@ -53,7 +54,8 @@ def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | N
         shared = load_shared(run, cfg)
         steps = num_steps or cfg.train.inference_steps or cfg.model.num_blocks
         _, logits = sample_labels(lambda b: shared.blocks[b], x, cfg.model, num_steps=steps,
-                                  batch_size=EVAL_BATCH, seed=cfg.train.seed, decode=decode)
+                                  batch_size=EVAL_BATCH, seed=cfg.train.seed, decode=decode,
+                                  trace=trace)
     else:
         tensors, _ = checkpoint.load(run / "block0", prefix="model.")
         emb = tensors["target_embedding"] if "target_embedding" in tensors else None
@@ -62,9 +64,15 @@ def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | N
         steps = num_steps or cfg.train.inference_steps or cfg.model.num_blocks
         _, logits = sample_labels(
             lambda b: load_trained_block(run, cfg, b, emb), x, cfg.model, num_steps=steps,
-            batch_size=EVAL_BATCH, seed=cfg.train.seed, decode=decode,
+            batch_size=EVAL_BATCH, seed=cfg.train.seed, decode=decode, trace=trace,
         )
     pred = logits.argmax(dim=1)
+
+    def acc(scores: torch.Tensor) -> float:
+        return round(float((scores.argmax(dim=1) == labels).float().mean()), 6)
+
+    per_block = [{"block": b, "accuracy_last": acc(t["last"]), "accuracy_product": acc(t["product"])}
+                 for b, t in enumerate(trace)]
     return {
         "kind": info["kind"],
         "data": data,
@@ -74,4 +82,6 @@ def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | N
         "inference_steps": steps,
         "decode": decode if info["kind"] != "e2e" else None,
         "seconds": round(time.perf_counter() - t0, 3),
+        # along the chain: the accuracy of each block's last logits and of the product so far
+        "per_block": per_block,
     }

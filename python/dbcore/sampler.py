@@ -43,24 +43,26 @@ def _run(
     seed: int,
     sample_index: torch.Tensor | None,
     decode: str = "last",
+    trace: list[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run blocks 0..num_run-1 over all samples; returns z (N, d) and the scores (N, V) of
-    `decode`: the last logits, or the sum of every step's log-softmax."""
+    `decode`: the last logits, or the sum of every step's log-softmax. With `trace`, appends per
+    block {"last": its last step's logits, "product": the running sum so far} (N, V) each."""
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     steps = euler_schedule(cfg.num_blocks, num_steps)
     n = len(x)
     sample = torch.arange(n) if sample_index is None else sample_index.to(torch.int64)
     z = initial_noise(sample, cfg.dim, cfg.num_blocks, seed)  # (N, d), kept on the CPU
-    scores = torch.zeros(n, cfg.num_classes) if decode == "product" else None
+    product = torch.zeros(n, cfg.num_classes)  # running sum of log-softmax over the steps
+    last = None
     for b in range(num_run):
         block = load_block(b)
         block.eval()
         device = next(block.parameters()).device
         emb = block.target_embedding.float()  # (V, d)
         mine = [s for s in steps if s.block == b]
-        if decode == "last":
-            scores = torch.empty(n, cfg.num_classes)
+        last = torch.empty(n, cfg.num_classes)
         with torch.no_grad():
             for i in range(0, n, batch_size):
                 xb = x[i : i + batch_size].to(device)
@@ -70,15 +72,15 @@ def _run(
                     _, lg = block(xb, zb, sigma)  # (n_b, V)
                     d_hat = torch.softmax(lg.float(), dim=-1) @ emb  # (n_b, d), in target space
                     zb = zb + (s.sigma_next - s.sigma) / s.sigma * (zb - d_hat)
-                    if decode == "product":
-                        scores[i : i + batch_size] += torch.log_softmax(lg.float(), dim=-1).cpu()
+                    product[i : i + batch_size] += torch.log_softmax(lg.float(), dim=-1).cpu()
                 z[i : i + batch_size] = zb.cpu()
-                if decode == "last":
-                    scores[i : i + batch_size] = lg.float().cpu()
+                last[i : i + batch_size] = lg.float().cpu()
+        if trace is not None:
+            trace.append({"last": last.clone(), "product": product.clone()})
         del block, emb  # release block b before loading block b+1
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return z, scores
+    return z, (product if decode == "product" else last)
 
 
 def sample_labels(
@@ -90,16 +92,19 @@ def sample_labels(
     seed: int = 0,
     sample_index: torch.Tensor | None = None,
     decode: str = "last",
+    trace: list[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels (N,) and scores (N, V) for images x (N, C, H, W) in [0, 1]: the last
     step's logits (decode="last", METHOD.md 6) or the sum of every step's log-softmax ("product").
+    `trace` (a list) receives each block's scores along the chain, see `_run`.
 
     load_block(b) returns block b ready to run (on its device); it is called once per block, in
     order, and the sampler keeps no reference after the block's steps. num_steps defaults to one
     per block. sample_index (N,) keys the initial noise (default arange(N)).
     """
     num_steps = cfg.num_blocks if num_steps is None else num_steps
-    _, scores = _run(load_block, x, cfg, num_steps, cfg.num_blocks, batch_size, seed, sample_index, decode)
+    _, scores = _run(load_block, x, cfg, num_steps, cfg.num_blocks, batch_size, seed, sample_index, decode,
+                     trace)
     assert scores is not None
     return scores.argmax(dim=1), scores
 
