@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="per-block steps (default: the config's)")
     ap.add_argument("--variants", nargs="*", default=["all"], help="names, or all")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription)")
+    ap.add_argument("--seed", type=int, default=None, help="override [train] seed (init, data order, noise)")
     ap.add_argument("--name", default=None, help="results file stem (default: quality_<data>)")
     ap.add_argument("--append", action="store_true", help="merge into an existing results file")
     ap.add_argument("--work", default="/tmp/dbcore_quality")
@@ -143,6 +144,8 @@ def main() -> None:
         args.variants = [*VARIANTS, *e2e_variants]
     base = base_cfg.to_dict()
     base["train"]["threads"] = args.threads
+    if args.seed is not None:
+        base["train"]["seed"] = args.seed
     steps = args.steps or base_cfg.train.steps
     train_src, valid_src = DATA[args.data]
     work = Path(args.work) / args.data
