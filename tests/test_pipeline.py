@@ -108,6 +108,22 @@ def test_cached_noise_equals_online_noise(tmp_path, cfg_path):
     assert torch.allclose(z_cached[:, 1], z) and torch.allclose(sigma_cached[:, 1], sigma)
 
 
+def test_top_sigma_law_reaches_the_cache_at_the_samplers_levels(tmp_path, cfg_path):
+    from dbcore.partition import euler_schedule
+
+    cfg = config_mod.load(cfg_path)
+    cfg.model.sigma_dist = "top"
+    s = write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", noise="cached", draws=2,
+                    progress=False)
+    s = store.open(s.path)
+    levels = [step.sigma for step in euler_schedule(cfg.model.num_blocks, cfg.model.num_blocks)]
+    laws = s.attrs["schedule"]["block_sigma_laws"]
+    for b, level in enumerate(levels):
+        assert laws[b][0] == pytest.approx(level) and laws[b][1] == pytest.approx(level)
+        sigma = s.read(layout.noised_sigma(b), slice(None))  # (N, K)
+        assert sigma.min() == pytest.approx(level, rel=1e-6) and sigma.max() == pytest.approx(level, rel=1e-6)
+
+
 def test_sequential_mode_refuses_states_from_other_checkpoints(tmp_path, cfg_path):
     cfg = config_mod.load(cfg_path)
     cfg.train.mode = "sequential"
