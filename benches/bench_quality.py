@@ -65,8 +65,11 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: str, steps: int) -> dict:
-    model_o, train_o, _ = VARIANTS[name]
+def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: str, steps: int,
+                overrides: tuple[dict, dict] | None = None, label: str | None = None,
+                e2e: bool = False) -> dict:
+    """Cache, train and evaluate one variant: overrides (model, train) default to VARIANTS[name]."""
+    model_o, train_o = overrides if overrides is not None else VARIANTS[name][:2]
     data = copy.deepcopy(base)
     data["model"].update(model_o)
     train_o = dict(train_o)
@@ -79,9 +82,10 @@ def run_variant(base: dict, name: str, work: Path, train_src: str, valid_src: st
     store = work / f"{slug}.zarr"
     write_cache(cfg, load_source(train_src), store, overwrite=True, progress=False)
     shutil.rmtree(work / slug, ignore_errors=True)
-    train_run(cfg, store, work / slug, progress=False, paper_shared=paper_shared)
+    train_run(cfg, store, work / slug, e2e=e2e, progress=False, paper_shared=paper_shared)
     result = evaluate(work / slug, valid_src)
-    result.update(variant=name, config=cfg.to_dict(), train_seconds=round(time.perf_counter() - t0, 1))
+    seconds = round(time.perf_counter() - t0, 1)
+    result.update(variant=label or name, config=cfg.to_dict(), train_seconds=seconds)
     return result
 
 
@@ -154,18 +158,7 @@ def main() -> None:
     for name in args.variants:
         if name in e2e_variants:
             label, model_o = e2e_variants[name]
-            data = copy.deepcopy(base)
-            data["model"].update(model_o)
-            data["train"]["steps"] = steps
-            cfg = config_mod.from_dict(data, name)
-            slug = name.replace(" ", "_")
-            t0 = time.perf_counter()
-            write_cache(cfg, load_source(train_src), work / f"{slug}.zarr", overwrite=True, progress=False)
-            shutil.rmtree(work / slug, ignore_errors=True)
-            train_run(cfg, work / f"{slug}.zarr", work / slug, e2e=True, progress=False)
-            r = evaluate(work / slug, valid_src)
-            seconds = round(time.perf_counter() - t0, 1)
-            r.update(variant=label, config=cfg.to_dict(), train_seconds=seconds)
+            r = run_variant(base, name, work, train_src, valid_src, steps, (model_o, {}), label, e2e=True)
         else:
             r = run_variant(base, name, work, train_src, valid_src, steps)
         rows.append(r)

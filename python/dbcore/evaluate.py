@@ -48,24 +48,26 @@ def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | N
         with torch.no_grad():
             logits = torch.cat([model(xb) for xb in x.split(EVAL_BATCH)])
         steps = None
-    elif info["kind"] == "paper-shared":
-        from dbcore.paper_shared import load_shared
-
-        shared = load_shared(run, cfg)
-        steps = num_steps or cfg.train.inference_steps or cfg.model.num_blocks
-        _, logits = sample_labels(lambda b: shared.blocks[b], x, cfg.model, num_steps=steps,
-                                  batch_size=EVAL_BATCH, seed=cfg.train.seed, decode=decode,
-                                  trace=trace)
     else:
-        tensors, _ = checkpoint.load(run / "block0", prefix="model.")
-        emb = tensors["target_embedding"] if "target_embedding" in tensors else None
-        if emb is None:
-            raise RunError(f"{run}/block0: checkpoint lacks the target embedding")
+        if info["kind"] == "paper-shared":
+            from dbcore.paper_shared import load_shared
+
+            shared = load_shared(run, cfg)
+
+            def load_block(b: int):
+                return shared.blocks[b]
+        else:
+            tensors, _ = checkpoint.load(run / "block0", prefix="model.")
+            emb = tensors.get("target_embedding")
+            if emb is None:
+                raise RunError(f"{run}/block0: checkpoint lacks the target embedding")
+
+            def load_block(b: int):
+                return load_trained_block(run, cfg, b, emb)
+
         steps = num_steps or cfg.train.inference_steps or cfg.model.num_blocks
-        _, logits = sample_labels(
-            lambda b: load_trained_block(run, cfg, b, emb), x, cfg.model, num_steps=steps,
-            batch_size=EVAL_BATCH, seed=cfg.train.seed, decode=decode, trace=trace,
-        )
+        _, logits = sample_labels(load_block, x, cfg.model, num_steps=steps, batch_size=EVAL_BATCH,
+                                  seed=cfg.train.seed, decode=decode, trace=trace)
     pred = logits.argmax(dim=1)
 
     def acc(scores: torch.Tensor) -> float:

@@ -92,9 +92,13 @@ def _build(kind: str, cfg) -> tuple[nn.Module, object]:
     return ViTBlock(m, int(kind.removeprefix("block")), emb), emb
 
 
-def _set_allocator(allocator: str) -> None:
+def _check_allocator(allocator: str) -> None:
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
+
+
+def _set_allocator(allocator: str) -> None:
+    _check_allocator(allocator)
     if allocator == "tight" and not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, TIGHT_MMAP_THRESHOLD):
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: is this glibc?")
 
@@ -178,8 +182,7 @@ def measure_all(
     config_path: str | Path, batch_size: int | None = None, device: str = "cpu", allocator: str = "tight"
 ) -> dict:
     cfg = config_mod.load(config_path)
-    if allocator not in ALLOCATORS:
-        raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
+    _check_allocator(allocator)  # here, before any worker starts
     m = cfg.model
     bs = batch_size or cfg.train.batch_size
     kinds = ["e2e", "e2e_checkpointed", *[f"block{b}" for b in range(m.num_blocks)]]
