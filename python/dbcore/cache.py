@@ -1,4 +1,6 @@
-"""`dbcore cache`: write a source, its frozen target embedding, schedule and provenance to a store.
+"""`dbcore cache`: write a source and what its recipe caches for it (`Recipe.cache_arrays`: inputs,
+labels, a frozen target embedding...) with provenance to a store. The store records its recipe and
+a fingerprint of only the [model] values it depends on (`Config.cache_fields`).
 
 With `noise="cached"` it also writes K noised targets (and their sigmas) per sample per block,
 drawn by the counter-based generator keyed by (seed, sample index, block, draw): exactly the values
@@ -14,7 +16,6 @@ interrupted one of other inputs, is refused unless `overwrite`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,9 +29,11 @@ from tqdm import tqdm
 
 from dbcore import layout, store
 from dbcore.config import Config
+from dbcore.data import INDEX
 from dbcore.noise import noised_targets
 from dbcore.partition import block_range, block_sigma_law, boundaries
-from dbcore.recipes.vit import make_target_embedding
+from dbcore.recipes import for_config
+from dbcore.recipes.base import Recipe
 from dbcore.sources import Source
 
 ROWS_PER_WRITE = 4096  # rows per chunk of the noised targets
@@ -65,63 +68,45 @@ def write_cache(
     """Write the cache store `out`, streaming row blocks (see the module docs for resume).
 
     `target_embedding`: the frozen rows E (num_classes, dim) to use instead of seeded random
-    unit vectors (stored as float32 as given: normalise them as you mean training to see them).
+    unit vectors, for recipes with a discrete target (stored as float32 as given: normalise them
+    as you mean training to see them).
     """
-    m = cfg.model
     if noise not in ("online", "cached"):
         raise ValueError(f"noise must be 'online' or 'cached', found {noise!r}")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, found {draws}")
-    n, h, w, c = source.images.shape
-    if (h, w, c) != (m.image_size, m.image_size, m.channels):
-        raise ValueError(
-            f"source {source.spec}: images are {h}x{w}x{c}, the config expects "
-            f"{m.image_size}x{m.image_size}x{m.channels}"
-        )
-    if source.num_classes > m.num_classes:
-        raise ValueError(
-            f"source {source.spec}: label {source.num_classes - 1} >= num_classes {m.num_classes}"
-        )
-    if target_embedding is None:
-        emb = make_target_embedding(m.num_classes, m.dim, seed, m.target_scale)  # (V, d)
-        emb_attrs = {"kind": "seeded-random", "seed": seed, "scale": m.target_scale}
-    else:
-        emb = _checked_embedding(target_embedding, m.num_classes, m.dim)
-        digest = hashlib.sha256(emb.numpy().tobytes()).hexdigest()
-        emb_attrs = {"kind": "file", "sha256": digest}
+    recipe = for_config(cfg)
+    if target_embedding is not None and layout.TARGET_EMBEDDING not in recipe.frozen_arrays:
+        raise ValueError(f"recipe {cfg.recipe!r} has no target embedding; drop --target-embedding")
+    arrays, recipe_attrs = recipe.cache_arrays(source, seed, target_embedding)
+    n = len(source.labels)
+    cached = noise == "cached"
     attrs = {
         "format": layout.FORMAT,
         "format_version": layout.FORMAT_VERSION,
+        "recipe": cfg.recipe,
         "source": {"spec": source.spec, "sha256": source.sha256(), "num_samples": n},
-        "config": cfg.to_dict(),
-        "config_fingerprint": cfg.fingerprint(),
-        "schedule": schedule_attrs(cfg),
-        "noise": {"mode": noise, "draws": draws if noise == "cached" else 0, "seed": seed},
-        "target_embedding": emb_attrs,
+        "cache_fields": cfg.cache_fields(cached),
+        "cache_fingerprint": cfg.cache_fingerprint(cached),
+        "noise": {"mode": noise, "draws": draws if cached else 0, "seed": seed},
+        **recipe_attrs,
     }
+    if cached:
+        attrs["schedule"] = schedule_attrs(cfg)
     out = Path(out)
     s, done = _open_for_writing(out, attrs, overwrite)
-    jobs = [
-        _Job(layout.IMAGES, source.images.shape, "uint8", None, lambda a, b: source.images[a:b]),
-        _Job(layout.LABELS, source.labels.shape, "int64", None, lambda a, b: source.labels[a:b]),
-        _Job(layout.TARGET_EMBEDDING, tuple(emb.shape), "float32", None, lambda a, b: emb[a:b].numpy()),
-    ]
-    if noise == "cached":
-        jobs += _noise_jobs(cfg, emb, source.labels, draws, seed)
+    jobs = [_Job(name, tuple(rows.shape), str(np.dtype(rows.dtype)), None, _slicer(rows))
+            for name, rows in arrays.items()]
+    if cached:
+        jobs += _noise_jobs(recipe, arrays, draws, seed)
     _run_jobs(s, out, jobs, done, progress)
     s.finalize()
     (out / LEDGER).unlink(missing_ok=True)
     return s
 
 
-def _checked_embedding(rows: np.ndarray, num_classes: int, dim: int) -> torch.Tensor:
-    rows = np.asarray(rows)
-    if rows.shape != (num_classes, dim):
-        raise ValueError(f"target embedding: expected shape ({num_classes}, {dim}) (num_classes, dim), "
-                         f"found {rows.shape}")
-    if not np.issubdtype(rows.dtype, np.floating) or not np.isfinite(rows).all():
-        raise ValueError(f"target embedding: expected finite floats, found {rows.dtype}")
-    return torch.from_numpy(rows.astype(np.float32))
+def _slicer(rows: np.ndarray) -> Callable[[int, int], np.ndarray]:
+    return lambda a, b: np.asarray(rows[a:b])
 
 
 @dataclass
@@ -204,9 +189,11 @@ def _run_jobs(s: store.Store, out: Path, jobs: list[_Job], done: set, progress: 
     bar.close()
 
 
-def _noise_jobs(cfg: Config, emb: torch.Tensor, labels: np.ndarray, draws: int, seed: int) -> list[_Job]:
-    m = cfg.model
-    n = len(labels)
+def _noise_jobs(recipe: Recipe, arrays: dict[str, np.ndarray], draws: int, seed: int) -> list[_Job]:
+    m = recipe.model_cfg
+    frozen = {name: torch.from_numpy(np.asarray(arrays[name])) for name in recipe.frozen_arrays}
+    shape = recipe.target_shape(frozen)
+    n = len(arrays[recipe.stream_arrays[0]])
     chunk = max(1, min(ROWS_PER_WRITE, n))
     cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -214,19 +201,20 @@ def _noise_jobs(cfg: Config, emb: torch.Tensor, labels: np.ndarray, draws: int, 
         if (b, a) not in cache:  # z and sigma of the same rows: computed once, used twice
             cache.clear()
             idx = torch.arange(a, stop)
-            y = emb[torch.from_numpy(labels[a:stop])]  # (n, d)
+            rows = {k: torch.from_numpy(np.ascontiguousarray(arrays[k][a:stop])) for k in recipe.stream_arrays}
+            y = recipe.targets({**rows, INDEX: idx}, frozen)  # (n, ...)
             zs, sigmas = [], []
             for k in range(draws):
-                z, sigma = noised_targets(y, idx, seed, b, k, m)
+                z, sigma = noised_targets(y, idx, seed, b, k, recipe.sigma_law(b))
                 zs.append(z)
                 sigmas.append(sigma)
-            z_all = torch.stack(zs, dim=1).float().numpy()  # (n, K, d)
+            z_all = torch.stack(zs, dim=1).float().numpy()  # (n, K, ...)
             cache[(b, a)] = (z_all, torch.stack(sigmas, dim=1).float().numpy())  # (n, K)
         return cache[(b, a)]
 
     jobs = []
     for b in range(m.num_blocks):
-        jobs.append(_Job(layout.noised_z(b), (n, draws, m.dim), "float32", (chunk, draws, m.dim),
+        jobs.append(_Job(layout.noised_z(b), (n, draws, *shape), "float32", (chunk, draws, *shape),
                          lambda a, stop, b=b: noised(b, a, stop)[0]))
         jobs.append(_Job(layout.noised_sigma(b), (n, draws), "float32", (chunk, draws),
                          lambda a, stop, b=b: noised(b, a, stop)[1]))

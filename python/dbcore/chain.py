@@ -11,19 +11,23 @@ from pathlib import Path
 
 import torch
 
-from dbcore import checkpoint, layout, store
+from dbcore import rundir, store
 from dbcore.config import Config
-from dbcore.sampler import chain_states
-from dbcore.train import RunError, images_to_tensor, load_trained_block, read_target_embedding
+from dbcore.recipes import for_config
+from dbcore.recipes.base import read_frozen
+from dbcore.rundir import RunError, load_trained_block
+from dbcore.sampler import initial_noise, level_before, run_chain
 
 
 def fingerprint(run: Path, upto_block: int) -> str:
     """sha256 over the tensor-file digests of blocks 0..upto_block-1."""
     h = hashlib.sha256()
     for b in range(upto_block):
-        meta = checkpoint.load_meta(run / f"block{b}")
-        if not meta.get("done"):
-            raise RunError(f"run {run}: block {b} must finish before block {upto_block} trains sequentially")
+        try:
+            meta = rundir.done_meta(run, rundir.block_name(b))
+        except RunError:
+            raise RunError(f"run {run}: block {b} must finish before block {upto_block} trains "
+                           "sequentially") from None
         h.update(meta["sha256"].encode())
     return h.hexdigest()
 
@@ -31,9 +35,9 @@ def fingerprint(run: Path, upto_block: int) -> str:
 def chain_states_for(
     cfg: Config, store_path: Path, run: Path, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (N, d), sigma (N,)) handed to `block` by the trained earlier blocks, cached in the run."""
+    """(z (N, ...), sigma (N,)) handed to `block` by the trained earlier blocks, cached in the run."""
     fp = fingerprint(run, block)
-    path = run / "chain" / f"block{block}.zarr"
+    path = rundir.chain_path(run, block)
     if path.exists():
         s = store.open(path)
         if s.attrs.get("fingerprint") != fp:
@@ -42,19 +46,19 @@ def chain_states_for(
                 f"(fingerprint {s.attrs.get('fingerprint', '?')[:12]} vs {fp[:12]}); delete it to recompute"
             )
         return torch.from_numpy(s.read("z", slice(None))), torch.from_numpy(s.read("sigma", slice(None)))
+    recipe = for_config(cfg)
+    m, t = cfg.model, cfg.train
     cache = store.open(store_path)
-    emb = read_target_embedding(cache)
-    z, sigma = chain_states(
-        lambda b: load_trained_block(run, cfg, b, emb),
-        images_to_tensor(cache.read(layout.IMAGES), torch.device("cpu")),
-        cfg.model,
-        num_steps=cfg.train.inference_steps or cfg.model.num_blocks,
-        upto_block=block,
-        batch_size=max(256, cfg.train.batch_size),
-        seed=cfg.train.seed,
-    )
+    frozen = read_frozen(cache, recipe)
+    cond = {k: torch.from_numpy(cache.read(k)) for k in recipe.cond_arrays}
+    n = len(next(iter(cond.values())))
+    steps = t.inference_steps or m.num_blocks
+    z0 = initial_noise(torch.arange(n), recipe.target_shape(frozen), m.num_blocks, t.seed)
+    z = run_chain(recipe, lambda b: load_trained_block(run, recipe, b, frozen), cond, z0, m.num_blocks,
+                  steps, upto_block=block, batch_size=max(256, t.batch_size))
+    sigma = torch.full((n,), level_before(m.num_blocks, steps, block), dtype=torch.float32)
     s = store.create(path, attrs={"fingerprint": fp, "upto_block": block}, overwrite=False)
     s.write_array("z", z.float().numpy())
-    s.write_array("sigma", sigma.float().numpy())
+    s.write_array("sigma", sigma.numpy())
     s.finalize()
-    return z.float(), sigma.float()
+    return z.float(), sigma

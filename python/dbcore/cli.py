@@ -26,8 +26,8 @@ def _user_errors():
     from dbcore.checkpoint import CheckpointError
     from dbcore.config import ConfigError
     from dbcore.sources import SourceError
+    from dbcore.rundir import RunError
     from dbcore.store import StoreError
-    from dbcore.train import RunError
 
     return (ConfigError, SourceError, StoreError, RunError, CheckpointError, FileExistsError, ValueError)
 
@@ -107,20 +107,68 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
 @main.command("eval")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", "source", default="digits:valid", show_default=True)
-@click.option("--steps", type=int, default=None, help="Euler steps in all (default: the run's)")
+@click.option("--steps", type=int, default=None, help="sampler steps in all (default: the run's)")
 @click.option("--decode", type=click.Choice(["last", "product"]), default=None,
-              help="the last step's logits or the product of every step's beliefs (default: the run's)")
+              help="classifier: the last step's logits or the product of every step's beliefs")
+@click.option("--num-samples", type=int, default=None, help="generator: samples for FID (default 2000)")
+@click.option("--cfg-scale", type=float, default=None, help="generator: guidance scale (default: config)")
+@click.option("--sampler", type=click.Choice(["euler", "heun"]), default=None,
+              help="generator: Euler (the paper's) or Heun's second-order step")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def eval_(run, source, steps, decode, as_json):
-    """Accuracy and loss of a DiffusionBlocks or end-to-end run."""
+def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, as_json):
+    """The recipe's report of a DiffusionBlocks or end-to-end run (accuracy; or FID and class accuracy)."""
     from dbcore.evaluate import evaluate
 
-    result = _run_safely(evaluate, run, source, steps, decode)
+    result = _run_safely(evaluate, run, source, steps, decode, num_samples=num_samples,
+                         cfg_scale=cfg_scale, sampler=sampler)
     if as_json:
         click.echo(json.dumps(result))
-    else:
-        click.echo(f"{result['kind']}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
-                   f"on {result['num_samples']} samples of {source}")
+        return
+    shown = [f"{k} {result[k]:.4f}" for k in ("accuracy", "loss", "fid", "class_accuracy", "fid_floor")
+             if isinstance(result.get(k), float)]
+    click.echo(f"{result['kind']}: {', '.join(shown)} on {result['num_samples']} samples of {source}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid")
+@click.option("--num", type=int, default=100, show_default=True)
+@click.option("--class", "class_", type=int, default=None, help="one class (default: a row per class)")
+@click.option("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
+@click.option("--steps", type=int, default=None, help="sampler steps in all (default: the config's)")
+@click.option("--sampler", type=click.Choice(["euler", "heun"]), default=None)
+@click.option("--seed", type=int, default=None, help="initial noise seed (default: the run's)")
+@click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the raw samples: images uint8 (N,H,W,C), labels")
+def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz):
+    """Samples of a generating run (DiT) as a PNG grid, one block in memory at a time."""
+    import numpy as np
+
+    from dbcore.report import sample_run, save_grid
+
+    if num < 1:
+        raise _Fail(f"--num must be >= 1, got {num}")
+    images, labels, rows = _run_safely(sample_run, run, num, class_, cfg_scale, steps, seed, sampler)
+    save_grid(images, rows, out)
+    if npz is not None:
+        np.savez(npz, images=images, labels=labels)
+    click.echo(f"wrote {len(images)} samples to {out}" + (f" and {npz}" if npz else ""))
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--baseline", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="an end-to-end run to draw beside it")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for the PNGs (default: RUN/report)")
+@click.option("--num", type=int, default=100, show_default=True, help="samples in a generator's grid")
+def report(run, baseline, out, num):
+    """PNGs to look at: loss curves of every block (and the baseline), samples of a generator."""
+    from dbcore.report import report as write_report
+
+    written = _run_safely(write_report, run, out or run / "report", baseline, num)
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 @main.group()

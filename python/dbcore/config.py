@@ -18,9 +18,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from dbcore.recipes.vit import ViTConfig
+from dbcore.recipes import REGISTRY, recipe_class
 
-RECIPES = {"vit": ViTConfig}
+CACHED_NOISE_FIELDS = ("num_blocks", "gamma", "sigma_dist")  # what cached noised targets depend on
 
 
 class ConfigError(ValueError):
@@ -33,6 +33,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
+    decay: Literal["matrices", "all"] = "matrices"  # AdamW decays Linear/Conv weights only, or all
     warmup_steps: int = 100
     grad_clip: float = 1.0
     seed: int = 0
@@ -51,6 +52,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from dbcore.sampler import DECODES
 
+        if self.decay not in ("matrices", "all"):
+            raise ValueError(f"decay must be 'matrices' or 'all', got {self.decay!r}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
 
@@ -58,7 +61,7 @@ class TrainConfig:
 @dataclass
 class Config:
     recipe: str
-    model: Any  # the recipe's config dataclass, e.g. ViTConfig
+    model: Any  # the recipe's config dataclass (its `config_class`)
     train: TrainConfig = field(default_factory=TrainConfig)
     source_path: str = ""
 
@@ -69,9 +72,23 @@ class Config:
         }
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of the model table: what a cache must agree with."""
-        blob = json.dumps(self.to_dict()["model"], sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """sha256 of the canonical JSON of the whole model table (recorded in checkpoints)."""
+        return _sha256_json(self.to_dict()["model"])
+
+    def cache_fields(self, noise_cached: bool) -> dict[str, Any]:
+        """The [model] values a cache depends on: the recipe's `cache_fields`, and the schedule
+        when it holds noised targets. Depth, gate_init and the like are not among them."""
+        names = recipe_class(self.recipe).cache_fields + (CACHED_NOISE_FIELDS if noise_cached else ())
+        model = dataclasses.asdict(self.model)
+        return {"recipe": self.recipe, **{k: model[k] for k in names}}
+
+    def cache_fingerprint(self, noise_cached: bool) -> str:
+        """sha256 of `cache_fields`: what a store and a training config must agree on."""
+        return _sha256_json(self.cache_fields(noise_cached))
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -91,11 +108,11 @@ def from_dict(data: dict[str, Any], where: str = "<config>") -> Config:
         raise ConfigError(f"{where}: unknown table(s) {extra}; expected [model] and [train]")
     model = dict(data.get("model", {}))
     recipe = model.pop("recipe", "vit")
-    if recipe not in RECIPES:
-        raise ConfigError(f"{where} [model] recipe: expected one of {sorted(RECIPES)}, found {recipe!r}")
+    if recipe not in REGISTRY:
+        raise ConfigError(f"{where} [model] recipe: expected one of {sorted(REGISTRY)}, found {recipe!r}")
     return Config(
         recipe=recipe,
-        model=_build(RECIPES[recipe], model, f"{where} [model]"),
+        model=_build(recipe_class(recipe).config_class, model, f"{where} [model]"),
         train=_build(TrainConfig, dict(data.get("train", {})), f"{where} [train]"),
         source_path=where,
     )

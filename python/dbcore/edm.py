@@ -37,7 +37,48 @@ def precond(s: torch.Tensor, sd: float = SIGMA_DATA) -> Precond:
     )
 
 
+def denoise(z: torch.Tensor, raw: torch.Tensor, sigma: torch.Tensor, sd: float = SIGMA_DATA) -> torch.Tensor:
+    """D = c_skip*z + c_out*F with sigma (N,) broadcast over the trailing dims of z (N, ...)."""
+    p = precond(sigma.view(-1, *([1] * (z.dim() - 1))), sd)
+    return p.c_skip * z + p.c_out * raw
+
+
+def add_noise(y: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = y + sigma * eps (METHOD.md 2): y, eps (N, ...), sigma (N,); summed in float64, cast to y's
+    dtype. The one place the noisy target is formed (cache, online stream, kernel reference)."""
+    s = sigma.to(torch.float64).view(-1, *([1] * (y.dim() - 1)))
+    return (y.double() + s * eps.to(torch.float64).view(y.shape)).to(y.dtype)
+
+
 def loss_weight(s: torch.Tensor, sd: float = SIGMA_DATA) -> torch.Tensor:
     """w(s) = (s^2 + sd^2) / (s*sd)^2: one weight per sample, never broadcast against a mean."""
     return (s * s + sd * sd) / (s * sd) ** 2
 
+
+
+class EDMPrecond(torch.nn.Module):
+    """Wraps a raw network F into the denoiser `D(z, s) = c_skip z + c_out F(c_in z, c_noise, *cond)`.
+
+    The backbone is called as `backbone(c_in * z, c_noise, *cond)` and returns F shaped like z;
+    `forward` returns D. sigma is (N,) (or a scalar) and is broadcast over z's trailing dims here,
+    once, for every recipe (METHOD.md 2 and 10: never a (N,) tensor against (N, T, d)).
+    """
+
+    def __init__(self, backbone: torch.nn.Module, sigma_data: float = SIGMA_DATA) -> None:
+        super().__init__()
+        self.backbone, self.sigma_data = backbone, sigma_data
+
+    def raw(self, z: torch.Tensor, sigma: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        """F(c_in z, c_noise, *cond), shaped like z: what a fused loss kernel takes beside z."""
+        sigma = self._per_sample(z, sigma)
+        p = precond(sigma.view(-1, *([1] * (z.dim() - 1))), self.sigma_data)  # each (N, 1, ...)
+        return self.backbone(p.c_in * z, p.c_noise.reshape(-1), *cond)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        """z (N, ...), sigma (N,) or scalar -> D (N, ...)."""
+        sigma = self._per_sample(z, sigma)
+        return denoise(z, self.raw(z, sigma, *cond).to(z.dtype), sigma, self.sigma_data)
+
+    @staticmethod
+    def _per_sample(z: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        return torch.as_tensor(sigma, dtype=z.dtype, device=z.device).reshape(-1).expand(z.shape[0])

@@ -1,89 +1,52 @@
-"""`dbcore eval`: accuracy and loss of a DiffusionBlocks run (sampler, one block at a time) or an
-end-to-end run, on a data source."""
+"""`dbcore eval`: a run's report on a data source, by its recipe (`Recipe.evaluate`).
+
+A DiffusionBlocks run is evaluated through the sampler with one block in memory at a time; an
+end-to-end run through its own model. The recipe decides what is reported (accuracy for a
+classifier, FID and class accuracy for a generator).
+"""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from torch import nn
 
-from dbcore import checkpoint
+from dbcore import rundir
 from dbcore.config import Config, from_dict
-from dbcore.recipes.vit import ViTClassifier
-from dbcore.sampler import sample_labels
-from dbcore.sources import load_source
-from dbcore.train import RunError, load_trained_block
-
-EVAL_BATCH = 512
+from dbcore.recipes import for_config
+from dbcore.recipes.base import Frozen, Recipe
 
 
 def load_run(run: Path) -> tuple[dict, Config]:
-    path = run / "run.json"
-    if not path.is_file():
-        raise RunError(f"{run}: no run.json; is this a directory written by `dbcore train`?")
-    info = json.loads(path.read_text())
-    return info, from_dict(info["config"], str(path))
+    info = rundir.read_run_json(run)
+    return info, from_dict(info["config"], str(Path(run) / "run.json"))
 
 
-def _images(source) -> torch.Tensor:
-    return torch.from_numpy(source.images).permute(0, 3, 1, 2).float() / 255.0  # (N, C, H, W)
+def block_loader(run: Path, kind: str, recipe: Recipe):
+    """load_block(b) for the sampler: a block of a "blocks" run, or of the paper-shared model."""
+    if kind == "paper-shared":
+        from dbcore.paper_shared import load_shared
+
+        shared = load_shared(run, recipe)
+        return lambda b: shared.blocks[b]
+    frozen: Frozen = rundir.frozen_from_checkpoint(run, rundir.block_name(0), recipe.frozen_arrays)
+    return lambda b: rundir.load_trained_block(run, recipe, b, frozen)
 
 
-def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | None = None) -> dict:
-    """One JSON-able dict: accuracy and loss (CE of the prediction's scores) of a run on `data`."""
+def load_e2e(run: Path, recipe: Recipe) -> nn.Module:
+    frozen = rundir.frozen_from_checkpoint(run, rundir.E2E, recipe.frozen_arrays, required=False)
+    return rundir.load_model(run, rundir.E2E, recipe.build_e2e(frozen))
+
+
+def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | None = None,
+             **options) -> dict:
+    """One JSON-able dict: the recipe's report of the run on `data`, with the run's kind."""
     info, cfg = load_run(run)
-    decode = decode or cfg.train.decode
-    trace: list[dict[str, torch.Tensor]] = []
-    source = load_source(data)
-    x, labels = _images(source), torch.from_numpy(source.labels)
-    t0 = time.perf_counter()
-    if info["kind"] == "e2e":
-        tensors, _ = checkpoint.load(run / "e2e", prefix="model.")
-        model = ViTClassifier(cfg.model)
-        model.load_state_dict(tensors)
-        model.eval()
-        with torch.no_grad():
-            logits = torch.cat([model(xb) for xb in x.split(EVAL_BATCH)])
-        steps = None
+    recipe = for_config(cfg)
+    kind = info["kind"]
+    opts = {"num_steps": num_steps, "decode": decode, "store": info.get("store"), "data": data, **options}
+    if kind == "e2e":
+        report = recipe.evaluate(None, load_e2e(run, recipe), data, opts)
     else:
-        if info["kind"] == "paper-shared":
-            from dbcore.paper_shared import load_shared
-
-            shared = load_shared(run, cfg)
-
-            def load_block(b: int):
-                return shared.blocks[b]
-        else:
-            tensors, _ = checkpoint.load(run / "block0", prefix="model.")
-            emb = tensors.get("target_embedding")
-            if emb is None:
-                raise RunError(f"{run}/block0: checkpoint lacks the target embedding")
-
-            def load_block(b: int):
-                return load_trained_block(run, cfg, b, emb)
-
-        steps = num_steps or cfg.train.inference_steps or cfg.model.num_blocks
-        _, logits = sample_labels(load_block, x, cfg.model, num_steps=steps, batch_size=EVAL_BATCH,
-                                  seed=cfg.train.seed, decode=decode, trace=trace)
-    pred = logits.argmax(dim=1)
-
-    def acc(scores: torch.Tensor) -> float:
-        return round(float((scores.argmax(dim=1) == labels).float().mean()), 6)
-
-    per_block = [{"block": b, "accuracy_last": acc(t["last"]), "accuracy_product": acc(t["product"])}
-                 for b, t in enumerate(trace)]
-    return {
-        "kind": info["kind"],
-        "data": data,
-        "num_samples": len(labels),
-        "accuracy": float((pred == labels).float().mean()),
-        "loss": float(F.cross_entropy(logits.float(), labels)),
-        "inference_steps": steps,
-        "decode": decode if info["kind"] != "e2e" else None,
-        "seconds": round(time.perf_counter() - t0, 3),
-        # along the chain: the accuracy of each block's last logits and of the product so far
-        "per_block": per_block,
-    }
+        report = recipe.evaluate(block_loader(run, kind, recipe), None, data, opts)
+    return {"kind": kind, "recipe": cfg.recipe, "data": data, **report}

@@ -11,7 +11,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dbcore.edm import SIGMA_DATA, loss_weight, precond
+from dbcore.edm import denoise, loss_weight
+
+__all__ = ["WEIGHT_MODES", "denoise", "sample_weights", "weighted_ce", "weighted_mse"]
 
 WeightMode = Literal["none", "edm", "normalized", "clamped"]
 WEIGHT_MODES: tuple[str, ...] = ("none", "edm", "normalized", "clamped")
@@ -32,12 +34,6 @@ def sample_weights(sigma: torch.Tensor, mode: WeightMode, clamp_max: float = 100
     if mode == "clamped":
         return w.clamp(max=clamp_max)
     raise ValueError(f"loss weight mode must be one of {WEIGHT_MODES}, got {mode!r}")
-
-
-def denoise(z: torch.Tensor, raw: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """D = c_skip*z + c_out*F with sigma (N,) broadcast over the trailing dims of z (N, ...)."""
-    p = precond(sigma.view(-1, *([1] * (z.dim() - 1))), SIGMA_DATA)
-    return p.c_skip * z + p.c_out * raw
 
 
 def weighted_mse(d: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -31,9 +31,12 @@ import torch
 import torch.nn as nn
 
 from dbcore import config as config_mod
-from dbcore.loss import sample_weights, weighted_ce
+from dbcore.data import INDEX
+from dbcore.edm import SIGMA_MAX, SIGMA_MIN
+from dbcore.loss import sample_weights
 from dbcore.noise import noised_targets
-from dbcore.recipes.vit import ViTBlock, ViTClassifier, make_target_embedding
+from dbcore.recipes import for_config
+from dbcore.recipes.base import Batch, Frozen, Noised, Recipe
 
 MEASURED_STEPS = 3
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -53,17 +56,40 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
+def _noised(recipe: Recipe, batch: Batch, frozen: Frozen, block: int | None) -> Noised:
+    """Block `block`'s noise (the whole range for block None) from the generator, draw 0."""
+    y = recipe.targets(batch, frozen)
+    law = (SIGMA_MIN, SIGMA_MAX, "lognormal") if block is None else recipe.sigma_law(block)
+    z, sigma = noised_targets(y, batch[INDEX].cpu(), 0, 0 if block is None else block, 0, law)
+    g = torch.Generator().manual_seed(0)
+    return Noised(z, sigma, torch.rand(len(y), recipe.noise_request(tuple(y.shape[1:])).uniforms,
+                                       generator=g, dtype=torch.float64).to(y.device))
+
+
+def training_loss(recipe: Recipe, model: nn.Module, batch: Batch, frozen: Frozen, block: int | None,
+                  noised: Noised | None) -> torch.Tensor:
+    """The recipe's own loss of a block (or of the baseline, block None), unit weights."""
+    if block is None:
+        w = None if noised is None else sample_weights(noised.sigma, "none")
+        return recipe.e2e_loss(model, batch, noised, w)
+    return recipe.block_loss(model, batch, noised, sample_weights(noised.sigma, "none"))
+
+
 def _warm_up(cfg, dev: torch.device) -> None:
     """One tiny training step first, so that one-off library state (thread pools, kernel caches,
     autograd engine) sits in the baseline rather than in the training peak; then give freed heap
     back to the OS so the baseline holds no reusable free memory."""
-    tiny = dataclasses.replace(cfg.model, depth=1, num_blocks=1, layer_split=None)
-    model = ViTClassifier(tiny).to(dev)
-    x = torch.rand(2, tiny.channels, tiny.image_size, tiny.image_size, device=dev)
+    tiny = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=1, num_blocks=1,
+                                                              layer_split=None))
+    recipe = for_config(tiny)
+    frozen = {k: v.to(dev) for k, v in recipe.example_frozen().items()}
+    model = recipe.build_e2e(frozen).to(dev)
+    batch = recipe.example_batch(2, frozen, dev)
+    noised = _noised(recipe, batch, frozen, None) if recipe.e2e_noise else None
     opt = torch.optim.AdamW(model.parameters())
-    nn.functional.cross_entropy(model(x), torch.zeros(2, dtype=torch.long, device=dev)).backward()
+    training_loss(recipe, model, batch, frozen, None, noised).backward()
     opt.step()
-    del model, opt, x
+    del model, opt, batch
     gc.collect()
     if dev.type == "cpu":
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -83,13 +109,10 @@ class _SavedBytes:
         return sum(self.seen.values())
 
 
-def _build(kind: str, cfg) -> tuple[nn.Module, object]:
-    m = cfg.model
-    emb = make_target_embedding(m.num_classes, m.dim, 0, m.target_scale)
+def _build(kind: str, recipe: Recipe, frozen: Frozen) -> nn.Module:
     if kind.startswith("e2e"):
-        model = ViTClassifier(m, activation_checkpointing=(kind == "e2e_checkpointed"))
-        return model, emb
-    return ViTBlock(m, int(kind.removeprefix("block")), emb), emb
+        return recipe.build_e2e(frozen, activation_checkpointing=(kind == "e2e_checkpointed"))
+    return recipe.build_block(int(kind.removeprefix("block")), frozen)
 
 
 def _check_allocator(allocator: str) -> None:
@@ -107,17 +130,16 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
     """Run in a fresh process: peak bytes above baseline, step time, params, saved activations."""
     _set_allocator(allocator)
     cfg = config_mod.load(config_path)
-    m = cfg.model
+    recipe = for_config(cfg)
     torch.manual_seed(0)
     dev = torch.device(device)
     _warm_up(cfg, dev)
-    x = torch.rand(batch_size, m.channels, m.image_size, m.image_size, device=dev)
-    labels = torch.randint(0, m.num_classes, (batch_size,), device=dev)
-    model, emb = _build(kind, cfg)
+    frozen = recipe.example_frozen()
+    model = _build(kind, recipe, frozen)
+    frozen = {k: v.to(dev) for k, v in frozen.items()}
+    batch = recipe.example_batch(batch_size, frozen, dev)
     block = int(kind.removeprefix("block")) if kind.startswith("block") else None
-    if block is not None:
-        z, sigma = noised_targets(emb[labels.cpu()], torch.arange(batch_size), 0, block, 0, m)
-        z, sigma = z.to(dev), sigma.to(dev)
+    noised = _noised(recipe, batch, frozen, block) if block is not None or recipe.e2e_noise else None
     # the model's weights count as training memory: measure from before they are placed
     model_cpu_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if dev.type == "cuda":
@@ -133,11 +155,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> torch.Tensor:
-        if block is None:
-            loss = nn.functional.cross_entropy(model(x), labels)
-        else:
-            _, logits = model(x, z, sigma)
-            loss = weighted_ce(logits, labels, sample_weights(sigma, "none"))
+        loss = training_loss(recipe, model, batch, frozen, block, noised)
         opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
@@ -159,10 +177,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
         times.append(time.perf_counter() - t0)
     saved = _SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-        if block is None:
-            out = model(x)
-        else:
-            out = model(x, z, sigma)[1]
+        out = training_loss(recipe, model, batch, frozen, block, noised)
     del out
     params = sum(p.numel() for p in model.parameters())
     return {"kind": kind, "peak_bytes": int(peak), "step_seconds": sorted(times)[len(times) // 2],

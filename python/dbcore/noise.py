@@ -1,26 +1,60 @@
-"""Noised targets z = y + sigma * eps of a network block (METHOD.md sections 2-3).
+"""A block's noise for one batch: sigma from its law, z = y + sigma * eps (METHOD.md 2-3).
 
-The one entry point used by the cache (`--noise cached`) and by online training, so both draw the
-same values from the counter-based generator keyed by (seed, sample index, block, draw). On CUDA
-tensors `dbcore.kernels` runs it as one fused kernel; elsewhere its PyTorch reference.
+One path, three sources of the same counter-based draws keyed by (seed, sample, block, draw):
+- cached: the store's `noised_z_b{b}` / `noised_sigma_b{b}` rows (draw `epoch % K`), written by
+  `dbcore cache` through `noised_targets` below;
+- online: the Gaussians and uniforms the Rust stream ships with each batch (draw = epoch);
+- device: the CUDA noise kernel draws eps and sigma on the GPU (`dbcore.kernels.noise_and_input`),
+  so the stream ships only the uniforms the device does not make.
+All three give the same values; z is formed by `dbcore.edm.add_noise` (the kernel's CUDA twin).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from dbcore import rng
+from dbcore import layout, rng
+from dbcore.data import EPS, INDEX, UNIFORMS
+from dbcore.edm import add_noise
 from dbcore.kernels import noise_and_input
-from dbcore.partition import block_sigma_law
+from dbcore.partition import sample_sigma_in_range
+from dbcore.recipes.base import Noised
+
+SigmaLaw = tuple[float, float, str]  # (lo, hi, in-block distribution), see partition.block_sigma_law
 
 
 def noised_targets(
-    y: torch.Tensor, sample: torch.Tensor, seed: int, block: int, draw: int, model_cfg, backend: str = "auto"
+    y: torch.Tensor, sample: torch.Tensor, seed: int, block: int, draw: int, law: SigmaLaw,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (N, d), sigma (N,) float32) for clean targets y (N, d) of samples `sample` (N,)."""
-    lo, hi, dist = block_sigma_law(model_cfg.sigma_dist, block, model_cfg.num_blocks, model_cfg.gamma)
-    z, _, sigma = noise_and_input(y, sample, seed, block, draw, lo, hi, dist, backend)
+    """(z (N, ...), sigma (N,) float32) from the generator, for clean targets y (N, ...) of
+    samples `sample` (N,): the CUDA kernel on CUDA tensors, its PyTorch reference elsewhere."""
+    z, _, sigma = noise_and_input(y, sample, seed, block, draw, *law, backend)
     return z, sigma
+
+
+def block_noise(
+    batch: dict[str, np.ndarray], y: torch.Tensor, block: int, draw: int, law: SigmaLaw, seed: int,
+    backend: str = "torch",
+) -> Noised:
+    """The noise of a streamed batch for clean targets y (N, ...) on the training device."""
+    dev = y.device
+    uniforms = torch.from_numpy(batch[UNIFORMS]).to(dev) if UNIFORMS in batch else None
+    zname = layout.noised_z(block)
+    if zname in batch:  # cached
+        z = torch.from_numpy(batch[zname]).to(dev, y.dtype).view(y.shape)
+        sigma = torch.from_numpy(batch[layout.noised_sigma(block)]).to(dev)
+        return Noised(z, sigma.float(), uniforms)
+    if EPS in batch:  # online, from the stream
+        if uniforms is None:
+            raise ValueError("online noise needs the sigma uniform (uniforms >= 1) in the batch")
+        sigma = sample_sigma_in_range(uniforms[:, 0].cpu(), *law)  # (N,) float64
+        eps = torch.from_numpy(batch[EPS]).to(dev)
+        return Noised(add_noise(y, sigma.to(dev), eps), sigma.float().to(dev), uniforms)
+    # on the device: the kernel draws eps and sigma (bit-identical to the stream's)
+    z, sigma = noised_targets(y, torch.from_numpy(batch[INDEX]), seed, block, draw, law, backend)
+    return Noised(z, sigma, uniforms)
 
 
 def mix_targets(
@@ -36,7 +70,7 @@ def mix_targets(
     if fraction <= 0:
         return y
     v = emb.shape[0]
-    u = rng.uniforms(sample, seed, block, draw, rng.MIX_GROUP).float()  # (N, 4)
+    u = rng.uniforms(sample.cpu(), seed, block, draw, rng.MIX_GROUP).float().to(emb.device)  # (N, 4)
     other = (labels + 1 + (u[:, 2] * (v - 1)).long().clamp(max=v - 2)) % v  # never the label
     alpha = u[:, 1:2]
     mixed = alpha * y + (1 - alpha) * emb[other]

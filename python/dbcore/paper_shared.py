@@ -1,11 +1,11 @@
 """The paper's public-code training layout, kept only for comparison (`dbcore train --paper-shared`).
 
-All blocks live in one model and share the patch and position embedding, the z projection, the
-noise embedder, the output layer F and the head; one AdamW holds everything (so weight decay and
-momentum also move blocks that did not train this step, METHOD.md section 10) and every step trains
-one block chosen uniformly at random. Only activation memory shrinks; blocks cannot train apart.
-Steps are B times the per-block budget, so each block sees as many steps as in independent mode.
-The target embedding stays the frozen one of the cache (the public code also learns it).
+All blocks live in one model and share everything but their layers (embeddings, z projection,
+noise embedder, output layer F, head: whatever the recipe's block holds outside `layers`); one
+AdamW holds everything (so weight decay and momentum also move blocks that did not train this step,
+METHOD.md section 10) and every step trains one block chosen uniformly at random. Only activation
+memory shrinks; blocks cannot train apart. Steps are B times the per-block budget, so each block
+sees as many steps as in independent mode. Frozen arrays (a target embedding) stay the cache's.
 """
 
 from __future__ import annotations
@@ -13,31 +13,42 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from dbcore import checkpoint, layout, store
+from dbcore import checkpoint, rng, rundir, store
 from dbcore.config import Config
-from dbcore.data import BatchStream
-from dbcore.kernels import block_loss_ce, resolve_backend
+from dbcore.data import INDEX, BatchStream
+from dbcore.kernels import resolve_backend
 from dbcore.loss import sample_weights
 from dbcore.noise import noised_targets
-from dbcore.recipes.vit import ViTBlock, ViTConfig
-
-SHARED = ("patch_embed", "pos_embed", "z_embed", "noise_embed", "final", "head")
-CHECKPOINT = "shared"
+from dbcore.recipes import for_config
+from dbcore.recipes.base import Frozen, Noised, Recipe, read_frozen
 
 
-class SharedViT(nn.Module):
-    """B ViT blocks whose non-layer parts are one set of modules; `blocks[b]` runs block b."""
+def _tie_all_but_layers(first: nn.Module, other: nn.Module, layers: nn.Module) -> None:
+    """Make `other` use `first`'s modules and parameters everywhere outside `layers`."""
+    for name, child in list(other.named_children()):
+        if child is layers:
+            continue
+        if any(m is layers for m in child.modules()):  # holds the layers deeper down: descend
+            _tie_all_but_layers(getattr(first, name), child, layers)
+        else:
+            setattr(other, name, getattr(first, name))
+    for name, _ in list(other.named_parameters(recurse=False)):
+        setattr(other, name, getattr(first, name))
 
-    def __init__(self, cfg: ViTConfig, target_embedding: torch.Tensor) -> None:
+
+class SharedBlocks(nn.Module):
+    """B blocks of a recipe whose non-layer parts are one set of modules; `blocks[b]` runs block b."""
+
+    def __init__(self, recipe: Recipe, frozen: Frozen) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(ViTBlock(cfg, b, target_embedding) for b in range(cfg.num_blocks))
-        first = self.blocks[0]
+        n = recipe.model_cfg.num_blocks
+        self.blocks = nn.ModuleList(recipe.build_block(b, frozen) for b in range(n))
         for blk in self.blocks[1:]:
-            for name in SHARED:
-                setattr(blk, name, getattr(first, name))
+            _tie_all_but_layers(self.blocks[0], blk, blk.layers)
 
 
 def block_of_step(step: int, seed: int, num_blocks: int) -> int:
@@ -47,40 +58,46 @@ def block_of_step(step: int, seed: int, num_blocks: int) -> int:
 
 
 def train_paper_shared(cfg: Config, store_path: Path, run: Path, progress: bool = True) -> dict:
-    from dbcore.train import _train_loop, images_to_tensor, read_target_embedding, resolve_device
+    from dbcore.train import _train_loop, noise_seed, resolve_device, to_device
 
     m, t = cfg.model, cfg.train
+    recipe = for_config(cfg)
     device = resolve_device(t.device)
     backend = resolve_backend(t.backend, device)
-    emb = read_target_embedding(store.open(store_path))
+    s = store.open(store_path)
+    frozen = read_frozen(s, recipe)
     torch.manual_seed(t.seed)
-    model = SharedViT(m, emb).to(device)
+    model = SharedBlocks(recipe, frozen).to(device)
+    frozen = {k: v.to(device) for k, v in frozen.items()}
     loop_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, steps=t.steps * m.num_blocks))
-    noise_seed = int(store.open(store_path).attrs["noise"]["seed"])
-    stream = BatchStream(store_path, [layout.IMAGES, layout.LABELS], t.batch_size, seed=t.seed,
-                         drop_last=True)
+    seed = noise_seed(s)
+    stream = BatchStream(store_path, list(recipe.stream_arrays), t.batch_size, seed=t.seed, drop_last=True)
     step_counter = {"step": 0}
+    req = recipe.noise_request(recipe.target_shape(frozen))
 
-    def step_loss(batch: dict) -> torch.Tensor:
+    def step_loss(b_np: dict[str, np.ndarray]) -> torch.Tensor:
         b = block_of_step(step_counter["step"], t.seed, m.num_blocks)
         step_counter["step"] += 1
-        labels = torch.from_numpy(batch[layout.LABELS])
-        idx = torch.from_numpy(batch["index"])
+        batch = to_device(b_np, recipe.stream_arrays, device)
+        draw = stream.epoch
+        y = recipe.targets(batch, frozen)
         # the generator's noise of (seed, sample, block, draw = epoch), as online training draws it
-        z, sigma = noised_targets(emb[labels], idx, noise_seed, b, stream.epoch, m)
-        x = images_to_tensor(batch[layout.IMAGES], device)
-        _, logits = model.blocks[b](x, z.to(device), sigma.to(device))
-        w = sample_weights(sigma.to(device), t.weight, t.weight_clamp)
-        return block_loss_ce(logits, labels.to(device), w, backend=backend)
+        idx = batch[INDEX].cpu()
+        z, sigma = noised_targets(y, idx, seed, b, draw, recipe.sigma_law(b), backend)
+        uniforms = rng.uniforms_of(idx, req.uniforms, seed, b, draw).to(device)  # as the stream's
+        noised = Noised(z, sigma, uniforms)
+        y_train = recipe.train_targets(y, batch, frozen, b, draw)
+        if y_train is not y:
+            noised.z = noised.z + (y_train - y)
+        w = sample_weights(noised.sigma, t.weight, t.weight_clamp)
+        return recipe.block_loss(model.blocks[b], batch, noised, w, backend)
 
-    base = run / CHECKPOINT
+    base = rundir.checkpoint_base(run, rundir.SHARED)
     if checkpoint.exists(base):
         step_counter["step"] = int(checkpoint.load_meta(base)["step"])
-    return _train_loop(CHECKPOINT, model, step_loss, loop_cfg, run, stream, progress)
+    return _train_loop(rundir.SHARED, model, step_loss, loop_cfg, run, stream, progress)
 
 
-def load_shared(run: Path, cfg: Config) -> SharedViT:
-    tensors, meta = checkpoint.load(run / CHECKPOINT, prefix="model.")
-    model = SharedViT(cfg.model, tensors["blocks.0.target_embedding"])
-    model.load_state_dict(tensors)
-    return model.eval()
+def load_shared(run: Path, recipe: Recipe) -> SharedBlocks:
+    frozen = rundir.frozen_from_checkpoint(run, rundir.SHARED, recipe.frozen_arrays)
+    return rundir.load_model(run, rundir.SHARED, SharedBlocks(recipe, frozen))

@@ -1,17 +1,5 @@
-"""`dbcore train`: train each block alone (or the end-to-end baseline) from a cache store.
-
-One block in memory at a time: its own model, AdamW, warmup + cosine LR and checkpoint. Batches
-stream from the store through `dbcore.data.BatchStream` (Rust, prefetched), so the trainer never
-holds the dataset. A run directory holds `run.json`, `block{b}.safetensors/.json` (or `e2e.*`),
-`metrics.jsonl` and, in sequential mode, the chain states of earlier blocks (`chain/`).
-Interrupted runs resume from the last checkpoint and end bit-identical to an uninterrupted one:
-batch order is a function of (seed, epoch), noise of (seed, sample, block, draw), the LR of the
-step, and the stream's position is part of the checkpoint.
-"""
-
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -22,20 +10,23 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from dbcore import checkpoint, layout, store
+from dbcore import checkpoint, layout, rundir, store
 from dbcore.config import Config
-from dbcore.data import BatchStream, noised_targets
-from dbcore.kernels import block_loss_ce, resolve_backend
+from dbcore.data import INDEX, BatchStream
+from dbcore.edm import SIGMA_MAX, SIGMA_MIN
+from dbcore.kernels import resolve_backend
 from dbcore.loss import sample_weights
-from dbcore.noise import mix_targets
-from dbcore.recipes.vit import ViTBlock, ViTClassifier
+from dbcore.noise import block_noise
+from dbcore.recipes import for_config
+from dbcore.chain import chain_states_for
+from dbcore.recipes.base import Batch, decayed_parameters, read_frozen
+from dbcore.rundir import RunError
 
 LOG_EVERY = 25
-Batch = dict[str, np.ndarray]
+E2E_LAW = (SIGMA_MIN, SIGMA_MAX, "lognormal")  # a denoising baseline trains over the whole range
+NumpyBatch = dict[str, np.ndarray]
 
-
-class RunError(RuntimeError):
-    """A run directory, store or config that do not fit together."""
+__all__ = ["RunError", "train_run", "train_block", "train_e2e", "lr_at", "make_optimizer"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,14 +35,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1] on `device`."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
+def to_device(batch: NumpyBatch, names: tuple[str, ...], device: torch.device) -> Batch:
+    """The streamed arrays `names` and the sample indices as tensors on `device`."""
+    return {k: torch.from_numpy(np.ascontiguousarray(batch[k])).to(device, non_blocking=True)
+            for k in (*names, INDEX)}
 
 
-def read_target_embedding(s: store.Store) -> torch.Tensor:
-    return torch.from_numpy(s.read(layout.TARGET_EMBEDDING)).float()  # (V, d)
+def noise_seed(s: store.Store) -> int:
+    return int(s.attrs.get("noise", {}).get("seed", 0))
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -64,12 +55,20 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def check_store(cfg: Config, s: store.Store) -> None:
+    """Refuse a store of another format or recipe, or cached for another config."""
     if s.attrs.get("format") != layout.FORMAT:
         found = s.attrs.get("format")
         raise RunError(f"store {s.path}: not a dbcore cache (attribute 'format' is {found!r})")
-    if s.attrs.get("config_fingerprint") != cfg.fingerprint():
+    found = s.attrs.get("recipe")
+    if found != cfg.recipe:
+        raise RunError(f"store {s.path}: cached for recipe {found!r}, the config {cfg.source_path} is "
+                       f"recipe {cfg.recipe!r}; cache it again with this config")
+    cached = bool(s.attrs.get("noise", {}).get("draws"))
+    if s.attrs.get("cache_fingerprint") != cfg.cache_fingerprint(cached):
+        stored = s.attrs.get("cache_fields", {})
+        diff = sorted(k for k, v in cfg.cache_fields(cached).items() if stored.get(k) != v)
         raise RunError(
-            f"store {s.path}: cached with a different [model] config than {cfg.source_path}; "
+            f"store {s.path}: cached with other values of {diff} than {cfg.source_path}; "
             "re-run `dbcore cache` with this config"
         )
 
@@ -107,17 +106,17 @@ def _resume(base: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: Ba
     return int(meta["step"])
 
 
-def _log(run: Path, record: dict) -> None:
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW decaying only Linear/Conv weight matrices (`decay = "matrices"`), or every parameter."""
     t = cfg.train
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.decay == "all":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    decay, rest = decayed_parameters(model)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr)
 
 
-def _batches(stream: BatchStream) -> Iterator[Batch]:
+def _batches(stream: BatchStream) -> Iterator[NumpyBatch]:
     """Endless batches, epoch after epoch, from wherever the stream stands."""
     while True:
         yield from stream
@@ -126,18 +125,18 @@ def _batches(stream: BatchStream) -> Iterator[Batch]:
 # ----------------------------------------------------------------------------- the loops
 
 
-def _train_loop(name: str, model: nn.Module, step_loss: Callable[[Batch], torch.Tensor], cfg: Config,
+def _train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], torch.Tensor], cfg: Config,
                 run: Path, stream: BatchStream, progress: bool) -> dict:
     """Shared loop of a block and of the end-to-end model: LR, clipping, checkpoints, metrics."""
     t = cfg.train
-    base = run / name
+    base = rundir.checkpoint_base(run, name)
     opt = make_optimizer(model, cfg)
     start = _resume(base, model, opt, stream)
     meta = {"name": name, "total_steps": t.steps, "config_fingerprint": cfg.fingerprint()}
     if start >= t.steps:
         return {"name": name, "resumed_at": start, "steps": 0}
     bar = tqdm(total=t.steps, initial=start, desc=name, disable=not progress, unit="step")
-    t0, wait, loss_sum, loss_count = time.perf_counter(), 0.0, 0.0, 0
+    t0, wait, loss_sum, loss_count = time.perf_counter(), 0.0, torch.zeros(()), 0
     batches = _batches(stream)
     for step in range(start, t.steps):
         w0 = time.perf_counter()
@@ -152,15 +151,17 @@ def _train_loop(name: str, model: nn.Module, step_loss: Callable[[Batch], torch.
         if t.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
-        loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
+        loss_sum, loss_count = loss_sum.to(loss.device) + loss.detach().float(), loss_count + 1
         bar.update(1)
         done = step + 1
         if done % LOG_EVERY == 0 or done == t.steps:
             elapsed = time.perf_counter() - t0
-            _log(run, {"name": name, "step": done, "loss": loss_sum / loss_count, "lr": lr,
-                       "elapsed_s": round(elapsed, 3), "data_wait_fraction": round(wait / elapsed, 5)})
-            bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
-            loss_sum, loss_count = 0.0, 0
+            mean_loss = float(loss_sum) / loss_count  # the only host sync of the loop
+            rundir.log_metrics(run, {"name": name, "step": done, "loss": mean_loss, "lr": lr,
+                                     "elapsed_s": round(elapsed, 3),
+                                     "data_wait_fraction": round(wait / elapsed, 5)})
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_sum, loss_count = torch.zeros((), device=loss.device), 0
         if done % t.checkpoint_every == 0 or done == t.steps:
             _save(base, model, opt, {**meta, "step": done, "done": done == t.steps,
                                      "stream": stream.state_dict()})
@@ -174,66 +175,81 @@ def _train_loop(name: str, model: nn.Module, step_loss: Callable[[Batch], torch.
 def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: bool = True,
                 chain: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Train network block `block` alone. `chain`: (z, sigma) states handed by earlier blocks."""
-    m, t = cfg.model, cfg.train
+    t = cfg.train
+    recipe = for_config(cfg)
     device = resolve_device(t.device)
     backend = resolve_backend(t.backend, device)
-    emb = read_target_embedding(store.open(store_path))
+    s = store.open(store_path)
+    frozen = read_frozen(s, recipe)
     torch.manual_seed(t.seed * 1009 + block)
-    model = ViTBlock(m, block, emb).to(device)
-    stream = BatchStream.for_block(store_path, block, t.batch_size, seed=t.seed, drop_last=True)
+    model = recipe.build_block(block, frozen).to(device)
+    frozen = {k: v.to(device) for k, v in frozen.items()}
+    req = recipe.noise_request(recipe.target_shape(frozen))
+    # with the CUDA kernels the device draws the Gaussians itself: the stream ships only uniforms
+    gaussians = 0 if backend == "cupy" else req.gaussians
+    stream = BatchStream.for_block(store_path, block, t.batch_size, arrays=recipe.stream_arrays,
+                                   gaussians=gaussians, uniforms=req.uniforms, seed=t.seed, drop_last=True)
+    law, seed = recipe.sigma_law(block), noise_seed(s)
 
-    def step_loss(batch: Batch) -> torch.Tensor:
-        labels = torch.from_numpy(batch[layout.LABELS])
-        y = emb[labels]  # (B, d)
-        z, sigma = noised_targets(batch, y, block, m)  # (B, d), (B,)
-        if t.mix_fraction > 0:
-            sample = torch.from_numpy(batch["index"])
-            z = z + (mix_targets(emb, labels, sample, t.seed, block, stream.epoch, t.mix_fraction) - y)
+    def step_loss(b: NumpyBatch) -> torch.Tensor:
+        batch = to_device(b, recipe.stream_arrays, device)
+        draw = stream.epoch
+        y = recipe.targets(batch, frozen)  # (B, ...)
+        noised = block_noise(b, y, block, draw, law, seed, backend)
+        y_train = recipe.train_targets(y, batch, frozen, block, draw)
+        if y_train is not y:  # e.g. target mixing: same sigma * eps around the new target
+            noised.z = noised.z + (y_train - y)
         if chain is not None:
-            take = int(round(t.sequential_fraction * len(labels)))
-            idx = torch.from_numpy(batch["index"][:take])
-            z, sigma = z.clone(), sigma.clone()
-            z[:take], sigma[:take] = chain[0][idx], chain[1][idx]
-        x = images_to_tensor(batch[layout.IMAGES], device)
-        _, logits = model(x, z.to(device), sigma.to(device))
-        w = sample_weights(sigma.to(device), t.weight, t.weight_clamp)
-        return block_loss_ce(logits, labels.to(device), w, backend=backend)
+            take = int(round(t.sequential_fraction * len(y)))
+            idx = batch[INDEX][:take].cpu()
+            noised.z, noised.sigma = noised.z.clone(), noised.sigma.clone()
+            noised.z[:take] = chain[0][idx].to(device, noised.z.dtype)
+            noised.sigma[:take] = chain[1][idx].to(device)
+        w = sample_weights(noised.sigma, t.weight, t.weight_clamp)
+        return recipe.block_loss(model, batch, noised, w, backend)
 
-    return _train_loop(f"block{block}", model, step_loss, cfg, run, stream, progress)
+    return _train_loop(rundir.block_name(block), model, step_loss, cfg, run, stream, progress)
+
+
+def e2e_noise_key(cfg: Config) -> int:
+    """The generator's block id of a denoising baseline: B + 1, no network block's id (0..B-1)
+    and not the sampler's initial noise (B)."""
+    return cfg.model.num_blocks + 1
 
 
 def train_e2e(cfg: Config, store_path: Path, run: Path, progress: bool = True,
               activation_checkpointing: bool = False) -> dict:
     t = cfg.train
+    recipe = for_config(cfg)
     device = resolve_device(t.device)
+    backend = resolve_backend(t.backend, device)
+    s = store.open(store_path)
+    frozen = read_frozen(s, recipe)
     torch.manual_seed(t.seed)
-    model = ViTClassifier(cfg.model, activation_checkpointing=activation_checkpointing).to(device)
-    stream = BatchStream(store_path, [layout.IMAGES, layout.LABELS], t.batch_size, seed=t.seed,
-                         drop_last=True)
+    model = recipe.build_e2e(frozen, activation_checkpointing).to(device)
+    frozen = {k: v.to(device) for k, v in frozen.items()}
+    key, seed = e2e_noise_key(cfg), noise_seed(s)
+    noise = None
+    if recipe.e2e_noise:
+        req = recipe.noise_request(recipe.target_shape(frozen))
+        noise = (seed, key, 0 if backend == "cupy" else req.gaussians, req.uniforms)
+    stream = BatchStream(store_path, list(recipe.stream_arrays), t.batch_size, seed=t.seed,
+                         drop_last=True, noise=noise)
 
-    def step_loss(batch: Batch) -> torch.Tensor:
-        x = images_to_tensor(batch[layout.IMAGES], device)
-        labels = torch.from_numpy(batch[layout.LABELS]).to(device)
-        return nn.functional.cross_entropy(model(x), labels)
+    def step_loss(b: NumpyBatch) -> torch.Tensor:
+        batch = to_device(b, recipe.stream_arrays, device)
+        if not recipe.e2e_noise:
+            return recipe.e2e_loss(model, batch, None, None, backend)
+        draw = stream.epoch
+        y = recipe.targets(batch, frozen)
+        noised = block_noise(b, y, key, draw, E2E_LAW, seed, backend)
+        w = sample_weights(noised.sigma, t.weight, t.weight_clamp)
+        return recipe.e2e_loss(model, batch, noised, w, backend)
 
-    return _train_loop("e2e", model, step_loss, cfg, run, stream, progress)
+    return _train_loop(rundir.E2E, model, step_loss, cfg, run, stream, progress)
 
 
 # ----------------------------------------------------------------------------- a whole run
-
-
-def _write_run_json(run: Path, cfg: Config, store_path: Path, kind: str) -> None:
-    run.mkdir(parents=True, exist_ok=True)
-    info = {"kind": kind, "store": str(Path(store_path).resolve()), "config": cfg.to_dict()}
-    path = run / "run.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("kind") != kind or old.get("config") != info["config"]:
-            raise RunError(f"run {run}: holds a {old.get('kind')} run of another config; use a new --out")
-        return
-    tmp = path.with_name("run.json.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(path)
 
 
 def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None,
@@ -244,7 +260,8 @@ def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     check_store(cfg, store.open(store_path))
-    _write_run_json(run, cfg, store_path, "e2e" if e2e else "paper-shared" if paper_shared else "blocks")
+    kind = "e2e" if e2e else "paper-shared" if paper_shared else "blocks"
+    rundir.write_run_json(run, cfg.to_dict(), store_path, kind)
     if paper_shared:
         from dbcore.paper_shared import train_paper_shared
 
@@ -259,19 +276,6 @@ def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None
     for b in blocks:
         chain = None
         if cfg.train.mode == "sequential" and b > 0:
-            from dbcore.chain import chain_states_for
-
             chain = chain_states_for(cfg, store_path, run, b)
         results.append(train_block(cfg, store_path, run, b, progress, chain))
     return results
-
-
-def load_trained_block(run: Path, cfg: Config, block: int, emb: torch.Tensor) -> ViTBlock:
-    """Construct block `block` alone and load its finished checkpoint."""
-    base = run / f"block{block}"
-    tensors, meta = checkpoint.load(base, prefix="model.")
-    if not meta.get("done"):
-        raise RunError(f"run {run}: block {block} has not finished training (step {meta.get('step')})")
-    model = ViTBlock(cfg.model, block, emb)
-    model.load_state_dict(tensors)
-    return model.eval()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dbcore import rng
-from dbcore.edm import precond
+from dbcore.edm import add_noise, precond
 from dbcore.loss import denoise
 from dbcore.partition import SIGMA_DISTS, cdf, sample_sigma_in_range
 
@@ -46,9 +46,8 @@ def noise_and_input(
     s = sample_idx.detach().cpu().to(torch.int64)
     sigma = sigma_of_samples(s, seed, block, draw, lo, hi, dist)  # (N,) float64
     eps = rng.gaussian(s, y[0].numel() if len(y) else 0, seed, block, draw)
-    shape = (-1, *([1] * (y.dim() - 1)))
-    sig = sigma.to(y.device).view(shape)
-    z = (y.double() + sig * eps.to(y.device).view(y.shape)).to(y.dtype)
+    sig = sigma.to(y.device).view(-1, *([1] * (y.dim() - 1)))
+    z = add_noise(y, sig, eps.to(y.device))
     c_in_z = (precond(sig).c_in * z.double()).to(y.dtype)
     return z, c_in_z, sigma.float().to(y.device)
 

@@ -11,16 +11,30 @@ Images x are (N, C, H, W) float in [0, 1]; both models map them to [-1, 1] thems
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
+import time
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dbcore.edm import precond
+from dbcore import layout
+from dbcore.data import INDEX
+from dbcore.edm import EDMPrecond
+from dbcore.kernels import block_loss_ce
 from dbcore.layers import AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
-from dbcore.loss import WeightMode, denoise, sample_weights, weighted_ce
+from dbcore.noise import mix_targets
 from dbcore.partition import CONFIG_SIGMA_DISTS
+from dbcore.recipes.base import NoiseRequest, Recipe
+from dbcore.sampler import DECODES, initial_noise, run_chain
+from dbcore.sources import load_source
+
+EVAL_BATCH = 512
 
 PIXEL_MEAN = 0.5  # x in [0, 1] -> (x - mean) / std in [-1, 1]
 PIXEL_STD = 0.5
@@ -121,30 +135,21 @@ def make_target_embedding(
     return (scale * e / e.norm(dim=1, keepdim=True)).float()
 
 
-def noised_target(
-    emb: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor
-) -> torch.Tensor:
-    """z = E[label] + sigma * eps: (N, d) for labels (N,), sigma (N,), eps (N, d)."""
-    return emb[labels] + sigma[:, None].to(emb.dtype) * eps.to(emb.dtype)
-
-
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - PIXEL_MEAN) / PIXEL_STD
 
 
-class ViTBlock(nn.Module):
-    """One DiffusionBlock: denoiser of the class embedding over the noise range of `block_index`."""
+def images_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1], on the images' device."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
 
-    def __init__(self, cfg: ViTConfig, block_index: int, target_embedding: torch.Tensor) -> None:
+
+class ViTBackbone(nn.Module):
+    """F of one block: image patches and the noisy target token c_in*z at the CLS position."""
+
+    def __init__(self, cfg: ViTConfig, num_layers: int) -> None:
         super().__init__()
         d = cfg.dim
-        if tuple(target_embedding.shape) != (cfg.num_classes, d):
-            raise ValueError(
-                f"target embedding is {tuple(target_embedding.shape)}, "
-                f"expected ({cfg.num_classes}, {d})"
-            )
-        self.cfg, self.block_index = cfg, block_index
-        self.register_buffer("target_embedding", target_embedding.detach().float().clone())
         self.patch_embed = nn.Conv2d(cfg.channels, d, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, d) * POS_INIT_STD)
         self.z_embed = nn.Linear(d, d)  # the noisy target token c_in * z -> hidden
@@ -152,40 +157,46 @@ class ViTBlock(nn.Module):
         # a default-initialised projection would put a random token at the readout position.
         nn.init.zeros_(self.z_embed.weight)
         self.noise_embed = NoiseEmbedder(d)
-        n = layers_in_block(cfg, block_index)
-        self.layers = nn.ModuleList(AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init) for _ in range(n))
+        self.layers = nn.ModuleList(
+            AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init) for _ in range(num_layers))
         self.final = AdaLNFinal(d, d)  # F, zero-initialised: a fresh block has D = c_skip * z
-        self.head = nn.Linear(d, cfg.num_classes)  # learned readout of D
+
+    def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """c_in*z (N, d), c_noise (N,), x (N, C, H, W) in [0, 1] -> F (N, d)."""
+        h_x = self.patch_embed(_normalize(x)).flatten(2).transpose(1, 2)  # (N, T, d)
+        h_z = self.z_embed(z_in)[:, None]  # (N, 1, d) at the CLS position
+        h = torch.cat([h_z, h_x], dim=1) + self.pos_embed  # (N, T+1, d)
+        c = self.noise_embed(c_noise)  # (N, d)
+        for layer in self.layers:
+            h = layer(h, c)
+        return self.final(h[:, 0].contiguous(), c)  # (N, d); a view would keep all of h saved
+
+
+class ViTBlock(nn.Module):
+    """One DiffusionBlock: denoiser of the class embedding over the noise range of `block_index`."""
+
+    def __init__(self, cfg: ViTConfig, block_index: int, target_embedding: torch.Tensor) -> None:
+        super().__init__()
+        if tuple(target_embedding.shape) != (cfg.num_classes, cfg.dim):
+            raise ValueError(
+                f"target embedding is {tuple(target_embedding.shape)}, "
+                f"expected ({cfg.num_classes}, {cfg.dim})"
+            )
+        self.cfg, self.block_index = cfg, block_index
+        self.register_buffer("target_embedding", target_embedding.detach().float().clone())
+        self.denoiser = EDMPrecond(ViTBackbone(cfg, layers_in_block(cfg, block_index)))
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)  # learned readout of D
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.denoiser.backbone.layers
 
     def forward(
         self, x: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, C, H, W) in [0, 1], z (N, d), sigma (N,) -> D (N, d), logits (N, V)."""
-        sigma = sigma.to(z.dtype).reshape(-1).expand(z.shape[0])  # (N,); a scalar broadcasts
-        p = precond(sigma)
-        h_x = self.patch_embed(_normalize(x)).flatten(2).transpose(1, 2)  # (N, T, d)
-        h_z = self.z_embed(p.c_in[:, None] * z)[:, None]  # (N, 1, d) at the CLS position
-        h = torch.cat([h_z, h_x], dim=1) + self.pos_embed  # (N, T+1, d)
-        c = self.noise_embed(p.c_noise)  # (N, d)
-        for layer in self.layers:
-            h = layer(h, c)
-        raw = self.final(h[:, 0].contiguous(), c)  # F (N, d); a view would keep all of h saved
-        d_hat = denoise(z, raw, sigma)  # D = c_skip*z + c_out*F, (N, d)
+        """x (N, C, H, W) in [0, 1], z (N, d), sigma (N,) or scalar -> D (N, d), logits (N, V)."""
+        d_hat = self.denoiser(z, sigma, x)  # D = c_skip*z + c_out*F, (N, d)
         return d_hat, self.head(d_hat)
-
-
-def block_loss(
-    block: ViTBlock,
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    z: torch.Tensor,
-    sigma: torch.Tensor,
-    weight_mode: WeightMode = "edm",
-    clamp_max: float = 100.0,
-) -> torch.Tensor:
-    """mean_i w(sigma_i) * CE(block(x_i, z_i, sigma_i), label_i), weighted per sample."""
-    _, logits = block(x, z, sigma)
-    return weighted_ce(logits, labels, sample_weights(sigma.float(), weight_mode, clamp_max))
 
 
 class ViTClassifier(nn.Module):
@@ -215,3 +226,142 @@ class ViTClassifier(nn.Module):
                 h = layer(h)
         # contiguous: a view of h[:, 0] would keep all of h (N, T, d) saved for the norm's backward
         return self.head(self.norm(h[:, 0].contiguous()))
+
+
+def _checked_embedding(rows: np.ndarray, num_classes: int, dim: int) -> torch.Tensor:
+    rows = np.asarray(rows)
+    if rows.shape != (num_classes, dim):
+        raise ValueError(f"target embedding: expected shape ({num_classes}, {dim}) (num_classes, dim), "
+                         f"found {rows.shape}")
+    if not np.issubdtype(rows.dtype, np.floating) or not np.isfinite(rows).all():
+        raise ValueError(f"target embedding: expected finite floats, found {rows.dtype}")
+    return torch.from_numpy(rows.astype(np.float32))
+
+
+def check_image_source(source: Any, image_size: int, channels: int, num_classes: int) -> None:
+    """Refuse a source whose images or labels do not fit the config (one clear line)."""
+    _, h, w, c = source.images.shape
+    if (h, w, c) != (image_size, image_size, channels):
+        raise ValueError(f"source {source.spec}: images are {h}x{w}x{c}, the config expects "
+                         f"{image_size}x{image_size}x{channels}")
+    if source.num_classes > num_classes:
+        raise ValueError(f"source {source.spec}: label {source.num_classes - 1} >= num_classes {num_classes}")
+
+
+class ViTRecipe(Recipe):
+    """ViT classifier: discrete target E[label], CE on the head's logits, Euler over softmax @ E."""
+
+    name = "vit"
+    config_class = ViTConfig
+    stream_arrays = (layout.IMAGES, layout.LABELS)
+    cond_arrays = (layout.IMAGES,)
+    frozen_arrays = (layout.TARGET_EMBEDDING,)
+    cache_fields = ("image_size", "channels", "num_classes", "dim", "target_scale")
+
+    def cache_arrays(self, source, seed, target_embedding):
+        m = self.model_cfg
+        check_image_source(source, m.image_size, m.channels, m.num_classes)
+        if target_embedding is None:
+            emb = make_target_embedding(m.num_classes, m.dim, seed, m.target_scale)  # (V, d)
+            attrs = {"kind": "seeded-random", "seed": seed, "scale": m.target_scale}
+        else:
+            emb = _checked_embedding(target_embedding, m.num_classes, m.dim)
+            attrs = {"kind": "file", "sha256": hashlib.sha256(emb.numpy().tobytes()).hexdigest()}
+        arrays = {layout.IMAGES: source.images, layout.LABELS: source.labels,
+                  layout.TARGET_EMBEDDING: emb.numpy()}
+        return arrays, {"target_embedding": attrs}
+
+    def target_shape(self, frozen):
+        return (self.model_cfg.dim,)
+
+    def noise_request(self, target_shape):
+        return NoiseRequest(gaussians=math.prod(target_shape), uniforms=1)
+
+    def targets(self, batch, frozen):
+        return frozen[layout.TARGET_EMBEDDING][batch[layout.LABELS]]  # E[label], (N, d)
+
+    def train_targets(self, y, batch, frozen, block, draw):
+        t = self.cfg.train
+        if t.mix_fraction <= 0:
+            return y
+        return mix_targets(frozen[layout.TARGET_EMBEDDING], batch[layout.LABELS], batch[INDEX], t.seed,
+                           block, draw, t.mix_fraction)
+
+    def build_block(self, block, frozen):
+        return ViTBlock(self.model_cfg, block, frozen[layout.TARGET_EMBEDDING])
+
+    def build_e2e(self, frozen, activation_checkpointing=False):
+        return ViTClassifier(self.model_cfg, activation_checkpointing)
+
+    def block_loss(self, block, batch, noised, w, backend="torch"):
+        _, logits = block(images_to_float(batch[layout.IMAGES]), noised.z, noised.sigma)  # (N, V)
+        return block_loss_ce(logits, batch[layout.LABELS], w, backend=backend)
+
+    def e2e_loss(self, model, batch, noised, w, backend="torch"):
+        return F.cross_entropy(model(images_to_float(batch[layout.IMAGES])), batch[layout.LABELS])
+
+    def example_frozen(self, seed=0):
+        m = self.model_cfg
+        return {layout.TARGET_EMBEDDING: make_target_embedding(m.num_classes, m.dim, seed, m.target_scale)}
+
+    def example_batch(self, batch_size, frozen, device):
+        m = self.model_cfg
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (batch_size, m.image_size, m.image_size, m.channels), generator=g)
+        labels = torch.randint(0, m.num_classes, (batch_size,), generator=g)
+        return {layout.IMAGES: images.to(device, torch.uint8), layout.LABELS: labels.to(device),
+                INDEX: torch.arange(batch_size, device=device)}
+
+    def denoise_step(self, block, cond, z, sigma, options):
+        _, logits = block(images_to_float(cond[layout.IMAGES]), z, sigma)  # (N, V)
+        d_hat = torch.softmax(logits.float(), dim=-1) @ block.target_embedding.float()  # (N, d)
+        return d_hat, logits
+
+    def evaluate(self, load_block, e2e, data, options):
+        """accuracy and loss (CE of the prediction's scores); along a chain, `per_block`: the
+        accuracy of each block's last logits and of the running product of beliefs."""
+        m, t = self.model_cfg, self.cfg.train
+        source = load_source(data)
+        check_image_source(source, m.image_size, m.channels, m.num_classes)
+        images, labels = torch.from_numpy(source.images), torch.from_numpy(source.labels)
+        t0 = time.perf_counter()
+        per_block: list[dict] = []
+        steps = decode = None
+        if e2e is not None:
+            with torch.no_grad():
+                scores = torch.cat([e2e(images_to_float(xb)) for xb in images.split(EVAL_BATCH)]).float()
+        else:
+            steps = options.get("num_steps") or t.inference_steps or m.num_blocks
+            decode = options.get("decode") or t.decode
+            if decode not in DECODES:
+                raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+            n = len(labels)
+            product, last = torch.zeros(n, m.num_classes), torch.zeros(n, m.num_classes)
+
+            def observe(b: int, rows: slice, i: int, logits: torch.Tensor | None) -> None:
+                assert logits is not None
+                product[rows] += torch.log_softmax(logits.float(), dim=-1).cpu()
+                last[rows] = logits.float().cpu()
+
+            def block_done(b: int) -> None:
+                per_block.append({"block": b, "accuracy_last": _accuracy(last, labels),
+                                  "accuracy_product": _accuracy(product, labels)})
+
+            z0 = initial_noise(torch.arange(n), (m.dim,), m.num_blocks, t.seed)
+            run_chain(self, load_block, {layout.IMAGES: images}, z0, m.num_blocks, steps,
+                      batch_size=EVAL_BATCH, observe=observe, block_done=block_done)
+            scores = product if decode == "product" else last
+        return {
+            "accuracy": _accuracy(scores, labels, digits=None),
+            "loss": float(F.cross_entropy(scores, labels)),
+            "num_samples": len(labels),
+            "inference_steps": steps,
+            "decode": decode,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "per_block": per_block,
+        }
+
+
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor, digits: int | None = 6) -> float:
+    acc = float((scores.argmax(dim=1) == labels).float().mean())
+    return acc if digits is None else round(acc, digits)

@@ -1,0 +1,158 @@
+"""The recipe interface: everything the orchestration modules know about an architecture.
+
+A recipe (one module under `recipes/`, registered in `recipes/__init__.py`) says what the cache
+holds for it, what a batch streams, which noise a sample needs, how block b and the end-to-end
+baseline are built, the one per-batch loss of each, how a sampler step reads out, and what
+evaluation reports. Training, caching, sampling, memory measurement and the paper-shared layout go
+through these methods only.
+
+Conventions: a `Batch` is a dict of tensors on the training device holding the streamed arrays
+(`stream_arrays`) and `"index"` (sample indices, int64). Every block module exposes `layers`
+(its transformer layers; everything else in it is embedding, conditioning or readout).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from dbcore.partition import block_sigma_law
+
+Batch = dict[str, torch.Tensor]
+Frozen = dict[str, torch.Tensor]  # non-trainable arrays of the store a model needs (e.g. E)
+
+
+@dataclass(frozen=True)
+class NoiseRequest:
+    """Counter-based draws per sample: `gaussians` standard normals (the target's elements) and
+    `uniforms` uniforms, of which uniform 0 always picks sigma (`dbcore.rng`)."""
+
+    gaussians: int
+    uniforms: int = 1
+
+
+@dataclass
+class Noised:
+    """One batch's noise for a block: z = y + sigma * eps (N, ...), sigma (N,), uniforms (N, U)."""
+
+    z: torch.Tensor
+    sigma: torch.Tensor
+    uniforms: torch.Tensor | None = None
+
+
+class Recipe(ABC):
+    """One architecture of METHOD.md section 7, built from a run's `Config` (model and train)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    stream_arrays: ClassVar[tuple[str, ...]]  # what a training batch streams from the store
+    cond_arrays: ClassVar[tuple[str, ...]]  # what the sampler conditions on (a subset of them)
+    frozen_arrays: ClassVar[tuple[str, ...]] = ()  # store arrays every model of the run loads
+    cache_fields: ClassVar[tuple[str, ...]]  # [model] keys the cached arrays depend on
+    generates: ClassVar[bool] = False  # True: the sampler's output is the product (images)
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg  # dbcore.config.Config
+        self.model_cfg = cfg.model
+
+    # ------------------------------------------------------------------ cache
+
+    @abstractmethod
+    def cache_arrays(self, source: Any, seed: int, target_embedding: np.ndarray | None
+                     ) -> tuple[dict[str, np.ndarray], dict]:
+        """Checked source -> the arrays to cache (name -> rows) and attributes describing them."""
+
+    # ------------------------------------------------------------------ noise
+
+    @abstractmethod
+    def noise_request(self, target_shape: tuple[int, ...]) -> NoiseRequest:
+        """Draws per sample, given the store's per-sample target shape."""
+
+    def sigma_law(self, block: int) -> tuple[float, float, str]:
+        """(lo, hi, in-block distribution) of block `block` (`dbcore.partition.block_sigma_law`)."""
+        m = self.model_cfg
+        return block_sigma_law(m.sigma_dist, block, m.num_blocks, m.gamma)
+
+    @abstractmethod
+    def targets(self, batch: Batch, frozen: Frozen) -> torch.Tensor:
+        """Clean targets y (N, ...) of a batch: what the cache and the stream noise."""
+
+    def train_targets(self, y: torch.Tensor, batch: Batch, frozen: Frozen, block: int, draw: int
+                      ) -> torch.Tensor:
+        """The targets block `block` learns at draw (epoch) `draw`; y unless the recipe reshapes
+        them in training (the trainer then moves z by the same amount, keeping sigma * eps)."""
+        return y
+
+    @abstractmethod
+    def target_shape(self, frozen: Frozen) -> tuple[int, ...]:
+        """Per-sample shape of y."""
+
+    # ------------------------------------------------------------------ models and losses
+
+    @abstractmethod
+    def build_block(self, block: int, frozen: Frozen) -> nn.Module:
+        """Block `block` alone, owning every trainable parameter it uses."""
+
+    @abstractmethod
+    def build_e2e(self, frozen: Frozen, activation_checkpointing: bool = False) -> nn.Module:
+        """The end-to-end baseline of the same depth and width."""
+
+    @abstractmethod
+    def block_loss(self, block: nn.Module, batch: Batch, noised: Noised, w: torch.Tensor,
+                   backend: str = "torch") -> torch.Tensor:
+        """mean_i w_i * loss_i of one batch: the only block loss of the recipe."""
+
+    @abstractmethod
+    def e2e_loss(self, model: nn.Module, batch: Batch, noised: Noised | None, w: torch.Tensor | None,
+                 backend: str = "torch") -> torch.Tensor:
+        """The baseline's loss of one batch (`noised` and weights `w` are drawn over the whole
+        noise range when `e2e_noise` is True, else None)."""
+
+    e2e_noise: ClassVar[bool] = False  # True: the baseline is itself a denoiser over all sigma
+
+    def example_batch(self, batch_size: int, frozen: Frozen, device: torch.device) -> Batch:
+        """A random batch of the streamed arrays (memory benchmarks)."""
+        raise NotImplementedError
+
+    def example_frozen(self, seed: int = 0) -> Frozen:
+        """Frozen arrays as a fresh cache would write them (memory benchmarks)."""
+        return {}
+
+    # ------------------------------------------------------------------ sampling
+
+    @abstractmethod
+    def denoise_step(self, block: nn.Module, cond: Batch, z: torch.Tensor, sigma: torch.Tensor,
+                     options: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(D_hat in target space (N, ...), a readout such as logits or None) at level sigma (N,)."""
+
+    @abstractmethod
+    def evaluate(self, load_block: Any, e2e: nn.Module | None, data: str, options: dict) -> dict:
+        """The JSON-able report of `dbcore eval` on source `data`: of the chain of blocks that
+        `load_block(b)` returns (one at a time, `dbcore.sampler.run_chain`), or of the end-to-end
+        model `e2e` when given. options: num_steps, decode and recipe-specific ones."""
+
+
+def decayed_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weight matrices of Linear and Conv layers, everything else): only the first are decayed;
+    norms, biases, embeddings, position tables and adaLN gates are not (nanoGPT's rule)."""
+    decay_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            decay_ids.add(id(module.weight))
+    decay, rest, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if id(p) in decay_ids else rest).append(p)
+    return decay, rest
+
+
+def read_frozen(s: Any, recipe: Recipe) -> Frozen:
+    """The frozen arrays of store `s` that the recipe's models need (e.g. the target embedding E)."""
+    return {name: torch.from_numpy(s.read(name)).float() for name in recipe.frozen_arrays}

@@ -1,0 +1,125 @@
+"""The run directory: the one module that knows its files and their errors.
+
+    RUN/run.json                  kind ("blocks" | "e2e" | "paper-shared"), store, config
+    RUN/block{b}.safetensors/.json a block's checkpoint (weights, optimizer, stream position)
+    RUN/e2e.*, RUN/shared.*        the baseline's / the paper-shared layout's checkpoint
+    RUN/chain/block{b}.zarr        states that trained blocks < b hand to block b (sequential mode)
+    RUN/metrics.jsonl              one JSON line per logged step
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dbcore import checkpoint
+
+KINDS = ("blocks", "e2e", "paper-shared")
+E2E = "e2e"
+SHARED = "shared"
+
+
+class RunError(RuntimeError):
+    """A run directory, store or config that do not fit together."""
+
+
+def block_name(block: int) -> str:
+    return f"block{block}"
+
+
+def checkpoint_base(run: Path, name: str) -> Path:
+    return Path(run) / name
+
+
+def chain_path(run: Path, block: int) -> Path:
+    return Path(run) / "chain" / f"block{block}.zarr"
+
+
+def log_metrics(run: Path, record: dict) -> None:
+    with open(Path(run) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise RunError(f"run {run}: no metrics.jsonl (was it trained?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) -> None:
+    """Create RUN/run.json, or check that an existing one holds the same kind and config."""
+    if kind not in KINDS:
+        raise ValueError(f"run kind must be one of {KINDS}, got {kind!r}")
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    info = {"kind": kind, "store": str(Path(store_path).resolve()), "config": config_dict}
+    path = run / "run.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("kind") != kind or old.get("config") != info["config"]:
+            raise RunError(f"run {run}: holds a {old.get('kind')} run of another config; use a new --out")
+        return
+    tmp = path.with_name("run.json.tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(path)
+
+
+def read_run_json(run: Path) -> dict[str, Any]:
+    path = Path(run) / "run.json"
+    if not path.is_file():
+        raise RunError(f"{run}: no run.json; is this a directory written by `dbcore train`?")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: not valid JSON ({exc})") from None
+    if info.get("kind") not in KINDS or "config" not in info:
+        raise RunError(f"{path}: expected fields 'kind' (one of {KINDS}) and 'config'")
+    return info
+
+
+def load_model(run: Path, name: str, model: nn.Module, require_done: bool = True) -> nn.Module:
+    """Load checkpoint `name` of the run into `model` (built by the recipe); eval mode."""
+    base = checkpoint_base(run, name)
+    tensors, meta = checkpoint.load(base, prefix="model.")
+    if require_done and not meta.get("done"):
+        raise RunError(f"run {run}: {name} has not finished training (step {meta.get('step')})")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise RunError(f"run {run}: checkpoint {name} does not fit the run's recipe and config ({first})"
+                       ) from None
+    return model.eval()
+
+
+def frozen_from_checkpoint(run: Path, name: str, keys: tuple[str, ...], required: bool = True
+                           ) -> dict[str, torch.Tensor]:
+    """The frozen buffers (e.g. the target embedding) saved in checkpoint `name`."""
+    if not keys:
+        return {}
+    tensors, _ = checkpoint.load(checkpoint_base(run, name), prefix="model.")
+    out = {}
+    for k in keys:
+        hits = [v for n, v in tensors.items() if n == k or n.endswith("." + k)]
+        if hits:
+            out[k] = hits[0]
+        elif required:
+            raise RunError(f"run {run}: checkpoint {name} lacks the frozen array {k!r}")
+    return out
+
+
+def done_meta(run: Path, name: str) -> dict[str, Any]:
+    meta = checkpoint.load_meta(checkpoint_base(run, name))
+    if not meta.get("done"):
+        raise RunError(f"run {run}: {name} has not finished training (step {meta.get('step')})")
+    return meta
+
+
+def load_trained_block(run: Path, recipe: Any, block: int, frozen: dict[str, torch.Tensor]) -> nn.Module:
+    """Block `block` built alone by the recipe, with its finished checkpoint loaded."""
+    return load_model(run, block_name(block), recipe.build_block(block, frozen))
