@@ -31,7 +31,9 @@ import zarr
 
 from dbcore import config as config_mod
 from dbcore import layout, store
-from dbcore.data import INDEX, BatchStream, noised_targets
+from dbcore.data import INDEX, BatchStream
+from dbcore.noise import block_noise
+from dbcore.partition import block_sigma_law
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist" / "train.npz"
@@ -259,6 +261,7 @@ def training_wait(path: Path, steps: int, threads: int) -> dict:
     model = ViTBlock(m, 0, emb)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
     stream = BatchStream.for_block(path, 0, t.batch_size, threads=threads)
+    law = block_sigma_law(m.sigma_dist, 0, m.num_blocks, m.gamma)
     it = iter(stream)
     wait = total = 0.0
     done = 0
@@ -269,8 +272,8 @@ def training_wait(path: Path, steps: int, threads: int) -> dict:
         t1 = time.perf_counter()
         x = torch.from_numpy(b[layout.IMAGES]).permute(0, 3, 1, 2).float() / 255.0
         labels = torch.from_numpy(b[layout.LABELS])
-        z, sigma = noised_targets(b, emb[labels], 0, m)
-        _, logits = model(x, z, sigma)
+        noised = block_noise(b, emb[labels], 0, stream.epoch, law, seed=0)
+        _, logits = model(x, noised.z, noised.sigma)
         loss = block_loss_ce(logits, labels, torch.ones_like(sigma), backend="torch")
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from dbcore.rng import gaussian, philox4x32, uniform_for_sigma
+from dbcore.rng import (
+    MIX_GROUP,
+    SIGMA_GROUP,
+    check_request,
+    gaussian,
+    philox4x32,
+    uniform_for_sigma,
+    uniforms,
+    uniforms_of,
+)
 
 
 def _philox(ctr, key):
@@ -54,3 +63,43 @@ def test_uniform_for_sigma():
 def test_sample_index_range():
     with pytest.raises(ValueError):
         uniform_for_sigma(torch.tensor([2**32]), seed=0, block=0, draw=0)
+    with pytest.raises(ValueError):
+        uniforms_of(torch.tensor([2**32]), 3, seed=0, block=0, draw=0)
+
+
+def test_uniforms_of_layout():
+    sample = torch.tensor([0, 1, 5, 99, 2**32 - 1])
+    seed, block, draw = 2**40 + 9, 3, 5
+    u = uniforms_of(sample, 11, seed, block, draw)
+    assert u.shape == (5, 11) and u.dtype == torch.float64
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    # uniform 0 is the sigma uniform, bit for bit
+    assert torch.equal(u[:, 0], uniform_for_sigma(sample, seed, block, draw))
+    # uniform k: group SIGMA_GROUP - k // 4, output k % 4; 4..6 are target mixing's MIX_GROUP 0..2
+    assert torch.equal(u[:, 0:4], uniforms(sample, seed, block, draw, SIGMA_GROUP))
+    assert torch.equal(u[:, 4:7], uniforms(sample, seed, block, draw, MIX_GROUP)[:, :3])
+    assert torch.equal(u[:, 8:11], uniforms(sample, seed, block, draw, SIGMA_GROUP - 2)[:, :3])
+    # a shorter request is a prefix; keyed by sample, not by batch
+    assert torch.equal(u[:, :5], uniforms_of(sample, 5, seed, block, draw))
+    assert torch.equal(u[2:3], uniforms_of(sample[2:3], 11, seed, block, draw))
+    assert uniforms_of(sample, 0, seed, block, draw).shape == (5, 0)
+    assert not torch.equal(u, uniforms_of(sample, 11, seed, block, draw + 1))
+
+
+def test_uniforms_of_moments():
+    u = uniforms_of(torch.arange(4096), 7, seed=1, block=0, draw=0)
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.01)
+    assert float(u.var()) == pytest.approx(1 / 12, abs=0.005)
+    c = torch.corrcoef(u.T)  # columns independent
+    assert float((c - torch.eye(7)).abs().max()) < 0.06
+
+
+def test_noise_request_limits():
+    check_request(10**6, 10**6)
+    check_request(4 * (2**31 - 1) + 3, 4 * (2**31 - 1) + 3)  # 2^31 groups each: they fill the counter
+    with pytest.raises(ValueError, match="would meet"):
+        check_request(4 * 2**31, 4 * (2**31 - 1))
+    with pytest.raises(ValueError, match="would meet"):
+        uniforms_of(torch.arange(2), 2**34 + 4, seed=0, block=0, draw=0)
+    with pytest.raises(ValueError):
+        check_request(-1, 0)

@@ -9,7 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from dbcore import _native, layout, rng, store
-from dbcore.data import EPS, INDEX, SIGMA_UNIFORM, BatchStream, noised_targets
+from dbcore.data import EPS, INDEX, UNIFORMS, BatchStream
+from dbcore.noise import block_noise
+from dbcore.recipes import for_config
 
 N = 1000
 
@@ -131,6 +133,50 @@ def test_philox_matches_rng():
     # same uint32 words; the f64 transcendentals may differ from torch's in the last bit
     np.testing.assert_allclose(g, ref, rtol=1e-14, atol=1e-14)
     assert (g == ref).mean() > 0.9
+    ts = torch.from_numpy(samples.astype(np.int64))
+    for count in (0, 1, 3, 7, 13):
+        u = _native.uniforms(samples, count, 2**40 + 3, 1, 2).reshape(len(samples), count)
+        np.testing.assert_array_equal(u, rng.uniforms_of(ts, count, 2**40 + 3, 1, 2).numpy())
+    with pytest.raises(_native.NativeError, match="would meet"):
+        _native.uniforms(samples, 2**34 + 4, 0, 0, 0)
+
+
+@pytest.mark.parametrize(("gaussians", "uniforms"), [(0, 3), (10, 1), (7, 5), (3, 0), (0, 0)])
+def test_online_noise_counts(path, gaussians, uniforms):
+    seed, block = 2**33 + 1, 2
+    s = BatchStream(path, ["y"], 96, seed=4, world_size=2, rank=1, noise=(seed, block, gaussians, uniforms))
+    for epoch in range(2):
+        for b in s:
+            idx = torch.from_numpy(b[INDEX])
+            m = len(idx)
+            assert (EPS in b) == (gaussians > 0) and (UNIFORMS in b) == (uniforms > 0)
+            if gaussians:
+                assert b[EPS].dtype == np.float64 and b[EPS].shape == (m, gaussians)
+                ref = rng.gaussian(idx, gaussians, seed, block, epoch).numpy()
+                np.testing.assert_allclose(b[EPS], ref, rtol=1e-14, atol=1e-14)
+                assert (b[EPS] == ref).mean() > 0.9
+            if uniforms:
+                assert b[UNIFORMS].dtype == np.float64 and b[UNIFORMS].shape == (m, uniforms)
+                ref = rng.uniforms_of(idx, uniforms, seed, block, epoch).numpy()
+                np.testing.assert_array_equal(b[UNIFORMS], ref)
+                np.testing.assert_array_equal(b[UNIFORMS][:, 0],
+                                              rng.uniform_for_sigma(idx, seed, block, epoch).numpy())
+
+
+def test_online_noise_on_empty_batches(path):
+    # 1000 = 3 * 333 + 1: ranks 0 and 1 get an empty last batch, which still carries (0, k) noise
+    s = BatchStream(path, ["y"], 333, rank=0, world_size=3, noise=(1, 0, 6, 2))
+    last = list(s)[-1]
+    assert last[EPS].shape == (0, 6) and last[UNIFORMS].shape == (0, 2)
+
+
+def test_bad_noise_request(path):
+    with pytest.raises(ValueError, match="gaussians, uniforms"):
+        BatchStream(path, ["y"], 8, noise=(1, 0, 6))
+    with pytest.raises(ValueError, match="would meet"):
+        BatchStream(path, ["y"], 8, noise=(1, 0, 2**34, 2**33))
+    with pytest.raises(ValueError):
+        BatchStream(path, ["y"], 8, noise=(1, 0, -1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +204,14 @@ def test_block_noise_cached_and_online_agree(caches):
         for _ in range(3):  # epochs 0..2: the online draw = epoch = the cached draw epoch % 3
             for bc, bo in zip(cached, online, strict=True):
                 np.testing.assert_array_equal(bc[INDEX], bo[INDEX])
-                assert EPS in bo and SIGMA_UNIFORM in bo and EPS not in bc
+                assert EPS in bo and UNIFORMS in bo and EPS not in bc and UNIFORMS in bc
+                assert bo[UNIFORMS].shape == (len(bo[INDEX]), 1)
+                np.testing.assert_array_equal(bc[UNIFORMS], bo[UNIFORMS])
                 y = emb[torch.from_numpy(bo[layout.LABELS])]
-                zc, sc = noised_targets(bc, y, block, cfg.model)
-                zo, so = noised_targets(bo, y, block, cfg.model)
+                law = for_config(cfg).sigma_law(block)
+                c = block_noise(bc, y, block, cached.epoch, law, seed=0)
+                o = block_noise(bo, y, block, online.epoch, law, seed=0)
+                zc, sc, zo, so = c.z, c.sigma, o.z, o.sigma
                 torch.testing.assert_close(so, sc, rtol=0, atol=0)
                 torch.testing.assert_close(zo, zc, rtol=1e-6, atol=1e-6)
 

@@ -29,10 +29,17 @@ worker w yields the batches position+w, position+w+W, ..., which the DataLoader 
 into the same order. Under a DataLoader the workers hold copies: call `set_epoch(e)` before each
 epoch and count the batches you consumed to resume (`load_state_dict({"epoch": e, "position": p})`).
 
+Online noise: `noise=(seed, block, gaussians, uniforms)` adds, per sample and with draw = epoch,
+`gaussians` standard normals (`"eps"`, (B, gaussians) float64, when gaussians > 0) and `uniforms`
+uniforms in (0, 1) (`"uniforms"`, (B, uniforms) float64, when uniforms > 0) from the Rust Philox,
+equal to `dbcore.rng.gaussian` / `dbcore.rng.uniforms_of` of the batch's indices (the counter
+layout is `dbcore.rng`'s contract). Column 0 of `"uniforms"` is the uniform that picks sigma;
+columns 4..6 are target mixing's uniforms. Either count may be 0 (e.g. a trainer that draws the
+Gaussians on the GPU asks only for uniforms).
+
 Noised targets of block b (`for_block`): with a cached store the epoch's draw `epoch % K` of
-`noised_z_b{b}` / `noised_sigma_b{b}`; with an online store the Gaussians and sigma uniforms of
-draw = epoch come from the Rust Philox (`dbcore.rng`'s contract), and `noised_targets` maps them
-to (z, sigma) like `dbcore.noise.noised_targets`.
+`noised_z_b{b}` / `noised_sigma_b{b}`; with an online store the Gaussians and uniforms of draw =
+epoch, which `noised_targets` maps to (z, sigma) like `dbcore.noise.noised_targets`.
 """
 
 from __future__ import annotations
@@ -46,14 +53,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from dbcore import _native, layout
+from dbcore import _native, layout, rng
 from dbcore import store as store_mod
-from dbcore.partition import sample_sigma_for_block
 from dbcore.store import _native_errors
 
 INDEX = "index"  # the batch key holding the sample indices (int64)
-EPS = "eps"  # online noise: (B, d) float64 standard normals
-SIGMA_UNIFORM = "sigma_uniform"  # online noise: (B,) float64 uniforms in (0, 1)
+EPS = "eps"  # online noise: (B, gaussians) float64 standard normals
+UNIFORMS = "uniforms"  # online noise: (B, uniforms) float64 uniforms in (0, 1); column 0 picks sigma
 STREAM_MAX_THREADS: int = _native.STREAM_MAX_THREADS
 
 
@@ -71,8 +77,9 @@ class BatchStream(IterableDataset):
     """Mini-batches of `arrays` (dicts of numpy arrays plus `"index"`), see the module docs.
 
     `draw`: arrays of shape (N, K, ...) of which each epoch takes draw `epoch % K` (giving
-    (B, ...)). `noise`: (seed, block, dim) to add `"eps"` (B, dim) and `"sigma_uniform"` (B,)
-    from the counter-based generator, draw = epoch.
+    (B, ...)). `noise`: (seed, block, gaussians, uniforms) to add `"eps"` (B, gaussians) (when
+    gaussians > 0) and `"uniforms"` (B, uniforms) (when uniforms > 0) from the counter-based
+    generator, draw = epoch (see the module docs).
     """
 
     def __init__(
@@ -87,7 +94,7 @@ class BatchStream(IterableDataset):
         drop_last: bool = False,
         *,
         draw: Sequence[str] = (),
-        noise: tuple[int, int, int] | None = None,
+        noise: tuple[int, int, int, int] | None = None,
         window_chunks: int | None = None,
         chunk_rows: int | None = None,
         threads: int | None = None,
@@ -106,6 +113,11 @@ class BatchStream(IterableDataset):
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if threads is not None and not 1 <= threads <= STREAM_MAX_THREADS:
             raise ValueError(f"threads must be in 1..{STREAM_MAX_THREADS}, got {threads}")
+        if noise is not None:
+            if len(noise) != 4:
+                raise ValueError(f"noise must be (seed, block, gaussians, uniforms), got {noise!r}")
+            noise = tuple(int(v) for v in noise)
+            rng.check_request(noise[2], noise[3])
         self.draw = [a in set(draw) for a in self.arrays]
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle = _shuffle_name(shuffle)
@@ -199,8 +211,9 @@ class BatchStream(IterableDataset):
                for (name, shape, dt), buf in zip(self._outputs, bufs, strict=True)}
         out[INDEX] = idx.astype(np.int64)
         if eps is not None:
-            out[EPS] = eps.reshape(m, -1)
-            out[SIGMA_UNIFORM] = uni
+            out[EPS] = eps.reshape(m, self.noise[2])
+        if uni is not None:
+            out[UNIFORMS] = uni.reshape(m, self.noise[3])
         return out
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -234,35 +247,27 @@ class BatchStream(IterableDataset):
 
     @classmethod
     def for_block(cls, store_path: str | os.PathLike[str], block: int, batch_size: int,
-                  arrays: Sequence[str] = (layout.IMAGES, layout.LABELS), **kw: Any) -> BatchStream:
-        """Stream `arrays` plus block `block`'s noised targets: the cached draw `epoch % K`
-        (`noised_z_b{b}`, `noised_sigma_b{b}`) or, for an online store, the generator's noise."""
+                  arrays: Sequence[str] = (layout.IMAGES, layout.LABELS), gaussians: int | None = None,
+                  uniforms: int = 1, **kw: Any) -> BatchStream:
+        """Stream `arrays` plus block `block`'s noise: the cached draw `epoch % K` (`noised_z_b{b}`,
+        `noised_sigma_b{b}`) or, for an online store, `gaussians` normals (None: the target
+        embedding's width) per sample; in both cases `uniforms` uniforms per sample (uniform 0
+        picks sigma online; others serve the recipe, e.g. a class drop), seeded by the store's
+        noise seed. `dbcore.noise.block_noise` turns a batch into (z, sigma)."""
         s = store_mod.open(store_path)
         noise = s.attrs.get("noise", {})
         names = list(arrays)
         if noise.get("draws"):
             z, sig = layout.noised_z(block), layout.noised_sigma(block)
-            return cls(store_path, [*names, z, sig], batch_size, draw=[z, sig], **kw)
-        dim = s.info(layout.TARGET_EMBEDDING).shape[1]
-        return cls(store_path, names, batch_size, noise=(int(noise.get("seed", 0)), block, dim), **kw)
+            extra = (int(noise.get("seed", 0)), block, 0, uniforms) if uniforms else None
+            return cls(store_path, [*names, z, sig], batch_size, draw=[z, sig], noise=extra, **kw)
+        if gaussians is None:
+            if layout.TARGET_EMBEDDING not in s.arrays():
+                raise ValueError(f"{store_path}: no {layout.TARGET_EMBEDDING!r} array to size the "
+                                 "Gaussians by: pass gaussians=")
+            gaussians = s.info(layout.TARGET_EMBEDDING).shape[1]
+        return cls(store_path, names, batch_size,
+                   noise=(int(noise.get("seed", 0)), block, gaussians, uniforms), **kw)
 
 
-def noised_targets(batch: dict[str, np.ndarray], y: torch.Tensor, block: int, model_cfg) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """(z (B, d) float32, sigma (B,) float32) of a `for_block` batch whose clean targets are `y`.
-
-    Cached: the stored draw. Online: sigma from the uniform by the block's in-block distribution,
-    z = y + sigma * eps computed in float64 then cast, as `dbcore.noise.noised_targets` does.
-    """
-    zname = layout.noised_z(block)
-    if zname in batch:
-        return torch.from_numpy(batch[zname]), torch.from_numpy(batch[layout.noised_sigma(block)])
-    m = model_cfg
-    sigma = sample_sigma_for_block(torch.from_numpy(batch[SIGMA_UNIFORM]), block, m.num_blocks, m.gamma,
-                                   m.sigma_dist)
-    eps = torch.from_numpy(batch[EPS]).view(y.shape)
-    z = (y.double() + sigma.view(-1, *([1] * (y.dim() - 1))) * eps).to(y.dtype)
-    return z, sigma.float()
-
-
-__all__ = ["BatchStream", "EPS", "INDEX", "SIGMA_UNIFORM", "STREAM_MAX_THREADS", "noised_targets"]
+__all__ = ["BatchStream", "EPS", "INDEX", "STREAM_MAX_THREADS", "UNIFORMS"]

@@ -11,9 +11,16 @@ Layout (the contract, shared by all three implementations):
 - Gaussian element e of a sample's noise comes from group j = e // 4, output r = e % 4.
   Outputs (0, 1) and (2, 3) are Box-Muller pairs with u = (x + 0.5) * 2^-32 in (0, 1):
   n_even = sqrt(-2 ln u_a) cos(2 pi u_b), n_odd = sqrt(-2 ln u_a) sin(2 pi u_b).
-- The uniform that picks sigma uses group j = SIGMA_GROUP (0xFFFFFFFF), output 0.
+- A noise request is (seed, block, gaussians, uniforms): per sample `gaussians` standard normals
+  (the layout above) and `uniforms` uniforms in (0, 1) (`uniforms_of`). Uniform k of a sample
+  comes from group j = SIGMA_GROUP - k // 4 (counting down from 0xFFFFFFFF), output k % 4, with
+  the same u = (x + 0.5) * 2^-32.
+- Uniform 0 (group SIGMA_GROUP, output 0) is the uniform that picks sigma (`uniform_for_sigma`).
 - The uniforms of target mixing (`dbcore.train`, `mix_fraction`) use group j = MIX_GROUP
-  (0xFFFFFFFE), outputs 0..2.
+  (0xFFFFFFFE), outputs 0..2: they are uniforms 4..6 of the same counter. A recipe that mixes
+  targets must therefore not request more than 4 uniforms for anything else.
+- Gaussian groups count up from 0, uniform groups down from 2^32 - 1; a request where they would
+  meet (gaussians // 4 + uniforms // 4 + 2 > 2^32) is refused (`check_request`).
 
 Integer arithmetic runs in int64 with explicit 32-bit masks (torch has no full uint32 support).
 """
@@ -74,6 +81,32 @@ def uniforms(sample: torch.Tensor, seed: int, block: int, draw: int, group: int)
     sample = sample.to(torch.int64)
     j = torch.full_like(sample, group)
     return torch.stack([_uniform(v) for v in philox4x32(_counters(j, sample, block, draw), seed)], dim=1)
+
+
+def check_request(gaussians: int, uniforms: int) -> None:
+    """Refuse a noise request whose Gaussian groups (up from 0) and uniform groups (down from
+    2^32 - 1) would meet on the 32-bit counter."""
+    if gaussians < 0 or uniforms < 0:
+        raise ValueError(f"noise counts must be >= 0, got gaussians={gaussians}, uniforms={uniforms}")
+    if gaussians // 4 + uniforms // 4 + 2 > 2**32:
+        raise ValueError(
+            f"a noise request of {gaussians} Gaussians and {uniforms} uniforms per sample does not fit "
+            "the generator's 32-bit counter: the Gaussian groups (from 0 up) and the uniform groups "
+            "(from 2^32 - 1 down) would meet"
+        )
+
+
+def uniforms_of(sample: torch.Tensor, count: int, seed: int, block: int, draw: int) -> torch.Tensor:
+    """`count` uniforms in (0, 1) per sample (float64, (len(sample), count)): uniform k from group
+    SIGMA_GROUP - k // 4, output k % 4. Column 0 is `uniform_for_sigma`; columns 4..6 are target
+    mixing's MIX_GROUP outputs 0..2."""
+    check_request(0, count)
+    sample = sample.to(torch.int64)
+    groups = (count + 3) // 4
+    j = SIGMA_GROUP - torch.arange(groups, dtype=torch.int64)[None, :]  # (1, G)
+    x = philox4x32(_counters(j, sample[:, None], block, draw), seed)  # 4 x (N, G)
+    u = torch.stack([_uniform(v) for v in x], dim=-1)  # (N, G, 4)
+    return u.reshape(len(sample), groups * 4)[:, :count]
 
 
 def uniform_for_sigma(sample: torch.Tensor, seed: int, block: int, draw: int) -> torch.Tensor:

@@ -4,7 +4,15 @@
 //! - key = (seed mod 2^32, seed >> 32 mod 2^32)
 //! - counter = (j, sample, block, draw); Gaussian element e comes from group j = e / 4, output e % 4;
 //!   outputs (0, 1) and (2, 3) are Box-Muller pairs of u = (x + 0.5) 2^-32
-//! - the uniform that picks sigma: group j = `SIGMA_GROUP`, output 0.
+//! - a noise request is (seed, block, gaussians, uniforms): per sample `gaussians` standard normals
+//!   (the layout above, `gaussian_into`) and `uniforms` uniforms in (0, 1) (`uniforms_into`).
+//!   Uniform k comes from group j = `SIGMA_GROUP` - k / 4 (counting down from 0xFFFFFFFF), output
+//!   k % 4, u = (x + 0.5) 2^-32.
+//!   Uniform 0 is the uniform that picks sigma (`SIGMA_GROUP`, output 0); uniforms 4..6 are the
+//!   uniforms of target mixing (`MIX_GROUP` = 0xFFFFFFFE, outputs 0..2, `dbcore.noise`), the same
+//!   counter: a recipe that mixes targets must not request more than 4 uniforms for anything else.
+//! - Gaussian groups count up from 0, uniform groups down from 2^32 - 1: a request where they would
+//!   meet (gaussians / 4 + uniforms / 4 + 2 > 2^32) is refused (`check_request`).
 //!
 //! Uniforms are exact. The Gaussians use the platform's f64 `ln`, `sqrt`, `cos`, `sin`; PyTorch's
 //! vectorised CPU kernels may round differently in the last bit of an f64 (never visible after
@@ -16,6 +24,8 @@ pub const W0: u32 = 0x9E37_79B9;
 pub const W1: u32 = 0xBB67_AE85;
 pub const ROUNDS: usize = 10;
 pub const SIGMA_GROUP: u32 = 0xFFFF_FFFF;
+/// The group of target mixing's uniforms: uniforms 4..6 of a sample (outputs 0..2).
+pub const MIX_GROUP: u32 = 0xFFFF_FFFE;
 const INV_2_32: f64 = 1.0 / 4_294_967_296.0;
 
 #[inline]
@@ -56,6 +66,31 @@ pub fn uniform(x: u32) -> f64 {
 /// The sigma uniform of `sample` (rng.uniform_for_sigma).
 pub fn uniform_for_sigma(sample: u32, seed: u64, block: u32, draw: u32) -> f64 {
     uniform(philox4x32([SIGMA_GROUP, sample, block, draw], key_of(seed))[0])
+}
+
+/// Whether a request of `gaussians` Gaussians and `uniforms` uniforms per sample fits the counter:
+/// the Gaussian groups (up from 0) and the uniform groups (down from 2^32 - 1) must not meet.
+pub fn check_request(gaussians: usize, uniforms: usize) -> Result<(), String> {
+    if (gaussians as u128 / 4) + (uniforms as u128 / 4) + 2 > 1u128 << 32 {
+        return Err(format!(
+            "a noise request of {gaussians} Gaussians and {uniforms} uniforms per sample does not \
+             fit the generator's 32-bit counter: the Gaussian groups (from 0 up) and the uniform \
+             groups (from 2^32 - 1 down) would meet"
+        ));
+    }
+    Ok(())
+}
+
+/// Uniforms in (0, 1) of one sample (rng.uniforms_of), `out.len()` of them: uniform k from group
+/// `SIGMA_GROUP - k / 4`, output k % 4 (one Philox call per group of four).
+pub fn uniforms_into(sample: u32, seed: u64, block: u32, draw: u32, out: &mut [f64]) {
+    let key = key_of(seed);
+    for (g, group) in out.chunks_mut(4).enumerate() {
+        let x = philox4x32([SIGMA_GROUP - g as u32, sample, block, draw], key);
+        for (o, &v) in group.iter_mut().zip(&x) {
+            *o = uniform(v);
+        }
+    }
 }
 
 /// Standard normal noise of one sample (rng.gaussian), `out.len()` elements.
@@ -171,6 +206,37 @@ mod tests {
         );
         let u = uniform_for_sigma(3, 3, 0, 1);
         assert!(u > 0.0 && u < 1.0);
+    }
+
+    #[test]
+    fn uniforms_layout() {
+        let key = key_of(2u64.pow(40) + 9);
+        for s in [0u32, 1, 77, u32::MAX] {
+            let mut u = vec![0.0; 11];
+            uniforms_into(s, 2u64.pow(40) + 9, 3, 5, &mut u);
+            assert_eq!(u[0], uniform_for_sigma(s, 2u64.pow(40) + 9, 3, 5));
+            let mix = philox4x32([MIX_GROUP, s, 3, 5], key);
+            assert_eq!(&u[4..7], &mix.map(uniform)[..3]);
+            let third = philox4x32([SIGMA_GROUP - 2, s, 3, 5], key);
+            assert_eq!(&u[8..11], &third.map(uniform)[..3]);
+            assert!(u.iter().all(|&v| v > 0.0 && v < 1.0));
+            let mut short = vec![0.0; 5];
+            uniforms_into(s, 2u64.pow(40) + 9, 3, 5, &mut short);
+            assert_eq!(&u[..5], &short[..]);
+        }
+        let mut none: [f64; 0] = [];
+        uniforms_into(0, 1, 2, 3, &mut none);
+    }
+
+    #[test]
+    fn request_limits() {
+        assert!(check_request(0, 0).is_ok());
+        assert!(check_request(1 << 20, 1 << 20).is_ok());
+        // 2^32 groups in all: gaussians / 4 + uniforms / 4 + 2 <= 2^32
+        let g = (1usize << 33) - 4; // 2^31 - 1 groups
+        assert!(check_request(g, g).is_ok());
+        assert!(check_request(g + 4, g).is_err());
+        assert!(check_request(usize::MAX, 0).is_err());
     }
 
     #[test]

@@ -248,6 +248,7 @@ impl NativeStore {
 #[pyclass(frozen, module = "dbcore._native")]
 struct NativeStream {
     inner: std::sync::Mutex<stream::Stream>,
+    noise: Option<stream::NoiseSpec>,
 }
 
 /// Owns one batch buffer while NumPy arrays view it, then gives it back to its stream's pool.
@@ -321,7 +322,7 @@ impl NativeStream {
         prefetch: usize,
         worker: usize,
         num_workers: usize,
-        noise: Option<(u64, u32, usize)>,
+        noise: Option<(u64, u32, usize, usize)>,
     ) -> PyResult<Self> {
         if draws.len() != arrays.len() {
             return Err(invalid("arrays and draws differ in length".into()));
@@ -344,13 +345,20 @@ impl NativeStream {
             prefetch,
             worker,
             num_workers,
-            noise: noise.map(|(seed, block, dim)| stream::NoiseSpec { seed, block, dim }),
+            noise: noise.map(|(seed, block, gaussians, uniforms)| stream::NoiseSpec {
+                seed,
+                block,
+                gaussians,
+                uniforms,
+            }),
         };
+        let noise = spec.noise;
         let s = py
             .detach(|| stream::Stream::open(&path, spec))
             .map_err(to_py)?;
         Ok(NativeStream {
             inner: std::sync::Mutex::new(s),
+            noise,
         })
     }
 
@@ -399,8 +407,10 @@ impl NativeStream {
         py.detach(|| self.lock().start(epoch, position))
     }
 
-    /// The next batch `(epoch, position, indices, [bytes per array], eps, uniform)`, or None at the
-    /// end of the epoch. Waits without the GIL.
+    /// The next batch `(epoch, position, indices, [bytes per array], eps, uniforms)`, or None at
+    /// the end of the epoch. With online noise, `eps` is the flat (B * gaussians) float64 array
+    /// (None when gaussians == 0 or without noise), `uniforms` the flat (B * uniforms) one (None
+    /// when uniforms == 0 or without noise). Waits without the GIL.
     fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchTuple<'py>>> {
         let (b, pool) = py.detach(|| {
             let mut s = self.lock();
@@ -415,14 +425,14 @@ impl NativeStream {
             .into_iter()
             .map(|a| pooled_array(py, a, &pool))
             .collect::<PyResult<Vec<_>>>()?;
-        let noise = !b.uniform.is_empty() || !b.eps.is_empty();
+        let (gaussians, uniforms) = self.noise.map_or((0, 0), |n| (n.gaussians, n.uniforms));
         Ok(Some((
             b.epoch,
             b.position,
             numpy::PyArray1::from_vec(py, b.indices),
             arrays,
-            noise.then(|| numpy::PyArray1::from_vec(py, b.eps)),
-            noise.then(|| numpy::PyArray1::from_vec(py, b.uniform)),
+            (gaussians > 0).then(|| numpy::PyArray1::from_vec(py, b.eps)),
+            (uniforms > 0).then(|| numpy::PyArray1::from_vec(py, b.uniforms)),
         )))
     }
 
@@ -492,6 +502,31 @@ fn uniform_for_sigma<'py>(
     Ok(numpy::PyArray1::from_vec(py, out))
 }
 
+/// `count` uniforms in (0, 1) per sample, (len(samples) * count,) float64, row-major: uniform k
+/// from counter group 0xFFFFFFFF - k / 4, output k % 4 (`dbcore.rng.uniforms_of`).
+#[pyfunction]
+fn uniforms<'py>(
+    py: Python<'py>,
+    samples: numpy::PyReadonlyArray1<'py, u64>,
+    count: usize,
+    seed: u64,
+    block: u32,
+    draw: u32,
+) -> PyResult<Bound<'py, numpy::PyArray1<f64>>> {
+    philox::check_request(0, count).map_err(invalid)?;
+    let s = samples_u32(&samples)?;
+    let out = py.detach(|| {
+        let mut out = vec![0.0f64; s.len() * count];
+        if count > 0 {
+            for (row, &i) in out.chunks_mut(count).zip(&s) {
+                philox::uniforms_into(i, seed, block, draw, row);
+            }
+        }
+        out
+    });
+    Ok(numpy::PyArray1::from_vec(py, out))
+}
+
 /// Streams row blocks into one array, encoding each shard once it is complete.
 #[pyclass(frozen, module = "dbcore._native")]
 struct NativeWriter {
@@ -524,6 +559,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(philox4x32, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian, m)?)?;
     m.add_function(wrap_pyfunction!(uniform_for_sigma, m)?)?;
+    m.add_function(wrap_pyfunction!(uniforms, m)?)?;
     m.add("STREAM_MAX_THREADS", stream::MAX_THREADS)?;
     m.add("STREAM_DEFAULT_THREADS", stream::DEFAULT_THREADS)?;
     m.add("NativeError", m.py().get_type::<NativeError>())?;
