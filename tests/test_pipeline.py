@@ -12,6 +12,7 @@ from dbcore.cache import write_cache
 from dbcore.cli import main
 from dbcore.evaluate import evaluate
 from dbcore.noise import noised_targets
+from dbcore.recipes import for_config
 from dbcore.sources import load_source
 from dbcore.train import RunError, train_run
 
@@ -104,7 +105,8 @@ def test_cached_noise_equals_online_noise(tmp_path, cfg_path):
     idx = torch.tensor(rows)
     z_cached = torch.from_numpy(s.read(layout.noised_z(1), idx.numpy()))  # (3, K, d)
     sigma_cached = torch.from_numpy(s.read(layout.noised_sigma(1), idx.numpy()))
-    z, sigma = noised_targets(emb[torch.from_numpy(src.labels[rows])], idx, 7, 1, 1, cfg.model)
+    law = for_config(cfg).sigma_law(1)
+    z, sigma = noised_targets(emb[torch.from_numpy(src.labels[rows])], idx, 7, 1, 1, law)
     assert torch.allclose(z_cached[:, 1], z) and torch.allclose(sigma_cached[:, 1], sigma)
 
 
@@ -143,8 +145,32 @@ def test_train_refuses_a_store_of_another_config(tmp_path, cfg_path):
     cfg = config_mod.load(cfg_path)
     write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
     cfg.model.target_scale = 2.0
-    with pytest.raises(RunError, match="different \\[model\\] config"):
+    with pytest.raises(RunError, match=r"other values of \['target_scale'\]"):
         train_run(cfg, tmp_path / "c.zarr", tmp_path / "r", progress=False)
+
+
+def test_cache_does_not_depend_on_depth_or_gates(tmp_path, cfg_path):
+    """Only what the cache holds is in its fingerprint: a deeper model or other gates train from it."""
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
+    cfg.model.depth, cfg.model.gate_init, cfg.model.sigma_dist = 4, 1.0, "top"
+    cfg.train.steps = 2
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "r", progress=False)
+    # cached noise depends on the schedule: a store with noised targets refuses another B
+    write_cache(cfg, load_source("digits:train"), tmp_path / "n.zarr", noise="cached", draws=1,
+                progress=False)
+    cfg.model.num_blocks, cfg.model.depth = 4, 4
+    with pytest.raises(RunError, match="num_blocks"):
+        train_run(cfg, tmp_path / "n.zarr", tmp_path / "r4", progress=False)
+
+
+def test_train_refuses_a_store_of_another_recipe(tmp_path, cfg_path):
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
+    dit = config_mod.from_dict({"model": {"recipe": "dit", "image_size": 8, "patch_size": 2, "dim": 32,
+                                          "depth": 2, "heads": 2}}, "dit.toml")
+    with pytest.raises(RunError, match="cached for recipe 'vit'.*recipe 'dit'"):
+        train_run(dit, tmp_path / "c.zarr", tmp_path / "d", progress=False)
 
 
 def test_cli_cache_train_eval_and_clean_errors(tmp_path, cfg_path):
@@ -216,14 +242,19 @@ def test_target_embedding_from_a_file(tmp_path, cfg_path):
 
 
 def test_paper_shared_mode_ties_modules_trains_and_evaluates(tmp_path, cfg_path):
-    from dbcore.paper_shared import SharedViT, block_of_step
+    from dbcore.paper_shared import SharedBlocks, block_of_step
 
     cfg = config_mod.load(cfg_path)
     write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
     emb = torch.zeros(10, 32)
-    shared = SharedViT(cfg.model, emb)
-    assert shared.blocks[0].head is shared.blocks[1].head
-    assert shared.blocks[0].layers is not shared.blocks[1].layers
+    shared = SharedBlocks(for_config(cfg), {"target_embedding": emb})
+    b0, b1 = shared.blocks
+    assert b0.head is b1.head and b0.denoiser.backbone.patch_embed is b1.denoiser.backbone.patch_embed
+    assert b0.denoiser.backbone.pos_embed is b1.denoiser.backbone.pos_embed
+    assert b0.layers is not b1.layers
+    layer_ids = {id(p) for b in (b0, b1) for p in b.layers.parameters()}
+    shared_ids = {id(p) for p in shared.parameters()} - layer_ids
+    assert shared_ids == {id(p) for n, p in b0.named_parameters() if not n.startswith("denoiser.backbone.layers")}
     assert {block_of_step(s, 0, 2) for s in range(50)} == {0, 1}
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "p", paper_shared=True, progress=False)
     meta = checkpoint.load_meta(tmp_path / "p/shared")

@@ -7,8 +7,10 @@ from torch import nn
 
 from dbcore.edm import SIGMA_MAX, SIGMA_MIN
 from dbcore.partition import euler_schedule
-from dbcore.recipes.vit import ViTBlock, make_target_embedding, vit_tiny
-from dbcore.sampler import chain_states, initial_noise, sample_labels
+from dbcore import config as config_mod
+from dbcore.recipes import for_config
+from dbcore.recipes.vit import ViTBlock, make_target_embedding
+from dbcore.sampler import initial_noise, level_before, run_chain
 
 
 @pytest.fixture(autouse=True)
@@ -43,13 +45,16 @@ class Oracle(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))
 
     def forward(self, x, z, sigma):
-        labels = x[:, 0, 0, 0].long()
+        labels = (x[:, 0, 0, 0] * 255).round().long()  # uint8 pixel -> [0, 1] -> label
         logits = torch.full((len(x), len(self.target_embedding)), -1e4)
         logits[torch.arange(len(x)), labels] = 1e4
         return None, logits
 
 
-CFG = vit_tiny(num_blocks=2)
+RUN = config_mod.from_dict({"model": {"recipe": "vit", "image_size": 8, "patch_size": 2, "dim": 64,
+                                      "depth": 4, "heads": 4, "num_blocks": 2}}, "test.toml")
+RECIPE = for_config(RUN)
+CFG = RUN.model
 EMB = make_target_embedding(CFG.num_classes, CFG.dim, seed=0)
 
 
@@ -61,58 +66,67 @@ def _vit_loader():
     return Loader(make)
 
 
+def _images(n, labels=None):
+    x = torch.randint(0, 256, (n, 8, 8, 1), dtype=torch.uint8)
+    if labels is not None:
+        x[:, 0, 0, 0] = labels.to(torch.uint8)
+    return x
+
+
+def _chain(loader, images, num_steps, upto=None, batch_size=256, seed=0, observe=None):
+    z0 = initial_noise(torch.arange(len(images)), (CFG.dim,), CFG.num_blocks, seed)
+    return run_chain(RECIPE, loader, {"images": images}, z0, CFG.num_blocks, num_steps, upto_block=upto,
+                     batch_size=batch_size, observe=observe)
+
+
 @pytest.mark.parametrize("num_steps", [2, 5])
 def test_sampler_loads_each_block_once(num_steps):
-    x = torch.rand(7, 1, 8, 8)
+    x = _images(7)
     loader = _vit_loader()
-    pred, logits = sample_labels(loader, x, CFG, num_steps=num_steps, batch_size=3, seed=1)
-    assert loader.loaded == [0, 1]
-    assert pred.shape == (7,) and logits.shape == (7, 10) and torch.equal(pred, logits.argmax(1))
-    again = sample_labels(_vit_loader(), x, CFG, num_steps=num_steps, batch_size=5, seed=1)[1]
-    assert torch.allclose(logits, again, atol=1e-5)  # batching does not change the result
+    z = _chain(loader, x, num_steps, batch_size=3, seed=1)
+    assert loader.loaded == [0, 1] and z.shape == (7, CFG.dim)
+    again = _chain(_vit_loader(), x, num_steps, batch_size=5, seed=1)
+    assert torch.allclose(z, again, atol=1e-5)  # batching does not change the result
 
 
-def test_chain_states_start_is_initial_noise():
-    x = torch.rand(4, 1, 8, 8)
+def test_chain_start_is_initial_noise():
+    x = _images(4)
     loader = _vit_loader()
-    z, sigma = chain_states(loader, x, CFG, num_steps=2, upto_block=0, seed=3)
+    z = _chain(loader, x, 2, upto=0, seed=3)
     assert loader.loaded == []
-    assert torch.equal(z, initial_noise(torch.arange(4), CFG.dim, CFG.num_blocks, seed=3))
-    assert torch.equal(sigma, torch.full((4,), SIGMA_MAX))
+    assert torch.equal(z, initial_noise(torch.arange(4), (CFG.dim,), CFG.num_blocks, seed=3))
+    assert level_before(2, 2, 0) == SIGMA_MAX
     assert float(z.std()) == pytest.approx(SIGMA_MAX, rel=0.2)
 
 
-def test_chain_states_hand_over():
-    x = torch.rand(4, 1, 8, 8)
+def test_chain_hands_over_at_the_first_level_of_the_next_block():
     loader = _vit_loader()
-    _, sigma = chain_states(loader, x, CFG, num_steps=5, upto_block=1)
+    _chain(loader, _images(4), 5, upto=1)
     assert loader.loaded == [0]
-    first_of_block1 = next(s.sigma for s in euler_schedule(2, 5) if s.block == 1)
-    assert torch.allclose(sigma, torch.full((4,), first_of_block1))
-    with pytest.raises(ValueError):
-        chain_states(loader, x, CFG, num_steps=5, upto_block=3)
+    assert level_before(2, 5, 1) == next(s.sigma for s in euler_schedule(2, 5) if s.block == 1)
+    assert level_before(2, 5, 2) == SIGMA_MIN
 
 
+@pytest.mark.parametrize("heun", [False, True])
 @pytest.mark.parametrize("num_steps", [2, 3, 50])
-def test_euler_with_exact_denoiser(num_steps):
-    # D = y exactly: each step scales z - y by s_next / s, so the chain ends at
-    # y + (sigma_min / sigma_max) (z0 - y), whatever the number of steps.
+def test_euler_and_heun_with_exact_denoiser(num_steps, heun):
+    # D = y exactly: each step scales z - y by s_next / s (Heun's slope at s_next is the same), so
+    # the chain ends at y + (sigma_min / sigma_max) (z0 - y), whatever the number of steps.
     labels = torch.tensor([0, 4, 9, 2])
-    x = torch.zeros(4, 1, 8, 8)
-    x[:, 0, 0, 0] = labels.float()
     loader = Loader(lambda b: Oracle(EMB))
-    pred, _ = sample_labels(loader, x, CFG, num_steps=num_steps)
-    assert torch.equal(pred, labels) and loader.loaded == [0, 1]
-    z, sigma = chain_states(Loader(lambda b: Oracle(EMB)), x, CFG, num_steps, upto_block=2)
-    z0, y = initial_noise(torch.arange(4), CFG.dim, 2, seed=0), EMB[labels]
-    assert torch.allclose(z, y + SIGMA_MIN / SIGMA_MAX * (z0 - y), atol=1e-5)
-    assert torch.equal(sigma, torch.full((4,), SIGMA_MIN))
+    z0 = initial_noise(torch.arange(4), (CFG.dim,), 2, seed=0)
+    z = run_chain(RECIPE, loader, {"images": _images(4, labels)}, z0, 2, num_steps, heun=heun)
+    assert loader.loaded == [0, 1]
+    y = EMB[labels]
+    # Heun's slope at s_next divides a float32 difference of size ~ulp(80) by s_next: looser there
+    assert torch.allclose(z, y + SIGMA_MIN / SIGMA_MAX * (z0 - y), atol=5e-3 if heun else 1e-5)
 
 
 def test_sample_index_keys_the_noise():
-    z_a = initial_noise(torch.tensor([5, 6]), 16, 2, seed=0)
-    z_b = initial_noise(torch.tensor([6]), 16, 2, seed=0)
+    z_a = initial_noise(torch.tensor([5, 6]), (16,), 2, seed=0)
+    z_b = initial_noise(torch.tensor([6]), (16,), 2, seed=0)
     assert torch.equal(z_a[1], z_b[0])
+    assert initial_noise(torch.tensor([1]), (2, 4, 4), 2, seed=0).shape == (1, 2, 4, 4)
 
 
 class FixedLogits(nn.Module):
@@ -133,15 +147,18 @@ def test_product_decode_sums_every_steps_log_softmax():
     per_block = [torch.zeros(v), torch.zeros(v)]
     per_block[0][3], per_block[0][5] = 4.0, 3.0  # block 0 prefers class 3 ...
     per_block[1][5], per_block[1][3] = 2.0, 1.5  # ... block 1, the last, class 5 by a little less
-    x = torch.zeros(4, CFG.channels, CFG.image_size, CFG.image_size)
 
     def load(b):
         return FixedLogits(EMB, per_block[b])
 
-    last, _ = sample_labels(load, x, CFG, num_steps=2)
-    prod, scores = sample_labels(load, x, CFG, num_steps=2, decode="product")
-    expect = sum(torch.log_softmax(lg, -1) for lg in per_block)
-    assert last.tolist() == [5] * 4 and prod.tolist() == [3] * 4
-    assert torch.allclose(scores, expect.expand(4, -1))
+    last = RECIPE.evaluate(load, None, "digits:valid", {"num_steps": 2, "decode": "last"})
+    prod = RECIPE.evaluate(load, None, "digits:valid", {"num_steps": 2, "decode": "product"})
+    from dbcore.sources import load_source
+
+    labels = torch.from_numpy(load_source("digits:valid").labels)
+    assert last["accuracy"] == pytest.approx(float((labels == 5).float().mean()))
+    assert prod["accuracy"] == pytest.approx(float((labels == 3).float().mean()))
+    assert [b["accuracy_last"] for b in prod["per_block"]] == pytest.approx(
+        [float((labels == 3).float().mean()), float((labels == 5).float().mean())], abs=1e-6)
     with pytest.raises(ValueError, match="decode"):
-        sample_labels(load, x, CFG, decode="vote")
+        RECIPE.evaluate(load, None, "digits:valid", {"decode": "vote"})

@@ -2,19 +2,19 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from dbcore.edm import precond
+from dbcore import config as config_mod
+from dbcore.edm import add_noise, precond
 from dbcore.layers import AdaLNLayer
 from dbcore.loss import sample_weights, weighted_ce
-from dbcore.recipes import vit
+from dbcore.recipes import for_config, vit
+from dbcore.recipes.base import Noised
 from dbcore.recipes.vit import (
     ViTBlock,
     ViTClassifier,
     ViTConfig,
     block_layers,
-    block_loss,
     layers_in_block,
     make_target_embedding,
-    noised_target,
     vit_cifar,
     vit_mnist,
     vit_tiny,
@@ -121,38 +121,52 @@ def test_per_sample_sigma_matches_single_samples():
         assert torch.allclose(logits[i], li[0], atol=1e-5)
 
 
+def noised_target(emb, labels, sigma, eps):
+    return add_noise(emb[labels], sigma, eps)
+
+
+def _recipe(**model):
+    return for_config(config_mod.from_dict({"model": {"recipe": "vit", **model}}, "test.toml"))
+
+
 def test_block_loss_is_weighted_per_sample():
-    cfg = vit_tiny()
+    recipe = _recipe()
+    cfg = recipe.model_cfg
     block = _block(cfg, 0)
-    x, labels = torch.rand(4, 1, 8, 8), torch.tensor([0, 3, 5, 9])
+    images, labels = torch.randint(0, 256, (4, 8, 8, 1), dtype=torch.uint8), torch.tensor([0, 3, 5, 9])
     sigma = torch.tensor([0.01, 0.1, 1.0, 10.0])
     z = noised_target(block.target_embedding, labels, sigma, torch.randn(4, cfg.dim))
-    _, logits = block(x, z, sigma)
-    expected = weighted_ce(logits, labels, sample_weights(sigma, "edm"))
-    assert torch.allclose(block_loss(block, x, labels, z, sigma, "edm"), expected)
+    _, logits = block(vit.images_to_float(images), z, sigma)
+    w = sample_weights(sigma, "edm")
+    expected = weighted_ce(logits, labels, w)
+    got = recipe.block_loss(block, {"images": images, "labels": labels}, Noised(z, sigma), w)
+    assert torch.allclose(got, expected)
 
 
 def _digits(n):
     x, y = load_digits(return_X_y=True)
-    return torch.tensor(x[:n], dtype=torch.float32).view(n, 1, 8, 8) / 16, torch.tensor(y[:n])
+    images = torch.tensor(x[:n] * 255 / 16).round().to(torch.uint8).view(n, 8, 8, 1)
+    return images, torch.tensor(y[:n])
 
 
 def test_block_overfits_digits_batch():
-    x, y = _digits(64)
-    cfg = vit_tiny()
+    images, y = _digits(64)
+    recipe = _recipe()
+    cfg = recipe.model_cfg
     block = _block(cfg, 1)
     opt = torch.optim.AdamW(block.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     sigma = torch.full((64,), 1.0)  # |eps| = 8 >> |y| = 1: the label must come from the image
+    batch = {"images": images, "labels": y}
     for _ in range(60):
         z = noised_target(block.target_embedding, y, sigma, torch.randn(64, cfg.dim, generator=g))
-        loss = block_loss(block, x, y, z, sigma, "none")
+        loss = recipe.block_loss(block, batch, Noised(z, sigma), torch.ones(64))
         opt.zero_grad()
         loss.backward()
         opt.step()
     z = noised_target(block.target_embedding, y, sigma, torch.randn(64, cfg.dim, generator=g))
     with torch.no_grad():
-        acc = (block(x, z, sigma)[1].argmax(1) == y).float().mean()
+        acc = (block(vit.images_to_float(images), z, sigma)[1].argmax(1) == y).float().mean()
     assert loss.item() < 0.6 and acc > 0.9
 
 

@@ -1,0 +1,106 @@
+"""The recipe interface: registry, optimizer groups, EDM preconditioning, the run directory."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dbcore import config as config_mod
+from dbcore import rundir
+from dbcore.edm import EDMPrecond, precond
+from dbcore.recipes import REGISTRY, for_config, recipe_class
+from dbcore.recipes.base import Recipe, decayed_parameters
+from dbcore.train import make_optimizer
+
+
+def _cfg(recipe="vit", **model):
+    base = {"image_size": 8, "patch_size": 2, "dim": 32, "depth": 2, "heads": 2, "num_blocks": 2}
+    return config_mod.from_dict({"model": {"recipe": recipe, **base, **model}}, f"{recipe}.toml")
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_recipe_builds_blocks_that_share_nothing(name):
+    recipe = for_config(_cfg(name))
+    assert isinstance(recipe, Recipe) and recipe_class(name).name == name
+    frozen = recipe.example_frozen()
+    b0, b1 = recipe.build_block(0, frozen), recipe.build_block(1, frozen)
+    ptrs = [{p.data_ptr() for p in b.parameters()} for b in (b0, b1)]
+    assert not ptrs[0] & ptrs[1]
+    assert len(b0.layers) == len(b1.layers) == 1
+    batch = recipe.example_batch(4, frozen, torch.device("cpu"))
+    from dbcore.memory import _noised, training_loss
+
+    for block, b in ((b0, 0), (b1, 1)):
+        loss = training_loss(recipe, block, batch, frozen, b, _noised(recipe, batch, frozen, b))
+        loss.backward()
+        assert torch.isfinite(loss)
+    e2e = recipe.build_e2e(frozen)
+    assert len(e2e.layers) == 2
+    noised = _noised(recipe, batch, frozen, None) if recipe.e2e_noise else None
+    assert torch.isfinite(training_loss(recipe, e2e, batch, frozen, None, noised))
+
+
+def test_unknown_recipe_is_a_clear_config_error():
+    with pytest.raises(config_mod.ConfigError, match="recipe: expected one of .*'vit'.*found 'gan'"):
+        config_mod.from_dict({"model": {"recipe": "gan"}}, "x.toml")
+
+
+def test_optimizer_decays_only_weight_matrices():
+    cfg = _cfg()
+    recipe = for_config(cfg)
+    block = recipe.build_block(0, recipe.example_frozen())
+    decay, rest = decayed_parameters(block)
+    names = {id(p): n for n, p in block.named_parameters()}
+    decayed = {names[id(p)] for p in decay}
+    assert all(n.endswith(".weight") for n in decayed)
+    assert "denoiser.backbone.pos_embed" not in decayed
+    assert not any("bias" in n or "norm" in n for n in decayed)
+    assert "denoiser.backbone.layers.0.attn.qkv.weight" in decayed
+    assert "denoiser.backbone.patch_embed.weight" in decayed  # a convolution's kernel is a matrix
+    assert len(decay) + len(rest) == len(list(block.parameters()))
+    opt = make_optimizer(block, cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.train.weight_decay, 0.0]
+    cfg.train.decay = "all"
+    assert [g["weight_decay"] for g in make_optimizer(block, cfg).param_groups] == [cfg.train.weight_decay]
+    # a step moves no undecayed parameter whose gradient is zero
+    cfg.train.decay = "matrices"
+    opt = make_optimizer(block, cfg)
+    before = {n: p.detach().clone() for n, p in block.named_parameters()}
+    for p in block.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = {n for n, p in block.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and moved <= decayed
+
+
+class _Affine(nn.Module):
+    def forward(self, x_in, c_noise, scale):
+        self.seen = (x_in, c_noise)
+        return scale * x_in
+
+
+def test_edm_precond_wraps_any_backbone():
+    net = EDMPrecond(_Affine())
+    z, sigma = torch.randn(3, 2, 4), torch.tensor([0.1, 1.0, 10.0])
+    d = net(z, sigma, 2.0)
+    p = precond(sigma[:, None, None])
+    assert torch.allclose(net.backbone.seen[0], p.c_in * z)  # (N, T, d) with sigma[:, None, None]
+    assert torch.allclose(net.backbone.seen[1], torch.log(sigma) / 4)
+    assert torch.allclose(d, p.c_skip * z + p.c_out * 2.0 * p.c_in * z)
+    assert torch.allclose(net(z, torch.tensor(0.5), 2.0)[0], net(z[:1], torch.tensor([0.5]), 2.0)[0])
+
+
+def test_run_directory_errors(tmp_path):
+    with pytest.raises(rundir.RunError, match="no run.json"):
+        rundir.read_run_json(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"kind": "weird"}))
+    with pytest.raises(rundir.RunError, match="expected fields 'kind'"):
+        rundir.read_run_json(tmp_path)
+    cfg = _cfg()
+    run = tmp_path / "r"
+    rundir.write_run_json(run, cfg.to_dict(), tmp_path / "s.zarr", "blocks")
+    with pytest.raises(rundir.RunError, match="another config"):
+        rundir.write_run_json(run, _cfg(depth=4).to_dict(), tmp_path / "s.zarr", "blocks")
+    with pytest.raises(rundir.RunError, match="no metrics"):
+        rundir.read_metrics(run)
