@@ -29,13 +29,15 @@ def block_loader(run: Path, kind: str, recipe: Recipe):
 
         shared = load_shared(run, recipe)
         return lambda b: shared.blocks[b]
-    frozen: Frozen = rundir.frozen_from_checkpoint(run, rundir.block_name(0), recipe.frozen_arrays)
+    frozen: Frozen = rundir.frozen_from_checkpoint(run, rundir.block_name(0), recipe.frozen_arrays,
+                                                   recipe=recipe.name)
     return lambda b: rundir.load_trained_block(run, recipe, b, frozen)
 
 
 def load_e2e(run: Path, recipe: Recipe) -> nn.Module:
-    frozen = rundir.frozen_from_checkpoint(run, rundir.E2E, recipe.frozen_arrays, required=False)
-    return rundir.load_model(run, rundir.E2E, recipe.build_e2e(frozen))
+    frozen = rundir.frozen_from_checkpoint(run, rundir.E2E, recipe.frozen_arrays, required=False,
+                                           recipe=recipe.name)
+    return rundir.load_model(run, rundir.E2E, recipe.build_e2e(frozen), recipe=recipe.name)
 
 
 def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | None = None,

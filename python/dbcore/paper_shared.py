@@ -99,5 +99,5 @@ def train_paper_shared(cfg: Config, store_path: Path, run: Path, progress: bool 
 
 
 def load_shared(run: Path, recipe: Recipe) -> SharedBlocks:
-    frozen = rundir.frozen_from_checkpoint(run, rundir.SHARED, recipe.frozen_arrays)
-    return rundir.load_model(run, rundir.SHARED, SharedBlocks(recipe, frozen))
+    frozen = rundir.frozen_from_checkpoint(run, rundir.SHARED, recipe.frozen_arrays, recipe=recipe.name)
+    return rundir.load_model(run, rundir.SHARED, SharedBlocks(recipe, frozen), recipe=recipe.name)

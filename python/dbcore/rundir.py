@@ -82,10 +82,19 @@ def read_run_json(run: Path) -> dict[str, Any]:
     return info
 
 
-def load_model(run: Path, name: str, model: nn.Module, require_done: bool = True) -> nn.Module:
-    """Load checkpoint `name` of the run into `model` (built by the recipe); eval mode."""
+def _check_recipe(run: Path, name: str, meta: dict, recipe: str | None) -> None:
+    found = meta.get("recipe")
+    if recipe is not None and found is not None and found != recipe:
+        raise RunError(f"run {run}: checkpoint {name} was trained by recipe {found!r}, the run's config "
+                       f"is recipe {recipe!r}")
+
+
+def load_model(run: Path, name: str, model: nn.Module, require_done: bool = True,
+               recipe: str | None = None) -> nn.Module:
+    """Load checkpoint `name` of the run into `model` (built by `recipe`); eval mode."""
     base = checkpoint_base(run, name)
     tensors, meta = checkpoint.load(base, prefix="model.")
+    _check_recipe(run, name, meta, recipe)
     if require_done and not meta.get("done"):
         raise RunError(f"run {run}: {name} has not finished training (step {meta.get('step')})")
     try:
@@ -97,9 +106,10 @@ def load_model(run: Path, name: str, model: nn.Module, require_done: bool = True
     return model.eval()
 
 
-def frozen_from_checkpoint(run: Path, name: str, keys: tuple[str, ...], required: bool = True
-                           ) -> dict[str, torch.Tensor]:
+def frozen_from_checkpoint(run: Path, name: str, keys: tuple[str, ...], required: bool = True,
+                           recipe: str | None = None) -> dict[str, torch.Tensor]:
     """The frozen buffers (e.g. the target embedding) saved in checkpoint `name`."""
+    _check_recipe(run, name, checkpoint.load_meta(checkpoint_base(run, name)), recipe)
     if not keys:
         return {}
     tensors, _ = checkpoint.load(checkpoint_base(run, name), prefix="model.")
@@ -122,4 +132,4 @@ def done_meta(run: Path, name: str) -> dict[str, Any]:
 
 def load_trained_block(run: Path, recipe: Any, block: int, frozen: dict[str, torch.Tensor]) -> nn.Module:
     """Block `block` built alone by the recipe, with its finished checkpoint loaded."""
-    return load_model(run, block_name(block), recipe.build_block(block, frozen))
+    return load_model(run, block_name(block), recipe.build_block(block, frozen), recipe=recipe.name)

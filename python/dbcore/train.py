@@ -132,7 +132,7 @@ def _train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], t
     base = rundir.checkpoint_base(run, name)
     opt = make_optimizer(model, cfg)
     start = _resume(base, model, opt, stream)
-    meta = {"name": name, "total_steps": t.steps, "config_fingerprint": cfg.fingerprint()}
+    meta = {"name": name, "recipe": cfg.recipe, "total_steps": t.steps, "config_fingerprint": cfg.fingerprint()}
     if start >= t.steps:
         return {"name": name, "resumed_at": start, "steps": 0}
     bar = tqdm(total=t.steps, initial=start, desc=name, disable=not progress, unit="step")
