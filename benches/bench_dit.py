@@ -87,7 +87,8 @@ def write(args, cfg, rows, timing) -> None:
              f"{cfg.train.steps} steps each (`{meta['command']}`)", "",
              "FID: Frechet distance in the features of the project's reference classifier "
              "(`dbcore.fid`), not comparable with Inception FID. Floor: real training images.", "",
-             "| CFG scale | sampler steps | sampler | DB FID | e2e FID | DB class acc | e2e class acc | floor |",
+             "| CFG scale | sampler steps | sampler | DB FID | e2e FID | DB class acc | e2e class acc "
+             "| floor |",
              "|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in rows:

@@ -274,7 +274,7 @@ def training_wait(path: Path, steps: int, threads: int) -> dict:
         labels = torch.from_numpy(b[layout.LABELS])
         noised = block_noise(b, emb[labels], 0, stream.epoch, law, seed=0)
         _, logits = model(x, noised.z, noised.sigma)
-        loss = block_loss_ce(logits, labels, torch.ones_like(sigma), backend="torch")
+        loss = block_loss_ce(logits, labels, torch.ones_like(noised.sigma), backend="torch")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dbcore import checkpoint, fid, layout
+from dbcore import checkpoint, fid, layout, store
 from dbcore import config as config_mod
 from dbcore.cache import write_cache
 from dbcore.cli import main
@@ -115,7 +115,8 @@ def test_train_sample_eval_report(trained, tmp_path):
     one = r.invoke(main, ["sample", str(tmp_path / "e2e"), "--out", str(tmp_path / "e.png"), "--num", "3",
                           "--class", "7", "--cfg-scale", "1.5", "--sampler", "heun"])
     assert one.exit_code == 0, one.output
-    res = r.invoke(main, ["eval", str(tmp_path / "db"), "--data", "digits:valid", "--json", "--num-samples", "30"])
+    res = r.invoke(main, ["eval", str(tmp_path / "db"), "--data", "digits:valid", "--json",
+                          "--num-samples", "30"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output.strip().splitlines()[-1])
     assert rep["recipe"] == "dit" and rep["num_samples"] == 30
@@ -144,7 +145,8 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, cfg_path):
     assert bad.exit_code != 0 and "--class 12 is outside 0..9" in bad.output and "Traceback" not in bad.output
     vit = tmp_path / "vit.toml"
     vit.write_text(TOML.replace('recipe = "dit"', 'recipe = "vit"').replace("sample_steps = 4\n", ""))
-    wrong = r.invoke(main, ["train", str(vit), "--store", str(tmp_path / "c.zarr"), "--out", str(tmp_path / "v")])
+    wrong = r.invoke(main, ["train", str(vit), "--store", str(tmp_path / "c.zarr"),
+                            "--out", str(tmp_path / "v")])
     assert wrong.exit_code != 0 and "cached for recipe 'dit'" in wrong.output
     # a checkpoint of another recipe in the run directory
     run_json = json.loads((tmp_path / "db/run.json").read_text())
@@ -186,6 +188,6 @@ def test_cached_noise_trains_like_online(tmp_path, cfg_path):
     cfg.train.steps = 2
     write_cache(cfg, load_source("digits:train"), tmp_path / "n.zarr", noise="cached", draws=1,
                 progress=False)
-    assert layout.noised_z(0) in set(__import__("dbcore.store", fromlist=["open"]).open(tmp_path / "n.zarr").arrays())
+    assert layout.noised_z(0) in store.open(tmp_path / "n.zarr").arrays()
     train_run(cfg, tmp_path / "n.zarr", tmp_path / "r", progress=False)
     assert checkpoint.load_meta(tmp_path / "r/block1")["done"]

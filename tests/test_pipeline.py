@@ -254,7 +254,8 @@ def test_paper_shared_mode_ties_modules_trains_and_evaluates(tmp_path, cfg_path)
     assert b0.layers is not b1.layers
     layer_ids = {id(p) for b in (b0, b1) for p in b.layers.parameters()}
     shared_ids = {id(p) for p in shared.parameters()} - layer_ids
-    assert shared_ids == {id(p) for n, p in b0.named_parameters() if not n.startswith("denoiser.backbone.layers")}
+    outside = {id(p) for n, p in b0.named_parameters() if not n.startswith("denoiser.backbone.layers")}
+    assert shared_ids == outside
     assert {block_of_step(s, 0, 2) for s in range(50)} == {0, 1}
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "p", paper_shared=True, progress=False)
     meta = checkpoint.load_meta(tmp_path / "p/shared")

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from dbcore import config as config_mod
 from dbcore.edm import SIGMA_MAX, SIGMA_MIN
 from dbcore.partition import euler_schedule
-from dbcore import config as config_mod
 from dbcore.recipes import for_config
 from dbcore.recipes.vit import ViTBlock, make_target_embedding
 from dbcore.sampler import initial_noise, level_before, run_chain

@@ -201,7 +201,8 @@ def _noise_jobs(recipe: Recipe, arrays: dict[str, np.ndarray], draws: int, seed:
         if (b, a) not in cache:  # z and sigma of the same rows: computed once, used twice
             cache.clear()
             idx = torch.arange(a, stop)
-            rows = {k: torch.from_numpy(np.ascontiguousarray(arrays[k][a:stop])) for k in recipe.stream_arrays}
+            rows = {k: torch.from_numpy(np.ascontiguousarray(arrays[k][a:stop]))
+                    for k in recipe.stream_arrays}
             y = recipe.targets({**rows, INDEX: idx}, frozen)  # (n, ...)
             zs, sigmas = [], []
             for k in range(draws):

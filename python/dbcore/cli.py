@@ -25,8 +25,8 @@ class _Fail(click.ClickException):
 def _user_errors():
     from dbcore.checkpoint import CheckpointError
     from dbcore.config import ConfigError
-    from dbcore.sources import SourceError
     from dbcore.rundir import RunError
+    from dbcore.sources import SourceError
     from dbcore.store import StoreError
 
     return (ConfigError, SourceError, StoreError, RunError, CheckpointError, FileExistsError, ValueError)

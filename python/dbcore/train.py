@@ -11,6 +11,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from dbcore import checkpoint, layout, rundir, store
+from dbcore.chain import chain_states_for
 from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
 from dbcore.edm import SIGMA_MAX, SIGMA_MIN
@@ -18,7 +19,6 @@ from dbcore.kernels import resolve_backend
 from dbcore.loss import sample_weights
 from dbcore.noise import block_noise
 from dbcore.recipes import for_config
-from dbcore.chain import chain_states_for
 from dbcore.recipes.base import Batch, decayed_parameters, read_frozen
 from dbcore.rundir import RunError
 
@@ -132,7 +132,8 @@ def _train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], t
     base = rundir.checkpoint_base(run, name)
     opt = make_optimizer(model, cfg)
     start = _resume(base, model, opt, stream)
-    meta = {"name": name, "recipe": cfg.recipe, "total_steps": t.steps, "config_fingerprint": cfg.fingerprint()}
+    meta = {"name": name, "recipe": cfg.recipe, "total_steps": t.steps,
+            "config_fingerprint": cfg.fingerprint()}
     if start >= t.steps:
         return {"name": name, "resumed_at": start, "steps": 0}
     bar = tqdm(total=t.steps, initial=start, desc=name, disable=not progress, unit="step")
