@@ -9,9 +9,9 @@ from torch import nn
 from dbcore import config as config_mod
 from dbcore import rundir
 from dbcore.edm import EDMPrecond, precond
+from dbcore.loop import make_optimizer
 from dbcore.recipes import REGISTRY, for_config, recipe_class
 from dbcore.recipes.base import Recipe, decayed_parameters
-from dbcore.train import make_optimizer
 
 
 def _cfg(recipe="vit", **model):

@@ -21,6 +21,7 @@ from dbcore import checkpoint, rng, rundir, store
 from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
 from dbcore.kernels import resolve_backend
+from dbcore.loop import noise_seed, resolve_device, to_device, train_loop
 from dbcore.loss import sample_weights
 from dbcore.noise import noised_targets
 from dbcore.recipes import for_config
@@ -58,8 +59,6 @@ def block_of_step(step: int, seed: int, num_blocks: int) -> int:
 
 
 def train_paper_shared(cfg: Config, store_path: Path, run: Path, progress: bool = True) -> dict:
-    from dbcore.train import _train_loop, noise_seed, resolve_device, to_device
-
     m, t = cfg.model, cfg.train
     recipe = for_config(cfg)
     device = resolve_device(t.device)
@@ -95,7 +94,7 @@ def train_paper_shared(cfg: Config, store_path: Path, run: Path, progress: bool 
     base = rundir.checkpoint_base(run, rundir.SHARED)
     if checkpoint.exists(base):
         step_counter["step"] = int(checkpoint.load_meta(base)["step"])
-    return _train_loop(rundir.SHARED, model, step_loss, loop_cfg, run, stream, progress)
+    return train_loop(rundir.SHARED, model, step_loss, loop_cfg, run, stream, progress)
 
 
 def load_shared(run: Path, recipe: Recipe) -> SharedBlocks:

@@ -48,8 +48,6 @@ def sample_run(run: Path, num: int = 100, class_: int | None = None, cfg_scale: 
                ) -> tuple[np.ndarray, np.ndarray, int]:
     """(uint8 samples (N, H, W, C), their classes (N,), rows of the grid) of a generating run:
     rows per class when no class is given."""
-    from dbcore.recipes.dit import target_to_images
-
     info, cfg = load_run(run)
     recipe = for_config(cfg)
     if not recipe.generates:
@@ -67,7 +65,7 @@ def sample_run(run: Path, num: int = 100, class_: int | None = None, cfg_scale: 
         x = recipe.sample(None, load_e2e(run, recipe), labels, opts)
     else:
         x = recipe.sample(block_loader(run, info["kind"], recipe), None, labels, opts)
-    return target_to_images(x), labels.numpy(), rows
+    return recipe.to_images(x), labels.numpy(), rows
 
 
 def plot_losses(runs: list[Path], out: Path) -> None:

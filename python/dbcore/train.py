@@ -1,57 +1,36 @@
+"""`dbcore train`: train each block alone (or the end-to-end baseline) from a cache store.
+
+One block in memory at a time: built by the run's recipe, with its own AdamW, LR schedule and
+checkpoint (`dbcore.loop`). Batches stream from the store through `dbcore.data.BatchStream` (Rust,
+prefetched); their noise comes through `dbcore.noise.block_noise` (cached, online or on the device).
+The run directory's files belong to `dbcore.rundir`. Interrupted runs resume bit-identical: batch
+order is a function of (seed, epoch), noise of (seed, sample, block, draw), the LR of the step, and
+the stream's position is part of the checkpoint.
+"""
+
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
-from tqdm import tqdm
 
-from dbcore import checkpoint, layout, rundir, store
+from dbcore import layout, rundir, store
 from dbcore.chain import chain_states_for
 from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
 from dbcore.edm import SIGMA_MAX, SIGMA_MIN
 from dbcore.kernels import resolve_backend
+from dbcore.loop import NumpyBatch, noise_seed, resolve_device, to_device, train_loop
 from dbcore.loss import sample_weights
 from dbcore.noise import block_noise
+from dbcore.paper_shared import train_paper_shared
 from dbcore.recipes import for_config
-from dbcore.recipes.base import Batch, decayed_parameters, read_frozen
+from dbcore.recipes.base import read_frozen
 from dbcore.rundir import RunError
 
-LOG_EVERY = 25
 E2E_LAW = (SIGMA_MIN, SIGMA_MAX, "lognormal")  # a denoising baseline trains over the whole range
-NumpyBatch = dict[str, np.ndarray]
 
-__all__ = ["RunError", "train_run", "train_block", "train_e2e", "lr_at", "make_optimizer"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def to_device(batch: NumpyBatch, names: tuple[str, ...], device: torch.device) -> Batch:
-    """The streamed arrays `names` and the sample indices as tensors on `device`."""
-    return {k: torch.from_numpy(np.ascontiguousarray(batch[k])).to(device, non_blocking=True)
-            for k in (*names, INDEX)}
-
-
-def noise_seed(s: store.Store) -> int:
-    return int(s.attrs.get("noise", {}).get("seed", 0))
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup then cosine decay to zero; a pure function of the step (resumable)."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+__all__ = ["RunError", "check_store", "train_block", "train_e2e", "train_run"]
 
 
 def check_store(cfg: Config, s: store.Store) -> None:
@@ -71,106 +50,6 @@ def check_store(cfg: Config, s: store.Store) -> None:
             f"store {s.path}: cached with other values of {diff} than {cfg.source_path}; "
             "re-run `dbcore cache` with this config"
         )
-
-
-# ----------------------------------------------------------------------------- optimizer state
-
-
-def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
-    return tensors, sd["param_groups"]
-
-
-def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, v in tensors.items():
-        _, i, k = name.split(".", 2)
-        state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _save(base: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict) -> str:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    optim, groups = _optim_tensors(opt)
-    return checkpoint.save(base, {**tensors, **optim}, {**meta, "param_groups": groups})
-
-
-def _resume(base: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream) -> int:
-    if not checkpoint.exists(base):
-        return 0
-    tensors, meta = checkpoint.load(base)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    _load_optim(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["param_groups"])
-    stream.load_state_dict(meta["stream"])
-    return int(meta["step"])
-
-
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW decaying only Linear/Conv weight matrices (`decay = "matrices"`), or every parameter."""
-    t = cfg.train
-    if t.decay == "all":
-        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    decay, rest = decayed_parameters(model)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr)
-
-
-def _batches(stream: BatchStream) -> Iterator[NumpyBatch]:
-    """Endless batches, epoch after epoch, from wherever the stream stands."""
-    while True:
-        yield from stream
-
-
-# ----------------------------------------------------------------------------- the loops
-
-
-def _train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], torch.Tensor], cfg: Config,
-                run: Path, stream: BatchStream, progress: bool) -> dict:
-    """Shared loop of a block and of the end-to-end model: LR, clipping, checkpoints, metrics."""
-    t = cfg.train
-    base = rundir.checkpoint_base(run, name)
-    opt = make_optimizer(model, cfg)
-    start = _resume(base, model, opt, stream)
-    meta = {"name": name, "recipe": cfg.recipe, "total_steps": t.steps,
-            "config_fingerprint": cfg.fingerprint()}
-    if start >= t.steps:
-        return {"name": name, "resumed_at": start, "steps": 0}
-    bar = tqdm(total=t.steps, initial=start, desc=name, disable=not progress, unit="step")
-    t0, wait, loss_sum, loss_count = time.perf_counter(), 0.0, torch.zeros(()), 0
-    batches = _batches(stream)
-    for step in range(start, t.steps):
-        w0 = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - w0
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = step_loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        loss_sum, loss_count = loss_sum.to(loss.device) + loss.detach().float(), loss_count + 1
-        bar.update(1)
-        done = step + 1
-        if done % LOG_EVERY == 0 or done == t.steps:
-            elapsed = time.perf_counter() - t0
-            mean_loss = float(loss_sum) / loss_count  # the only host sync of the loop
-            rundir.log_metrics(run, {"name": name, "step": done, "loss": mean_loss, "lr": lr,
-                                     "elapsed_s": round(elapsed, 3),
-                                     "data_wait_fraction": round(wait / elapsed, 5)})
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            loss_sum, loss_count = torch.zeros((), device=loss.device), 0
-        if done % t.checkpoint_every == 0 or done == t.steps:
-            _save(base, model, opt, {**meta, "step": done, "done": done == t.steps,
-                                     "stream": stream.state_dict()})
-    bar.close()
-    stream.close()
-    elapsed = time.perf_counter() - t0
-    return {"name": name, "resumed_at": start, "steps": t.steps - start, "seconds": round(elapsed, 3),
-            "data_wait_fraction": round(wait / elapsed, 5)}
 
 
 def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: bool = True,
@@ -209,7 +88,7 @@ def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: 
         w = sample_weights(noised.sigma, t.weight, t.weight_clamp)
         return recipe.block_loss(model, batch, noised, w, backend)
 
-    return _train_loop(rundir.block_name(block), model, step_loss, cfg, run, stream, progress)
+    return train_loop(rundir.block_name(block), model, step_loss, cfg, run, stream, progress)
 
 
 def e2e_noise_key(cfg: Config) -> int:
@@ -247,7 +126,7 @@ def train_e2e(cfg: Config, store_path: Path, run: Path, progress: bool = True,
         w = sample_weights(noised.sigma, t.weight, t.weight_clamp)
         return recipe.e2e_loss(model, batch, noised, w, backend)
 
-    return _train_loop(rundir.E2E, model, step_loss, cfg, run, stream, progress)
+    return train_loop(rundir.E2E, model, step_loss, cfg, run, stream, progress)
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -264,8 +143,6 @@ def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None
     kind = "e2e" if e2e else "paper-shared" if paper_shared else "blocks"
     rundir.write_run_json(run, cfg.to_dict(), store_path, kind)
     if paper_shared:
-        from dbcore.paper_shared import train_paper_shared
-
         return [train_paper_shared(cfg, store_path, run, progress)]
     if e2e:
         return [train_e2e(cfg, store_path, run, progress, activation_checkpointing)]

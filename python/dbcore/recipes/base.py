@@ -54,7 +54,7 @@ class Recipe(ABC):
     cond_arrays: ClassVar[tuple[str, ...]]  # what the sampler conditions on (a subset of them)
     frozen_arrays: ClassVar[tuple[str, ...]] = ()  # store arrays every model of the run loads
     cache_fields: ClassVar[tuple[str, ...]]  # [model] keys the cached arrays depend on
-    generates: ClassVar[bool] = False  # True: the sampler's output is the product (images)
+    generates: ClassVar[bool] = False  # True: `sample` and `to_images` make the product (images)
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg  # dbcore.config.Config
@@ -129,6 +129,15 @@ class Recipe(ABC):
     def denoise_step(self, block: nn.Module, cond: Batch, z: torch.Tensor, sigma: torch.Tensor,
                      options: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(D_hat in target space (N, ...), a readout such as logits or None) at level sigma (N,)."""
+
+    def sample(self, load_block: Any, e2e: nn.Module | None, labels: torch.Tensor, options: dict
+               ) -> torch.Tensor:
+        """A generating recipe's samples in target space for conditions `labels` (`dbcore sample`)."""
+        raise NotImplementedError(f"recipe {self.name!r} does not generate samples")
+
+    def to_images(self, x: torch.Tensor) -> np.ndarray:
+        """A generating recipe's samples as uint8 (N, H, W, C)."""
+        raise NotImplementedError(f"recipe {self.name!r} does not generate images")
 
     @abstractmethod
     def evaluate(self, load_block: Any, e2e: nn.Module | None, data: str, options: dict) -> dict:

@@ -107,6 +107,10 @@ class DiTRecipe(Recipe):
 
     # ------------------------------------------------------------------ sampling
 
+    def to_images(self, x: torch.Tensor) -> np.ndarray:
+        """Samples in target space -> uint8 (N, H, W, C)."""
+        return target_to_images(x)
+
     def denoise_step(self, block, cond, z, sigma, options):
         scale = float(options.get("cfg_scale", 1.0))
         labels = cond[layout.LABELS]

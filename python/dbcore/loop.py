@@ -1,0 +1,151 @@
+"""The training loop shared by a block, the end-to-end baseline and the paper-shared layout.
+
+A pure LR schedule of the step, AdamW decaying only weight matrices, clipping, checkpoints with the
+optimizer and the stream position (so an interrupted run resumes bit-identical), metrics lines.
+Losses are summed on the device and read once per logging window: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from dbcore import checkpoint, rundir, store
+from dbcore.config import Config
+from dbcore.data import INDEX, BatchStream
+from dbcore.recipes.base import Batch, decayed_parameters
+
+LOG_EVERY = 25
+NumpyBatch = dict[str, np.ndarray]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_device(batch: NumpyBatch, names: tuple[str, ...], device: torch.device) -> Batch:
+    """The streamed arrays `names` and the sample indices as tensors on `device`."""
+    return {k: torch.from_numpy(np.ascontiguousarray(batch[k])).to(device, non_blocking=True)
+            for k in (*names, INDEX)}
+
+
+def noise_seed(s: store.Store) -> int:
+    return int(s.attrs.get("noise", {}).get("seed", 0))
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup then cosine decay to zero; a pure function of the step (resumable)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, v in tensors.items():
+        _, i, k = name.split(".", 2)
+        state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _save(base: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict) -> str:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    optim, groups = _optim_tensors(opt)
+    return checkpoint.save(base, {**tensors, **optim}, {**meta, "param_groups": groups})
+
+
+def _resume(base: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream) -> int:
+    if not checkpoint.exists(base):
+        return 0
+    tensors, meta = checkpoint.load(base)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    _load_optim(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["param_groups"])
+    stream.load_state_dict(meta["stream"])
+    return int(meta["step"])
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW decaying only Linear/Conv weight matrices (`decay = "matrices"`), or every parameter."""
+    t = cfg.train
+    if t.decay == "all":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    decay, rest = decayed_parameters(model)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
+def _batches(stream: BatchStream) -> Iterator[NumpyBatch]:
+    """Endless batches, epoch after epoch, from wherever the stream stands."""
+    while True:
+        yield from stream
+
+
+# ----------------------------------------------------------------------------- the loops
+
+
+def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], torch.Tensor], cfg: Config,
+                run: Path, stream: BatchStream, progress: bool) -> dict:
+    """Shared loop of a block and of the end-to-end model: LR, clipping, checkpoints, metrics."""
+    t = cfg.train
+    base = rundir.checkpoint_base(run, name)
+    opt = make_optimizer(model, cfg)
+    start = _resume(base, model, opt, stream)
+    meta = {"name": name, "recipe": cfg.recipe, "total_steps": t.steps,
+            "config_fingerprint": cfg.fingerprint()}
+    if start >= t.steps:
+        return {"name": name, "resumed_at": start, "steps": 0}
+    bar = tqdm(total=t.steps, initial=start, desc=name, disable=not progress, unit="step")
+    t0, wait, loss_sum, loss_count = time.perf_counter(), 0.0, torch.zeros(()), 0
+    batches = _batches(stream)
+    for step in range(start, t.steps):
+        w0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - w0
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = step_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        loss_sum, loss_count = loss_sum.to(loss.device) + loss.detach().float(), loss_count + 1
+        bar.update(1)
+        done = step + 1
+        if done % LOG_EVERY == 0 or done == t.steps:
+            elapsed = time.perf_counter() - t0
+            mean_loss = float(loss_sum) / loss_count  # the only host sync of the loop
+            rundir.log_metrics(run, {"name": name, "step": done, "loss": mean_loss, "lr": lr,
+                                     "elapsed_s": round(elapsed, 3),
+                                     "data_wait_fraction": round(wait / elapsed, 5)})
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_sum, loss_count = torch.zeros((), device=loss.device), 0
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            _save(base, model, opt, {**meta, "step": done, "done": done == t.steps,
+                                     "stream": stream.state_dict()})
+    bar.close()
+    stream.close()
+    elapsed = time.perf_counter() - t0
+    return {"name": name, "resumed_at": start, "steps": t.steps - start, "seconds": round(elapsed, 3),
+            "data_wait_fraction": round(wait / elapsed, 5)}
