@@ -191,3 +191,27 @@ def test_cached_noise_trains_like_online(tmp_path, cfg_path):
     assert layout.noised_z(0) in store.open(tmp_path / "n.zarr").arrays()
     train_run(cfg, tmp_path / "n.zarr", tmp_path / "r", progress=False)
     assert checkpoint.load_meta(tmp_path / "r/block1")["done"]
+
+
+def test_stream_noise_equals_the_device_path(tmp_path, cfg_path):
+    """The Gaussians the stream ships and those the noise kernel draws (its reference here) agree:
+    with `gaussians=0` the batch carries only uniforms and `block_noise` draws eps itself."""
+    from dbcore.data import EPS, BatchStream
+    from dbcore.noise import block_noise
+
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
+    recipe = for_config(cfg)
+    req = recipe.noise_request(recipe.target_shape({}))
+    assert (req.gaussians, req.uniforms) == (64, 2)
+    host = BatchStream.for_block(tmp_path / "c.zarr", 1, 50, gaussians=req.gaussians, uniforms=2, seed=3)
+    dev = BatchStream.for_block(tmp_path / "c.zarr", 1, 50, gaussians=0, uniforms=2, seed=3)
+    law = recipe.sigma_law(1)
+    for bh, bd in zip(host, dev, strict=True):
+        assert EPS in bh and EPS not in bd
+        y = images_to_target(torch.from_numpy(bh["images"]))
+        a = block_noise(bh, y, 1, host.epoch, law, seed=0)
+        b = block_noise(bd, y, 1, dev.epoch, law, seed=0, backend="torch")
+        torch.testing.assert_close(a.sigma, b.sigma, rtol=0, atol=0)
+        torch.testing.assert_close(a.z, b.z, rtol=1e-6, atol=1e-5)
+        assert torch.equal(a.uniforms, b.uniforms)
