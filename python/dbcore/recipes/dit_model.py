@@ -24,7 +24,7 @@ from dbcore.layers import LN_EPS, AdaLNLayer, NoiseEmbedder, norm_modulate
 from dbcore.partition import CONFIG_SIGMA_DISTS
 from dbcore.recipes.vit import block_layers, layers_in_block
 
-LABEL_INIT_STD = 0.02  # DiT's init of the label table and of the noise MLP
+LABEL_INIT_STD = 0.02  # DiT's init of the label table (default of `label_init_std`) and of the noise MLP
 POS_MAX_PERIOD = 10_000.0
 
 
@@ -46,6 +46,7 @@ class DiTConfig:
     sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
     class_drop: float = 0.1  # probability that training replaces the class by the null class
     gate_init: float = 0.0  # adaLN gates at initialisation: 0 = DiT's adaLN-Zero
+    label_init_std: float = LABEL_INIT_STD  # class table init; 1.0 starts it on the noise embedding's scale
     cfg_scale: float = 2.0  # sampling: classifier-free guidance scale on D (1 = no guidance)
     sample_steps: int = 50  # sampling: Euler steps in all, allotted equally to blocks
     sampler: str = "euler"  # sampling: "euler" (the paper's) or "heun" (EDM's second order, ours)
@@ -135,11 +136,11 @@ def drop_labels(labels: torch.Tensor, drop_mask: torch.Tensor, num_classes: int)
 class LabelEmbedder(nn.Module):
     """Class label (N,) -> (N, d); row `num_classes` is the null class of classifier-free guidance."""
 
-    def __init__(self, num_classes: int, dim: int) -> None:
+    def __init__(self, num_classes: int, dim: int, init_std: float = LABEL_INIT_STD) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, dim)
-        nn.init.normal_(self.table.weight, std=LABEL_INIT_STD)
+        nn.init.normal_(self.table.weight, std=init_std)
 
     @property
     def null_class(self) -> int:
@@ -182,7 +183,7 @@ class DiTBackbone(nn.Module):
         for m in self.noise_embed.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=LABEL_INIT_STD)
-        self.label_embed = LabelEmbedder(cfg.num_classes, d)
+        self.label_embed = LabelEmbedder(cfg.num_classes, d, cfg.label_init_std)
         self.layers = nn.ModuleList(
             AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init) for _ in range(num_layers)
         )
