@@ -200,7 +200,12 @@ class DiTBackbone(nn.Module):
                 h = checkpoint(layer, h, c, use_reentrant=False)  # (N, T, d)
             else:
                 h = layer(h, c)  # (N, T, d)
-        out = self.final(h, c)  # (N, T, p*p*C)
+        if torch.is_grad_enabled() and self.training:
+            # recomputed in backward: the modulated copy of h (N, T, d) is not kept for the Linear,
+            # which would otherwise cost each block as much as a layer's residual stream
+            out = checkpoint(self.final, h, c, use_reentrant=False)  # (N, T, p*p*C)
+        else:
+            out = self.final(h, c)  # (N, T, p*p*C)
         return unpatchify(out, cfg.patch_size, cfg.channels, cfg.image_size, cfg.image_size)  # (N, C, H, W)
 
 
