@@ -5,7 +5,10 @@ block b is loaded, takes all of its steps on every batch, and is released before
 Step: `z <- z + (s_next - s) * (z - D_hat) / s` with D_hat in target space from the recipe's
 `denoise_step` (softmax(logits) @ E for a discrete target, the guided D for a generator).
 `heun=True` adds EDM's second-order correction with the same block at s_next (this project's
-option, not the paper's). An end-to-end denoiser samples with the same code as one block
+option, not the paper's). Trap: on this equal-CDF grid the first steps span large ratios (80 -> 5
+at 20 steps), where the correction amplifies the denoiser's error; it diverged on MNIST
+(benches/results/dit_mnist_steps.md). EDM pairs Heun with small-ratio grids.
+An end-to-end denoiser samples with the same code as one block
 (`num_blocks=1`).
 
 Initial noise: `z = sigma_max * eps`, eps from `dbcore.rng.gaussian` keyed by (seed, sample index,
