@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from dbcore import fid, layout, store
-from dbcore.data import INDEX
 from dbcore.kernels import block_loss_mse
 from dbcore.recipes.base import Batch, Noised, NoiseRequest, Recipe
 from dbcore.recipes.dit_model import DiTBlock, DiTConfig, DiTModel, drop_labels
-from dbcore.recipes.vit import check_image_source
+from dbcore.recipes.vit import check_image_source, example_image_batch
 from dbcore.sampler import initial_noise, run_chain
 from dbcore.sources import load_source
 
@@ -98,12 +97,7 @@ class DiTRecipe(Recipe):
         return self._loss(model, batch, noised, w, backend)
 
     def example_batch(self, batch_size, frozen, device):
-        m = self.model_cfg
-        g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (batch_size, m.image_size, m.image_size, m.channels), generator=g)
-        labels = torch.randint(0, m.num_classes, (batch_size,), generator=g)
-        return {layout.IMAGES: images.to(device, torch.uint8), layout.LABELS: labels.to(device),
-                INDEX: torch.arange(batch_size, device=device)}
+        return example_image_batch(self.model_cfg, batch_size, device)
 
     # ------------------------------------------------------------------ sampling
 
@@ -133,14 +127,19 @@ class DiTRecipe(Recipe):
         return run_chain(self, load_block, {layout.LABELS: labels}, z0, num_blocks, num_steps,
                          batch_size=SAMPLE_BATCH, options={"cfg_scale": cfg_scale}, heun=sampler == "heun")
 
+    def sampling(self, options: dict) -> tuple[int, float, int, str]:
+        """(steps, cfg_scale, seed, sampler): the options given, else the run's config."""
+        m, t = self.model_cfg, self.cfg.train
+        return (options.get("num_steps") or m.sample_steps,
+                m.cfg_scale if options.get("cfg_scale") is None else options["cfg_scale"],
+                t.seed if options.get("seed") is None else options["seed"],
+                options.get("sampler") or m.sampler)
+
     def sample(self, load_block: Any, e2e: nn.Module | None, labels: torch.Tensor, options: dict
                ) -> torch.Tensor:
         """`dbcore sample`: samples of a run (blocks through `load_block`, or the baseline)."""
-        m, t = self.model_cfg, self.cfg.train
-        steps = options.get("num_steps") or m.sample_steps
-        scale = m.cfg_scale if options.get("cfg_scale") is None else options["cfg_scale"]
-        seed = t.seed if options.get("seed") is None else options["seed"]
-        sampler = options.get("sampler") or m.sampler
+        m = self.model_cfg
+        steps, scale, seed, sampler = self.sampling(options)
         if e2e is not None:
             return self.generate(lambda b: e2e, 1, labels, steps, scale, seed, sampler)
         return self.generate(load_block, m.num_blocks, labels, steps, scale, seed, sampler)
@@ -157,6 +156,7 @@ class DiTRecipe(Recipe):
         n = int(options.get("num_samples") or DEFAULT_EVAL_SAMPLES)
         labels = torch.arange(n) % m.num_classes
         samples = self.sample(load_block, e2e, labels, options)  # (n, C, H, W)
+        steps, scale, _, sampler = self.sampling(options)
         real = images_to_target(torch.from_numpy(np.ascontiguousarray(source.images)))
         mu_r, cov_r = fid.feature_stats(net, real)
         mu_g, cov_g = fid.feature_stats(net, samples)
@@ -170,9 +170,9 @@ class DiTRecipe(Recipe):
             "num_samples": n,
             "fid_floor": fid.frechet_distance(mu_f, cov_f, mu_r, cov_r),
             "num_real": len(real),
-            "cfg_scale": m.cfg_scale if options.get("cfg_scale") is None else options["cfg_scale"],
-            "inference_steps": options.get("num_steps") or m.sample_steps,
-            "sampler": options.get("sampler") or m.sampler,
+            "cfg_scale": scale,
+            "inference_steps": steps,
+            "sampler": sampler,
             "reference": {k: ref_meta[k] for k in ("valid_accuracy", "key") if k in ref_meta},
             "seconds": round(time.perf_counter() - t0, 3),
         }

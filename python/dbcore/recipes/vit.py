@@ -248,6 +248,15 @@ def check_image_source(source: Any, image_size: int, channels: int, num_classes:
         raise ValueError(f"source {source.spec}: label {source.num_classes - 1} >= num_classes {num_classes}")
 
 
+def example_image_batch(m: Any, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A seeded random batch of uint8 images and labels shaped by an image recipe's config `m`."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, m.image_size, m.image_size, m.channels), generator=g)
+    labels = torch.randint(0, m.num_classes, (batch_size,), generator=g)
+    return {layout.IMAGES: images.to(device, torch.uint8), layout.LABELS: labels.to(device),
+            INDEX: torch.arange(batch_size, device=device)}
+
+
 class ViTRecipe(Recipe):
     """ViT classifier: discrete target E[label], CE on the head's logits, Euler over softmax @ E."""
 
@@ -305,12 +314,7 @@ class ViTRecipe(Recipe):
         return {layout.TARGET_EMBEDDING: make_target_embedding(m.num_classes, m.dim, seed, m.target_scale)}
 
     def example_batch(self, batch_size, frozen, device):
-        m = self.model_cfg
-        g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (batch_size, m.image_size, m.image_size, m.channels), generator=g)
-        labels = torch.randint(0, m.num_classes, (batch_size,), generator=g)
-        return {layout.IMAGES: images.to(device, torch.uint8), layout.LABELS: labels.to(device),
-                INDEX: torch.arange(batch_size, device=device)}
+        return example_image_batch(self.model_cfg, batch_size, device)
 
     def denoise_step(self, block, cond, z, sigma, options):
         _, logits = block(images_to_float(cond[layout.IMAGES]), z, sigma)  # (N, V)
