@@ -15,7 +15,11 @@ from dbcore.recipes.base import Recipe, decayed_parameters
 
 
 def _cfg(recipe="vit", **model):
-    base = {"image_size": 8, "patch_size": 2, "dim": 32, "depth": 2, "heads": 2, "num_blocks": 2}
+    base = {"dim": 32, "depth": 2, "heads": 2, "num_blocks": 2}
+    if recipe_class(recipe).source_kind == "images":
+        base |= {"image_size": 8, "patch_size": 2}
+    else:
+        base |= {"seq_len": 16, "sample_steps": 4}
     return config_mod.from_dict({"model": {"recipe": recipe, **base, **model}}, f"{recipe}.toml")
 
 

@@ -34,7 +34,7 @@ from dbcore.noise import noised_targets
 from dbcore.partition import block_range, block_sigma_law, boundaries
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Recipe
-from dbcore.sources import Source
+from dbcore.sources import Source, source_sha256
 
 ROWS_PER_WRITE = 4096  # rows per chunk of the noised targets
 WRITE_TARGET_BYTES = 32 << 20  # a write covers whole shards or chunks, about this many bytes
@@ -76,16 +76,18 @@ def write_cache(
     if draws < 1:
         raise ValueError(f"draws must be >= 1, found {draws}")
     recipe = for_config(cfg)
+    if noise == "cached" and not recipe.cached_noise:
+        raise ValueError(f"recipe {cfg.recipe!r} draws its noise online only; drop --noise cached")
     if target_embedding is not None and layout.TARGET_EMBEDDING not in recipe.frozen_arrays:
         raise ValueError(f"recipe {cfg.recipe!r} has no target embedding; drop --target-embedding")
     arrays, recipe_attrs = recipe.cache_arrays(source, seed, target_embedding)
-    n = len(source.labels)
+    n = len(arrays[recipe.stream_arrays[0]])
     cached = noise == "cached"
     attrs = {
         "format": layout.FORMAT,
         "format_version": layout.FORMAT_VERSION,
         "recipe": cfg.recipe,
-        "source": {"spec": source.spec, "sha256": source.sha256(), "num_samples": n},
+        "source": {"spec": source.spec, "sha256": source_sha256(source), "num_samples": n},
         "cache_fields": cfg.cache_fields(cached),
         "cache_fingerprint": cfg.cache_fingerprint(cached),
         "noise": {"mode": noise, "draws": draws if cached else 0, "seed": seed},

@@ -45,7 +45,7 @@ def _run_safely(fn, *args, **kwargs):
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "source", default="digits:train", show_default=True,
-              help="digits[:train|:valid] or npz:PATH")
+              help="digits[:train|:valid], npz:PATH or text:PATH")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="store to write")
 @click.option("--noise", type=click.Choice(["online", "cached"]), default="online", show_default=True)
 @click.option("--draws", default=4, show_default=True, help="noised draws per sample per block (cached)")
@@ -64,9 +64,10 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path):
     cfg = _run_safely(config_mod.load, config)
     src = _run_safely(load_source, source)
     emb = _run_safely(np.load, emb_path, allow_pickle=False) if emb_path else None
-    _run_safely(write_cache, cfg, src, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
-                target_embedding=emb)
-    click.echo(f"cached {len(src.labels)} samples of {source} into {out} (noise: {noise})")
+    s = _run_safely(write_cache, cfg, src, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
+                    target_embedding=emb)
+    n = s.attrs["source"]["num_samples"]
+    click.echo(f"cached {n} samples of {source} into {out} (noise: {noise})")
 
 
 @main.command()
@@ -124,31 +125,60 @@ def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, as_json):
     if as_json:
         click.echo(json.dumps(result))
         return
-    shown = [f"{k} {result[k]:.4f}" for k in ("accuracy", "loss", "fid", "class_accuracy", "fid_floor")
+    keys = ("accuracy", "loss", "fid", "class_accuracy", "fid_floor", "bpc", "bpc_stderr")
+    shown = [f"{k} {result[k]:.4f}" for k in keys
              if isinstance(result.get(k), float)]
-    click.echo(f"{result['kind']}: {', '.join(shown)} on {result['num_samples']} samples of {source}")
+    count = result.get("num_samples") or f"{result.get('num_tokens')} tokens"
+    click.echo(f"{result['kind']}: {', '.join(shown)} on {count} samples of {source}")
 
 
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid")
-@click.option("--num", type=int, default=100, show_default=True)
-@click.option("--class", "class_", type=int, default=None, help="one class (default: a row per class)")
-@click.option("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="images: the PNG grid (required); text: a file for the texts (default: print them)")
+@click.option("--num", type=int, default=None, help="samples (default: 100 images, 1 text)")
+@click.option("--class", "class_", type=int, default=None, help="images: one class (default: a row each)")
+@click.option("--cfg-scale", type=float, default=None, help="images: guidance scale (default: the config's)")
 @click.option("--steps", type=int, default=None, help="sampler steps in all (default: the config's)")
 @click.option("--sampler", type=click.Choice(["euler", "heun"]), default=None)
-@click.option("--seed", type=int, default=None, help="initial noise seed (default: the run's)")
+@click.option("--seed", type=int, default=None, help="sampling seed (default: the run's)")
 @click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="also write the raw samples: images uint8 (N,H,W,C), labels")
-def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz):
-    """Samples of a generating run (DiT) as a PNG grid, one block in memory at a time."""
+              help="images: also write the raw samples: images uint8 (N,H,W,C), labels")
+@click.option("--length", type=int, default=None, help="text: characters per text, prompt included")
+@click.option("--prompt", default=None, help="text: the beginning of every text")
+@click.option("--temperature", type=float, default=None, help="text: softmax temperature (default 1)")
+@click.option("--top-k", type=int, default=None, help="text: sample among the k likeliest tokens")
+@click.option("--greedy", is_flag=True, help="text (autoregressive): the likeliest token every time")
+def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, prompt, temperature, top_k,
+           greedy):
+    """Samples of a generating run, one block in memory at a time: a PNG grid (DiT) or texts (LMs)."""
     import numpy as np
 
+    from dbcore.evaluate import load_run
+    from dbcore.recipes import for_config
+
+    if num is not None and num < 1:
+        raise _Fail(f"--num must be >= 1, got {num}")
+    _, cfg = _run_safely(load_run, run)
+    if _run_safely(for_config, cfg).source_kind == "text":
+        from dbcore.evaluate import sample_text_run
+
+        options = {"num": num or 1, "length": length, "prompt": prompt, "steps": steps, "seed": seed,
+                   "temperature": temperature, "top_k": top_k, "greedy": greedy or None}
+        texts = _run_safely(sample_text_run, run, options)
+        if out is None:
+            for text in texts:
+                click.echo(text)
+                click.echo("-" * 40)
+            return
+        out.write_text("\n".join(texts) + "\n", encoding="utf-8")
+        click.echo(f"wrote {len(texts)} texts to {out}")
+        return
+    if out is None:
+        raise _Fail("--out PNG is required for images")
     from dbcore.report import sample_run, save_grid
 
-    if num < 1:
-        raise _Fail(f"--num must be >= 1, got {num}")
-    images, labels, rows = _run_safely(sample_run, run, num, class_, cfg_scale, steps, seed, sampler)
+    images, labels, rows = _run_safely(sample_run, run, num or 100, class_, cfg_scale, steps, seed, sampler)
     save_grid(images, rows, out)
     if npz is not None:
         np.savez(npz, images=images, labels=labels)

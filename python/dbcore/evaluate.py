@@ -52,3 +52,16 @@ def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | N
     else:
         report = recipe.evaluate(block_loader(run, kind, recipe), None, data, opts)
     return {"kind": kind, "recipe": cfg.recipe, "data": data, **report}
+
+
+def sample_text_run(run: Path, options: dict) -> list[str]:
+    """Texts of a language-model run (`Recipe.sample_text`), one block in memory at a time.
+    options: num, length, prompt, steps, temperature, top_k, seed (recipe-specific ones too)."""
+    info, cfg = load_run(run)
+    recipe = for_config(cfg)
+    if recipe.source_kind != "text":
+        raise rundir.RunError(f"run {run}: recipe {cfg.recipe!r} does not generate text")
+    opts = {"seed": cfg.train.seed, **{k: v for k, v in options.items() if v is not None}}
+    if info["kind"] == "e2e":
+        return recipe.sample_text(None, load_e2e(run, recipe), opts)
+    return recipe.sample_text(block_loader(run, info["kind"], recipe), None, opts)

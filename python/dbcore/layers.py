@@ -1,6 +1,8 @@
 """Transformer layers: DiT-style adaLN layer, noise embedder, plain pre-LN layer (METHOD.md 4).
 
-Every layer maps (N, T, d) -> (N, T, d): blocks are set-to-set maps of width d.
+Every layer maps (N, T, d) -> (N, T, d): blocks are set-to-set maps of width d. Attention takes an
+optional boolean mask (True = may attend) and, for decoding, the keys and values of a cached prefix
+(`step`). The adaLN conditioning c is per sample (N, d) or per token (N, T, d).
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ LN_EPS = 1e-6  # DiT's LayerNorm epsilon
 NOISE_SCALE = 1_000.0  # c_noise = ln(s)/4 spans about [-1.6, 1.1]; spread it over the frequencies
 
 
+KV = tuple[torch.Tensor, torch.Tensor]  # keys and values of some positions, (N, H, P, d/H) each
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over all tokens (no mask), `scaled_dot_product_attention`."""
+    """Multi-head self-attention, `scaled_dot_product_attention`; over all tokens unless masked."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -28,16 +33,34 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.mix(h))
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(self.mix(h, mask))
 
-    def mix(self, h: torch.Tensor) -> torch.Tensor:
-        """The heads' outputs before the output projection: (N, T, d) -> (N, T, d)."""
+    def heads_of(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (N, H, T, d/H) of h (N, T, d)."""
         n, t, d = h.shape
         qkv = self.qkv(h).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (N, H, T, d/H) each
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d/H)
+        q, k, v = qkv.unbind(0)
+        return q, k, v
+
+    def mix(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' outputs before the output projection: (N, T, d) -> (N, T, d); mask (T, T)
+        or (N, 1, T, T) bool, True where row may attend to column."""
+        n, t, d = h.shape
+        q, k, v = self.heads_of(h)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, T, d/H)
         return out.transpose(1, 2).reshape(n, t, d)
+
+    def mix_after(self, h: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """Decoding: new rows h (N, t, d) attend to the cached prefix `past` and to themselves
+        causally; returns their mix (N, t, d) and their own keys and values (to cache or not)."""
+        n, t, d = h.shape
+        q, k, v = self.heads_of(h)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        p = keys.shape[2] - t
+        mask = torch.ones(t, p + t, dtype=torch.bool, device=h.device).tril(p)  # row i sees <= p + i
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (N, H, t, d/H)
+        return out.transpose(1, 2).reshape(n, t, d), (k, v)
 
 
 class Mlp(nn.Module):
@@ -55,9 +78,14 @@ class Mlp(nn.Module):
         return F.gelu(self.fc1(h), approximate="tanh")
 
 
+def _per_token(v: torch.Tensor) -> torch.Tensor:
+    """A per-sample (N, d) modulation as (N, 1, d); a per-token one (N, T, d) as it is."""
+    return v[:, None] if v.dim() == 2 else v
+
+
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """h * (1 + scale) + shift with h (N, T, d) and shift, scale (N, d)."""
-    return torch.addcmul(shift[:, None], h, 1 + scale[:, None])
+    """h * (1 + scale) + shift with h (N, T, d) and shift, scale (N, d) or (N, T, d)."""
+    return torch.addcmul(_per_token(shift), h, 1 + _per_token(scale))
 
 
 class _NormModulate(torch.autograd.Function):
@@ -108,15 +136,16 @@ class _GatedResidual(torch.autograd.Function):
 
 
 def gated_residual(h: torch.Tensor, gate: torch.Tensor, proj: nn.Linear, a: torch.Tensor) -> torch.Tensor:
-    """h + gate[:, None] * proj(a): h (N, T, d), gate (N, d), a (N, T, d_in) -> (N, T, d)."""
-    if torch.is_grad_enabled():
+    """h + gate * proj(a): h (N, T, d), gate (N, d) or (N, T, d), a (N, T, d_in) -> (N, T, d)."""
+    if torch.is_grad_enabled() and gate.dim() == 2:
         return _GatedResidual.apply(h, gate, a, proj.weight, proj.bias)
-    return torch.addcmul(h, gate[:, None], proj(a))
+    return torch.addcmul(h, _per_token(gate), proj(a))
 
 
 def norm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """modulate(LayerNorm(h), shift, scale): (N, T, d), (N, d), (N, d) -> (N, T, d)."""
-    if torch.is_grad_enabled() and (h.requires_grad or shift.requires_grad or scale.requires_grad):
+    """modulate(LayerNorm(h), shift, scale): (N, T, d), (N, d) or (N, T, d) twice -> (N, T, d)."""
+    grad = h.requires_grad or shift.requires_grad or scale.requires_grad
+    if torch.is_grad_enabled() and grad and shift.dim() == 2:
         return _NormModulate.apply(h, shift, scale, eps)
     return modulate(F.layer_norm(h, (h.shape[-1],), eps=eps), shift, scale)
 
@@ -140,13 +169,23 @@ class AdaLNLayer(nn.Module):
             self.modulation[1].bias[2 * dim : 3 * dim] = gate_init
             self.modulation[1].bias[5 * dim : 6 * dim] = gate_init
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """h (N, T, d), c (N, d) -> (N, T, d)."""
+    def forward(self, h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h (N, T, d), c (N, d) or (N, T, d), mask see `Attention.mix` -> (N, T, d)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        a = self.attn.mix(norm_modulate(h, shift1, scale1, self.eps))  # (N, T, d)
-        h = gated_residual(h, gate1, self.attn.proj, a)
-        m = self.mlp.hidden(norm_modulate(h, shift2, scale2, self.eps))  # (N, T, hidden)
-        return gated_residual(h, gate2, self.mlp.fc2, m)
+        a = self.attn.mix(norm_modulate(h, shift1, scale1, self.eps), mask)  # (N, T, d)
+        return self._mlp(gated_residual(h, gate1, self.attn.proj, a), shift2, scale2, gate2)
+
+    def step(self, h: torch.Tensor, c: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """Decoding: new rows h (N, t, d) after a cached prefix (`Attention.mix_after`); returns
+        (N, t, d) and the new rows' keys and values."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
+        a, kv = self.attn.mix_after(norm_modulate(h, shift1, scale1, self.eps), past)
+        return self._mlp(gated_residual(h, gate1, self.attn.proj, a), shift2, scale2, gate2), kv
+
+    def _mlp(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor
+             ) -> torch.Tensor:
+        m = self.mlp.hidden(norm_modulate(h, shift, scale, self.eps))  # (N, T, hidden)
+        return gated_residual(h, gate, self.mlp.fc2, m)
 
 
 class AdaLNFinal(nn.Module):
@@ -162,8 +201,10 @@ class AdaLNFinal(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """h (N, d), c (N, d) -> (N, out)."""
+        """h (N, d) or (N, T, d), c (N, d) or (N, T, d) -> (N, out) or (N, T, out)."""
         shift, scale = self.modulation(c).chunk(2, dim=-1)
+        if h.dim() == 3:
+            shift, scale = _per_token(shift), _per_token(scale)
         return self.linear(self.norm(h) * (1 + scale) + shift)
 
 
@@ -200,7 +241,13 @@ class PreLNLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """h (N, T, d) -> (N, T, d)."""
-        h = h + self.attn(self.norm1(h))
+        h = h + self.attn(self.norm1(h), mask)
         return h + self.mlp(self.norm2(h))
+
+    def step(self, h: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """Decoding: new rows h (N, t, d) after a cached prefix; (N, t, d) and their keys/values."""
+        a, kv = self.attn.mix_after(self.norm1(h), past)
+        h = h + self.attn.proj(a)
+        return h + self.mlp(self.norm2(h)), kv

@@ -8,6 +8,8 @@ FORMAT_VERSION = 1
 IMAGES = "images"  # (N, H, W, C) uint8: the conditioning inputs, in source order
 LABELS = "labels"  # (N,) int64: the clean discrete targets
 TARGET_EMBEDDING = "target_embedding"  # (V, d) float32: frozen rows E, y = E[label]
+TOKENS = "tokens"  # (N, T) int32: windows of token ids of a text source, in source order
+VOCAB = "vocab"  # (V,) int32: the Unicode code point of each token id (character vocabulary)
 
 
 def noised_z(block: int) -> str:

@@ -31,10 +31,9 @@ import torch
 import torch.nn as nn
 
 from dbcore import config as config_mod
-from dbcore.data import INDEX
-from dbcore.edm import SIGMA_MAX, SIGMA_MIN
+from dbcore import rng
+from dbcore.data import INDEX, UNIFORMS
 from dbcore.loss import sample_weights
-from dbcore.noise import noised_targets
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Batch, Frozen, Noised, Recipe
 
@@ -57,13 +56,13 @@ def _reset_peak() -> None:
 
 
 def _noised(recipe: Recipe, batch: Batch, frozen: Frozen, block: int | None) -> Noised:
-    """Block `block`'s noise (the whole range for block None) from the generator, draw 0."""
+    """Block `block`'s noise (the baseline's whole range for block None) from the generator, draw 0."""
     y = recipe.targets(batch, frozen)
-    law = (SIGMA_MIN, SIGMA_MAX, "lognormal") if block is None else recipe.sigma_law(block)
-    z, sigma = noised_targets(y, batch[INDEX].cpu(), 0, 0 if block is None else block, 0, law)
-    g = torch.Generator().manual_seed(0)
-    return Noised(z, sigma, torch.rand(len(y), recipe.noise_request(tuple(y.shape[1:])).uniforms,
-                                       generator=g, dtype=torch.float64).to(y.device))
+    law = recipe.e2e_law() if block is None else recipe.sigma_law(block)
+    key = 0 if block is None else block
+    idx = batch[INDEX].cpu()
+    uniforms = rng.uniforms_of(idx, recipe.noise_request(tuple(y.shape[1:])).uniforms, 0, key, 0)
+    return recipe.noise({INDEX: idx.numpy(), UNIFORMS: uniforms.numpy()}, y, key, 0, law, 0)
 
 
 def training_loss(recipe: Recipe, model: nn.Module, batch: Batch, frozen: Frozen, block: int | None,

@@ -22,10 +22,10 @@ from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
 from dbcore.kernels import resolve_backend
 from dbcore.loop import noise_seed, resolve_device, to_device, train_loop
-from dbcore.loss import sample_weights
 from dbcore.noise import noised_targets
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Frozen, Noised, Recipe, read_frozen
+from dbcore.rundir import RunError
 
 
 def _tie_all_but_layers(first: nn.Module, other: nn.Module, layers: nn.Module) -> None:
@@ -61,6 +61,9 @@ def block_of_step(step: int, seed: int, num_blocks: int) -> int:
 def train_paper_shared(cfg: Config, store_path: Path, run: Path, progress: bool = True) -> dict:
     m, t = cfg.model, cfg.train
     recipe = for_config(cfg)
+    if type(recipe).noise is not Recipe.noise:
+        raise RunError(f"--paper-shared: recipe {cfg.recipe!r} does not noise its targets as "
+                       "z = y + sigma * eps")
     device = resolve_device(t.device)
     backend = resolve_backend(t.backend, device)
     s = store.open(store_path)
@@ -88,8 +91,7 @@ def train_paper_shared(cfg: Config, store_path: Path, run: Path, progress: bool 
         y_train = recipe.train_targets(y, batch, frozen, b, draw)
         if y_train is not y:
             noised.z = noised.z + (y_train - y)
-        w = sample_weights(noised.sigma, t.weight, t.weight_clamp)
-        return recipe.block_loss(model.blocks[b], batch, noised, w, backend)
+        return recipe.block_loss(model.blocks[b], batch, noised, recipe.loss_weights(noised), backend)
 
     base = rundir.checkpoint_base(run, rundir.SHARED)
     if checkpoint.exists(base):

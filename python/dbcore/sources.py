@@ -1,4 +1,5 @@
-"""Raw labelled image sources: `digits` (scikit-learn's, the embedded default) and `npz:PATH`.
+"""Data sources: labelled images, `digits` (scikit-learn's, the embedded default) and `npz:PATH`;
+and text, `text:PATH` (UTF-8, a character vocabulary, streamed: `dbcore.text`).
 
 Specs: `digits`, `digits:train`, `digits:valid` (a fixed 80/20 split in source order) and
 `npz:PATH` with arrays `images` uint8 (N, H, W) or (N, H, W, C) and `labels` integer (N,).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,15 +79,26 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
-def load_source(spec: str) -> Source:
-    """Load a source by its spec (see the module docstring)."""
+def source_sha256(source: Any) -> str:
+    """The content digest recorded as the store's provenance: of the images and labels, or of the
+    text file's bytes."""
+    return source.sha256 if isinstance(source.sha256, str) else source.sha256()
+
+
+def load_source(spec: str) -> Any:
+    """Load a source by its spec (see the module docstring): a `Source` or a `dbcore.text.TextSource`."""
     kind, _, arg = spec.partition(":")
+    if kind == "text" and arg:
+        from dbcore.text import load_text
+
+        return load_text(spec)
     if kind == "digits":
         images, labels = _digits(arg or None)
     elif kind == "npz" and arg:
         images, labels = _npz(Path(arg))
     else:
-        raise SourceError(f"unknown data source {spec!r}: expected 'digits[:train|:valid]' or 'npz:PATH'")
+        raise SourceError(f"unknown data source {spec!r}: expected 'digits[:train|:valid]', 'npz:PATH' "
+                          "or 'text:PATH'")
     if images.ndim == 3:
         images = images[..., None]
     return Source(spec=spec, images=np.ascontiguousarray(images), labels=labels)

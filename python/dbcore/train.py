@@ -2,7 +2,8 @@
 
 One block in memory at a time: built by the run's recipe, with its own AdamW, LR schedule and
 checkpoint (`dbcore.loop`). Batches stream from the store through `dbcore.data.BatchStream` (Rust,
-prefetched); their noise comes through `dbcore.noise.block_noise` (cached, online or on the device).
+prefetched); their noise comes through `Recipe.noise` (for z = y + sigma * eps, `dbcore.noise.block_noise`:
+cached, online or on the device).
 The run directory's files belong to `dbcore.rundir`. Interrupted runs resume bit-identical: batch
 order is a function of (seed, epoch), noise of (seed, sample, block, draw), the LR of the step, and
 the stream's position is part of the checkpoint.
@@ -18,17 +19,12 @@ from dbcore import layout, rundir, store
 from dbcore.chain import chain_states_for
 from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
-from dbcore.edm import SIGMA_MAX, SIGMA_MIN
 from dbcore.kernels import resolve_backend
 from dbcore.loop import NumpyBatch, noise_seed, resolve_device, to_device, train_loop
-from dbcore.loss import sample_weights
-from dbcore.noise import block_noise
 from dbcore.paper_shared import train_paper_shared
 from dbcore.recipes import for_config
 from dbcore.recipes.base import read_frozen
 from dbcore.rundir import RunError
-
-E2E_LAW = (SIGMA_MIN, SIGMA_MAX, "lognormal")  # a denoising baseline trains over the whole range
 
 __all__ = ["RunError", "check_store", "train_block", "train_e2e", "train_run"]
 
@@ -75,7 +71,7 @@ def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: 
         batch = to_device(b, recipe.stream_arrays, device)
         draw = stream.epoch
         y = recipe.targets(batch, frozen)  # (B, ...)
-        noised = block_noise(b, y, block, draw, law, seed, backend)
+        noised = recipe.noise(b, y, block, draw, law, seed, backend)
         y_train = recipe.train_targets(y, batch, frozen, block, draw)
         if y_train is not y:  # e.g. target mixing: same sigma * eps around the new target
             noised.z = noised.z + (y_train - y)
@@ -85,8 +81,7 @@ def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: 
             noised.z, noised.sigma = noised.z.clone(), noised.sigma.clone()
             noised.z[:take] = chain[0][idx].to(device, noised.z.dtype)
             noised.sigma[:take] = chain[1][idx].to(device)
-        w = sample_weights(noised.sigma, t.weight, t.weight_clamp)
-        return recipe.block_loss(model, batch, noised, w, backend)
+        return recipe.block_loss(model, batch, noised, recipe.loss_weights(noised), backend)
 
     return train_loop(rundir.block_name(block), model, step_loss, cfg, run, stream, progress)
 
@@ -122,9 +117,8 @@ def train_e2e(cfg: Config, store_path: Path, run: Path, progress: bool = True,
             return recipe.e2e_loss(model, batch, None, None, backend)
         draw = stream.epoch
         y = recipe.targets(batch, frozen)
-        noised = block_noise(b, y, key, draw, E2E_LAW, seed, backend)
-        w = sample_weights(noised.sigma, t.weight, t.weight_clamp)
-        return recipe.e2e_loss(model, batch, noised, w, backend)
+        noised = recipe.noise(b, y, key, draw, recipe.e2e_law(), seed, backend)
+        return recipe.e2e_loss(model, batch, noised, recipe.loss_weights(noised), backend)
 
     return train_loop(rundir.E2E, model, step_loss, cfg, run, stream, progress)
 
@@ -146,6 +140,9 @@ def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None
         return [train_paper_shared(cfg, store_path, run, progress)]
     if e2e:
         return [train_e2e(cfg, store_path, run, progress, activation_checkpointing)]
+    if cfg.train.mode == "sequential" and not for_config(cfg).chain_training:
+        raise RunError(f"recipe {cfg.recipe!r} trains its blocks independently only; "
+                       "set [train] mode = \"independent\"")
     num_blocks = cfg.model.num_blocks
     blocks = range(num_blocks) if block is None else [block]
     if block is not None and not 0 <= block < num_blocks:

@@ -13,6 +13,7 @@ from typing import Any
 REGISTRY: dict[str, str] = {  # recipe name -> "module:class"
     "vit": "dbcore.recipes.vit:ViTRecipe",
     "dit": "dbcore.recipes.dit:DiTRecipe",
+    "mdlm": "dbcore.recipes.mdlm:MDLMRecipe",
 }
 
 

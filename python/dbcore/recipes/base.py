@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dbcore.edm import SIGMA_MAX, SIGMA_MIN
+from dbcore.loss import sample_weights
 from dbcore.partition import block_sigma_law
 
 Batch = dict[str, torch.Tensor]
@@ -55,6 +57,9 @@ class Recipe(ABC):
     frozen_arrays: ClassVar[tuple[str, ...]] = ()  # store arrays every model of the run loads
     cache_fields: ClassVar[tuple[str, ...]]  # [model] keys the cached arrays depend on
     generates: ClassVar[bool] = False  # True: `sample` and `to_images` make the product (images)
+    source_kind: ClassVar[str] = "images"  # what `dbcore cache --data` reads: images or text
+    cached_noise: ClassVar[bool] = True  # False: noise is drawn online only (`--noise cached` refused)
+    chain_training: ClassVar[bool] = True  # False: `[train] mode = "sequential"` refused
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg  # dbcore.config.Config
@@ -77,6 +82,24 @@ class Recipe(ABC):
         """(lo, hi, in-block distribution) of block `block` (`dbcore.partition.block_sigma_law`)."""
         m = self.model_cfg
         return block_sigma_law(m.sigma_dist, block, m.num_blocks, m.gamma)
+
+    def e2e_law(self) -> tuple[float, float, str]:
+        """The noise law of a denoising baseline: the whole range."""
+        return (SIGMA_MIN, SIGMA_MAX, "lognormal")
+
+    def noise(self, batch: dict[str, np.ndarray], y: torch.Tensor, block: int, draw: int,
+              law: tuple[float, float, str], seed: int, backend: str = "torch") -> Noised:
+        """The noise of a streamed batch (numpy arrays as the stream ships them) with clean
+        targets y: z = y + sigma * eps (`dbcore.noise.block_noise`) unless the recipe corrupts its
+        targets otherwise (masking). `block` is the generator's block id, `law` the level's law."""
+        from dbcore.noise import block_noise  # noise imports this module
+
+        return block_noise(batch, y, block, draw, law, seed, backend)
+
+    def loss_weights(self, noised: Noised) -> torch.Tensor:
+        """Per-sample loss weights (N,): the run's `[train] weight` of sigma (METHOD.md 2)."""
+        t = self.cfg.train
+        return sample_weights(noised.sigma, t.weight, t.weight_clamp)
 
     @abstractmethod
     def targets(self, batch: Batch, frozen: Frozen) -> torch.Tensor:
@@ -163,5 +186,10 @@ def decayed_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
 
 
 def read_frozen(s: Any, recipe: Recipe) -> Frozen:
-    """The frozen arrays of store `s` that the recipe's models need (e.g. the target embedding E)."""
-    return {name: torch.from_numpy(s.read(name)).float() for name in recipe.frozen_arrays}
+    """The frozen arrays of store `s` that the recipe's models need (e.g. the target embedding E
+    as float32, a vocabulary's code points as int64)."""
+    out = {}
+    for name in recipe.frozen_arrays:
+        t = torch.from_numpy(s.read(name))
+        out[name] = t.float() if t.is_floating_point() else t.long()
+    return out

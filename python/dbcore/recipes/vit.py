@@ -240,6 +240,8 @@ def _checked_embedding(rows: np.ndarray, num_classes: int, dim: int) -> torch.Te
 
 def check_image_source(source: Any, image_size: int, channels: int, num_classes: int) -> None:
     """Refuse a source whose images or labels do not fit the config (one clear line)."""
+    if not hasattr(source, "images"):
+        raise ValueError(f"source {source.spec}: an image recipe needs labelled images (digits or npz:PATH)")
     _, h, w, c = source.images.shape
     if (h, w, c) != (image_size, image_size, channels):
         raise ValueError(f"source {source.spec}: images are {h}x{w}x{c}, the config expects "

@@ -1,0 +1,82 @@
+"""What the language-model recipes share: the character vocabulary in the store, token windows of
+a text source, the token-and-position embedding, bits per character.
+
+The store holds `tokens` (N, T) int32 windows and `vocab` (V,) int32 code points; `vocab` is a
+frozen array, so every checkpoint carries it and evaluation or sampling maps text through the
+vocabulary the run was trained on (a character outside it is a clear error).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dbcore import layout
+from dbcore.recipes.base import Frozen
+from dbcore.sources import SourceError
+from dbcore.text import TextSource, Vocabulary, load_text
+
+POS_INIT_STD = 0.02  # learned positions and token embeddings, as GPT-2 / nanoGPT
+EVAL_BATCH = 64  # windows per forward pass in evaluation
+
+
+def check_text_source(source: Any, recipe: str) -> TextSource:
+    if not isinstance(source, TextSource):
+        raise SourceError(f"source {source.spec}: recipe {recipe!r} needs a text source (text:PATH)")
+    return source
+
+
+def vocab_array(vocab: Vocabulary) -> np.ndarray:
+    """(V,) int32 code points: the store's `vocab` array."""
+    return np.array([ord(ch) for ch in vocab.chars], dtype=np.int32)
+
+
+def vocab_of(frozen: Frozen) -> Vocabulary:
+    """The run's vocabulary from its frozen `vocab` array (store or checkpoint)."""
+    return Vocabulary("".join(chr(int(c)) for c in frozen[layout.VOCAB].tolist()))
+
+
+def text_arrays(source: Any, recipe: str, seq_len: int, stride: int) -> tuple[dict, dict]:
+    """Cached arrays of a text recipe: token windows and the vocabulary, and their attributes."""
+    src = check_text_source(source, recipe)
+    windows = src.windows(seq_len, stride or seq_len)
+    arrays = {layout.TOKENS: windows, layout.VOCAB: vocab_array(src.vocab)}
+    attrs = {"text": {"num_chars": src.num_chars, "vocab_size": len(src.vocab), "seq_len": seq_len,
+                      "stride": stride or seq_len}}
+    return arrays, attrs
+
+
+def eval_windows(data: str, vocab: Vocabulary, seq_len: int, limit: int | None) -> torch.Tensor:
+    """Non-overlapping windows (N, T) int64 of text `data` through the run's vocabulary."""
+    src = load_text(data, vocab)
+    rows = src.windows(seq_len)
+    n = len(rows) if not limit else min(limit, len(rows))
+    return torch.from_numpy(rows[0:n]).long()
+
+
+def encode_prompt(prompt: str, vocab: Vocabulary) -> torch.Tensor:
+    """(P,) int64 ids of a prompt; a character outside the vocabulary is a clear error."""
+    return torch.from_numpy(vocab.encode(prompt, where="--prompt")).long()
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids (N, T) -> (N, T, d): a learned table (`num_ids` rows) plus learned positions."""
+
+    def __init__(self, num_ids: int, seq_len: int, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(num_ids, dim)
+        self.pos = nn.Parameter(torch.zeros(seq_len, dim))
+        nn.init.normal_(self.table.weight, std=POS_INIT_STD)
+        nn.init.normal_(self.pos, std=POS_INIT_STD)
+
+    def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """ids (N, t) at positions start..start+t-1 -> (N, t, d)."""
+        return self.table(ids) + self.pos[start : start + ids.shape[1]]

@@ -1,0 +1,325 @@
+"""Masked diffusion LM (MD4, Shi et al. 2024; METHOD.md 7, 11 "Masked diffusion LM").
+
+Absorbing-state masking: token id V is MASK. A token stays unmasked at time t with probability
+alpha(t) = (1 - 2e)(1 - t) + e (MD4's linear schedule; e = `mask_eps`). A network sees the masked
+sequence x_t and t (adaLN, bidirectional attention) and predicts the clean token at every masked
+position. Loss (continuous-time ELBO, per sample): w(t) * sum over masked positions of CE, with
+w(t) = -alpha'(t) / (1 - alpha(t)) = (1 - 2e) / ((1 - 2e) t + e), divided by T.
+
+DiffusionBlocks: time is the noise level. Block b owns t in [(B-1-b)/B, (B-b)/B] (block 0 the
+highest t, run first by the sampler), draws t there (stratified across the batch as an option), and
+owns its token table (with the MASK row), positions, time embedder, layers and head. The ELBO of
+the chain is the sum of the blocks' slices, so BPC is evaluated block by block, one in memory.
+
+The cut-off e keeps w(t) <= 1/e: with e -> 0 the estimator's variance diverges at small t. The
+ELBO's two O(e) end terms (tokens still masked at t = 0, unmasked at t = 1) are left out, as in
+MD4's training loss; they change BPC by about e * ln(V) / ln 2 per character.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbcore import layout, rng
+from dbcore.data import INDEX, UNIFORMS
+from dbcore.layers import AdaLNFinal, AdaLNLayer, NoiseEmbedder
+from dbcore.recipes.base import Batch, Noised, NoiseRequest, Recipe
+from dbcore.recipes.lm import (
+    EVAL_BATCH,
+    TokenEmbedding,
+    bits,
+    encode_prompt,
+    eval_windows,
+    text_arrays,
+    vocab_of,
+)
+from dbcore.recipes.vit import block_layers, layers_in_block
+
+EVAL_SEED = 0x5EED  # counter-based draws of the BPC estimator, apart from any training seed
+MASK = -1  # a masked token in x_t; a model reads it as the last row of its token table
+
+
+@dataclass
+class MDLMConfig:
+    """Model table of an MDLM run; `depth` layers split into `num_blocks` blocks."""
+
+    seq_len: int = 128
+    stride: int = 0  # windows of the training text start every `stride` characters; 0 = seq_len
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    num_blocks: int = 2
+    layer_split: list[int] | None = None  # layers per block, network order; None = depth / B each
+    mask_eps: float = 1e-4  # e of alpha(t) = (1 - 2e)(1 - t) + e
+    stratified: bool = False  # t stratified across a batch (MD4's low-variance draws), inside the slice
+    gate_init: float = 0.0  # adaLN gates at initialisation: 0 = adaLN-Zero
+    sample_steps: int = 128  # ancestral unmasking steps in all, allotted equally to blocks
+    eval_draws: int = 2  # BPC: stratified t per window in each block's slice
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.stride < 0:
+            raise ValueError(f"need seq_len >= 2 and stride >= 0, got {self.seq_len}, {self.stride}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if not 0 < self.mask_eps < 0.5:
+            raise ValueError(f"mask_eps must be in (0, 0.5), got {self.mask_eps}")
+        if self.sample_steps < self.num_blocks or self.sample_steps % self.num_blocks:
+            raise ValueError(f"sample_steps {self.sample_steps} must be a multiple of num_blocks "
+                             f"{self.num_blocks}")
+        if self.eval_draws < 1:
+            raise ValueError(f"eval_draws must be >= 1, got {self.eval_draws}")
+        if self.layer_split is not None:
+            self.layer_split = [int(n) for n in self.layer_split]
+        block_layers(self)  # validates depth, num_blocks and layer_split
+
+
+def time_slice(block: int, num_blocks: int) -> tuple[float, float]:
+    """[lo, hi] of t owned by block `block`: equal slices, block 0 the highest t."""
+    return (num_blocks - 1 - block) / num_blocks, (num_blocks - block) / num_blocks
+
+
+def mask_probability(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 - alpha(t) = (1 - 2e) t + e."""
+    return (1 - 2 * eps) * t + eps
+
+
+def elbo_weight(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """w(t) = -alpha'(t) / (1 - alpha(t)) = (1 - 2e) / ((1 - 2e) t + e)."""
+    return (1 - 2 * eps) / mask_probability(t, eps)
+
+
+def mask_tokens(x: torch.Tensor, t: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor:
+    """x_t: token i of x (N, T) set to MASK where its uniform u (N, T) < 1 - alpha(t) (t (N,))."""
+    masked = u < mask_probability(t.to(u.dtype), eps)[:, None]
+    return torch.where(masked, torch.full_like(x, MASK), x)
+
+
+class MaskedDenoiser(nn.Module):
+    """A block (or the whole baseline): x_t (N, T) ids with MASK, t (N,) -> logits (N, T, V)."""
+
+    def __init__(self, cfg: MDLMConfig, num_layers: int, vocab: torch.Tensor) -> None:
+        super().__init__()
+        d, v = cfg.dim, len(vocab)
+        self.register_buffer(layout.VOCAB, vocab.clone().long())  # frozen: carried by the checkpoint
+        self.embed = TokenEmbedding(v + 1, cfg.seq_len, d)  # row V = MASK
+        self.time = NoiseEmbedder(d)
+        self.layers = nn.ModuleList(AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init)
+                                    for _ in range(num_layers))
+        self.final = AdaLNFinal(d, v)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t (N, T) ids or MASK, t (N,) -> logits (N, T, V)."""
+        h = self.embed(torch.where(x_t == MASK, len(self.vocab), x_t))  # (N, T, d)
+        c = self.time(t)  # (N, d)
+        for layer in self.layers:
+            h = layer(h, c)  # bidirectional
+        return self.final(h, c)  # (N, T, V)
+
+
+def masked_nats(model: MaskedDenoiser, x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: float
+                ) -> torch.Tensor:
+    """w(t) * sum over masked positions of CE (N,): one sample of the ELBO's integrand, in nats."""
+    logits = model(x_t, t)  # (N, T, V)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")  # (N, T)
+    return elbo_weight(t, eps) * (ce * (x_t == MASK)).sum(1)
+
+
+class MDLMRecipe(Recipe):
+    name = "mdlm"
+    config_class = MDLMConfig
+    stream_arrays = (layout.TOKENS,)
+    cond_arrays = ()
+    frozen_arrays = (layout.VOCAB,)
+    cache_fields = ("seq_len", "stride")
+    source_kind = "text"
+    cached_noise = False
+    chain_training = False
+
+    def cache_arrays(self, source, seed, target_embedding):
+        m = self.model_cfg
+        return text_arrays(source, self.name, m.seq_len, m.stride)
+
+    # ------------------------------------------------------------------ noise: masking
+
+    def target_shape(self, frozen):
+        return (self.model_cfg.seq_len,)
+
+    def noise_request(self, target_shape):
+        return NoiseRequest(gaussians=0, uniforms=1 + target_shape[0])  # t, then one per token
+
+    def sigma_law(self, block):
+        return (*time_slice(block, self.model_cfg.num_blocks), "uniform")
+
+    def e2e_law(self):
+        return (0.0, 1.0, "uniform")
+
+    def targets(self, batch, frozen):
+        return batch[layout.TOKENS].long()  # (N, T)
+
+    def noise(self, batch, y, block, draw, law, seed, backend="torch"):
+        """t from uniform 0 inside the law's [lo, hi] (stratified across the batch as an option),
+        token i masked by uniform 1 + i: `Noised(z = x_t, sigma = t)`."""
+        m = self.model_cfg
+        u = torch.from_numpy(batch[UNIFORMS]).to(y.device)  # (N, 1 + T) float64
+        u0 = u[:, 0]
+        if m.stratified:  # one offset per batch, N equal strata: the batch covers the slice evenly
+            u0 = torch.frac(u0[:1] + torch.arange(len(u0), device=u.device, dtype=u.dtype) / len(u0))
+        lo, hi, _ = law
+        t = lo + (hi - lo) * u0  # (N,)
+        return Noised(mask_tokens(y, t, u[:, 1:], m.mask_eps), t.float(), u)
+
+    def loss_weights(self, noised):
+        return elbo_weight(noised.sigma, self.model_cfg.mask_eps)
+
+    # ------------------------------------------------------------------ models and loss
+
+    def build_block(self, block, frozen):
+        return MaskedDenoiser(self.model_cfg, layers_in_block(self.model_cfg, block), frozen[layout.VOCAB])
+
+    def build_e2e(self, frozen, activation_checkpointing=False):
+        if activation_checkpointing:
+            raise ValueError("recipe 'mdlm' has no activation checkpointing yet")
+        return MaskedDenoiser(self.model_cfg, self.model_cfg.depth, frozen[layout.VOCAB])
+
+    def _loss(self, model: MaskedDenoiser, batch: Batch, noised: Noised, w: torch.Tensor) -> torch.Tensor:
+        x = batch[layout.TOKENS].long()
+        logits = model(noised.z, noised.sigma)  # (N, T, V)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")  # (N, T)
+        per_sample = (ce * (noised.z == MASK)).sum(1) / x.shape[1]  # (N,) nats per token
+        return (w * per_sample).mean()  # weight per sample (METHOD.md 2)
+
+    def block_loss(self, block, batch, noised, w, backend="torch"):
+        return self._loss(block, batch, noised, w)
+
+    e2e_noise = True
+
+    def e2e_loss(self, model, batch, noised, w, backend="torch"):
+        return self._loss(model, batch, noised, w)
+
+    def example_frozen(self, seed=0):
+        return {layout.VOCAB: torch.arange(32, 32 + 65)}  # 65 printable characters
+
+    def example_batch(self, batch_size, frozen, device):
+        g = torch.Generator().manual_seed(0)
+        shape = (batch_size, self.model_cfg.seq_len)
+        tokens = torch.randint(0, len(frozen[layout.VOCAB]), shape, generator=g)
+        return {layout.TOKENS: tokens.to(device, torch.int32), INDEX: torch.arange(batch_size, device=device)}
+
+    def denoise_step(self, block, cond, z, sigma, options):
+        raise NotImplementedError("recipe 'mdlm' samples by ancestral unmasking (`sample_text`)")
+
+    # ------------------------------------------------------------------ evaluation: BPC by the ELBO
+
+    def evaluate(self, load_block, e2e, data, options):
+        """bpc: the ELBO (nats per character / ln 2) on non-overlapping windows of `data`, Monte
+        Carlo over t with `eval_draws` stratified draws in each block's slice; `bpc_stderr` over
+        windows; `per_block`: each slice's share. Blocks and baseline see the same t and masks."""
+        m = self.model_cfg
+        t0 = time.perf_counter()
+        models = (lambda b: e2e) if e2e is not None else load_block
+        first = models(0)
+        vocab = vocab_of({layout.VOCAB: first.vocab})
+        x_all = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
+        del first
+        n, seq = x_all.shape
+        nats = torch.zeros(n, dtype=torch.float64)  # per window, summed over the slices
+        per_block = []
+        for b in range(m.num_blocks):
+            model = models(b)
+            model.eval()
+            device = next(model.parameters()).device
+            lo, hi = time_slice(b, m.num_blocks)
+            share = torch.zeros(n, dtype=torch.float64)
+            with torch.no_grad():
+                for k in range(m.eval_draws):
+                    u = rng.uniforms_of(torch.arange(n), 1 + seq, EVAL_SEED, b, k)  # (n, 1 + T)
+                    t = lo + (hi - lo) * (k + u[:, 0]) / m.eval_draws  # stratum k of the slice
+                    for rows in torch.arange(n).split(EVAL_BATCH):
+                        x = x_all[rows].to(device)
+                        x_t = mask_tokens(x, t[rows].to(device), u[rows, 1:].to(device), m.mask_eps)
+                        share[rows] += masked_nats(model, x, x_t, t[rows].float().to(device),
+                                                   m.mask_eps).double().cpu()
+            share *= (hi - lo) / m.eval_draws  # integral over the slice of w(t) E[sum CE]
+            nats += share
+            per_block.append({"block": b, "t": [lo, hi], "bpc": round(bits(float(share.mean()) / seq), 6)})
+            del model
+        per_char = nats / seq
+        return {
+            "bpc": bits(float(per_char.mean())),
+            "bpc_stderr": bits(float(per_char.std()) / n**0.5) if n > 1 else float("nan"),
+            "num_tokens": n * seq,
+            "num_windows": n,
+            "eval_draws": m.eval_draws,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "per_block": per_block,
+        }
+
+    # ------------------------------------------------------------------ sampling: ancestral unmasking
+
+    def sample_text(self, load_block: Any, e2e: nn.Module | None, options: dict) -> list[str]:
+        """`num` texts of `length` characters (prompt included, at most seq_len): ancestral
+        unmasking over `steps` steps from t = 1 to 0, allotted equally to blocks; a masked token is
+        revealed from t to s with probability (alpha_s - alpha_t) / (1 - alpha_t), all at the end."""
+        m = self.model_cfg
+        steps = options.get("steps") or m.sample_steps
+        if steps % m.num_blocks:
+            raise ValueError(f"--steps {steps} must be a multiple of num_blocks {m.num_blocks}")
+        num, length = options["num"], options.get("length") or m.seq_len
+        models = (lambda b: e2e) if e2e is not None else load_block
+        first = models(0)
+        vocab = vocab_of({layout.VOCAB: first.vocab})
+        prompt = encode_prompt(options.get("prompt") or "", vocab)
+        if not 0 < length <= m.seq_len or len(prompt) > length:
+            raise ValueError(f"--length {length} must be in 1..seq_len {m.seq_len} and cover the prompt "
+                             f"({len(prompt)} characters)")
+        g = torch.Generator().manual_seed(int(options.get("seed") or 0))
+        x = torch.full((num, length), MASK, dtype=torch.long)
+        x[:, : len(prompt)] = prompt
+        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        per_block = steps // m.num_blocks
+        temperature = float(options.get("temperature") or 1.0)
+        for b in range(m.num_blocks):
+            model, first = (first if b == 0 else models(b)), None
+            model.eval()
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                for i in range(b * per_block, (b + 1) * per_block):
+                    t, s = float(grid[i]), float(grid[i + 1])
+                    p_t, p_s = (float(mask_probability(torch.tensor(v), m.mask_eps)) for v in (t, s))
+                    # (alpha_s - alpha_t) / (1 - alpha_t); everything left at the last step
+                    reveal = 1.0 if i == steps - 1 else (p_t - p_s) / p_t
+                    tt = torch.full((num,), t, device=device)
+                    logits = model(_pad(x, m.seq_len).to(device), tt)[:, :length].float().cpu()
+                    probs = torch.softmax(logits / temperature, dim=-1)  # (N, L, V)
+                    draw = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=g)
+                    draw = draw.view(num, length)
+                    masked = x == MASK
+                    now = masked & (torch.rand(num, length, generator=g, dtype=torch.float64) < reveal)
+                    x = torch.where(now, draw, x)
+            del model  # one block in memory at a time
+        return [vocab.decode(row.numpy()) for row in x]
+
+
+def _pad(x: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Masked positions up to seq_len: the network always sees full windows, as in training."""
+    if x.shape[1] == seq_len:
+        return x
+    return torch.cat([x, torch.full((len(x), seq_len - x.shape[1]), MASK, dtype=x.dtype)], 1)
+
+
+def mdlm_tiny(**overrides: Any) -> MDLMConfig:
+    """A config small enough for tests."""
+    return dataclasses.replace(MDLMConfig(seq_len=16, dim=32, depth=2, heads=2, num_blocks=2,
+                                          sample_steps=4), **overrides)
+
+
+__all__ = ["MASK", "MDLMConfig", "MDLMRecipe", "MaskedDenoiser", "elbo_weight", "mask_probability",
+           "mask_tokens", "masked_nats", "time_slice"]
