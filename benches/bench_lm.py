@@ -1,0 +1,130 @@
+"""A language-model recipe (mdlm or arlm) beside its end-to-end baseline, one command.
+
+Caches the training text, trains every block and the `--e2e` baseline with the same steps (two
+processes side by side), evaluates both by `dbcore eval --json` on the held-out text (BPC), samples
+texts from both and scores them with an independent judge (a Kneser-Ney character 5-gram fit on the
+training text, `dbcore.judge`): judge BPC, distinct-4-gram ratio, and decoding speed (characters/s).
+
+    python benches/bench_lm.py configs/mdlm_shakespeare.toml --workdir /tmp/mdlm \\
+        --json benches/results/mdlm_shakespeare.json --md benches/results/mdlm_shakespeare.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "shakespeare"
+
+
+def dbcore(*args: str, capture: bool = False) -> str:
+    """Run the CLI as a user does; its stdout when `capture`."""
+    cmd = [sys.executable, "-m", "dbcore.cli", *args]
+    out = subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE if capture else None)
+    return out.stdout if capture else ""
+
+
+def train_both(config: str, store: Path, runs: dict[str, Path], steps: int | None) -> dict[str, float]:
+    """Blocks and baseline as two processes at once (each with the config's threads)."""
+    extra = ["--steps", str(steps)] if steps else []
+    procs, t0 = {}, time.perf_counter()
+    for kind, run in runs.items():
+        args = ["train", config, "--store", str(store), "--out", str(run), "--quiet", *extra]
+        if kind == "e2e":
+            args.append("--e2e")
+        procs[kind] = (subprocess.Popen([sys.executable, "-m", "dbcore.cli", *args]), time.perf_counter())
+    seconds = {}
+    for kind, (p, _) in procs.items():
+        if p.wait():
+            raise SystemExit(f"training {kind} failed ({p.returncode})")
+        seconds[kind] = round(time.perf_counter() - t0, 1)
+    return seconds
+
+
+def judge_texts(texts: list[str], judge, prompt: str) -> dict:
+    from dbcore.judge import distinct_ngram_ratio
+
+    bodies = [t[len(prompt):] for t in texts]
+    return {"judge_bpc": sum(judge.bits_per_char(b, context=prompt) for b in bodies) / len(bodies),
+            "distinct_4": distinct_ngram_ratio(bodies, 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--train-text", default=str(SHARED / "train.txt"))
+    ap.add_argument("--valid-text", default=str(SHARED / "valid.txt"))
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=None, help="override [train] steps")
+    ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all)")
+    ap.add_argument("--num-texts", type=int, default=8)
+    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--prompt", default="\n")
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--md", type=Path, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+    from dbcore import config as config_mod
+    from dbcore.evaluate import sample_text_run
+    from dbcore.judge import KneserNey
+
+    cfg = config_mod.load(args.config)
+    store = args.workdir / "store"
+    if not (store / "zarr.json").is_file():
+        dbcore("cache", args.config, "--data", f"text:{args.train_text}", "--out", str(store))
+    runs = {"blocks": args.workdir / "run_blocks", "e2e": args.workdir / "run_e2e"}
+    train_seconds = train_both(args.config, store, runs, args.steps)
+    judge = KneserNey.fit(Path(args.train_text).read_text(encoding="utf-8"))
+    result: dict = {"config": args.config, "recipe": cfg.recipe, "steps": args.steps or cfg.train.steps,
+                    "model": cfg.to_dict()["model"], "train_seconds_wall": train_seconds,
+                    "valid": args.valid_text}
+    for kind, run in runs.items():
+        ev = ["eval", str(run), "--data", f"text:{args.valid_text}", "--json"]
+        if args.eval_windows:
+            ev += ["--num-samples", str(args.eval_windows)]
+        report = json.loads(dbcore(*ev, capture=True))
+        t0 = time.perf_counter()
+        texts = sample_text_run(run, {"num": args.num_texts, "length": args.length, "prompt": args.prompt})
+        seconds = time.perf_counter() - t0
+        out = args.workdir / f"samples_{kind}.json"
+        out.write_text(json.dumps(texts, indent=1) + "\n")
+        new_chars = args.num_texts * (args.length - len(args.prompt))
+        result[kind] = {**report, **judge_texts(texts, judge, args.prompt),
+                        "sample_seconds": round(seconds, 2),
+                        "chars_per_second": round(new_chars / seconds, 1), "sample_path": str(out)}
+    result["bpc_ratio"] = result["blocks"]["bpc"] / result["e2e"]["bpc"]
+    result["judge_bpc_ratio"] = result["blocks"]["judge_bpc"] / result["e2e"]["judge_bpc"]
+    result["valid_judge_bpc"] = judge.bits_per_char(Path(args.valid_text).read_text(encoding="utf-8")[:20000])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.md:
+        args.md.write_text(markdown(result, args))
+    print(json.dumps({k: result[k] for k in ("bpc_ratio", "judge_bpc_ratio")}))
+
+
+def markdown(r: dict, args: argparse.Namespace) -> str:
+    b, e = r["blocks"], r["e2e"]
+    rows = [("held-out BPC (lower is better)", "bpc", 4), ("  standard error", "bpc_stderr", 4),
+            ("judge BPC of samples (KN 5-gram)", "judge_bpc", 3), ("distinct 4-grams", "distinct_4", 3),
+            ("sampling: characters per second", "chars_per_second", 1)]
+    lines = [f"# {r['recipe']} on Shakespeare: DiffusionBlocks vs end-to-end", "",
+             f"Command: `python benches/bench_lm.py {args.config} --workdir ... --json {args.json}`"
+             + (f" --steps {args.steps}" if args.steps else ""), "",
+             f"{r['steps']} steps per block and for the baseline; {b['num_tokens']} held-out tokens of "
+             f"`{Path(r['valid']).name}`; {args.num_texts} samples of {args.length} characters each.", "",
+             "| | DiffusionBlocks | end-to-end |", "|---|---|---|"]
+    for label, key, digits in rows:
+        lines.append(f"| {label} | {b[key]:.{digits}f} | {e[key]:.{digits}f} |")
+    lines += ["", f"BPC ratio (blocks / e2e): {r['bpc_ratio']:.3f}; judge BPC of the held-out text itself: "
+              f"{r['valid_judge_bpc']:.3f}.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
