@@ -14,6 +14,7 @@ REGISTRY: dict[str, str] = {  # recipe name -> "module:class"
     "vit": "dbcore.recipes.vit:ViTRecipe",
     "dit": "dbcore.recipes.dit:DiTRecipe",
     "mdlm": "dbcore.recipes.mdlm:MDLMRecipe",
+    "arlm": "dbcore.recipes.arlm:ARRecipe",
 }
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dbcore import layout
+from dbcore.layers import KV
 from dbcore.recipes.base import Frozen
 from dbcore.sources import SourceError
 from dbcore.text import TextSource, Vocabulary, load_text
@@ -61,6 +62,13 @@ def eval_windows(data: str, vocab: Vocabulary, seq_len: int, limit: int | None) 
 def encode_prompt(prompt: str, vocab: Vocabulary) -> torch.Tensor:
     """(P,) int64 ids of a prompt; a character outside the vocabulary is a clear error."""
     return torch.from_numpy(vocab.encode(prompt, where="--prompt")).long()
+
+
+def grown(past: KV | None, new: KV) -> KV:
+    """A layer's KV cache with the keys and values of new positions appended (dim 2)."""
+    if past is None:
+        return new
+    return torch.cat([past[0], new[0]], 2), torch.cat([past[1], new[1]], 2)
 
 
 def bits(nats: float) -> float:

@@ -1,0 +1,407 @@
+"""Autoregressive LM (METHOD.md 7, 11 "Autoregressive LM", 12).
+
+A block sees 2T positions: the T clean tokens of a window (its own token table) followed by T noisy
+targets z_i = E[x_i] + sigma * eps_i (E frozen, unit-norm rows, in the store; one sigma per
+sequence). Mask (`ar_mask`): clean row r sees clean columns <= r; noisy row T+i sees clean columns
+< i and itself, no other noisy position. Noisy i takes position i, the position of the token it
+predicts. D_i = c_skip z_i + c_out F_i (`dbcore.edm.EDMPrecond`), a learned head reads logits over
+the vocabulary from D_i, CE against x_i, weighted per sample by the run's `[train] weight`.
+
+The clean rows are conditioned on a learned constant, not on sigma (per-token adaLN: the noisy
+rows carry the noise embedding), so their keys and values do not depend on the noise level: each
+block keeps a KV cache of the clean prefix while decoding, and a new token costs one clean row and
+`sample_steps` noisy rows over the blocks. The Euler chain's D_hat is softmax(logits) @ E.
+
+Baseline (`--e2e`): a standard pre-LN next-token transformer of the same depth and width.
+BPC of both counts positions 1..T-1 of non-overlapping held-out windows (position 0 has no context
+for the baseline); the blocks' BPC comes from the chain generation runs (every position from
+sigma_max, given the true prefix), never from a plain causal forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbcore import layout
+from dbcore.data import INDEX
+from dbcore.edm import SIGMA_MAX, EDMPrecond, precond
+from dbcore.layers import KV, LN_EPS, AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
+from dbcore.partition import CONFIG_SIGMA_DISTS, euler_schedule
+from dbcore.recipes.base import NoiseRequest, Recipe
+from dbcore.recipes.lm import (
+    EVAL_BATCH,
+    TokenEmbedding,
+    bits,
+    encode_prompt,
+    eval_windows,
+    grown,
+    text_arrays,
+    vocab_of,
+)
+from dbcore.recipes.vit import block_layers, layers_in_block, make_target_embedding
+from dbcore.sampler import DECODES, initial_noise, run_chain
+
+Caches = list[KV]  # one (keys, values) of the clean prefix per layer of a block
+
+
+@dataclass
+class ARConfig:
+    """Model table of an AR LM run; `depth` layers split into `num_blocks` blocks."""
+
+    seq_len: int = 128
+    stride: int = 0  # windows of the training text start every `stride` characters; 0 = seq_len
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    num_blocks: int = 2
+    layer_split: list[int] | None = None  # layers per block, network order; None = depth / B each
+    gamma: float = 0.05  # overlap of the block ranges (METHOD.md 3)
+    sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
+    target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12: unit norm, or scaled)
+    gate_init: float = 0.0  # adaLN gates at initialisation: 0 = adaLN-Zero
+    sample_steps: int = 4  # Euler steps per token in all, allotted to blocks (the paper's 4)
+    decode: str = "last"  # the prediction: the last step's logits or the product of every step's
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.stride < 0:
+            raise ValueError(f"need seq_len >= 2 and stride >= 0, got {self.seq_len}, {self.stride}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.sigma_dist not in CONFIG_SIGMA_DISTS:
+            raise ValueError(f"sigma_dist must be one of {CONFIG_SIGMA_DISTS}, got {self.sigma_dist!r}")
+        if self.sample_steps < self.num_blocks:
+            raise ValueError(f"sample_steps {self.sample_steps} must be >= num_blocks {self.num_blocks}")
+        if self.target_scale <= 0:
+            raise ValueError(f"target_scale must be > 0, got {self.target_scale}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if self.layer_split is not None:
+            self.layer_split = [int(n) for n in self.layer_split]
+        block_layers(self)  # validates depth, num_blocks and layer_split
+
+
+def ar_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """(2T, 2T) bool, True where row may attend: clean r -> clean <= r; noisy T+i -> clean < i
+    and itself (METHOD.md 11)."""
+    t = seq_len
+    mask = torch.zeros(2 * t, 2 * t, dtype=torch.bool, device=device)
+    mask[:t, :t] = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    mask[t:, :t] = torch.ones(t, t, dtype=torch.bool, device=device).tril(-1)
+    mask[t:, t:] = torch.eye(t, dtype=torch.bool, device=device)
+    return mask
+
+
+class ARBackbone(nn.Module):
+    """F of one block: clean tokens and noisy targets c_in*z side by side under `ar_mask`."""
+
+    def __init__(self, cfg: ARConfig, num_layers: int, vocab_size: int) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.embed = TokenEmbedding(vocab_size, cfg.seq_len, d)  # clean tokens and every position
+        self.z_embed = nn.Linear(d, d)  # c_in * z -> hidden; zero weight: pure noise adds nothing at first
+        nn.init.zeros_(self.z_embed.weight)
+        self.noise_embed = NoiseEmbedder(d)
+        self.clean_cond = nn.Parameter(torch.zeros(d))  # the clean rows' adaLN input: no sigma in it
+        self.layers = nn.ModuleList(AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init)
+                                    for _ in range(num_layers))
+        self.final = AdaLNFinal(d, d)  # F, zero-initialised: a fresh block has D = c_skip * z
+
+    def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """c_in*z (N, T, d), c_noise (N,), clean tokens x (N, T) -> F (N, T, d)."""
+        n, t = x.shape
+        clean = self.embed(x)  # (N, T, d)
+        noisy = self.z_embed(z_in) + self.embed.pos[:t]  # (N, T, d): noisy i at position i
+        h = torch.cat([clean, noisy], 1)  # (N, 2T, d)
+        c_noisy = self.noise_embed(c_noise)  # (N, d)
+        c_clean = self.clean_cond.to(c_noisy.dtype).expand(n, t, -1)  # (N, T, d)
+        c = torch.cat([c_clean, c_noisy[:, None].expand(n, t, -1)], 1)  # (N, 2T, d), per token
+        mask = ar_mask(t, x.device)
+        for layer in self.layers:
+            h = layer(h, c, mask)  # (N, 2T, d)
+        return self.final(h[:, t:], c[:, t:])  # (N, T, d)
+
+    def extend(self, x_new: torch.Tensor, start: int, caches: Caches | None) -> Caches:
+        """Decoding: the clean prefix's caches grown by tokens x_new (N, t) at positions start..."""
+        h = self.embed(x_new, start)  # (N, t, d)
+        c = self.clean_cond.expand(len(x_new), -1)  # (N, d)
+        out = []
+        for i, layer in enumerate(self.layers):
+            past = None if caches is None else caches[i]
+            h, kv = layer.step(h, c, past)
+            out.append(grown(past, kv))
+        return out
+
+    def noisy_step(self, z_in: torch.Tensor, c_noise: torch.Tensor, pos: int, caches: Caches | None
+                   ) -> torch.Tensor:
+        """Decoding: F (N, d) of one noisy row c_in*z (N, d) at position `pos` after the cached
+        clean prefix (tokens < pos)."""
+        h = (self.z_embed(z_in) + self.embed.pos[pos])[:, None]  # (N, 1, d)
+        c = self.noise_embed(c_noise)  # (N, d)
+        for i, layer in enumerate(self.layers):
+            h, _ = layer.step(h, c, None if caches is None else caches[i])
+        return self.final(h[:, 0], c)  # (N, d)
+
+
+class ARBlock(nn.Module):
+    """One DiffusionBlock of the AR LM: its own token table, layers, head; E and vocab frozen."""
+
+    def __init__(self, cfg: ARConfig, num_layers: int, vocab: torch.Tensor, emb: torch.Tensor) -> None:
+        super().__init__()
+        if tuple(emb.shape) != (len(vocab), cfg.dim):
+            raise ValueError(f"target embedding is {tuple(emb.shape)}, expected ({len(vocab)}, {cfg.dim})")
+        self.register_buffer(layout.VOCAB, vocab.clone().long())
+        self.register_buffer(layout.TARGET_EMBEDDING, emb.detach().float().clone())
+        self.denoiser = EDMPrecond(ARBackbone(cfg, num_layers, len(vocab)))
+        self.head = nn.Linear(cfg.dim, len(vocab))  # learned readout of D
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.denoiser.backbone.layers
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, T), z (N, T, d), sigma (N,) -> D (N, T, d), logits (N, T, V)."""
+        d_hat = self.denoiser(z, sigma, x)
+        return d_hat, self.head(d_hat)
+
+    def decode_step(self, z: torch.Tensor, sigma: float, pos: int, caches: Caches | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoding: D (N, d) and logits (N, V) of one noisy row z (N, d) at level sigma."""
+        s = torch.full((len(z),), sigma, dtype=z.dtype, device=z.device)
+        p = precond(s[:, None], self.denoiser.sigma_data)  # each (N, 1)
+        raw = self.denoiser.backbone.noisy_step(p.c_in * z, p.c_noise.reshape(-1), pos, caches)
+        d_hat = p.c_skip * z + p.c_out * raw
+        return d_hat, self.head(d_hat)
+
+
+class ARBaseline(nn.Module):
+    """Standard next-token transformer: tokens and positions, causal pre-LN layers, LN, head."""
+
+    def __init__(self, cfg: ARConfig, vocab: torch.Tensor, activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.register_buffer(layout.VOCAB, vocab.clone().long())
+        self.embed = TokenEmbedding(len(vocab), cfg.seq_len, cfg.dim)
+        self.layers = nn.ModuleList(PreLNLayer(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, eps=LN_EPS)
+        self.head = nn.Linear(cfg.dim, len(vocab))
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, T) -> next-token logits (N, T, V): row i predicts x_{i+1}."""
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.embed(x)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(layer, h, mask, use_reentrant=False)
+            else:
+                h = layer(h, mask)
+        return self.head(self.norm(h))
+
+    def extend(self, x_new: torch.Tensor, start: int, caches: Caches | None) -> tuple[torch.Tensor, Caches]:
+        """Decoding: logits (N, V) after tokens x_new (N, t) at positions start..., and the grown caches."""
+        h = self.embed(x_new, start)
+        out = []
+        for i, layer in enumerate(self.layers):
+            past = None if caches is None else caches[i]
+            h, kv = layer.step(h, past)
+            out.append(grown(past, kv))
+        return self.head(self.norm(h[:, -1])), out
+
+
+def pick(logits: torch.Tensor, options: dict, g: torch.Generator) -> torch.Tensor:
+    """Next tokens (N,) from logits (N, V): greedy, or sampled with temperature and top-k."""
+    if options.get("greedy"):
+        return logits.argmax(-1)
+    logits = logits.float() / float(options.get("temperature") or 1.0)
+    k = options.get("top_k")
+    if k:
+        kth = logits.topk(min(int(k), logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g)[:, 0].to(logits.device)
+
+
+class ARRecipe(Recipe):
+    name = "arlm"
+    config_class = ARConfig
+    stream_arrays = (layout.TOKENS,)
+    cond_arrays = (layout.TOKENS,)
+    frozen_arrays = (layout.VOCAB, layout.TARGET_EMBEDDING)
+    cache_fields = ("seq_len", "stride", "dim", "target_scale")
+    source_kind = "text"
+    cached_noise = False  # (N, K, T, d) noised targets would be K*d times the text: drawn online
+    chain_training = False
+
+    def cache_arrays(self, source, seed, target_embedding):
+        m = self.model_cfg
+        arrays, attrs = text_arrays(source, self.name, m.seq_len, m.stride)
+        v = len(arrays[layout.VOCAB])
+        arrays[layout.TARGET_EMBEDDING] = make_target_embedding(v, m.dim, seed, m.target_scale).numpy()
+        attrs["target_embedding"] = {"kind": "seeded-random", "seed": seed, "scale": m.target_scale}
+        return arrays, attrs
+
+    def target_shape(self, frozen):
+        return (self.model_cfg.seq_len, self.model_cfg.dim)
+
+    def noise_request(self, target_shape):
+        return NoiseRequest(gaussians=math.prod(target_shape), uniforms=1)  # one sigma per sequence
+
+    def targets(self, batch, frozen):
+        return frozen[layout.TARGET_EMBEDDING][batch[layout.TOKENS].long()]  # E[x], (N, T, d)
+
+    def build_block(self, block, frozen):
+        m = self.model_cfg
+        return ARBlock(m, layers_in_block(m, block), frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING])
+
+    def build_e2e(self, frozen, activation_checkpointing=False):
+        return ARBaseline(self.model_cfg, frozen[layout.VOCAB], activation_checkpointing)
+
+    def block_loss(self, block, batch, noised, w, backend="torch"):
+        x = batch[layout.TOKENS].long()
+        _, logits = block(x, noised.z, noised.sigma)  # (N, T, V)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none").mean(1)  # (N,)
+        return (w * ce).mean()  # weight per sample (METHOD.md 2)
+
+    def e2e_loss(self, model, batch, noised, w, backend="torch"):
+        x = batch[layout.TOKENS].long()
+        logits = model(x[:, :-1])  # (N, T-1, V)
+        return F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:])
+
+    def example_frozen(self, seed=0):
+        v = 65  # printable characters
+        m = self.model_cfg
+        return {layout.VOCAB: torch.arange(32, 32 + v),
+                layout.TARGET_EMBEDDING: make_target_embedding(v, m.dim, seed, m.target_scale)}
+
+    def example_batch(self, batch_size, frozen, device):
+        g = torch.Generator().manual_seed(0)
+        shape = (batch_size, self.model_cfg.seq_len)
+        tokens = torch.randint(0, len(frozen[layout.VOCAB]), shape, generator=g)
+        return {layout.TOKENS: tokens.to(device, torch.int32), INDEX: torch.arange(batch_size, device=device)}
+
+    def denoise_step(self, block, cond, z, sigma, options):
+        _, logits = block(cond[layout.TOKENS].long(), z, sigma)  # (N, T, V)
+        d_hat = torch.softmax(logits.float(), dim=-1) @ block.target_embedding  # (N, T, d), METHOD.md 12
+        return d_hat, logits
+
+    # ------------------------------------------------------------------ teacher-forced BPC
+
+    def evaluate(self, load_block, e2e, data, options):
+        """bpc over positions 1..T-1 of non-overlapping windows of `data`: the baseline's causal
+        forward, or the blocks' chain from sigma_max given the true prefix (`decode`: the last
+        step's logits or the product of every step's beliefs); `bpc_stderr` over windows."""
+        m, seed = self.model_cfg, self.cfg.train.seed
+        t0 = time.perf_counter()
+        steps = options.get("num_steps") or m.sample_steps
+        decode = options.get("decode") or m.decode
+        if e2e is not None:
+            vocab = vocab_of({layout.VOCAB: e2e.vocab})
+            x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
+            with torch.no_grad():
+                logits = torch.cat([e2e(xb.to(next(e2e.parameters()).device)).float().cpu()
+                                    for xb in x.split(EVAL_BATCH)])[:, :-1]  # predicts x_1..x_{T-1}
+            nats = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (n, T-1)
+            steps = decode = None
+        else:
+            first = load_block(0)
+            vocab = vocab_of({layout.VOCAB: first.vocab})
+            del first
+            x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
+            n, t = x.shape
+            scores = torch.zeros(n, t, len(vocab))  # (n, T, V)
+            last_step = steps - 1
+
+            def observe(b: int, rows: slice, i: int, logits: torch.Tensor | None) -> None:
+                assert logits is not None
+                if decode == "product":
+                    scores[rows] += torch.log_softmax(logits.float(), -1).cpu()
+                elif i == last_step:
+                    scores[rows] = logits.float().cpu()
+
+            z0 = initial_noise(torch.arange(n), (t, m.dim), m.num_blocks, seed)
+            run_chain(self, load_block, {layout.TOKENS: x}, z0, m.num_blocks, steps, batch_size=EVAL_BATCH,
+                      observe=observe)
+            nats = F.cross_entropy(scores[:, 1:].transpose(1, 2), x[:, 1:], reduction="none")  # (n, T-1)
+        per_window = nats.double().mean(1)
+        n = len(per_window)
+        return {
+            "bpc": bits(float(per_window.mean())),
+            "bpc_stderr": bits(float(per_window.std()) / n**0.5) if n > 1 else float("nan"),
+            "num_tokens": int(nats.numel()),
+            "num_windows": n,
+            "inference_steps": steps,
+            "decode": decode,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    # ------------------------------------------------------------------ generation
+
+    def sample_text(self, load_block: Any, e2e: nn.Module | None, options: dict) -> list[str]:
+        """`num` texts of `length` characters (prompt included, at most seq_len; the prompt
+        defaults to a newline): per new token, the Euler chain over the blocks from sigma_max with
+        the clean prefix in every block's KV cache; greedy or sampled (temperature, top-k)."""
+        m = self.model_cfg
+        models = [e2e] if e2e is not None else [load_block(b) for b in range(m.num_blocks)]
+        for model in models:
+            model.eval()
+        vocab = vocab_of({layout.VOCAB: models[0].vocab})
+        prompt = encode_prompt(options.get("prompt") or "\n", vocab)
+        num, length = options["num"], options.get("length") or m.seq_len
+        if not len(prompt) < length <= m.seq_len:
+            raise ValueError(f"--length {length} must be in {len(prompt) + 1}..seq_len {m.seq_len} "
+                             f"(the prompt has {len(prompt)} characters)")
+        device = next(models[0].parameters()).device
+        g = torch.Generator().manual_seed(int(options.get("seed") or 0))
+        x = prompt.to(device).expand(num, -1).clone()  # (N, P)
+        with torch.no_grad():
+            if e2e is not None:
+                logits, caches = e2e.extend(x, 0, None)
+                while x.shape[1] < length:
+                    nxt = pick(logits, options, g)[:, None]
+                    x = torch.cat([x, nxt], 1)
+                    if x.shape[1] < length:
+                        logits, caches = e2e.extend(nxt, x.shape[1] - 1, caches)
+            else:
+                x = self._generate(models, x, length, options, g)
+        return [vocab.decode(row.cpu().numpy()) for row in x]
+
+    def _generate(self, blocks: list[ARBlock], x: torch.Tensor, length: int, options: dict,
+                  g: torch.Generator) -> torch.Tensor:
+        m = self.model_cfg
+        steps = euler_schedule(m.num_blocks, options.get("steps") or m.sample_steps)
+        decode = options.get("decode") or m.decode
+        caches = [b.denoiser.backbone.extend(x, 0, None) for b in blocks]
+        while x.shape[1] < length:
+            pos = x.shape[1]
+            z = SIGMA_MAX * torch.randn(len(x), m.dim, generator=g).to(x.device)  # (N, d)
+            score = torch.zeros(len(x), len(blocks[0].vocab), device=x.device)
+            for s in steps:
+                block = blocks[s.block]
+                _, logits = block.decode_step(z, s.sigma, pos, caches[s.block])
+                d_hat = torch.softmax(logits.float(), -1) @ block.target_embedding  # (N, d)
+                z = z + (s.sigma_next - s.sigma) * (z - d_hat) / s.sigma
+                if decode == "product":
+                    score = score + torch.log_softmax(logits.float(), -1)
+                else:
+                    score = logits
+            nxt = pick(score, options, g)[:, None]
+            x = torch.cat([x, nxt], 1)
+            if x.shape[1] < length:
+                caches = [b.denoiser.backbone.extend(nxt, pos, c)
+                          for b, c in zip(blocks, caches, strict=True)]
+        return x
+
+
+def arlm_tiny(**overrides: Any) -> ARConfig:
+    """A config small enough for tests."""
+    return dataclasses.replace(ARConfig(seq_len=16, dim=32, depth=2, heads=2, num_blocks=2), **overrides)

@@ -1,0 +1,264 @@
+"""The language-model recipes (mdlm, arlm): masks, KV-cached decoding, masking noise, the ELBO,
+and cache -> train -> eval -> sample on a small text with resume and clean errors."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dbcore import checkpoint, layout
+from dbcore import config as config_mod
+from dbcore.cache import write_cache
+from dbcore.cli import main
+from dbcore.evaluate import evaluate, sample_text_run
+from dbcore.recipes import for_config
+from dbcore.recipes.arlm import ARBaseline, ARBlock, ar_mask, arlm_tiny
+from dbcore.recipes.mdlm import MASK, elbo_weight, mask_probability, time_slice
+from dbcore.recipes.vit import make_target_embedding
+from dbcore.sources import load_source
+from dbcore.train import train_run
+
+TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
+
+TOML = """
+[model]
+recipe = "{recipe}"
+seq_len = 16
+dim = 32
+depth = 2
+heads = 2
+num_blocks = 2
+{extra}
+
+[train]
+steps = 12
+batch_size = 16
+warmup_steps = 2
+checkpoint_every = 5
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def text(tmp_path):
+    p = tmp_path / "train.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def _cfg(tmp_path, recipe, extra=""):
+    p = tmp_path / f"{recipe}.toml"
+    p.write_text(TOML.format(recipe=recipe, extra=extra))
+    return p
+
+
+# ----------------------------------------------------------------------------- AR masks and decoding
+
+
+def test_ar_mask_noisy_rows_see_the_clean_prefix_and_themselves_only():
+    t = 5
+    m = ar_mask(t)
+    for r in range(t):  # clean rows: causal, never a noisy column
+        assert m[r, : r + 1].all() and not m[r, r + 1 :].any()
+    for i in range(t):  # noisy row T+i: clean < i, itself
+        row = m[t + i]
+        assert row[:i].all() and not row[i:t].any()
+        assert row[t + i] and row[t:].sum() == 1
+
+
+def _ar_block(seed=0):
+    torch.manual_seed(seed)
+    cfg = arlm_tiny(gate_init=1.0)
+    vocab = torch.arange(97, 97 + 11)
+    block = ARBlock(cfg, 2, vocab, make_target_embedding(11, cfg.dim, 0))
+    for p in block.parameters():  # a trained-looking block: no zero-initialised shortcut
+        p.data.normal_(0, 0.2)
+    return cfg, block.eval()
+
+
+def test_ar_block_has_no_path_from_a_token_to_its_own_prediction():
+    """dF_i/dz_j = 0 for j != i (noisy rows never meet) and dF_i/dx_j = 0 for j >= i (no future,
+    not token i itself), through the block's real forward."""
+    cfg, block = _ar_block()
+    t, d = cfg.seq_len, cfg.dim
+    x = torch.randint(0, 11, (1, t))
+    emb = block.denoiser.backbone.embed.table
+    z = torch.randn(1, t, d, requires_grad=True)
+    h_clean = emb(x).detach().requires_grad_(True)
+    bb = block.denoiser.backbone
+    hook = emb.register_forward_hook(lambda m, i, o: h_clean)  # the clean embeddings as a leaf
+    try:
+        f = bb(z, torch.zeros(1), x)  # (1, T, d)
+    finally:
+        hook.remove()
+    for i in range(t):
+        gz, gx = torch.autograd.grad(f[0, i].sum(), (z, h_clean), retain_graph=True)
+        others = torch.cat([gz[0, :i], gz[0, i + 1 :]])
+        assert gz[0, i].abs().sum() > 0 and others.abs().sum() == 0
+        assert gx[0, i:].abs().sum() == 0
+        if i > 0:
+            assert gx[0, :i].abs().sum() > 0
+
+
+def test_ar_kv_cached_decoding_equals_the_training_forward():
+    cfg, block = _ar_block()
+    t, d = cfg.seq_len, cfg.dim
+    x = torch.randint(0, 11, (2, t))
+    z = torch.randn(2, t, d)
+    sigma = torch.full((2,), 0.7)
+    with torch.no_grad():
+        d_full, logits_full = block(x, z, sigma)
+        bb = block.denoiser.backbone
+        caches = None
+        for i in range(t):  # grow the clean prefix one token at a time (prompt of 1, then decoding)
+            d_i, logits_i = block.decode_step(z[:, i], 0.7, i, caches)
+            torch.testing.assert_close(d_i, d_full[:, i], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits_i, logits_full[:, i], atol=1e-5, rtol=1e-5)
+            caches = bb.extend(x[:, i : i + 1], i, caches)
+        prefill = bb.extend(x[:, :5], 0, None)  # a whole prompt at once gives the same cache
+        d_5, _ = block.decode_step(z[:, 5], 0.7, 5, prefill)
+        torch.testing.assert_close(d_5, d_full[:, 5], atol=1e-5, rtol=1e-5)
+
+
+def test_ar_baseline_kv_cache_equals_its_causal_forward():
+    torch.manual_seed(0)
+    cfg = arlm_tiny()
+    model = ARBaseline(cfg, torch.arange(97, 108)).eval()
+    x = torch.randint(0, 11, (2, cfg.seq_len))
+    with torch.no_grad():
+        full = model(x)  # (2, T, V)
+        logits, caches = model.extend(x[:, :3], 0, None)
+        torch.testing.assert_close(logits, full[:, 2], atol=1e-5, rtol=1e-5)
+        for i in range(3, cfg.seq_len):
+            logits, caches = model.extend(x[:, i : i + 1], i, caches)
+            torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- MDLM masking and ELBO
+
+
+def test_mdlm_slices_cover_time_with_block0_highest():
+    assert time_slice(0, 3) == (2 / 3, 1.0) and time_slice(2, 3) == (0.0, 1 / 3)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    e = 1e-4
+    assert torch.allclose(mask_probability(t, e), torch.tensor([e, 0.5, 1 - e]))
+    # w(t) = -alpha'(t) / (1 - alpha(t)) for alpha = (1 - 2e)(1 - t) + e
+    assert torch.allclose(elbo_weight(t, e), (1 - 2 * e) / mask_probability(t, e))
+
+
+def test_mdlm_noise_draws_t_in_the_block_slice_and_masks_at_its_rate(tmp_path):
+    cfg = config_mod.load(_cfg(tmp_path, "mdlm", "stratified = true"))
+    recipe = for_config(cfg)
+    from dbcore import rng
+    from dbcore.data import INDEX, UNIFORMS
+
+    n, t = 512, cfg.model.seq_len
+    x = torch.randint(0, 20, (n, t))
+    idx = torch.arange(n)
+    for b in range(2):
+        u = rng.uniforms_of(idx, 1 + t, 0, b, 0).numpy()
+        noised = recipe.noise({INDEX: idx.numpy(), UNIFORMS: u}, x, b, 0, recipe.sigma_law(b), 0)
+        lo, hi = time_slice(b, 2)
+        assert noised.sigma.min() >= lo and noised.sigma.max() <= hi
+        gaps = noised.sigma.sort().values.diff()  # stratified: one draw per 1/n of the slice
+        assert gaps.max() <= (hi - lo) * 2.0 / n
+        masked = noised.z == MASK
+        assert torch.equal(noised.z[~masked], x[~masked])
+        rate = masked.float().mean(1)
+        expect = mask_probability(noised.sigma, 1e-4)
+        assert abs(float((rate - expect).mean())) < 0.02
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+@pytest.mark.parametrize("recipe", ["mdlm", "arlm"])
+def test_lm_cache_train_eval_sample_both_kinds(tmp_path, text, recipe):
+    extra = "sample_steps = 4" if recipe == "mdlm" else ""
+    cfg = config_mod.load(_cfg(tmp_path, recipe, extra))
+    s = write_cache(cfg, load_source(f"text:{text}"), tmp_path / "c.zarr", progress=False)
+    assert s.read(layout.TOKENS).shape == ((len(TEXT) - 16) // 16 + 1, 16)
+    vocab = "".join(chr(c) for c in s.read(layout.VOCAB))
+    assert vocab == "".join(sorted(set(TEXT)))
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "blocks", progress=False)
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "e2e", e2e=True, progress=False)
+    valid = tmp_path / "valid.txt"
+    valid.write_text(TEXT[:400])
+    for run in (tmp_path / "blocks", tmp_path / "e2e"):
+        r = evaluate(run, f"text:{valid}", num_samples=8)
+        assert r["num_windows"] == 8 and 0 < r["bpc"] < 10 and r["bpc_stderr"] > 0
+        texts = sample_text_run(run, {"num": 2, "length": 12, "prompt": "To"})
+        assert len(texts) == 2 and all(len(x) == 12 and x.startswith("To") for x in texts)
+        assert set("".join(texts)) <= set(vocab)
+
+
+@pytest.mark.parametrize("recipe", ["mdlm", "arlm"])
+def test_lm_resume_is_bit_identical(tmp_path, text, recipe, monkeypatch):
+    cfg = config_mod.load(_cfg(tmp_path, recipe, "sample_steps = 4"))
+    write_cache(cfg, load_source(f"text:{text}"), tmp_path / "c.zarr", progress=False)
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "full", block=1, progress=False)
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=1, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=1, progress=False)
+    a, _ = checkpoint.load(tmp_path / "full/block1", prefix="model.")
+    b, _ = checkpoint.load(tmp_path / "crash/block1", prefix="model.")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lm_bad_input_is_one_clear_line(tmp_path, text):
+    cfg_path = _cfg(tmp_path, "arlm")
+    runner = CliRunner()
+
+    def cache(data, out="c.zarr"):
+        return runner.invoke(main, ["cache", str(cfg_path), "--data", data, "--out", str(tmp_path / out)])
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"PK\x03\x04\x00\x00binary")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    for data, words in ((f"text:{empty}", "empty"), (f"text:{binary}", "binary"),
+                        (f"text:{short}", "fewer than seq_len 16"), ("digits", "needs a text source"),
+                        (f"text:{text}", None)):
+        r = cache(data)
+        if words is None:
+            assert r.exit_code == 0, r.output
+            continue
+        assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(main, ["cache", str(cfg_path), "--data", f"text:{text}", "--out",
+                             str(tmp_path / "n.zarr"), "--noise", "cached"])
+    assert r.exit_code == 1 and "online only" in r.output
+    r = runner.invoke(main, ["train", str(cfg_path), "--store", str(tmp_path / "c.zarr"), "--out",
+                             str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["sample", str(tmp_path / "run"), "--prompt", "Zürich", "--length", "12"])
+    assert r.exit_code == 1 and "not in the vocabulary" in r.output and "--prompt" in r.output
+    r = runner.invoke(main, ["sample", str(tmp_path / "run"), "--prompt", "To", "--length", "99"])
+    assert r.exit_code == 1 and "seq_len 16" in r.output
+    r = runner.invoke(main, ["eval", str(tmp_path / "run"), "--data", f"text:{binary}", "--json"])
+    assert r.exit_code == 1 and "binary" in r.output
+    r = runner.invoke(main, ["eval", str(tmp_path / "run"), "--data", f"text:{text}", "--json",
+                             "--num-samples", "4"])
+    assert r.exit_code == 0 and {"bpc", "num_tokens"} <= set(json.loads(r.output))
