@@ -170,8 +170,12 @@ class AdaLNLayer(nn.Module):
             self.modulation[1].bias[5 * dim : 6 * dim] = gate_init
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """h (N, T, d), c (N, d) or (N, T, d), mask see `Attention.mix` -> (N, T, d)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
+        """h (N, T, d); c per sample (N, d), per token (N, T, d) or per segment (N, S, d): S equal
+        runs of T/S tokens (modulated once per segment); mask see `Attention.mix` -> (N, T, d)."""
+        mod = self.modulation(c)  # (N, 6d), (N, T, 6d) or (N, S, 6d)
+        if mod.dim() == 3 and mod.shape[1] != h.shape[1]:
+            mod = mod.repeat_interleave(h.shape[1] // mod.shape[1], dim=1)  # (N, T, 6d)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         a = self.attn.mix(norm_modulate(h, shift1, scale1, self.eps), mask)  # (N, T, d)
         return self._mlp(gated_residual(h, gate1, self.attn.proj, a), shift2, scale2, gate2)
 

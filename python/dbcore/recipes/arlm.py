@@ -122,12 +122,12 @@ class ARBackbone(nn.Module):
         noisy = self.z_embed(z_in) + self.embed.pos[:t]  # (N, T, d): noisy i at position i
         h = torch.cat([clean, noisy], 1)  # (N, 2T, d)
         c_noisy = self.noise_embed(c_noise)  # (N, d)
-        c_clean = self.clean_cond.to(c_noisy.dtype).expand(n, t, -1)  # (N, T, d)
-        c = torch.cat([c_clean, c_noisy[:, None].expand(n, t, -1)], 1)  # (N, 2T, d), per token
+        c_clean = self.clean_cond.to(c_noisy.dtype).expand(n, -1)  # (N, d)
+        c = torch.stack([c_clean, c_noisy], 1)  # (N, 2, d): one adaLN input per half
         mask = ar_mask(t, x.device)
         for layer in self.layers:
-            h = layer(h, c, mask)  # (N, 2T, d)
-        return self.final(h[:, t:], c[:, t:])  # (N, T, d)
+            h = layer(h, c, mask)  # (N, 2T, d), adaLN per half
+        return self.final(h[:, t:], c_noisy)  # (N, T, d)
 
     def extend(self, x_new: torch.Tensor, start: int, caches: Caches | None) -> Caches:
         """Decoding: the clean prefix's caches grown by tokens x_new (N, t) at positions start..."""
