@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dbcore import layout
 from dbcore.data import INDEX
@@ -197,8 +198,6 @@ class ARBaseline(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, T) -> next-token logits (N, T, V): row i predicts x_{i+1}."""
-        from torch.utils.checkpoint import checkpoint
-
         h = self.embed(x)
         mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
         for layer in self.layers:
