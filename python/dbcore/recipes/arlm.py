@@ -218,6 +218,11 @@ class ARBaseline(nn.Module):
         return self.head(self.norm(h[:, -1])), out
 
 
+def _bpc(scores: torch.Tensor, x: torch.Tensor) -> float:
+    """Bits per character of scores (n, T, V) (logits or log-beliefs) at positions 1..T-1 of x."""
+    return round(bits(float(F.cross_entropy(scores[:, 1:].transpose(1, 2), x[:, 1:]))), 6)
+
+
 def pick(logits: torch.Tensor, options: dict, g: torch.Generator) -> torch.Tensor:
     """Next tokens (N,) from logits (N, V): greedy, or sampled with temperature and top-k."""
     if options.get("greedy"):
@@ -311,25 +316,28 @@ class ARRecipe(Recipe):
                                     for xb in x.split(EVAL_BATCH)])[:, :-1]  # predicts x_1..x_{T-1}
             nats = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (n, T-1)
             steps = decode = None
+            per_block = []
         else:
             first = load_block(0)
             vocab = vocab_of({layout.VOCAB: first.vocab})
             del first
             x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
             n, t = x.shape
-            scores = torch.zeros(n, t, len(vocab))  # (n, T, V)
-            last_step = steps - 1
+            last, product = torch.zeros(n, t, len(vocab)), torch.zeros(n, t, len(vocab))  # (n, T, V)
 
             def observe(b: int, rows: slice, i: int, logits: torch.Tensor | None) -> None:
                 assert logits is not None
-                if decode == "product":
-                    scores[rows] += torch.log_softmax(logits.float(), -1).cpu()
-                elif i == last_step:
-                    scores[rows] = logits.float().cpu()
+                last[rows] = logits.float().cpu()
+                product[rows] += torch.log_softmax(logits.float(), -1).cpu()
 
+            def block_done(b: int) -> None:  # the chain's prediction so far: a probe per block
+                per_block.append({"block": b, "bpc_last": _bpc(last, x), "bpc_product": _bpc(product, x)})
+
+            per_block: list[dict] = []
             z0 = initial_noise(torch.arange(n), (t, m.dim), m.num_blocks, seed)
             run_chain(self, load_block, {layout.TOKENS: x}, z0, m.num_blocks, steps, batch_size=EVAL_BATCH,
-                      observe=observe)
+                      observe=observe, block_done=block_done)
+            scores = product if decode == "product" else last
             nats = F.cross_entropy(scores[:, 1:].transpose(1, 2), x[:, 1:], reduction="none")  # (n, T-1)
         per_window = nats.double().mean(1)
         n = len(per_window)
@@ -341,6 +349,7 @@ class ARRecipe(Recipe):
             "inference_steps": steps,
             "decode": decode,
             "seconds": round(time.perf_counter() - t0, 3),
+            "per_block": per_block,
         }
 
     # ------------------------------------------------------------------ generation
