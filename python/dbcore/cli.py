@@ -111,13 +111,14 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
 @click.option("--steps", type=int, default=None, help="sampler steps in all (default: the run's)")
 @click.option("--decode", type=click.Choice(["last", "product"]), default=None,
               help="classifier: the last step's logits or the product of every step's beliefs")
-@click.option("--num-samples", type=int, default=None, help="generator: samples for FID (default 2000)")
+@click.option("--num-samples", type=int, default=None,
+              help="generator: samples for FID (default 2000); LM: held-out windows (default all)")
 @click.option("--cfg-scale", type=float, default=None, help="generator: guidance scale (default: config)")
 @click.option("--sampler", type=click.Choice(["euler", "heun"]), default=None,
               help="generator: Euler (the paper's) or Heun's second-order step")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, as_json):
-    """The recipe's report of a DiffusionBlocks or end-to-end run (accuracy; or FID and class accuracy)."""
+    """The recipe's report of a DiffusionBlocks or end-to-end run (accuracy; FID and class accuracy; BPC)."""
     from dbcore.evaluate import evaluate
 
     result = _run_safely(evaluate, run, source, steps, decode, num_samples=num_samples,
@@ -128,8 +129,8 @@ def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, as_json):
     keys = ("accuracy", "loss", "fid", "class_accuracy", "fid_floor", "bpc", "bpc_stderr")
     shown = [f"{k} {result[k]:.4f}" for k in keys
              if isinstance(result.get(k), float)]
-    count = result.get("num_samples") or f"{result.get('num_tokens')} tokens"
-    click.echo(f"{result['kind']}: {', '.join(shown)} on {count} samples of {source}")
+    count = f"{result['num_tokens']} tokens" if "num_tokens" in result else f"{result['num_samples']} samples"
+    click.echo(f"{result['kind']}: {', '.join(shown)} on {count} of {source}")
 
 
 @main.command()
