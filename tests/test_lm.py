@@ -143,6 +143,25 @@ def test_ar_baseline_kv_cache_equals_its_causal_forward():
             torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
 
 
+def test_adaln_per_segment_equals_per_token_conditioning():
+    from dbcore.layers import AdaLNLayer
+
+    torch.manual_seed(0)
+    layer = AdaLNLayer(16, 2, gate_init=1.0)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.3)
+    h = torch.randn(3, 10, 16, requires_grad=True)
+    c = torch.randn(3, 2, 16)
+    mask = ar_mask(5)
+    seg = layer(h, c, mask)
+    tok = layer(h, c.repeat_interleave(5, dim=1), mask)
+    torch.testing.assert_close(seg, tok, atol=1e-5, rtol=1e-5)
+    g_seg = torch.autograd.grad(seg.square().sum(), [h, *layer.parameters()])
+    g_tok = torch.autograd.grad(tok.square().sum(), [h, *layer.parameters()])
+    for a, b in zip(g_seg, g_tok, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- MDLM masking and ELBO
 
 

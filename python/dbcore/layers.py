@@ -174,10 +174,21 @@ class AdaLNLayer(nn.Module):
         runs of T/S tokens (modulated once per segment); mask see `Attention.mix` -> (N, T, d)."""
         mod = self.modulation(c)  # (N, 6d), (N, T, 6d) or (N, S, 6d)
         if mod.dim() == 3 and mod.shape[1] != h.shape[1]:
-            mod = mod.repeat_interleave(h.shape[1] // mod.shape[1], dim=1)  # (N, T, 6d)
+            return self._segmented(h, mod, mask)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         a = self.attn.mix(norm_modulate(h, shift1, scale1, self.eps), mask)  # (N, T, d)
         return self._mlp(gated_residual(h, gate1, self.attn.proj, a), shift2, scale2, gate2)
+
+    def _segmented(self, h: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Per-segment conditioning: each run of T/S tokens is modulated by its own (N, d) rows, so
+        the memory-lean per-sample paths apply and no (N, T, 6d) modulation is materialised."""
+        parts = mod.shape[1]
+        mods = [m.chunk(6, dim=-1) for m in mod.unbind(1)]  # S x (shift1, scale1, gate1, shift2, ...)
+        hs = h.chunk(parts, dim=1)  # S x (N, T/S, d)
+        x = torch.cat([norm_modulate(hk, m[0], m[1], self.eps) for hk, m in zip(hs, mods, strict=True)], 1)
+        a = self.attn.mix(x, mask).chunk(parts, dim=1)  # attention over all T tokens
+        hs = [gated_residual(hk, m[2], self.attn.proj, ak) for hk, m, ak in zip(hs, mods, a, strict=True)]
+        return torch.cat([self._mlp(hk, m[3], m[4], m[5]) for hk, m in zip(hs, mods, strict=True)], 1)
 
     def step(self, h: torch.Tensor, c: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
         """Decoding: new rows h (N, t, d) after a cached prefix (`Attention.mix_after`); returns
