@@ -75,9 +75,9 @@ def test_ar_mask_noisy_rows_see_the_clean_prefix_and_themselves_only():
         assert row[t + i] and row[t:].sum() == 1
 
 
-def _ar_block(seed=0):
+def _ar_block(seed=0, positions="rope"):
     torch.manual_seed(seed)
-    cfg = arlm_tiny(gate_init=1.0)
+    cfg = arlm_tiny(gate_init=1.0, positions=positions)
     vocab = torch.arange(97, 97 + 11)
     block = ARBlock(cfg, 2, vocab, make_target_embedding(11, cfg.dim, 0))
     for p in block.parameters():  # a trained-looking block: no zero-initialised shortcut
@@ -109,8 +109,9 @@ def test_ar_block_has_no_path_from_a_token_to_its_own_prediction():
             assert gx[0, :i].abs().sum() > 0
 
 
-def test_ar_kv_cached_decoding_equals_the_training_forward():
-    cfg, block = _ar_block()
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_ar_kv_cached_decoding_equals_the_training_forward(positions):
+    cfg, block = _ar_block(positions=positions)
     t, d = cfg.seq_len, cfg.dim
     x = torch.randint(0, 11, (2, t))
     z = torch.randn(2, t, d)
@@ -129,9 +130,10 @@ def test_ar_kv_cached_decoding_equals_the_training_forward():
         torch.testing.assert_close(d_5, d_full[:, 5], atol=1e-5, rtol=1e-5)
 
 
-def test_ar_baseline_kv_cache_equals_its_causal_forward():
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_ar_baseline_kv_cache_equals_its_causal_forward(positions):
     torch.manual_seed(0)
-    cfg = arlm_tiny()
+    cfg = arlm_tiny(positions=positions)
     model = ARBaseline(cfg, torch.arange(97, 108)).eval()
     x = torch.randint(0, 11, (2, cfg.seq_len))
     with torch.no_grad():
@@ -298,3 +300,14 @@ def test_mdlm_elbo_of_a_uniform_predictor_is_log2_v(tmp_path, text):
         r = recipe.evaluate(load_block, e2e, f"text:{text}", {})
         assert abs(r["bpc"] - expect) < 4 * r["bpc_stderr"] + 1e-3, (r["bpc"], expect, r["bpc_stderr"])
         assert sum(p["bpc"] for p in r["per_block"]) == pytest.approx(r["bpc"], abs=1e-4)
+
+
+def test_rotary_attention_depends_on_relative_positions_only():
+    from dbcore.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2, rope=True)
+    h = torch.randn(2, 7, 16)
+    pos = torch.arange(7)
+    torch.testing.assert_close(attn.mix(h, pos=pos), attn.mix(h, pos=pos + 11), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(attn.mix(h, pos=pos), attn.mix(h, pos=pos.flip(0)), atol=1e-3)

@@ -17,6 +17,17 @@ NOISE_FREQ_DIM = 256  # width of the sinusoidal embedding of c_noise
 NOISE_MAX_PERIOD = 10_000.0
 LN_EPS = 1e-6  # DiT's LayerNorm epsilon
 NOISE_SCALE = 1_000.0  # c_noise = ln(s)/4 spans about [-1.6, 1.1]; spread it over the frequencies
+ROPE_BASE = 10_000.0  # rotary position embedding (Su et al. 2021): frequencies base^(-k / (dh/2))
+
+
+def rotary(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x_k, x_{k+dh/2}) of x (N, H, T, dh) by pos (T,) * base^(-k / (dh/2))."""
+    half = x.shape[-1] // 2
+    freqs = ROPE_BASE ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angle = pos.to(torch.float32)[:, None] * freqs[None]  # (T, dh/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values of some positions, (N, H, P, d/H) each
@@ -25,37 +36,45 @@ KV = tuple[torch.Tensor, torch.Tensor]  # keys and values of some positions, (N,
 class Attention(nn.Module):
     """Multi-head self-attention, `scaled_dot_product_attention`; over all tokens unless masked."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, rope: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads = heads
+        self.heads, self.rope = heads, rope
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.proj(self.mix(h, mask))
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None, pos: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.proj(self.mix(h, mask, pos))
 
-    def heads_of(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v (N, H, T, d/H) of h (N, T, d)."""
+    def heads_of(self, h: torch.Tensor, pos: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (N, H, T, d/H) of h (N, T, d); with rope, q and k rotated by the rows'
+        positions `pos` (T,) (default 0..T-1)."""
         n, t, d = h.shape
         qkv = self.qkv(h).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if self.rope:
+            pos = torch.arange(t, device=h.device) if pos is None else pos
+            q, k = rotary(q, pos), rotary(k, pos)
         return q, k, v
 
-    def mix(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def mix(self, h: torch.Tensor, mask: torch.Tensor | None = None, pos: torch.Tensor | None = None
+            ) -> torch.Tensor:
         """The heads' outputs before the output projection: (N, T, d) -> (N, T, d); mask (T, T)
-        or (N, 1, T, T) bool, True where row may attend to column."""
+        or (N, 1, T, T) bool, True where row may attend to column; pos (T,) the rows' positions."""
         n, t, d = h.shape
-        q, k, v = self.heads_of(h)
+        q, k, v = self.heads_of(h, pos)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, T, d/H)
         return out.transpose(1, 2).reshape(n, t, d)
 
-    def mix_after(self, h: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
-        """Decoding: new rows h (N, t, d) attend to the cached prefix `past` and to themselves
-        causally; returns their mix (N, t, d) and their own keys and values (to cache or not)."""
+    def mix_after(self, h: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, KV]:
+        """Decoding: new rows h (N, t, d) at positions `pos` attend to the cached prefix `past` and
+        to themselves causally; returns their mix (N, t, d) and their own keys and values."""
         n, t, d = h.shape
-        q, k, v = self.heads_of(h)
+        q, k, v = self.heads_of(h, pos)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         p = keys.shape[2] - t
         mask = torch.ones(t, p + t, dtype=torch.bool, device=h.device).tril(p)  # row i sees <= p + i
@@ -157,10 +176,11 @@ class AdaLNLayer(nn.Module):
     is the identity); gate_init = 1 starts it as a plain pre-LN layer, independent of the noise level.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, gate_init: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, gate_init: float = 0.0,
+                 rope: bool = False) -> None:
         super().__init__()
         self.eps = LN_EPS
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, rope)
         self.mlp = Mlp(dim, mlp_ratio)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.modulation[1].weight)
@@ -169,32 +189,35 @@ class AdaLNLayer(nn.Module):
             self.modulation[1].bias[2 * dim : 3 * dim] = gate_init
             self.modulation[1].bias[5 * dim : 6 * dim] = gate_init
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
         """h (N, T, d); c per sample (N, d), per token (N, T, d) or per segment (N, S, d): S equal
-        runs of T/S tokens (modulated once per segment); mask see `Attention.mix` -> (N, T, d)."""
+        runs of T/S tokens (modulated once per segment); mask and pos see `Attention.mix`."""
         mod = self.modulation(c)  # (N, 6d), (N, T, 6d) or (N, S, 6d)
         if mod.dim() == 3 and mod.shape[1] != h.shape[1]:
-            return self._segmented(h, mod, mask)
+            return self._segmented(h, mod, mask, pos)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        a = self.attn.mix(norm_modulate(h, shift1, scale1, self.eps), mask)  # (N, T, d)
+        a = self.attn.mix(norm_modulate(h, shift1, scale1, self.eps), mask, pos)  # (N, T, d)
         return self._mlp(gated_residual(h, gate1, self.attn.proj, a), shift2, scale2, gate2)
 
-    def _segmented(self, h: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _segmented(self, h: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor | None,
+                   pos: torch.Tensor | None) -> torch.Tensor:
         """Per-segment conditioning: each run of T/S tokens is modulated by its own (N, d) rows, so
         the memory-lean per-sample paths apply and no (N, T, 6d) modulation is materialised."""
         parts = mod.shape[1]
         mods = [m.chunk(6, dim=-1) for m in mod.unbind(1)]  # S x (shift1, scale1, gate1, shift2, ...)
         hs = h.chunk(parts, dim=1)  # S x (N, T/S, d)
         x = torch.cat([norm_modulate(hk, m[0], m[1], self.eps) for hk, m in zip(hs, mods, strict=True)], 1)
-        a = self.attn.mix(x, mask).chunk(parts, dim=1)  # attention over all T tokens
+        a = self.attn.mix(x, mask, pos).chunk(parts, dim=1)  # attention over all T tokens
         hs = [gated_residual(hk, m[2], self.attn.proj, ak) for hk, m, ak in zip(hs, mods, a, strict=True)]
         return torch.cat([self._mlp(hk, m[3], m[4], m[5]) for hk, m in zip(hs, mods, strict=True)], 1)
 
-    def step(self, h: torch.Tensor, c: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
-        """Decoding: new rows h (N, t, d) after a cached prefix (`Attention.mix_after`); returns
-        (N, t, d) and the new rows' keys and values."""
+    def step(self, h: torch.Tensor, c: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, KV]:
+        """Decoding: new rows h (N, t, d) at positions `pos` after a cached prefix
+        (`Attention.mix_after`); returns (N, t, d) and the new rows' keys and values."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        a, kv = self.attn.mix_after(norm_modulate(h, shift1, scale1, self.eps), past)
+        a, kv = self.attn.mix_after(norm_modulate(h, shift1, scale1, self.eps), past, pos)
         return self._mlp(gated_residual(h, gate1, self.attn.proj, a), shift2, scale2, gate2), kv
 
     def _mlp(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor
@@ -249,20 +272,22 @@ class NoiseEmbedder(nn.Module):
 class PreLNLayer(nn.Module):
     """Plain pre-LN transformer layer (the end-to-end baseline): h + attn(LN h), h + mlp(LN h)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, rope: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, rope)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None, pos: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """h (N, T, d) -> (N, T, d)."""
-        h = h + self.attn(self.norm1(h), mask)
+        h = h + self.attn(self.norm1(h), mask, pos)
         return h + self.mlp(self.norm2(h))
 
-    def step(self, h: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+    def step(self, h: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, KV]:
         """Decoding: new rows h (N, t, d) after a cached prefix; (N, t, d) and their keys/values."""
-        a, kv = self.attn.mix_after(self.norm1(h), past)
+        a, kv = self.attn.mix_after(self.norm1(h), past, pos)
         h = h + self.attn.proj(a)
         return h + self.mlp(self.norm2(h)), kv

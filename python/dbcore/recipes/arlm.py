@@ -39,6 +39,7 @@ from dbcore.partition import CONFIG_SIGMA_DISTS, euler_schedule
 from dbcore.recipes.base import NoiseRequest, Recipe
 from dbcore.recipes.lm import (
     EVAL_BATCH,
+    POSITIONS,
     TokenEmbedding,
     bits,
     encode_prompt,
@@ -69,6 +70,7 @@ class ARConfig:
     sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
     target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12: unit norm, or scaled)
     gate_init: float = 0.0  # adaLN gates at initialisation: 0 = adaLN-Zero
+    positions: str = "rope"  # rotary positions in every layer, or "learned" (a table added to the input)
     sample_steps: int = 4  # Euler steps per token in all, allotted to blocks (the paper's 4)
     decode: str = "last"  # the prediction: the last step's logits or the product of every step's
 
@@ -83,6 +85,8 @@ class ARConfig:
             raise ValueError(f"sample_steps {self.sample_steps} must be >= num_blocks {self.num_blocks}")
         if self.target_scale <= 0:
             raise ValueError(f"target_scale must be > 0, got {self.target_scale}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if self.layer_split is not None:
@@ -107,12 +111,13 @@ class ARBackbone(nn.Module):
     def __init__(self, cfg: ARConfig, num_layers: int, vocab_size: int) -> None:
         super().__init__()
         d = cfg.dim
-        self.embed = TokenEmbedding(vocab_size, cfg.seq_len, d)  # clean tokens and every position
+        self.embed = TokenEmbedding(vocab_size, cfg.seq_len, d, cfg.positions)  # clean tokens, positions
         self.z_embed = nn.Linear(d, d)  # c_in * z -> hidden; zero weight: pure noise adds nothing at first
         nn.init.zeros_(self.z_embed.weight)
         self.noise_embed = NoiseEmbedder(d)
         self.clean_cond = nn.Parameter(torch.zeros(d))  # the clean rows' adaLN input: no sigma in it
-        self.layers = nn.ModuleList(AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init)
+        rope = cfg.positions == "rope"
+        self.layers = nn.ModuleList(AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init, rope)
                                     for _ in range(num_layers))
         self.final = AdaLNFinal(d, d)  # F, zero-initialised: a fresh block has D = c_skip * z
 
@@ -120,24 +125,27 @@ class ARBackbone(nn.Module):
         """c_in*z (N, T, d), c_noise (N,), clean tokens x (N, T) -> F (N, T, d)."""
         n, t = x.shape
         clean = self.embed(x)  # (N, T, d)
-        noisy = self.z_embed(z_in) + self.embed.pos[:t]  # (N, T, d): noisy i at position i
+        at = torch.arange(t, device=x.device)
+        noisy = self.z_embed(z_in) + self.embed.at(at)  # (N, T, d): noisy i at position i
         h = torch.cat([clean, noisy], 1)  # (N, 2T, d)
         c_noisy = self.noise_embed(c_noise)  # (N, d)
         c_clean = self.clean_cond.to(c_noisy.dtype).expand(n, -1)  # (N, d)
         c = torch.stack([c_clean, c_noisy], 1)  # (N, 2, d): one adaLN input per half
         mask = ar_mask(t, x.device)
+        pos = torch.cat([at, at])  # (2T,): clean r at r, noisy i at i
         for layer in self.layers:
-            h = layer(h, c, mask)  # (N, 2T, d), adaLN per half
+            h = layer(h, c, mask, pos)  # (N, 2T, d), adaLN per half
         return self.final(h[:, t:], c_noisy)  # (N, T, d)
 
     def extend(self, x_new: torch.Tensor, start: int, caches: Caches | None) -> Caches:
         """Decoding: the clean prefix's caches grown by tokens x_new (N, t) at positions start..."""
         h = self.embed(x_new, start)  # (N, t, d)
         c = self.clean_cond.expand(len(x_new), -1)  # (N, d)
+        pos = torch.arange(start, start + x_new.shape[1], device=x_new.device)
         out = []
         for i, layer in enumerate(self.layers):
             past = None if caches is None else caches[i]
-            h, kv = layer.step(h, c, past)
+            h, kv = layer.step(h, c, past, pos)
             out.append(grown(past, kv))
         return out
 
@@ -145,10 +153,11 @@ class ARBackbone(nn.Module):
                    ) -> torch.Tensor:
         """Decoding: F (N, d) of one noisy row c_in*z (N, d) at position `pos` after the cached
         clean prefix (tokens < pos)."""
-        h = (self.z_embed(z_in) + self.embed.pos[pos])[:, None]  # (N, 1, d)
+        at = torch.tensor([pos], device=z_in.device)
+        h = (self.z_embed(z_in) + self.embed.at(at))[:, None]  # (N, 1, d)
         c = self.noise_embed(c_noise)  # (N, d)
         for i, layer in enumerate(self.layers):
-            h, _ = layer.step(h, c, None if caches is None else caches[i])
+            h, _ = layer.step(h, c, None if caches is None else caches[i], at)
         return self.final(h[:, 0], c)  # (N, d)
 
 
@@ -190,8 +199,10 @@ class ARBaseline(nn.Module):
     def __init__(self, cfg: ARConfig, vocab: torch.Tensor, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.register_buffer(layout.VOCAB, vocab.clone().long())
-        self.embed = TokenEmbedding(len(vocab), cfg.seq_len, cfg.dim)
-        self.layers = nn.ModuleList(PreLNLayer(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.embed = TokenEmbedding(len(vocab), cfg.seq_len, cfg.dim, cfg.positions)
+        rope = cfg.positions == "rope"
+        self.layers = nn.ModuleList(PreLNLayer(cfg.dim, cfg.heads, cfg.mlp_ratio, rope)
+                                    for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=LN_EPS)
         self.head = nn.Linear(cfg.dim, len(vocab))
         self.activation_checkpointing = activation_checkpointing
@@ -210,10 +221,11 @@ class ARBaseline(nn.Module):
     def extend(self, x_new: torch.Tensor, start: int, caches: Caches | None) -> tuple[torch.Tensor, Caches]:
         """Decoding: logits (N, V) after tokens x_new (N, t) at positions start..., and the grown caches."""
         h = self.embed(x_new, start)
+        pos = torch.arange(start, start + x_new.shape[1], device=x_new.device)
         out = []
         for i, layer in enumerate(self.layers):
             past = None if caches is None else caches[i]
-            h, kv = layer.step(h, past)
+            h, kv = layer.step(h, past, pos)
             out.append(grown(past, kv))
         return self.head(self.norm(h[:, -1])), out
 

@@ -75,16 +75,28 @@ def bits(nats: float) -> float:
     return nats / math.log(2)
 
 
-class TokenEmbedding(nn.Module):
-    """Token ids (N, T) -> (N, T, d): a learned table (`num_ids` rows) plus learned positions."""
+POSITIONS = ("rope", "learned")  # rotary in every attention layer, or a learned table added to the input
 
-    def __init__(self, num_ids: int, seq_len: int, dim: int) -> None:
+
+class TokenEmbedding(nn.Module):
+    """Token ids (N, T) -> (N, T, d): a learned table (`num_ids` rows), plus a learned position
+    table when positions are "learned" (with "rope" the attention layers rotate q and k instead)."""
+
+    def __init__(self, num_ids: int, seq_len: int, dim: int, positions: str = "rope") -> None:
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         self.table = nn.Embedding(num_ids, dim)
-        self.pos = nn.Parameter(torch.zeros(seq_len, dim))
         nn.init.normal_(self.table.weight, std=POS_INIT_STD)
-        nn.init.normal_(self.pos, std=POS_INIT_STD)
+        self.pos = None
+        if positions == "learned":
+            self.pos = nn.Parameter(torch.zeros(seq_len, dim))
+            nn.init.normal_(self.pos, std=POS_INIT_STD)
 
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """ids (N, t) at positions start..start+t-1 -> (N, t, d)."""
-        return self.table(ids) + self.pos[start : start + ids.shape[1]]
+        return self.table(ids) + self.at(torch.arange(start, start + ids.shape[1], device=ids.device))
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor | float:
+        """The learned position rows (t, d) of `positions` (t,), or 0 with rotary positions."""
+        return 0.0 if self.pos is None else self.pos[positions]

@@ -34,6 +34,7 @@ from dbcore.layers import AdaLNFinal, AdaLNLayer, NoiseEmbedder
 from dbcore.recipes.base import Batch, Noised, NoiseRequest, Recipe
 from dbcore.recipes.lm import (
     EVAL_BATCH,
+    POSITIONS,
     TokenEmbedding,
     bits,
     encode_prompt,
@@ -62,6 +63,7 @@ class MDLMConfig:
     mask_eps: float = 1e-4  # e of alpha(t) = (1 - 2e)(1 - t) + e
     stratified: bool = False  # t stratified across a batch (MD4's low-variance draws), inside the slice
     gate_init: float = 0.0  # adaLN gates at initialisation: 0 = adaLN-Zero
+    positions: str = "rope"  # rotary positions in every layer, or "learned" (a table added to the input)
     sample_steps: int = 128  # ancestral unmasking steps in all, allotted equally to blocks
     eval_draws: int = 2  # BPC: stratified t per window in each block's slice
 
@@ -75,6 +77,8 @@ class MDLMConfig:
         if self.sample_steps < self.num_blocks or self.sample_steps % self.num_blocks:
             raise ValueError(f"sample_steps {self.sample_steps} must be a multiple of num_blocks "
                              f"{self.num_blocks}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.eval_draws < 1:
             raise ValueError(f"eval_draws must be >= 1, got {self.eval_draws}")
         if self.layer_split is not None:
@@ -112,9 +116,10 @@ class MaskedDenoiser(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         d, v = cfg.dim, len(vocab)
         self.register_buffer(layout.VOCAB, vocab.clone().long())  # frozen: carried by the checkpoint
-        self.embed = TokenEmbedding(v + 1, cfg.seq_len, d)  # row V = MASK
+        self.embed = TokenEmbedding(v + 1, cfg.seq_len, d, cfg.positions)  # row V = MASK
         self.time = NoiseEmbedder(d)
-        self.layers = nn.ModuleList(AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init)
+        rope = cfg.positions == "rope"
+        self.layers = nn.ModuleList(AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init, rope)
                                     for _ in range(num_layers))
         self.final = AdaLNFinal(d, v)
 
