@@ -311,3 +311,17 @@ def test_rotary_attention_depends_on_relative_positions_only():
     pos = torch.arange(7)
     torch.testing.assert_close(attn.mix(h, pos=pos), attn.mix(h, pos=pos + 11), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(attn.mix(h, pos=pos), attn.mix(h, pos=pos.flip(0)), atol=1e-3)
+
+
+def test_ar_token_mixing_keeps_labels_mixes_a_share_and_is_reproducible():
+    from dbcore.recipes.arlm import mix_token_targets
+
+    emb = make_target_embedding(11, 8, 0)
+    x = torch.randint(0, 11, (64, 16))
+    idx = torch.arange(64)
+    a = mix_token_targets(emb, x, idx, 0, 1, 2, 0.5)
+    assert torch.equal(a, mix_token_targets(emb, x, idx, 0, 1, 2, 0.5))
+    pure = (a - emb[x]).abs().sum(-1) < 1e-6
+    assert 0.4 < 1 - pure.float().mean() < 0.6  # about half the positions are blends
+    assert torch.equal(mix_token_targets(emb, x, idx, 0, 1, 2, 0.0), emb[x])
+    assert not torch.equal(a, mix_token_targets(emb, x, idx, 0, 1, 3, 0.5))  # new draw, new blends

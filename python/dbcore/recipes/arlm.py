@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dbcore import layout
+from dbcore import layout, rng
 from dbcore.data import INDEX
 from dbcore.edm import SIGMA_MAX, EDMPrecond, precond
 from dbcore.layers import KV, LN_EPS, AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
@@ -49,7 +49,7 @@ from dbcore.recipes.lm import (
     vocab_of,
 )
 from dbcore.recipes.vit import block_layers, layers_in_block, make_target_embedding
-from dbcore.sampler import DECODES, initial_noise, run_chain
+from dbcore.sampler import DECODES, run_chain
 
 Caches = list[KV]  # one (keys, values) of the clean prefix per layer of a block
 
@@ -73,6 +73,7 @@ class ARConfig:
     positions: str = "rope"  # rotary positions in every layer, or "learned" (a table added to the input)
     sample_steps: int = 4  # Euler steps per token in all, allotted to blocks (the paper's 4)
     decode: str = "last"  # the prediction: the last step's logits or the product of every step's
+    eval_chains: int = 8  # BPC: chains from independent initial noise per position, probabilities averaged
 
     def __post_init__(self) -> None:
         if self.seq_len < 2 or self.stride < 0:
@@ -87,6 +88,8 @@ class ARConfig:
             raise ValueError(f"target_scale must be > 0, got {self.target_scale}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.eval_chains < 1:
+            raise ValueError(f"eval_chains must be >= 1, got {self.eval_chains}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if self.layer_split is not None:
@@ -230,6 +233,25 @@ class ARBaseline(nn.Module):
         return self.head(self.norm(h[:, -1])), out
 
 
+MIX_UNIFORMS_FROM = 8  # per-token mixing uses uniforms 8.. of a sample (0 picks sigma, 4..6 are ViT's mixing)
+
+
+def mix_token_targets(emb: torch.Tensor, x: torch.Tensor, sample: torch.Tensor, seed: int, block: int,
+                      draw: int, fraction: float) -> torch.Tensor:
+    """Targets (N, T, d) with target mixing per token (as `dbcore.noise.mix_targets` per sample):
+    for a share `fraction` of positions the row becomes alpha E[x_i] + (1 - alpha) E[other],
+    alpha ~ U(0, 1), `other` a random other token; the label stays. A block so meets the blurred
+    states (softmax @ E of an unsure block) that the chain hands it, instead of only pure rows."""
+    n, t = x.shape
+    v = emb.shape[0]
+    u = rng.uniforms_of(sample.cpu(), MIX_UNIFORMS_FROM + 3 * t, seed, block, draw)[:, MIX_UNIFORMS_FROM:]
+    u = u.view(n, t, 3).float().to(emb.device)  # (N, T, 3)
+    other = (x + 1 + (u[..., 2] * (v - 1)).long().clamp(max=v - 2)) % v  # never the token itself
+    alpha = u[..., 1:2]
+    y = emb[x]  # (N, T, d)
+    return torch.where((u[..., 0] < fraction)[..., None], alpha * y + (1 - alpha) * emb[other], y)
+
+
 def _bpc(scores: torch.Tensor, x: torch.Tensor) -> float:
     """Bits per character of scores (n, T, V) (logits or log-beliefs) at positions 1..T-1 of x."""
     return round(bits(float(F.cross_entropy(scores[:, 1:].transpose(1, 2), x[:, 1:]))), 6)
@@ -275,6 +297,13 @@ class ARRecipe(Recipe):
     def targets(self, batch, frozen):
         return frozen[layout.TARGET_EMBEDDING][batch[layout.TOKENS].long()]  # E[x], (N, T, d)
 
+    def train_targets(self, y, batch, frozen, block, draw):
+        t = self.cfg.train
+        if t.mix_fraction <= 0:
+            return y
+        return mix_token_targets(frozen[layout.TARGET_EMBEDDING], batch[layout.TOKENS].long(), batch[INDEX],
+                                 t.seed, block, draw, t.mix_fraction)
+
     def build_block(self, block, frozen):
         m = self.model_cfg
         return ARBlock(m, layers_in_block(m, block), frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING])
@@ -314,8 +343,10 @@ class ARRecipe(Recipe):
 
     def evaluate(self, load_block, e2e, data, options):
         """bpc over positions 1..T-1 of non-overlapping windows of `data`: the baseline's causal
-        forward, or the blocks' chain from sigma_max given the true prefix (`decode`: the last
-        step's logits or the product of every step's beliefs); `bpc_stderr` over windows."""
+        forward, or the blocks' chain from sigma_max given the true prefix at every position, as
+        generation runs it: the readout's (`decode`: last logits or product of beliefs) probability
+        of the true token averaged over `eval_chains` initial noises; `bpc_stderr` over windows;
+        `per_block`: probes of the first chain (each block's readout, BPC of one chain alone)."""
         m, seed = self.model_cfg, self.cfg.train.seed
         t0 = time.perf_counter()
         steps = options.get("num_steps") or m.sample_steps
@@ -336,6 +367,8 @@ class ARRecipe(Recipe):
             x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
             n, t = x.shape
             last, product = torch.zeros(n, t, len(vocab)), torch.zeros(n, t, len(vocab))  # (n, T, V)
+            chains = torch.zeros(m.eval_chains, n, t - 1)  # log p(x_i) of each chain's readout
+            per_block: list[dict] = []
 
             def observe(b: int, rows: slice, i: int, logits: torch.Tensor | None) -> None:
                 assert logits is not None
@@ -343,14 +376,21 @@ class ARRecipe(Recipe):
                 product[rows] += torch.log_softmax(logits.float(), -1).cpu()
 
             def block_done(b: int) -> None:  # the chain's prediction so far: a probe per block
-                per_block.append({"block": b, "bpc_last": _bpc(last, x), "bpc_product": _bpc(product, x)})
+                if k == 0:
+                    per_block.append({"block": b, "bpc_last": _bpc(last, x),
+                                      "bpc_product": _bpc(product, x)})
 
-            per_block: list[dict] = []
-            z0 = initial_noise(torch.arange(n), (t, m.dim), m.num_blocks, seed)
-            run_chain(self, load_block, {layout.TOKENS: x}, z0, m.num_blocks, steps, batch_size=EVAL_BATCH,
-                      observe=observe, block_done=block_done)
-            scores = product if decode == "product" else last
-            nats = F.cross_entropy(scores[:, 1:].transpose(1, 2), x[:, 1:], reduction="none")  # (n, T-1)
+            for k in range(m.eval_chains):  # independent initial noise: the chain's own distribution
+                product.zero_()
+                eps = rng.gaussian(torch.arange(n), t * m.dim, seed, m.num_blocks, k)  # k = 0: initial_noise
+                eps = eps.float().view(n, t, m.dim)
+                run_chain(self, load_block, {layout.TOKENS: x}, SIGMA_MAX * eps, m.num_blocks, steps,
+                          batch_size=EVAL_BATCH, observe=observe, block_done=block_done)
+                scores = product if decode == "product" else last
+                chains[k] = torch.log_softmax(scores[:, 1:], -1).gather(-1, x[:, 1:, None])[..., 0]
+            # p(x_i | prefix) of generation at temperature 1: the readout's probabilities averaged over
+            # initial noise (a sharp readout commits to the token its chain chose)
+            nats = -(torch.logsumexp(chains, 0) - math.log(m.eval_chains))  # (n, T-1)
         per_window = nats.double().mean(1)
         n = len(per_window)
         return {
@@ -360,6 +400,7 @@ class ARRecipe(Recipe):
             "num_windows": n,
             "inference_steps": steps,
             "decode": decode,
+            "eval_chains": None if e2e is not None else m.eval_chains,
             "seconds": round(time.perf_counter() - t0, 3),
             "per_block": per_block,
         }
