@@ -81,6 +81,9 @@ def main() -> None:
     runs = {"blocks": args.workdir / "run_blocks", "e2e": args.workdir / "run_e2e"}
     train_seconds = train_both(args.config, store, runs, args.steps)
     judge = KneserNey.fit(Path(args.train_text).read_text(encoding="utf-8"))
+    import torch
+
+    torch.set_num_threads(cfg.train.threads or 1)  # sampling speed: single-shot; bench_lm_speed.py compares
     result: dict = {"config": args.config, "recipe": cfg.recipe, "steps": args.steps or cfg.train.steps,
                     "model": cfg.to_dict()["model"], "train_seconds_wall": train_seconds,
                     "valid": args.valid_text}
@@ -112,7 +115,7 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
     b, e = r["blocks"], r["e2e"]
     rows = [("held-out BPC (lower is better)", "bpc", 4), ("  standard error", "bpc_stderr", 4),
             ("judge BPC of samples (KN 5-gram)", "judge_bpc", 3), ("distinct 4-grams", "distinct_4", 3),
-            ("sampling: characters per second", "chars_per_second", 1)]
+            ("sampling: characters per second (one shot; see bench_lm_speed.py)", "chars_per_second", 1)]
     lines = [f"# {r['recipe']} on Shakespeare: DiffusionBlocks vs end-to-end", "",
              f"Command: `python benches/bench_lm.py {args.config} --workdir ... --json {args.json}`"
              + (f" --steps {args.steps}" if args.steps else ""), "",
