@@ -121,13 +121,20 @@ def test_ar_kv_cached_decoding_equals_the_training_forward(positions):
         bb = block.denoiser.backbone
         caches = None
         for i in range(t):  # grow the clean prefix one token at a time (prompt of 1, then decoding)
-            d_i, logits_i = block.decode_step(z[:, i], 0.7, i, caches)
+            d_i, logits_i, _ = block.decode_step(z[:, i], 0.7, i, caches)
             torch.testing.assert_close(d_i, d_full[:, i], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(logits_i, logits_full[:, i], atol=1e-5, rtol=1e-5)
             caches = bb.extend(x[:, i : i + 1], i, caches)
         prefill = bb.extend(x[:, :5], 0, None)  # a whole prompt at once gives the same cache
-        d_5, _ = block.decode_step(z[:, 5], 0.7, 5, prefill)
+        d_5, _, same = block.decode_step(z[:, 5], 0.7, 5, prefill)
         torch.testing.assert_close(d_5, d_full[:, 5], atol=1e-5, rtol=1e-5)
+        assert same is prefill
+        # fused: token 5 enters the cache in the pass that denoises position 6
+        d_6, _, fused = block.decode_step(z[:, 6], 0.7, 6, prefill, x[:, 5:6])
+        torch.testing.assert_close(d_6, d_full[:, 6], atol=1e-5, rtol=1e-5)
+        for (k1, v1), (k2, v2) in zip(fused, bb.extend(x[:, :6], 0, None), strict=True):
+            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])

@@ -9,8 +9,9 @@ the vocabulary from D_i, CE against x_i, weighted per sample by the run's `[trai
 
 The clean rows are conditioned on a learned constant, not on sigma (per-token adaLN: the noisy
 rows carry the noise embedding), so their keys and values do not depend on the noise level: each
-block keeps a KV cache of the clean prefix while decoding, and a new token costs one clean row and
-`sample_steps` noisy rows over the blocks. The Euler chain's D_hat is softmax(logits) @ E.
+block keeps a KV cache of the clean prefix while decoding; a new token costs `sample_steps` noisy
+rows over the blocks, and each block takes the previous token's clean row in the same pass as its
+first noisy row (the noisy row may see it). The Euler chain's D_hat is softmax(logits) @ E.
 
 Baseline (`--e2e`): a standard pre-LN next-token transformer of the same depth and width.
 BPC of both counts positions 1..T-1 of non-overlapping held-out windows (position 0 has no context
@@ -152,16 +153,26 @@ class ARBackbone(nn.Module):
             out.append(grown(past, kv))
         return out
 
-    def noisy_step(self, z_in: torch.Tensor, c_noise: torch.Tensor, pos: int, caches: Caches | None
-                   ) -> torch.Tensor:
+    def noisy_step(self, z_in: torch.Tensor, c_noise: torch.Tensor, pos: int, caches: Caches | None,
+                   new_token: torch.Tensor | None = None) -> tuple[torch.Tensor, Caches | None]:
         """Decoding: F (N, d) of one noisy row c_in*z (N, d) at position `pos` after the cached
-        clean prefix (tokens < pos)."""
+        clean prefix. With `new_token` (N, 1), the clean token at pos - 1 that the caches lack yet,
+        both rows run in one pass (the noisy row may see it: clean < pos) and the caches grow by it."""
         at = torch.tensor([pos], device=z_in.device)
         h = (self.z_embed(z_in) + self.embed.at(at))[:, None]  # (N, 1, d)
-        c = self.noise_embed(c_noise)  # (N, d)
+        c_noisy = self.noise_embed(c_noise)  # (N, d)
+        c = c_noisy
+        if new_token is not None:
+            h = torch.cat([self.embed(new_token, pos - 1), h], 1)  # (N, 2, d): clean, then noisy
+            c = torch.stack([self.clean_cond.expand(len(h), -1), c_noisy], 1)  # (N, 2, d), per row
+            at = torch.tensor([pos - 1, pos], device=z_in.device)
+        out = []
         for i, layer in enumerate(self.layers):
-            h, _ = layer.step(h, c, None if caches is None else caches[i], at)
-        return self.final(h[:, 0], c)  # (N, d)
+            past = None if caches is None else caches[i]
+            h, (k, v) = layer.step(h, c, past, at)
+            if new_token is not None:
+                out.append(grown(past, (k[:, :, :1], v[:, :, :1])))  # the clean row's keys only
+        return self.final(h[:, -1], c_noisy), (out if new_token is not None else caches)
 
 
 class ARBlock(nn.Module):
@@ -186,14 +197,17 @@ class ARBlock(nn.Module):
         d_hat = self.denoiser(z, sigma, x)
         return d_hat, self.head(d_hat)
 
-    def decode_step(self, z: torch.Tensor, sigma: float, pos: int, caches: Caches | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoding: D (N, d) and logits (N, V) of one noisy row z (N, d) at level sigma."""
+    def decode_step(self, z: torch.Tensor, sigma: float, pos: int, caches: Caches | None,
+                    new_token: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, Caches | None]:
+        """Decoding: D (N, d) and logits (N, V) of one noisy row z (N, d) at level sigma, and the
+        caches (grown by `new_token` when given, see `ARBackbone.noisy_step`)."""
         s = torch.full((len(z),), sigma, dtype=z.dtype, device=z.device)
         p = precond(s[:, None], self.denoiser.sigma_data)  # each (N, 1)
-        raw = self.denoiser.backbone.noisy_step(p.c_in * z, p.c_noise.reshape(-1), pos, caches)
+        raw, caches = self.denoiser.backbone.noisy_step(p.c_in * z, p.c_noise.reshape(-1), pos, caches,
+                                                        new_token)
         d_hat = p.c_skip * z + p.c_out * raw
-        return d_hat, self.head(d_hat)
+        return d_hat, self.head(d_hat), caches
 
 
 class ARBaseline(nn.Module):
@@ -442,13 +456,15 @@ class ARRecipe(Recipe):
         steps = euler_schedule(m.num_blocks, options.get("steps") or m.sample_steps)
         decode = options.get("decode") or m.decode
         caches = [b.denoiser.backbone.extend(x, 0, None) for b in blocks]
+        pending: list[torch.Tensor | None] = [None] * len(blocks)  # the last token, until a block caches it
         while x.shape[1] < length:
             pos = x.shape[1]
             z = SIGMA_MAX * torch.randn(len(x), m.dim, generator=g).to(x.device)  # (N, d)
             score = torch.zeros(len(x), len(blocks[0].vocab), device=x.device)
             for s in steps:
-                block = blocks[s.block]
-                _, logits = block.decode_step(z, s.sigma, pos, caches[s.block])
+                block, b = blocks[s.block], s.block
+                _, logits, caches[b] = block.decode_step(z, s.sigma, pos, caches[b], pending[b])
+                pending[b] = None
                 d_hat = torch.softmax(logits.float(), -1) @ block.target_embedding  # (N, d)
                 z = z + (s.sigma_next - s.sigma) * (z - d_hat) / s.sigma
                 if decode == "product":
@@ -457,9 +473,7 @@ class ARRecipe(Recipe):
                     score = logits
             nxt = pick(score, options, g)[:, None]
             x = torch.cat([x, nxt], 1)
-            if x.shape[1] < length:
-                caches = [b.denoiser.backbone.extend(nxt, pos, c)
-                          for b, c in zip(blocks, caches, strict=True)]
+            pending = [nxt] * len(blocks)  # cached by each block's next step, in the same pass
         return x
 
 
