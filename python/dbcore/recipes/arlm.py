@@ -40,7 +40,7 @@ from dbcore.partition import CONFIG_SIGMA_DISTS, euler_schedule
 from dbcore.recipes.base import NoiseRequest, Recipe
 from dbcore.recipes.lm import (
     EVAL_BATCH,
-    POSITIONS,
+    TextModelConfig,
     TokenEmbedding,
     bits,
     encode_prompt,
@@ -49,53 +49,35 @@ from dbcore.recipes.lm import (
     text_arrays,
     vocab_of,
 )
-from dbcore.recipes.vit import block_layers, layers_in_block, make_target_embedding
+from dbcore.recipes.vit import layers_in_block, make_target_embedding
 from dbcore.sampler import DECODES, run_chain
 
 Caches = list[KV]  # one (keys, values) of the clean prefix per layer of a block
 
 
 @dataclass
-class ARConfig:
-    """Model table of an AR LM run; `depth` layers split into `num_blocks` blocks."""
+class ARConfig(TextModelConfig):
+    """Model table of an AR LM run: the shared language-model keys and the noise and decoding's."""
 
-    seq_len: int = 128
-    stride: int = 0  # windows of the training text start every `stride` characters; 0 = seq_len
-    dim: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    num_blocks: int = 2
-    layer_split: list[int] | None = None  # layers per block, network order; None = depth / B each
     gamma: float = 0.05  # overlap of the block ranges (METHOD.md 3)
     sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
     target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12: unit norm, or scaled)
-    gate_init: float = 0.0  # adaLN gates at initialisation: 0 = adaLN-Zero
-    positions: str = "rope"  # rotary positions in every layer, or "learned" (a table added to the input)
     sample_steps: int = 4  # Euler steps per token in all, allotted to blocks (the paper's 4)
     decode: str = "last"  # the prediction: the last step's logits or the product of every step's
     eval_chains: int = 8  # BPC: chains from independent initial noise per position, probabilities averaged
 
     def __post_init__(self) -> None:
-        if self.seq_len < 2 or self.stride < 0:
-            raise ValueError(f"need seq_len >= 2 and stride >= 0, got {self.seq_len}, {self.stride}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        super().__post_init__()  # the shared keys first: num_blocks is valid below
         if self.sigma_dist not in CONFIG_SIGMA_DISTS:
             raise ValueError(f"sigma_dist must be one of {CONFIG_SIGMA_DISTS}, got {self.sigma_dist!r}")
         if self.sample_steps < self.num_blocks:
             raise ValueError(f"sample_steps {self.sample_steps} must be >= num_blocks {self.num_blocks}")
         if self.target_scale <= 0:
             raise ValueError(f"target_scale must be > 0, got {self.target_scale}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.eval_chains < 1:
             raise ValueError(f"eval_chains must be >= 1, got {self.eval_chains}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
-        if self.layer_split is not None:
-            self.layer_split = [int(n) for n in self.layer_split]
-        block_layers(self)  # validates depth, num_blocks and layer_split
 
 
 def ar_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ vocabulary the run was trained on (a character outside it is a clear error).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 from dbcore import layout
 from dbcore.layers import KV
 from dbcore.recipes.base import Frozen
+from dbcore.recipes.vit import block_layers
 from dbcore.sources import SourceError
 from dbcore.text import TextSource, Vocabulary, load_text
 
@@ -76,6 +78,34 @@ def bits(nats: float) -> float:
 
 
 POSITIONS = ("rope", "learned")  # rotary in every attention layer, or a learned table added to the input
+
+
+@dataclass
+class TextModelConfig:
+    """The [model] keys every language-model recipe shares; `depth` layers split into `num_blocks`
+    blocks. A recipe's config extends it and calls `super().__post_init__()`."""
+
+    seq_len: int = 128
+    stride: int = 0  # windows of the training text start every `stride` characters; 0 = seq_len
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    num_blocks: int = 2
+    layer_split: list[int] | None = None  # layers per block, network order; None = depth / B each
+    gate_init: float = 0.0  # adaLN gates at initialisation: 0 = adaLN-Zero
+    positions: str = "rope"  # rotary positions in every layer, or "learned" (a table added to the input)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.stride < 0:
+            raise ValueError(f"need seq_len >= 2 and stride >= 0, got {self.seq_len}, {self.stride}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.layer_split is not None:
+            self.layer_split = [int(n) for n in self.layer_split]
+        block_layers(self)  # validates depth, num_blocks and layer_split
 
 
 class TokenEmbedding(nn.Module):

@@ -34,7 +34,7 @@ from dbcore.layers import AdaLNFinal, AdaLNLayer, NoiseEmbedder
 from dbcore.recipes.base import Batch, Noised, NoiseRequest, Recipe
 from dbcore.recipes.lm import (
     EVAL_BATCH,
-    POSITIONS,
+    TextModelConfig,
     TokenEmbedding,
     bits,
     encode_prompt,
@@ -42,48 +42,30 @@ from dbcore.recipes.lm import (
     text_arrays,
     vocab_of,
 )
-from dbcore.recipes.vit import block_layers, layers_in_block
+from dbcore.recipes.vit import layers_in_block
 
 EVAL_SEED = 0x5EED  # counter-based draws of the BPC estimator, apart from any training seed
 MASK = -1  # a masked token in x_t; a model reads it as the last row of its token table
 
 
 @dataclass
-class MDLMConfig:
-    """Model table of an MDLM run; `depth` layers split into `num_blocks` blocks."""
+class MDLMConfig(TextModelConfig):
+    """Model table of an MDLM run: the shared language-model keys and the masking schedule's."""
 
-    seq_len: int = 128
-    stride: int = 0  # windows of the training text start every `stride` characters; 0 = seq_len
-    dim: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    num_blocks: int = 2
-    layer_split: list[int] | None = None  # layers per block, network order; None = depth / B each
     mask_eps: float = 1e-4  # e of alpha(t) = (1 - 2e)(1 - t) + e
     stratified: bool = False  # t stratified across a batch (MD4's low-variance draws), inside the slice
-    gate_init: float = 0.0  # adaLN gates at initialisation: 0 = adaLN-Zero
-    positions: str = "rope"  # rotary positions in every layer, or "learned" (a table added to the input)
     sample_steps: int = 128  # ancestral unmasking steps in all, allotted equally to blocks
     eval_draws: int = 2  # BPC: stratified t per window in each block's slice
 
     def __post_init__(self) -> None:
-        if self.seq_len < 2 or self.stride < 0:
-            raise ValueError(f"need seq_len >= 2 and stride >= 0, got {self.seq_len}, {self.stride}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        super().__post_init__()  # the shared keys first: num_blocks is valid below
         if not 0 < self.mask_eps < 0.5:
             raise ValueError(f"mask_eps must be in (0, 0.5), got {self.mask_eps}")
         if self.sample_steps < self.num_blocks or self.sample_steps % self.num_blocks:
             raise ValueError(f"sample_steps {self.sample_steps} must be a multiple of num_blocks "
                              f"{self.num_blocks}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.eval_draws < 1:
             raise ValueError(f"eval_draws must be >= 1, got {self.eval_draws}")
-        if self.layer_split is not None:
-            self.layer_split = [int(n) for n in self.layer_split]
-        block_layers(self)  # validates depth, num_blocks and layer_split
 
 
 def time_slice(block: int, num_blocks: int) -> tuple[float, float]:
