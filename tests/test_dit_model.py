@@ -17,13 +17,7 @@ from dbcore.recipes.dit_model import (
 )
 from dbcore.recipes.vit import layers_in_block
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(cfg, n=6, seed=0):

@@ -12,13 +12,7 @@ from dbcore.recipes import for_config
 from dbcore.recipes.vit import ViTBlock, make_target_embedding
 from dbcore.sampler import initial_noise, level_before, run_chain
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Loader:

@@ -20,13 +20,7 @@ from dbcore.recipes.vit import (
     vit_tiny,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _block(cfg, b, seed=0):
