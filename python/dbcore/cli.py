@@ -149,7 +149,7 @@ def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, as_json):
 @click.option("--prompt", default=None, help="text: the beginning of every text")
 @click.option("--temperature", type=float, default=None, help="text: softmax temperature (default 1)")
 @click.option("--top-k", type=int, default=None, help="text: sample among the k likeliest tokens")
-@click.option("--greedy", is_flag=True, help="text (autoregressive): the likeliest token every time")
+@click.option("--greedy", is_flag=True, help="text: the likeliest token every time")
 def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, prompt, temperature, top_k,
            greedy):
     """Samples of a generating run, one block in memory at a time: a PNG grid (DiT) or texts (LMs)."""

@@ -46,6 +46,7 @@ from dbcore.recipes.lm import (
     encode_prompt,
     eval_windows,
     grown,
+    pick,
     text_arrays,
     vocab_of,
 )
@@ -251,18 +252,6 @@ def mix_token_targets(emb: torch.Tensor, x: torch.Tensor, sample: torch.Tensor, 
 def _bpc(scores: torch.Tensor, x: torch.Tensor) -> float:
     """Bits per character of scores (n, T, V) (logits or log-beliefs) at positions 1..T-1 of x."""
     return round(bits(float(F.cross_entropy(scores[:, 1:].transpose(1, 2), x[:, 1:]))), 6)
-
-
-def pick(logits: torch.Tensor, options: dict, g: torch.Generator) -> torch.Tensor:
-    """Next tokens (N,) from logits (N, V): greedy, or sampled with temperature and top-k."""
-    if options.get("greedy"):
-        return logits.argmax(-1)
-    logits = logits.float() / float(options.get("temperature") or 1.0)
-    k = options.get("top_k")
-    if k:
-        kth = logits.topk(min(int(k), logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    return torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g)[:, 0].to(logits.device)
 
 
 class ARRecipe(Recipe):

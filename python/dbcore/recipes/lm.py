@@ -73,6 +73,19 @@ def grown(past: KV | None, new: KV) -> KV:
     return torch.cat([past[0], new[0]], 2), torch.cat([past[1], new[1]], 2)
 
 
+def pick(logits: torch.Tensor, options: dict, g: torch.Generator) -> torch.Tensor:
+    """Tokens (N,) from logits (N, V): greedy, or sampled with temperature and top-k (`dbcore sample`'s
+    --greedy, --temperature, --top-k)."""
+    if options.get("greedy"):
+        return logits.argmax(-1)
+    logits = logits.float() / float(options.get("temperature") or 1.0)
+    k = options.get("top_k")
+    if k:
+        kth = logits.topk(min(int(k), logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g)[:, 0].to(logits.device)
+
+
 def bits(nats: float) -> float:
     return nats / math.log(2)
 

@@ -39,6 +39,7 @@ from dbcore.recipes.lm import (
     bits,
     encode_prompt,
     eval_windows,
+    pick,
     text_arrays,
     vocab_of,
 )
@@ -259,7 +260,8 @@ class MDLMRecipe(Recipe):
     def sample_text(self, load_block: Any, e2e: nn.Module | None, options: dict) -> list[str]:
         """`num` texts of `length` characters (prompt included, at most seq_len): ancestral
         unmasking over `steps` steps from t = 1 to 0, allotted equally to blocks; a masked token is
-        revealed from t to s with probability (alpha_s - alpha_t) / (1 - alpha_t), all at the end."""
+        revealed from t to s with probability (alpha_s - alpha_t) / (1 - alpha_t), all at the end, as
+        drawn by `pick` (temperature, top-k) or the likeliest token (greedy)."""
         m = self.model_cfg
         steps = options.get("steps") or m.sample_steps
         if steps % m.num_blocks:
@@ -277,7 +279,6 @@ class MDLMRecipe(Recipe):
         x[:, : len(prompt)] = prompt
         grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         per_block = steps // m.num_blocks
-        temperature = float(options.get("temperature") or 1.0)
         for b in range(m.num_blocks):
             model, first = (first if b == 0 else models(b)), None
             model.eval()
@@ -290,9 +291,7 @@ class MDLMRecipe(Recipe):
                     reveal = 1.0 if i == steps - 1 else (p_t - p_s) / p_t
                     tt = torch.full((num,), t, device=device)
                     logits = model(_pad(x, m.seq_len).to(device), tt)[:, :length].float().cpu()
-                    probs = torch.softmax(logits / temperature, dim=-1)  # (N, L, V)
-                    draw = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=g)
-                    draw = draw.view(num, length)
+                    draw = pick(logits.reshape(-1, logits.shape[-1]), options, g).view(num, length)  # (N, L)
                     masked = x == MASK
                     now = masked & (torch.rand(num, length, generator=g, dtype=torch.float64) < reveal)
                     x = torch.where(now, draw, x)
