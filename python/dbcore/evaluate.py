@@ -45,13 +45,16 @@ def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | N
     """One JSON-able dict: the recipe's report of the run on `data`, with the run's kind."""
     info, cfg = load_run(run)
     recipe = for_config(cfg)
-    kind = info["kind"]
     opts = {"num_steps": num_steps, "decode": decode, "store": info.get("store"), "data": data, **options}
+    report = recipe.evaluate(*_models(run, info["kind"], recipe), data, opts)
+    return {"kind": info["kind"], "recipe": cfg.recipe, "data": data, **report}
+
+
+def _models(run: Path, kind: str, recipe: Recipe) -> tuple:
+    """(load_block, None) of a chain of blocks, or (None, the model) of an end-to-end run."""
     if kind == "e2e":
-        report = recipe.evaluate(None, load_e2e(run, recipe), data, opts)
-    else:
-        report = recipe.evaluate(block_loader(run, kind, recipe), None, data, opts)
-    return {"kind": kind, "recipe": cfg.recipe, "data": data, **report}
+        return None, load_e2e(run, recipe)
+    return block_loader(run, kind, recipe), None
 
 
 def sample_text_run(run: Path, options: dict) -> list[str]:
@@ -62,6 +65,4 @@ def sample_text_run(run: Path, options: dict) -> list[str]:
     if recipe.source_kind != "text":
         raise rundir.RunError(f"run {run}: recipe {cfg.recipe!r} does not generate text")
     opts = {"seed": cfg.train.seed, **{k: v for k, v in options.items() if v is not None}}
-    if info["kind"] == "e2e":
-        return recipe.sample_text(None, load_e2e(run, recipe), opts)
-    return recipe.sample_text(block_loader(run, info["kind"], recipe), None, opts)
+    return recipe.sample_text(*_models(run, info["kind"], recipe), opts)
