@@ -16,7 +16,9 @@ from dbcore.recipes.base import Recipe, decayed_parameters
 
 def _cfg(recipe="vit", **model):
     base = {"dim": 32, "depth": 2, "heads": 2, "num_blocks": 2}
-    if recipe_class(recipe).source_kind == "images":
+    if recipe == "looped":  # one block: the core shared by every iteration
+        base = {"dim": 32, "heads": 2, "seq_len": 16, "prelude_layers": 1, "core_layers": 1, "coda_layers": 1}
+    elif recipe_class(recipe).source_kind == "images":
         base |= {"image_size": 8, "patch_size": 2}
     else:
         base |= {"seq_len": 16, "sample_steps": 4}
@@ -28,19 +30,21 @@ def test_every_registered_recipe_builds_blocks_that_share_nothing(name):
     recipe = for_config(_cfg(name))
     assert isinstance(recipe, Recipe) and recipe_class(name).name == name
     frozen = recipe.example_frozen()
-    b0, b1 = recipe.build_block(0, frozen), recipe.build_block(1, frozen)
+    m = recipe.model_cfg
+    ids = [0, 1 % m.num_blocks]  # two blocks (block 0 twice for a one-block recipe)
+    b0, b1 = (recipe.build_block(b, frozen) for b in ids)
     ptrs = [{p.data_ptr() for p in b.parameters()} for b in (b0, b1)]
     assert not ptrs[0] & ptrs[1]
-    assert len(b0.layers) == len(b1.layers) == 1
+    assert len(b0.layers) == len(b1.layers) == m.depth // m.num_blocks
     batch = recipe.example_batch(4, frozen, torch.device("cpu"))
     from dbcore.memory import _noised, training_loss
 
-    for block, b in ((b0, 0), (b1, 1)):
+    for block, b in zip((b0, b1), ids, strict=True):
         loss = training_loss(recipe, block, batch, frozen, b, _noised(recipe, batch, frozen, b))
         loss.backward()
         assert torch.isfinite(loss)
     e2e = recipe.build_e2e(frozen)
-    assert len(e2e.layers) == 2
+    assert len(e2e.layers) == m.depth
     noised = _noised(recipe, batch, frozen, None) if recipe.e2e_noise else None
     assert torch.isfinite(training_loss(recipe, e2e, batch, frozen, None, noised))
 

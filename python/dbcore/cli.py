@@ -116,13 +116,15 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
 @click.option("--cfg-scale", type=float, default=None, help="generator: guidance scale (default: config)")
 @click.option("--sampler", type=click.Choice(["euler", "heun"]), default=None,
               help="generator: Euler (the paper's) or Heun's second-order step")
+@click.option("--chains", type=click.IntRange(min=1), default=None,
+              help="AR and looped LMs: initial states per position, readouts averaged (default: config)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, as_json):
+def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, as_json):
     """The recipe's report of a DiffusionBlocks or end-to-end run (accuracy; FID and class accuracy; BPC)."""
     from dbcore.evaluate import evaluate
 
     result = _run_safely(evaluate, run, source, steps, decode, num_samples=num_samples,
-                         cfg_scale=cfg_scale, sampler=sampler)
+                         cfg_scale=cfg_scale, sampler=sampler, eval_chains=chains)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from dbcore import checkpoint, rundir, store
 from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
+from dbcore.flops import Ledger
 from dbcore.recipes.base import Batch, decayed_parameters
 
 LOG_EVERY = 25
@@ -74,13 +75,17 @@ def _save(base: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict) 
     return checkpoint.save(base, {**tensors, **optim}, {**meta, "param_groups": groups})
 
 
-def _resume(base: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream) -> int:
+def _resume(base: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream,
+            ledger: Ledger | None) -> int:
     if not checkpoint.exists(base):
         return 0
     tensors, meta = checkpoint.load(base)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     _load_optim(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["param_groups"])
     stream.load_state_dict(meta["stream"])
+    if ledger is not None and "compute" in meta:
+        restored = Ledger.from_json(meta["compute"])
+        ledger.passes, ledger.flops = restored.passes, restored.flops
     return int(meta["step"])
 
 
@@ -104,12 +109,13 @@ def _batches(stream: BatchStream) -> Iterator[NumpyBatch]:
 
 
 def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], torch.Tensor], cfg: Config,
-                run: Path, stream: BatchStream, progress: bool) -> dict:
-    """Shared loop of a block and of the end-to-end model: LR, clipping, checkpoints, metrics."""
+                run: Path, stream: BatchStream, progress: bool, ledger: Ledger | None = None) -> dict:
+    """Shared loop of a block and of the end-to-end model: LR, clipping, checkpoints, metrics.
+    `ledger`: the compute that `step_loss` books per step, kept in checkpoints and metrics."""
     t = cfg.train
     base = rundir.checkpoint_base(run, name)
     opt = make_optimizer(model, cfg)
-    start = _resume(base, model, opt, stream)
+    start = _resume(base, model, opt, stream, ledger)
     meta = {"name": name, "recipe": cfg.recipe, "total_steps": t.steps,
             "config_fingerprint": cfg.fingerprint()}
     if start >= t.steps:
@@ -136,16 +142,18 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], to
         if done % LOG_EVERY == 0 or done == t.steps:
             elapsed = time.perf_counter() - t0
             mean_loss = float(loss_sum) / loss_count  # the only host sync of the loop
-            rundir.log_metrics(run, {"name": name, "step": done, "loss": mean_loss, "lr": lr,
-                                     "elapsed_s": round(elapsed, 3),
-                                     "data_wait_fraction": round(wait / elapsed, 5)})
+            line = {"name": name, "step": done, "loss": mean_loss, "lr": lr, "elapsed_s": round(elapsed, 3),
+                    "data_wait_fraction": round(wait / elapsed, 5)}
+            rundir.log_metrics(run, line if ledger is None else {**line, "compute": ledger.to_json()})
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             loss_sum, loss_count = torch.zeros((), device=loss.device), 0
         if done % t.checkpoint_every == 0 or done == t.steps:
+            compute = {} if ledger is None else {"compute": ledger.to_json()}
             _save(base, model, opt, {**meta, "step": done, "done": done == t.steps,
-                                     "stream": stream.state_dict()})
+                                     "stream": stream.state_dict(), **compute})
     bar.close()
     stream.close()
     elapsed = time.perf_counter() - t0
-    return {"name": name, "resumed_at": start, "steps": t.steps - start, "seconds": round(elapsed, 3),
-            "data_wait_fraction": round(wait / elapsed, 5)}
+    result = {"name": name, "resumed_at": start, "steps": t.steps - start, "seconds": round(elapsed, 3),
+              "data_wait_fraction": round(wait / elapsed, 5)}
+    return result if ledger is None else {**result, "compute": ledger.to_json()}

@@ -19,11 +19,12 @@ from dbcore import layout, rundir, store
 from dbcore.chain import chain_states_for
 from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
+from dbcore.flops import Ledger
 from dbcore.kernels import resolve_backend
 from dbcore.loop import NumpyBatch, noise_seed, resolve_device, to_device, train_loop
 from dbcore.paper_shared import train_paper_shared
 from dbcore.recipes import for_config
-from dbcore.recipes.base import read_frozen
+from dbcore.recipes.base import Frozen, Recipe, read_frozen
 from dbcore.rundir import RunError
 
 __all__ = ["RunError", "check_store", "train_block", "train_e2e", "train_run"]
@@ -66,6 +67,7 @@ def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: 
     stream = BatchStream.for_block(store_path, block, t.batch_size, arrays=recipe.stream_arrays,
                                    gaussians=gaussians, uniforms=req.uniforms, seed=t.seed, drop_last=True)
     law, seed = recipe.sigma_law(block), noise_seed(s)
+    ledger, flops = compute_ledger(recipe, t.batch_size, frozen)
 
     def step_loss(b: NumpyBatch) -> torch.Tensor:
         batch = to_device(b, recipe.stream_arrays, device)
@@ -81,9 +83,11 @@ def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: 
             noised.z, noised.sigma = noised.z.clone(), noised.sigma.clone()
             noised.z[:take] = chain[0][idx].to(device, noised.z.dtype)
             noised.sigma[:take] = chain[1][idx].to(device)
+        if ledger is not None:
+            ledger.add(recipe.step_passes("block", noised), flops)
         return recipe.block_loss(model, batch, noised, recipe.loss_weights(noised), backend)
 
-    return train_loop(rundir.block_name(block), model, step_loss, cfg, run, stream, progress)
+    return train_loop(rundir.block_name(block), model, step_loss, cfg, run, stream, progress, ledger)
 
 
 def e2e_noise_key(cfg: Config) -> int:
@@ -110,17 +114,26 @@ def train_e2e(cfg: Config, store_path: Path, run: Path, progress: bool = True,
         noise = (seed, key, 0 if backend == "cupy" else req.gaussians, req.uniforms)
     stream = BatchStream(store_path, list(recipe.stream_arrays), t.batch_size, seed=t.seed,
                          drop_last=True, noise=noise)
+    ledger, flops = compute_ledger(recipe, t.batch_size, frozen)
 
     def step_loss(b: NumpyBatch) -> torch.Tensor:
         batch = to_device(b, recipe.stream_arrays, device)
-        if not recipe.e2e_noise:
-            return recipe.e2e_loss(model, batch, None, None, backend)
-        draw = stream.epoch
-        y = recipe.targets(batch, frozen)
-        noised = recipe.noise(b, y, key, draw, recipe.e2e_law(), seed, backend)
-        return recipe.e2e_loss(model, batch, noised, recipe.loss_weights(noised), backend)
+        noised = None
+        if recipe.e2e_noise:
+            y = recipe.targets(batch, frozen)
+            noised = recipe.noise(b, y, key, stream.epoch, recipe.e2e_law(), seed, backend)
+        if ledger is not None:
+            ledger.add(recipe.step_passes("e2e", noised), flops)
+        w = None if noised is None else recipe.loss_weights(noised)
+        return recipe.e2e_loss(model, batch, noised, w, backend)
 
-    return train_loop(rundir.E2E, model, step_loss, cfg, run, stream, progress)
+    return train_loop(rundir.E2E, model, step_loss, cfg, run, stream, progress, ledger)
+
+
+def compute_ledger(recipe: Recipe, batch_size: int, frozen: Frozen) -> tuple[Ledger | None, dict[str, float]]:
+    """An empty compute ledger and the modules' forward FLOPs per pass, if the recipe keeps one."""
+    flops = recipe.pass_flops(batch_size, frozen)
+    return (Ledger() if flops else None), flops
 
 
 # ----------------------------------------------------------------------------- a whole run

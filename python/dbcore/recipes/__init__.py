@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {  # recipe name -> "module:class"
     "dit": "dbcore.recipes.dit:DiTRecipe",
     "mdlm": "dbcore.recipes.mdlm:MDLMRecipe",
     "arlm": "dbcore.recipes.arlm:ARRecipe",
+    "looped": "dbcore.recipes.looped:LoopedRecipe",
 }
 
 

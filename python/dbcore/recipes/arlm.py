@@ -336,6 +336,7 @@ class ARRecipe(Recipe):
         t0 = time.perf_counter()
         steps = options.get("num_steps") or m.sample_steps
         decode = options.get("decode") or m.decode
+        num_chains = options.get("eval_chains") or m.eval_chains
         if e2e is not None:
             vocab = vocab_of({layout.VOCAB: e2e.vocab})
             x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
@@ -352,7 +353,7 @@ class ARRecipe(Recipe):
             x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
             n, t = x.shape
             last, product = torch.zeros(n, t, len(vocab)), torch.zeros(n, t, len(vocab))  # (n, T, V)
-            chains = torch.zeros(m.eval_chains, n, t - 1)  # log p(x_i) of each chain's readout
+            chains = torch.zeros(num_chains, n, t - 1)  # log p(x_i) of each chain's readout
             per_block: list[dict] = []
 
             def observe(b: int, rows: slice, i: int, logits: torch.Tensor | None) -> None:
@@ -365,7 +366,7 @@ class ARRecipe(Recipe):
                     per_block.append({"block": b, "bpc_last": _bpc(last, x),
                                       "bpc_product": _bpc(product, x)})
 
-            for k in range(m.eval_chains):  # independent initial noise: the chain's own distribution
+            for k in range(num_chains):  # independent initial noise: the chain's own distribution
                 product.zero_()
                 eps = rng.gaussian(torch.arange(n), t * m.dim, seed, m.num_blocks, k)  # k = 0: initial_noise
                 eps = eps.float().view(n, t, m.dim)
@@ -375,7 +376,7 @@ class ARRecipe(Recipe):
                 chains[k] = torch.log_softmax(scores[:, 1:], -1).gather(-1, x[:, 1:, None])[..., 0]
             # p(x_i | prefix) of generation at temperature 1: the readout's probabilities averaged over
             # initial noise (a sharp readout commits to the token its chain chose)
-            nats = -(torch.logsumexp(chains, 0) - math.log(m.eval_chains))  # (n, T-1)
+            nats = -(torch.logsumexp(chains, 0) - math.log(num_chains))  # (n, T-1)
         per_window = nats.double().mean(1)
         n = len(per_window)
         return {
@@ -385,7 +386,7 @@ class ARRecipe(Recipe):
             "num_windows": n,
             "inference_steps": steps,
             "decode": decode,
-            "eval_chains": None if e2e is not None else m.eval_chains,
+            "eval_chains": None if e2e is not None else num_chains,
             "seconds": round(time.perf_counter() - t0, 3),
             "per_block": per_block,
         }

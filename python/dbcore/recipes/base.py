@@ -136,7 +136,17 @@ class Recipe(ABC):
         """The baseline's loss of one batch (`noised` and weights `w` are drawn over the whole
         noise range when `e2e_noise` is True, else None)."""
 
-    e2e_noise: ClassVar[bool] = False  # True: the baseline is itself a denoiser over all sigma
+    e2e_noise: ClassVar[bool] = False  # True: the baseline draws noise over all sigma (or uniforms)
+
+    def step_passes(self, kind: str, noised: Noised | None) -> dict[str, tuple[int, int]] | None:
+        """(forward, backward) passes of each module in one training step of `kind` ("block" or
+        "e2e"), for the run's compute ledger (`dbcore.flops.Ledger`); None: the recipe keeps none."""
+        return None
+
+    def pass_flops(self, batch_size: int, frozen: Frozen) -> dict[str, float]:
+        """Forward FLOPs of one pass of each module that `step_passes` names, over a training batch;
+        empty: the recipe keeps no compute ledger."""
+        return {}
 
     def example_batch(self, batch_size: int, frozen: Frozen, device: torch.device) -> Batch:
         """A random batch of the streamed arrays (memory benchmarks)."""

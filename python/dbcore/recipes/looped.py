@@ -1,0 +1,455 @@
+"""Recurrent-depth (looped) LM (METHOD.md 7, 11 "Recurrent-depth"; Huginn, Geiping et al. 2025).
+
+Both models share one layout. The prelude (causal layers over the tokens x_0..x_{T-2}) gives the
+context e; a core of `core_layers` layers is applied K times to a state s (N, T-1, d), each time
+reading adapter(concat(s, e)); a coda reads the state and gives next-token logits: row i predicts
+x_{i+1}. Attention is causal over positions everywhere, so row i carries nothing of tokens after
+x_{i+1}, the one it predicts, and at iteration k it sees the earlier rows' iteration-k states (the
+KV caches of generation hold exactly those).
+
+DiffusionBlocks (a "blocks" run of one block: every iteration shares the core's weights, so the
+whole noise range is the core's): the state is the noisy next-token embedding z_i = E[x_{i+1}] +
+sigma eps_i (E frozen, unit-norm rows; one sigma per sequence, log-normal over the full range).
+D = c_skip z + c_out F with F the core's output; the coda reads D, and softmax(logits) @ E is the
+D_hat of the Euler step (METHOD.md 12). Training runs the prelude, the core and the coda once at
+the sampled sigma: no unrolling, no back-propagation through time. Inference: K Euler steps from
+sigma_max (`euler_schedule(1, K)`), the last logits are the prediction.
+
+Baseline (`--e2e`, Huginn's recipe at small scale): a random initial state, r ~ Poisson-lognormal
+iterations around `train_iterations` per step, gradients through the last `backprop_iterations`
+only (truncated BPTT), the coda on the final state.
+
+Both are evaluated with K iterations chosen at inference (test-time depth); a random initial state
+makes either model's prediction depend on the noise, so BPC averages the readout's probabilities
+over `eval_chains` initial states (as the AR recipe does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbcore import layout, rng
+from dbcore.data import EPS, INDEX, UNIFORMS
+from dbcore.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, precond
+from dbcore.flops import layer_flops, linear_flops
+from dbcore.layers import KV, LN_EPS, NoiseEmbedder, PreLNLayer
+from dbcore.partition import SIGMA_DISTS, euler_schedule
+from dbcore.recipes.arlm import mix_token_targets
+from dbcore.recipes.base import Noised, NoiseRequest, Recipe
+from dbcore.recipes.lm import (
+    EVAL_BATCH,
+    TextModelConfig,
+    TokenEmbedding,
+    bits,
+    encode_prompt,
+    eval_windows,
+    grown,
+    pick,
+    text_arrays,
+    vocab_of,
+)
+from dbcore.recipes.vit import make_target_embedding
+
+Caches = list[KV]  # one (keys, values) per layer of a stack
+HUGINN_SIGMA = 0.5  # std of ln(rate) of the Poisson-lognormal iteration count (Huginn)
+BASELINE_LAW = (1.0, 1.0, "loguniform")  # the baseline's "noise": unit eps alone, its initial state
+MODULES = ("prelude", "core", "coda")  # the modules whose passes a training step counts
+
+
+@dataclass
+class LoopedConfig(TextModelConfig):
+    """Model table of a looped run: prelude, core and coda sizes, iterations, noise and evaluation."""
+
+    depth: int = 0  # prelude + core + coda layers; 0 = their sum (set below)
+    num_blocks: int = 1  # the core is one denoiser over the whole noise range
+    prelude_layers: int = 2
+    core_layers: int = 2
+    coda_layers: int = 2
+    iterations: int = 8  # K at inference (test-time depth; `--steps` overrides)
+    train_iterations: int = 8  # baseline: mean iterations per training step (Huginn's r-bar)
+    backprop_iterations: int = 4  # baseline: gradients through the last k iterations only
+    init_std: float = 1.0  # baseline: std of the random initial state
+    sigma_dist: str = "lognormal"  # DiffusionBlocks: sigma over the full range, lognormal or loguniform
+    target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12)
+    eval_chains: int = 8  # BPC: readout probabilities averaged over this many initial states
+
+    def __post_init__(self) -> None:
+        layers = self.prelude_layers + self.core_layers + self.coda_layers
+        if min(self.prelude_layers, self.coda_layers) < 0 or self.core_layers < 1:
+            raise ValueError("need prelude_layers >= 0, core_layers >= 1, coda_layers >= 0, got "
+                             f"{self.prelude_layers}, {self.core_layers}, {self.coda_layers}")
+        if self.depth == 0:
+            self.depth = layers
+        if self.depth != layers:
+            raise ValueError(f"depth {self.depth} is not prelude + core + coda layers = {layers}")
+        if self.num_blocks != 1:
+            raise ValueError(f"num_blocks must be 1 (every iteration shares the core), got {self.num_blocks}")
+        if self.layer_split is not None:
+            raise ValueError("layer_split does not apply to a looped model: set prelude/core/coda_layers")
+        super().__post_init__()
+        if min(self.iterations, self.train_iterations, self.backprop_iterations, self.eval_chains) < 1:
+            raise ValueError("iterations, train_iterations, backprop_iterations and eval_chains must be >= 1")
+        if self.sigma_dist not in SIGMA_DISTS:
+            raise ValueError(f"sigma_dist must be one of {SIGMA_DISTS}, got {self.sigma_dist!r}")
+        if self.target_scale <= 0 or self.init_std <= 0:
+            raise ValueError(f"target_scale and init_std must be > 0, got {self.target_scale}, "
+                             f"{self.init_std}")
+
+
+def causal_stack(layers: nn.ModuleList, h: torch.Tensor, start: int, past: Caches | None
+                 ) -> tuple[torch.Tensor, Caches]:
+    """Rows h (N, t, d) at positions start.. through causal pre-LN layers after the cached prefix
+    `past` (None: no prefix); returns (N, t, d) and every layer's grown cache."""
+    pos = torch.arange(start, start + h.shape[1], device=h.device)
+    caches = []
+    for i, layer in enumerate(layers):
+        p = None if past is None else past[i]
+        h, kv = layer.step(h, p, pos)  # causal among the new rows, all of the prefix
+        caches.append(grown(p, kv))
+    return h, caches
+
+
+class LoopedLM(nn.Module):
+    """What both models share: tokens, prelude, adapter, core, coda, head; E and vocab frozen."""
+
+    def __init__(self, cfg: LoopedConfig, vocab: torch.Tensor, emb: torch.Tensor) -> None:
+        super().__init__()
+        if tuple(emb.shape) != (len(vocab), cfg.dim):
+            raise ValueError(f"target embedding is {tuple(emb.shape)}, expected ({len(vocab)}, {cfg.dim})")
+        self.register_buffer(layout.VOCAB, vocab.clone().long())
+        self.register_buffer(layout.TARGET_EMBEDDING, emb.detach().float().clone())
+        d, rope = cfg.dim, cfg.positions == "rope"
+
+        def stack(n: int) -> nn.ModuleList:
+            return nn.ModuleList(PreLNLayer(d, cfg.heads, cfg.mlp_ratio, rope) for _ in range(n))
+
+        self.embed = TokenEmbedding(len(vocab), cfg.seq_len, d, cfg.positions)
+        self.prelude = stack(cfg.prelude_layers)
+        self.adapter = nn.Linear(2 * d, d)  # concat(state, context) -> the core's input
+        self.core = stack(cfg.core_layers)
+        self.coda_in = nn.Linear(d, d)
+        self.coda = stack(cfg.coda_layers)
+        self.norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.head = nn.Linear(d, len(vocab))
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return nn.ModuleList([*self.prelude, *self.core, *self.coda])
+
+    def context(self, x: torch.Tensor, start: int = 0, past: Caches | None = None
+                ) -> tuple[torch.Tensor, Caches]:
+        """The prelude's output e (N, t, d) of tokens x (N, t) at positions start.., and its caches."""
+        return causal_stack(self.prelude, self.embed(x, start), start, past)
+
+    def read(self, v: torch.Tensor, start: int = 0, past: Caches | None = None
+             ) -> tuple[torch.Tensor, Caches]:
+        """The coda's next-token logits (N, t, V) of states v (N, t, d), and its caches."""
+        h, caches = causal_stack(self.coda, self.coda_in(v), start, past)
+        return self.head(self.norm(h)), caches
+
+
+class LoopedDenoiser(LoopedLM):
+    """DiffusionBlocks: the core is a denoiser of the next-token embedding at noise level sigma."""
+
+    def __init__(self, cfg: LoopedConfig, vocab: torch.Tensor, emb: torch.Tensor) -> None:
+        super().__init__(cfg, vocab, emb)
+        d = cfg.dim
+        self.noise_embed = NoiseEmbedder(d)
+        self.core_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.out = nn.Linear(d, d)  # F; zero-initialised: a fresh core has D = c_skip * z
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def denoise(self, z: torch.Tensor, sigma: torch.Tensor, e: torch.Tensor, start: int = 0,
+                past: tuple[Caches, Caches] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[Caches, Caches]]:
+        """z (N, t, d) at levels sigma (N,), context e (N, t, d) -> D (N, t, d), logits (N, t, V)
+        and the (core, coda) caches of this iteration."""
+        p = precond(sigma.view(-1, 1, 1), SIGMA_DATA)  # each (N, 1, 1)
+        h = self.adapter(torch.cat([p.c_in * z, e], -1))  # (N, t, d)
+        h = h + self.noise_embed(p.c_noise.view(-1))[:, None]  # (N, t, d)
+        h, core_caches = causal_stack(self.core, h, start, None if past is None else past[0])
+        d_hat = p.c_skip * z + p.c_out * self.out(self.core_norm(h))  # METHOD.md 2
+        logits, coda_caches = self.read(d_hat, start, None if past is None else past[1])
+        return d_hat, logits, (core_caches, coda_caches)
+
+
+class LoopedBPTT(LoopedLM):
+    """Huginn's baseline: the core maps the state to the next state; the coda reads the last."""
+
+    def __init__(self, cfg: LoopedConfig, vocab: torch.Tensor, emb: torch.Tensor) -> None:
+        super().__init__(cfg, vocab, emb)
+        self.state_norm = nn.LayerNorm(cfg.dim, eps=LN_EPS)
+
+    def iterate(self, s: torch.Tensor, e: torch.Tensor, start: int = 0, past: Caches | None = None
+                ) -> tuple[torch.Tensor, Caches]:
+        """One iteration: state s (N, t, d), context e (N, t, d) -> next state (N, t, d), caches."""
+        h, caches = causal_stack(self.core, self.adapter(torch.cat([s, e], -1)), start, past)
+        return self.state_norm(h), caches
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def run_iterations(model: LoopedLM, e: torch.Tensor, noise: torch.Tensor, iterations: int, start: int = 0,
+                   caches: list | None = None, init_std: float = 1.0
+                   ) -> tuple[torch.Tensor, list]:
+    """Logits (N, t, V) of rows with context e (N, t, d) at positions start.. after `iterations`
+    iterations from the initial noise (N, t, d), and the caches of every iteration (given: the
+    prefix's, grown by these rows). The denoiser takes Euler steps from sigma_max with D_hat =
+    softmax(logits) @ E; the baseline iterates its core from init_std * noise, then the coda reads."""
+    grown_caches = []
+    if isinstance(model, LoopedDenoiser):
+        z = SIGMA_MAX * noise
+        for k, s in enumerate(euler_schedule(1, iterations)):
+            sigma = torch.full((len(z),), s.sigma, device=z.device)
+            _, logits, c = model.denoise(z, sigma, e, start, None if caches is None else caches[k])
+            d_hat = torch.softmax(logits.float(), -1) @ model.target_embedding  # METHOD.md 12
+            z = z + (s.sigma_next - s.sigma) * (z - d_hat) / s.sigma
+            grown_caches.append(c)
+        return logits, grown_caches
+    state = init_std * noise
+    for k in range(iterations):
+        state, c = model.iterate(state, e, start, None if caches is None else caches[k])
+        grown_caches.append(c)
+    logits, c = model.read(state, start, None if caches is None else caches[iterations])
+    return logits, grown_caches + [c]
+
+
+def poisson_lognormal(u_rate: float, u_count: float, mean: int) -> int:
+    """Huginn's iteration count from two uniforms (inverse CDFs): tau ~ N(ln mean - s^2/2, s^2),
+    r ~ Poisson(e^tau) + 1, so E[r] = mean + 1."""
+    rate = math.exp(math.log(mean) - HUGINN_SIGMA**2 / 2 + HUGINN_SIGMA * NormalDist().inv_cdf(u_rate))
+    k, p = 0, math.exp(-rate)
+    cdf = p
+    while cdf < u_count and p > 0:
+        k += 1
+        p *= rate / k
+        cdf += p
+    return k + 1
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+class LoopedRecipe(Recipe):
+    name = "looped"
+    config_class = LoopedConfig
+    stream_arrays = (layout.TOKENS,)
+    cond_arrays = (layout.TOKENS,)
+    frozen_arrays = (layout.VOCAB, layout.TARGET_EMBEDDING)
+    cache_fields = ("seq_len", "stride", "dim", "target_scale")
+    source_kind = "text"
+    cached_noise = False
+    chain_training = False
+    e2e_noise = True  # the baseline draws its initial state and iteration count (`e2e_law`)
+
+    def cache_arrays(self, source, seed, target_embedding):
+        m = self.model_cfg
+        arrays, attrs = text_arrays(source, self.name, m.seq_len, m.stride)
+        v = len(arrays[layout.VOCAB])
+        arrays[layout.TARGET_EMBEDDING] = make_target_embedding(v, m.dim, seed, m.target_scale).numpy()
+        attrs["target_embedding"] = {"kind": "seeded-random", "seed": seed, "scale": m.target_scale}
+        return arrays, attrs
+
+    def sigma_law(self, block):
+        return (SIGMA_MIN, SIGMA_MAX, self.model_cfg.sigma_dist)  # one block: the whole range
+
+    def e2e_law(self):
+        return BASELINE_LAW
+
+    def noise(self, batch, y, block, draw, law, seed, backend="torch"):
+        """The denoiser's z = y + sigma * eps; for the baseline (`BASELINE_LAW`) the same
+        counter-based eps alone, its random initial state (no target in it), and the uniforms
+        that pick its iteration count."""
+        if law != BASELINE_LAW:
+            return super().noise(batch, y, block, draw, law, seed, backend)
+        index = torch.from_numpy(batch[INDEX])
+        eps = batch.get(EPS)
+        if eps is None:
+            eps = rng.gaussian(index, y[0].numel(), seed, block, draw)
+        eps = torch.as_tensor(eps)
+        u = batch.get(UNIFORMS)
+        u = torch.from_numpy(u) if u is not None else rng.uniforms_of(index, 3, seed, block, draw)
+        return Noised(eps.to(y.device, y.dtype).view(y.shape), torch.ones(len(y), device=y.device), u)
+
+    def target_shape(self, frozen):
+        return (self.model_cfg.seq_len - 1, self.model_cfg.dim)
+
+    def noise_request(self, target_shape):
+        return NoiseRequest(gaussians=math.prod(target_shape), uniforms=3)
+
+    def targets(self, batch, frozen):
+        return frozen[layout.TARGET_EMBEDDING][batch[layout.TOKENS][:, 1:].long()]  # E[x_{i+1}], (N, T-1, d)
+
+    def train_targets(self, y, batch, frozen, block, draw):
+        t = self.cfg.train
+        if t.mix_fraction <= 0:
+            return y
+        return mix_token_targets(frozen[layout.TARGET_EMBEDDING], batch[layout.TOKENS][:, 1:].long(),
+                                 batch[INDEX], t.seed, block, draw, t.mix_fraction)
+
+    def build_block(self, block, frozen):
+        return LoopedDenoiser(self.model_cfg, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING])
+
+    def build_e2e(self, frozen, activation_checkpointing=False):
+        return LoopedBPTT(self.model_cfg, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING])
+
+    def block_loss(self, block, batch, noised, w, backend="torch"):
+        x = batch[layout.TOKENS].long()
+        e, _ = block.context(x[:, :-1])  # (N, T-1, d)
+        _, logits, _ = block.denoise(noised.z, noised.sigma, e)  # one core pass at the sampled sigma
+        ce = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none").mean(1)  # (N,)
+        return (w * ce).mean()  # weight per sample (METHOD.md 2)
+
+    def baseline_iterations(self, noised) -> tuple[int, int]:
+        """(iterations r, of which the last k back-propagate) of a baseline step, from its uniforms."""
+        m = self.model_cfg
+        u = noised.uniforms[0].tolist()  # the batch's first sample decides
+        r = poisson_lognormal(u[1], u[2], m.train_iterations)
+        return r, min(r, m.backprop_iterations)
+
+    def e2e_loss(self, model, batch, noised, w, backend="torch"):
+        x = batch[layout.TOKENS].long()
+        r, k = self.baseline_iterations(noised)
+        state = self.model_cfg.init_std * noised.z  # (N, T-1, d): eps, see `noise`
+        e, _ = model.context(x[:, :-1])
+        with torch.no_grad():  # truncated BPTT: the first r - k iterations carry no gradient
+            for _ in range(r - k):
+                state, _ = model.iterate(state, e)
+        for _ in range(k):
+            state, _ = model.iterate(state, e)
+        logits, _ = model.read(state)  # (N, T-1, V)
+        return F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:])
+
+    # ------------------------------------------------------------------ compute accounting
+
+    def step_passes(self, kind: str, noised) -> dict[str, tuple[int, int]]:
+        """(forward, backward) passes of each module in one training step of a block or the baseline."""
+        if kind == "block":
+            return {name: (1, 1) for name in MODULES}
+        r, k = self.baseline_iterations(noised)
+        return {"prelude": (1, 1), "core": (r, k), "coda": (1, 1)}
+
+    def pass_flops(self, batch_size: int, frozen) -> dict[str, float]:
+        """Forward FLOPs of one pass of each module over a training batch (dense masked attention)."""
+        m = self.model_cfg
+        rows, v = batch_size * (m.seq_len - 1), len(frozen[layout.VOCAB])
+
+        def stack(n: int) -> float:
+            return n * layer_flops(rows, m.dim, m.mlp_ratio, m.seq_len - 1)
+
+        core = stack(m.core_layers) + linear_flops(rows, 2 * m.dim, m.dim) + linear_flops(rows, m.dim, m.dim)
+        coda = stack(m.coda_layers) + linear_flops(rows, m.dim, m.dim) + linear_flops(rows, m.dim, v)
+        return {"prelude": stack(m.prelude_layers), "core": core, "coda": coda}
+
+    def example_frozen(self, seed=0):
+        v = 65  # printable characters
+        m = self.model_cfg
+        return {layout.VOCAB: torch.arange(32, 32 + v),
+                layout.TARGET_EMBEDDING: make_target_embedding(v, m.dim, seed, m.target_scale)}
+
+    def example_batch(self, batch_size, frozen, device):
+        g = torch.Generator().manual_seed(0)
+        shape = (batch_size, self.model_cfg.seq_len)
+        tokens = torch.randint(0, len(frozen[layout.VOCAB]), shape, generator=g)
+        return {layout.TOKENS: tokens.to(device, torch.int32), INDEX: torch.arange(batch_size, device=device)}
+
+    def denoise_step(self, block, cond, z, sigma, options):
+        x = cond[layout.TOKENS].long()
+        e, _ = block.context(x[:, :-1])
+        _, logits, _ = block.denoise(z, sigma, e)
+        return torch.softmax(logits.float(), -1) @ block.target_embedding, logits
+
+    # ------------------------------------------------------------------ evaluation and generation
+
+    def evaluate(self, load_block, e2e, data, options):
+        """bpc over positions 1..T-1 of non-overlapping windows of `data` after K iterations
+        (`num_steps`, default the config's `iterations`), the readout's probability of the true
+        token averaged over `eval_chains` initial states, for the denoiser or the baseline alike."""
+        m, seed = self.model_cfg, self.cfg.train.seed
+        t0 = time.perf_counter()
+        iterations = options.get("num_steps") or m.iterations
+        num_chains = options.get("eval_chains") or m.eval_chains
+        model = e2e if e2e is not None else load_block(0)
+        model.eval()
+        device = next(model.parameters()).device
+        x = eval_windows(data, vocab_of({layout.VOCAB: model.vocab}), m.seq_len, options.get("num_samples"))
+        n, t = x.shape
+        chains = torch.zeros(num_chains, n, t - 1)  # log p(x_{i+1}) of each chain's readout
+        with torch.no_grad():
+            for start in range(0, n, EVAL_BATCH):
+                xb = x[start:start + EVAL_BATCH].to(device)
+                e, _ = model.context(xb[:, :-1])
+                for k in range(num_chains):
+                    noise = rng.gaussian(torch.arange(start, start + len(xb)), (t - 1) * m.dim, seed, 1, k)
+                    noise = noise.float().view(len(xb), t - 1, m.dim).to(device)
+                    logits, _ = run_iterations(model, e, noise, iterations, init_std=m.init_std)
+                    logp = torch.log_softmax(logits.float(), -1).gather(-1, xb[:, 1:, None])[..., 0]
+                    chains[k, start:start + len(xb)] = logp.cpu()
+        nats = -(torch.logsumexp(chains, 0) - math.log(num_chains))  # (n, T-1)
+        per_window = nats.double().mean(1)
+        return {
+            "bpc": bits(float(per_window.mean())),
+            "bpc_stderr": bits(float(per_window.std()) / n**0.5) if n > 1 else float("nan"),
+            "num_tokens": int(nats.numel()),
+            "num_windows": n,
+            "iterations": iterations,
+            "eval_chains": num_chains,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    def sample_text(self, load_block: Any, e2e: nn.Module | None, options: dict) -> list[str]:
+        """`num` texts of `length` characters (prompt included, at most seq_len; the prompt
+        defaults to a newline): per new token K iterations (`steps`, default `iterations`) over
+        the prefix's per-iteration KV caches; greedy or sampled (temperature, top-k)."""
+        m = self.model_cfg
+        model = e2e if e2e is not None else load_block(0)
+        model.eval()
+        vocab = vocab_of({layout.VOCAB: model.vocab})
+        prompt = encode_prompt(options.get("prompt") or "\n", vocab)
+        num, length = options["num"], options.get("length") or m.seq_len
+        if not len(prompt) < length <= m.seq_len:
+            raise ValueError(f"--length {length} must be in {len(prompt) + 1}..seq_len {m.seq_len} "
+                             f"(the prompt has {len(prompt)} characters)")
+        device = next(model.parameters()).device
+        g = torch.Generator().manual_seed(int(options.get("seed") or 0))
+        x = prompt.to(device).expand(num, -1).clone()  # (N, P)
+        with torch.no_grad():
+            x = generate(model, x, length, options.get("steps") or m.iterations, options, g, m.init_std)
+        return [vocab.decode(row.cpu().numpy()) for row in x]
+
+
+def generate(model: LoopedLM, x: torch.Tensor, length: int, iterations: int, options: dict,
+             g: torch.Generator, init_std: float = 1.0) -> torch.Tensor:
+    """Tokens x (N, P) grown to `length`: the prompt's rows run their K iterations in one pass,
+    then each new token is one row through the prelude and K iterations, every stack KV-cached."""
+    d = model.embed.table.embedding_dim
+    e, ctx = model.context(x)
+    noise = torch.randn(x.shape[0], x.shape[1], d, generator=g).to(x.device)
+    logits, caches = run_iterations(model, e, noise, iterations, 0, None, init_std)
+    while True:
+        nxt = pick(logits[:, -1], options, g)[:, None]  # (N, 1)
+        x = torch.cat([x, nxt], 1)
+        if x.shape[1] >= length:
+            return x
+        pos = x.shape[1] - 1
+        e, ctx = model.context(nxt, pos, ctx)
+        noise = torch.randn(x.shape[0], 1, d, generator=g).to(x.device)
+        logits, caches = run_iterations(model, e, noise, iterations, pos, caches, init_std)
+
+
+def looped_tiny(**overrides: Any) -> LoopedConfig:
+    """A config small enough for tests."""
+    base = LoopedConfig(seq_len=16, dim=32, heads=2, prelude_layers=1, core_layers=1, coda_layers=1,
+                        iterations=4, train_iterations=3, backprop_iterations=2)
+    return dataclasses.replace(base, **{"depth": 0, **overrides})

@@ -1,0 +1,227 @@
+"""The looped (recurrent-depth) LM: causality, KV-cached generation, truncated BPTT, compute ledger,
+pipelines, resume and bad configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dbcore import checkpoint
+from dbcore import config as config_mod
+from dbcore.cache import write_cache
+from dbcore.cli import main
+from dbcore.evaluate import evaluate, sample_text_run
+from dbcore.recipes.base import Noised
+from dbcore.recipes.looped import (
+    LoopedBPTT,
+    LoopedConfig,
+    LoopedDenoiser,
+    LoopedRecipe,
+    looped_tiny,
+    poisson_lognormal,
+    run_iterations,
+)
+from dbcore.recipes.vit import make_target_embedding
+from dbcore.sources import load_source
+from dbcore.train import train_run
+
+TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
+
+TOML = """
+[model]
+recipe = "looped"
+seq_len = 16
+dim = 32
+heads = 2
+prelude_layers = 1
+core_layers = 1
+coda_layers = 1
+iterations = 4
+{extra}
+
+[train]
+steps = 12
+batch_size = 16
+warmup_steps = 2
+checkpoint_every = 5
+"""
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def text(tmp_path):
+    p = tmp_path / "train.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def _cfg(tmp_path, extra="train_iterations = 3\nbackprop_iterations = 2"):
+    p = tmp_path / "looped.toml"
+    p.write_text(TOML.format(extra=extra))
+    return p
+
+
+def _model(kind, seed=0, **overrides):
+    cfg = looped_tiny(**overrides)
+    torch.manual_seed(seed)
+    vocab = torch.arange(32, 32 + 11)
+    emb = make_target_embedding(len(vocab), cfg.dim, 0)
+    model = (LoopedDenoiser if kind == "blocks" else LoopedBPTT)(cfg, vocab, emb)
+    for p in model.parameters():  # zero-initialised projections would hide paths
+        torch.nn.init.normal_(p, std=0.2)
+    return cfg, model.eval()
+
+
+def _row_logits(model, cfg, x, noise, iterations=3):
+    e, _ = model.context(x[:, :-1])
+    logits, _ = run_iterations(model, e, noise, iterations, init_std=cfg.init_std)
+    return logits  # (N, T-1, V)
+
+
+@pytest.mark.parametrize("kind", ["blocks", "e2e"])
+def test_row_i_sees_tokens_up_to_i_and_states_up_to_i_only(kind):
+    cfg, model = _model(kind)
+    t, d, i = cfg.seq_len, cfg.dim, 6
+    x = torch.randint(0, 11, (1, t))
+    noise = torch.randn(1, t - 1, d)
+    with torch.no_grad():
+        base = _row_logits(model, cfg, x, noise)[0, i]
+        for j in range(t):  # row i predicts x_{i+1}: it may read x_0..x_i only
+            y = x.clone()
+            y[0, j] = (y[0, j] + 1) % 11
+            moved = not torch.equal(_row_logits(model, cfg, y, noise)[0, i], base)
+            assert moved == (j <= i), j
+        for j in range(t - 1):  # and the states of rows 0..i only
+            m = noise.clone()
+            m[0, j] += 1.0
+            moved = not torch.equal(_row_logits(model, cfg, x, m)[0, i], base)
+            assert moved == (j <= i), j
+
+
+@pytest.mark.parametrize("kind", ["blocks", "e2e"])
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_kv_cached_iterations_equal_the_parallel_forward(kind, positions):
+    cfg, model = _model(kind, positions=positions)
+    t, d, k = cfg.seq_len, cfg.dim, 3
+    x = torch.randint(0, 11, (2, t))
+    noise = torch.randn(2, t - 1, d)
+    with torch.no_grad():
+        full = _row_logits(model, cfg, x, noise, k)
+        p = 5  # a prompt of 5 rows in one pass, then one row at a time
+        e, ctx = model.context(x[:, :p])
+        logits, caches = run_iterations(model, e, noise[:, :p], k, 0, None, cfg.init_std)
+        rows = [logits]
+        for pos in range(p, t - 1):
+            e, ctx = model.context(x[:, pos:pos + 1], pos, ctx)
+            logits, caches = run_iterations(model, e, noise[:, pos:pos + 1], k, pos, caches, cfg.init_std)
+            rows.append(logits)
+    torch.testing.assert_close(torch.cat(rows, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_huginn_iteration_counts_have_the_configured_mean():
+    u = torch.rand(4000, 2, generator=torch.Generator().manual_seed(0)).tolist()
+    counts = torch.tensor([poisson_lognormal(a, b, 8) for a, b in u]).float()
+    assert counts.min() >= 1
+    assert abs(float(counts.mean()) - 9.0) < 0.3  # Poisson(e^tau) + 1 with E[e^tau] = 8
+    assert 8 < float(counts.var()) < 40  # wider than Poisson(8) alone: the lognormal rate
+    assert poisson_lognormal(0.5, 0.999, 8) > poisson_lognormal(0.5, 0.5, 8) > poisson_lognormal(0.01, 0.5, 8)
+
+
+def test_baseline_back_propagates_through_the_last_k_iterations_only(tmp_path):
+    cfg = config_mod.load(_cfg(tmp_path, "backprop_iterations = 2\ntrain_iterations = 6"))
+    recipe = LoopedRecipe(cfg)
+    frozen = recipe.example_frozen()
+    model = recipe.build_e2e(frozen)
+    batch = recipe.example_batch(4, frozen, torch.device("cpu"))
+    graded = []
+    model.core[0].attn.qkv.register_forward_hook(lambda mod, inp, out: graded.append(torch.is_grad_enabled()))
+    for u in (0.1, 0.5, 0.9):
+        graded.clear()
+        noised = Noised(torch.randn(4, 15, 32), torch.ones(4), torch.tensor([[0.3, u, 0.6]]))
+        r, k = recipe.baseline_iterations(noised)
+        recipe.e2e_loss(model, batch, noised, None).backward()
+        assert len(graded) == r and graded == [False] * (r - k) + [True] * k
+        assert recipe.step_passes("e2e", noised)["core"] == (r, k)
+
+
+@pytest.mark.parametrize("overrides, words", [({"num_blocks": 2}, "num_blocks must be 1"),
+                                              ({"depth": 5}, "depth 5 is not prelude"),
+                                              ({"core_layers": 0}, "core_layers >= 1"),
+                                              ({"sigma_dist": "top"}, "sigma_dist"),
+                                              ({"backprop_iterations": 0}, ">= 1")])
+def test_bad_looped_configs_name_the_key(overrides, words):
+    with pytest.raises(ValueError, match=words):
+        LoopedConfig(**overrides)
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def test_cache_train_eval_sample_and_the_compute_ledger(tmp_path, text):
+    cfg = config_mod.load(_cfg(tmp_path))
+    write_cache(cfg, load_source(f"text:{text}"), tmp_path / "c.zarr", progress=False)
+    (blocks,) = train_run(cfg, tmp_path / "c.zarr", tmp_path / "blocks", progress=False)
+    (e2e,) = train_run(cfg, tmp_path / "c.zarr", tmp_path / "e2e", e2e=True, progress=False)
+    assert blocks["compute"]["passes"] == {"prelude": [12, 12], "core": [12, 12], "coda": [12, 12]}
+    core = e2e["compute"]["passes"]["core"]
+    assert core[0] > core[1] >= 12 and core[1] <= 2 * 12  # r iterations forward, min(r, k) backward
+    assert e2e["compute"]["flops"] > blocks["compute"]["flops"] > 0
+    _, meta = checkpoint.load(tmp_path / "e2e/e2e")
+    assert meta["compute"] == e2e["compute"]  # kept with the checkpoint
+    valid = tmp_path / "valid.txt"
+    valid.write_text(TEXT[:400])
+    for run in (tmp_path / "blocks", tmp_path / "e2e"):
+        for k in (1, 4):
+            r = evaluate(run, f"text:{valid}", k, num_samples=8, eval_chains=2)
+            assert r["num_windows"] == 8 and r["iterations"] == k and 0 < r["bpc"] < 10
+        texts = sample_text_run(run, {"num": 2, "length": 12, "prompt": "To"})
+        assert len(texts) == 2 and all(len(x) == 12 and x.startswith("To") for x in texts)
+
+
+@pytest.mark.parametrize("e2e", [False, True])
+def test_resume_is_bit_identical_with_its_ledger(tmp_path, text, monkeypatch, e2e):
+    cfg = config_mod.load(_cfg(tmp_path))
+    write_cache(cfg, load_source(f"text:{text}"), tmp_path / "c.zarr", progress=False)
+    (full,) = train_run(cfg, tmp_path / "c.zarr", tmp_path / "full", e2e=e2e, progress=False)
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", e2e=e2e, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    (resumed,) = train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", e2e=e2e, progress=False)
+    name = "e2e" if e2e else "block0"
+    a, _ = checkpoint.load(tmp_path / "full" / name, prefix="model.")
+    b, _ = checkpoint.load(tmp_path / "crash" / name, prefix="model.")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["resumed_at"] == 5 and resumed["compute"] == full["compute"]
+
+
+def test_cli_eval_json_and_bad_prompt(tmp_path, text):
+    cfg_path = _cfg(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(main, ["cache", str(cfg_path), "--data", f"text:{text}", "--out",
+                             str(tmp_path / "c.zarr")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["train", str(cfg_path), "--store", str(tmp_path / "c.zarr"), "--out",
+                             str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["eval", str(tmp_path / "run"), "--data", f"text:{text}", "--json",
+                             "--num-samples", "4", "--steps", "2", "--chains", "2"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert {"bpc", "num_tokens"} <= set(out) and out["iterations"] == 2 and out["eval_chains"] == 2
+    r = runner.invoke(main, ["sample", str(tmp_path / "run"), "--prompt", "Zürich", "--length", "12"])
+    assert r.exit_code == 1 and "not in the vocabulary" in r.output and "--prompt" in r.output
