@@ -4,6 +4,7 @@ pipelines, resume and bad configs."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -225,3 +226,89 @@ def test_cli_eval_json_and_bad_prompt(tmp_path, text):
     assert {"bpc", "num_tokens"} <= set(out) and out["iterations"] == 2 and out["eval_chains"] == 2
     r = runner.invoke(main, ["sample", str(tmp_path / "run"), "--prompt", "Zürich", "--length", "12"])
     assert r.exit_code == 1 and "not in the vocabulary" in r.output and "--prompt" in r.output
+
+
+# ----------------------------------------------------------------------------- frozen prelude
+
+
+def _train_cli(runner, cfg_path, store, out, *extra):
+    return runner.invoke(main, ["train", str(cfg_path), "--store", str(store), "--out", str(out), "--quiet",
+                                *extra])
+
+
+def test_frozen_prelude_caches_its_activations_once_and_trains_core_and_coda_from_them(tmp_path, text,
+                                                                                        monkeypatch):
+    from dbcore import store as store_mod
+    from dbcore.recipes import looped_prelude
+
+    cfg_path = _cfg(tmp_path)
+    runner = CliRunner()
+    store = tmp_path / "c.zarr"
+    r = runner.invoke(main, ["cache", str(cfg_path), "--data", f"text:{text}", "--out", str(store)])
+    assert r.exit_code == 0, r.output
+    assert _train_cli(runner, cfg_path, store, tmp_path / "prelude").exit_code == 0
+    prelude, _ = checkpoint.load(tmp_path / "prelude/block0", prefix="model.")
+    fp = looped_prelude.fingerprint(looped_prelude.prelude_tensors(prelude))
+
+    real_write = store_mod.ArrayWriter.write  # a crash while the activations are written
+
+    def crash(self, start, rows):
+        if self.name == looped_prelude.PRELUDE_OUT and start > 0:
+            raise KeyboardInterrupt
+        return real_write(self, start, rows)
+
+    monkeypatch.setattr(looped_prelude, "ROWS_PER_PASS", 32)
+    monkeypatch.setattr(store_mod.ArrayWriter, "write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cfg = config_mod.load(cfg_path)
+        cfg.model.frozen_prelude = str(tmp_path / "prelude")
+        train_run(cfg, store, tmp_path / "frozen", progress=False)
+    sub = store / f"prelude_{fp[:16]}"
+    assert not sub.exists() and sub.with_name(sub.name + ".partial").exists()  # nothing looks finished
+    monkeypatch.setattr(store_mod.ArrayWriter, "write", real_write)
+
+    for kind in ([], ["--e2e"]):
+        r = _train_cli(runner, cfg_path, store, tmp_path / f"frozen{len(kind)}", "--freeze-prelude",
+                       str(tmp_path / "prelude"), *kind)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["compute"]["passes"]["prelude"] == [0, 0]
+    acts = store_mod.open(sub)
+    assert acts.attrs["frozen_prelude"]["fingerprint"] == fp
+    assert not sub.with_name(sub.name + ".partial").exists()
+    tokens = torch.from_numpy(acts.read("tokens", slice(0, 4))).long()
+    model = LoopedRecipe(config_mod.load(cfg_path)).build_block(0, {
+        "vocab": torch.from_numpy(acts.read("vocab")).long(),
+        "target_embedding": torch.from_numpy(acts.read("target_embedding"))})
+    model.load_state_dict(prelude)
+    with torch.no_grad():
+        e, _ = model.context(tokens[:, :-1])
+    torch.testing.assert_close(torch.from_numpy(acts.read("prelude_out", slice(0, 4))).float(), e,
+                               atol=2e-2, rtol=2e-3)  # float16 in the store
+    trained, _ = checkpoint.load(tmp_path / "frozen0/block0", prefix="model.")
+    assert all(torch.equal(trained[k], v) for k, v in looped_prelude.prelude_tensors(prelude).items())
+    assert not torch.equal(trained["core.0.attn.qkv.weight"], prelude["core.0.attn.qkv.weight"])
+    r = runner.invoke(main, ["eval", str(tmp_path / "frozen0"), "--data", f"text:{text}", "--json",
+                             "--num-samples", "4", "--chains", "2"])
+    assert r.exit_code == 0 and json.loads(r.output)["bpc"] > 0, r.output
+
+    # the prelude run retrained in place: the run that trained on its old weights refuses them
+    assert _train_cli(runner, cfg_path, store, tmp_path / "prelude2", "--steps", "6").exit_code == 0
+    shutil.rmtree(tmp_path / "prelude")
+    shutil.copytree(tmp_path / "prelude2", tmp_path / "prelude")
+    r = _train_cli(runner, cfg_path, store, tmp_path / "frozen0", "--freeze-prelude",
+                   str(tmp_path / "prelude"))
+    assert r.exit_code == 1 and "trained on the frozen prelude" in r.output, r.output
+
+
+def test_freeze_prelude_is_refused_for_other_recipes_and_unfinished_runs(tmp_path, text):
+    runner = CliRunner()
+    cfg_path = _cfg(tmp_path)
+    store = tmp_path / "c.zarr"
+    r = runner.invoke(main, ["cache", str(cfg_path), "--data", f"text:{text}", "--out", str(store)])
+    assert r.exit_code == 0, r.output
+    r = _train_cli(runner, cfg_path, store, tmp_path / "x", "--freeze-prelude", str(tmp_path / "nowhere"))
+    assert r.exit_code == 1 and "no run.json" in r.output
+    vit = tmp_path / "vit.toml"
+    vit.write_text('[model]\nrecipe = "vit"\ndim = 32\ndepth = 2\nheads = 2\nnum_blocks = 2\n')
+    r = _train_cli(runner, vit, store, tmp_path / "y", "--freeze-prelude", str(tmp_path))
+    assert r.exit_code == 1 and "looped only" in r.output

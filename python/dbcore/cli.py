@@ -84,9 +84,12 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path):
 @click.option("--mode", type=click.Choice(["independent", "sequential"]), default=None,
               help="override [train] mode")
 @click.option("--backend", type=click.Choice(["auto", "torch", "cupy"]), default=None)
+@click.option("--freeze-prelude", "prelude_run", default=None,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="looped: freeze the prelude of this finished run; its outputs are cached in the store")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train(config, store_path, run, block, e2e, activation_checkpointing, paper_shared, steps, mode, backend,
-          quiet):
+          prelude_run, quiet):
     """Train every block in turn (one in memory at a time), one block, or the --e2e baseline."""
     from dbcore import config as config_mod
     from dbcore.train import train_run
@@ -98,6 +101,10 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
         cfg.train.mode = mode
     if backend is not None:
         cfg.train.backend = backend
+    if prelude_run is not None:
+        if not hasattr(cfg.model, "frozen_prelude"):
+            raise _Fail(f"--freeze-prelude: recipe {cfg.recipe!r} has no prelude (looped only)")
+        cfg.model.frozen_prelude = str(prelude_run.resolve())
     results = _run_safely(train_run, cfg, store_path, run, block=block, e2e=e2e,
                           activation_checkpointing=activation_checkpointing, progress=not quiet,
                           paper_shared=paper_shared)

@@ -138,6 +138,11 @@ class Recipe(ABC):
 
     e2e_noise: ClassVar[bool] = False  # True: the baseline draws noise over all sigma (or uniforms)
 
+    def training_store(self, store_path: Any, run: Any, name: str) -> Any:
+        """The store that training of checkpoint `name` of `run` streams from: `store_path` unless
+        the recipe derives one from it (a frozen module's cached activations)."""
+        return store_path
+
     def step_passes(self, kind: str, noised: Noised | None) -> dict[str, tuple[int, int]] | None:
         """(forward, backward) passes of each module in one training step of `kind` ("block" or
         "e2e"), for the run's compute ledger (`dbcore.flops.Ledger`); None: the recipe keeps none."""
@@ -193,6 +198,14 @@ def decayed_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
         seen.add(id(p))
         (decay if id(p) in decay_ids else rest).append(p)
     return decay, rest
+
+
+def read_store_frozen(path: Any) -> dict[str, np.ndarray]:
+    """Every frozen array a recipe may need (vocabulary, target embedding) that store `path` holds."""
+    from dbcore import layout, store  # store imports the native module: only when used
+
+    s = store.open(path)
+    return {name: s.read(name) for name in (layout.VOCAB, layout.TARGET_EMBEDDING) if name in s.arrays()}
 
 
 def read_frozen(s: Any, recipe: Recipe) -> Frozen:

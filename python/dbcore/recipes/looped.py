@@ -30,6 +30,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
@@ -44,7 +45,7 @@ from dbcore.flops import layer_flops, linear_flops
 from dbcore.layers import KV, LN_EPS, NoiseEmbedder, PreLNLayer
 from dbcore.partition import SIGMA_DISTS, euler_schedule
 from dbcore.recipes.arlm import mix_token_targets
-from dbcore.recipes.base import Noised, NoiseRequest, Recipe
+from dbcore.recipes.base import Noised, NoiseRequest, Recipe, read_store_frozen
 from dbcore.recipes.lm import (
     EVAL_BATCH,
     TextModelConfig,
@@ -57,12 +58,19 @@ from dbcore.recipes.lm import (
     text_arrays,
     vocab_of,
 )
+from dbcore.recipes.looped_prelude import (
+    PRELUDE_OUT,
+    activation_store,
+    check_resumed_run,
+    fingerprint,
+    load_prelude,
+)
 from dbcore.recipes.vit import make_target_embedding
+from dbcore.rundir import RunError
 
 Caches = list[KV]  # one (keys, values) per layer of a stack
 HUGINN_SIGMA = 0.5  # std of ln(rate) of the Poisson-lognormal iteration count (Huginn)
 BASELINE_LAW = (1.0, 1.0, "loguniform")  # the baseline's "noise": unit eps alone, its initial state
-MODULES = ("prelude", "core", "coda")  # the modules whose passes a training step counts
 
 
 @dataclass
@@ -81,6 +89,7 @@ class LoopedConfig(TextModelConfig):
     sigma_dist: str = "lognormal"  # DiffusionBlocks: sigma over the full range, lognormal or loguniform
     target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12)
     eval_chains: int = 8  # BPC: readout probabilities averaged over this many initial states
+    frozen_prelude: str = ""  # a finished looped run whose prelude is frozen (`--freeze-prelude`)
 
     def __post_init__(self) -> None:
         layers = self.prelude_layers + self.core_layers + self.coda_layers
@@ -253,6 +262,45 @@ class LoopedRecipe(Recipe):
     chain_training = False
     e2e_noise = True  # the baseline draws its initial state and iteration count (`e2e_law`)
 
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.prelude_state: dict[str, torch.Tensor] | None = None  # frozen weights, in training
+        if self.model_cfg.frozen_prelude:  # the core and coda train from the cached activations
+            self.stream_arrays = (layout.TOKENS, PRELUDE_OUT)
+
+    def training_store(self, store_path, run, name):
+        """With a frozen prelude: its activations' sub-store of `store_path` (written once)."""
+        m = self.model_cfg
+        if not m.frozen_prelude:
+            return store_path
+        prelude = load_prelude(Path(m.frozen_prelude))
+        fp = fingerprint(prelude)
+        check_resumed_run(Path(run), name, fp)
+        self.prelude_state = prelude
+        model = self.build_e2e({k: torch.from_numpy(v) for k, v in read_store_frozen(store_path).items()})
+        return activation_store(Path(store_path), model, fp, Path(m.frozen_prelude))
+
+    def _with_prelude(self, model: LoopedLM) -> LoopedLM:
+        """The model with the frozen prelude's weights loaded and excluded from training."""
+        if self.prelude_state is None:
+            return model
+        try:
+            missing, unexpected = model.load_state_dict(self.prelude_state, strict=False)
+        except RuntimeError as exc:
+            raise RunError(f"--freeze-prelude {self.model_cfg.frozen_prelude}: its prelude does not fit "
+                           f"this config ({str(exc).splitlines()[0]})") from None
+        if unexpected:
+            raise RunError(f"--freeze-prelude {self.model_cfg.frozen_prelude}: unexpected {unexpected[:3]}")
+        for module in (model.embed, model.prelude):
+            module.requires_grad_(False)
+        return model
+
+    def _context(self, model: LoopedLM, batch) -> torch.Tensor:
+        """e (N, T-1, d): the cached activations of a frozen prelude, or the prelude's forward."""
+        if PRELUDE_OUT in batch:
+            return batch[PRELUDE_OUT].float()
+        return model.context(batch[layout.TOKENS][:, :-1].long())[0]
+
     def cache_arrays(self, source, seed, target_embedding):
         m = self.model_cfg
         arrays, attrs = text_arrays(source, self.name, m.seq_len, m.stride)
@@ -299,14 +347,16 @@ class LoopedRecipe(Recipe):
                                  batch[INDEX], t.seed, block, draw, t.mix_fraction)
 
     def build_block(self, block, frozen):
-        return LoopedDenoiser(self.model_cfg, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING])
+        m = self.model_cfg
+        return self._with_prelude(LoopedDenoiser(m, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING]))
 
     def build_e2e(self, frozen, activation_checkpointing=False):
-        return LoopedBPTT(self.model_cfg, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING])
+        m = self.model_cfg
+        return self._with_prelude(LoopedBPTT(m, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING]))
 
     def block_loss(self, block, batch, noised, w, backend="torch"):
         x = batch[layout.TOKENS].long()
-        e, _ = block.context(x[:, :-1])  # (N, T-1, d)
+        e = self._context(block, batch)  # (N, T-1, d)
         _, logits, _ = block.denoise(noised.z, noised.sigma, e)  # one core pass at the sampled sigma
         ce = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none").mean(1)  # (N,)
         return (w * ce).mean()  # weight per sample (METHOD.md 2)
@@ -322,7 +372,7 @@ class LoopedRecipe(Recipe):
         x = batch[layout.TOKENS].long()
         r, k = self.baseline_iterations(noised)
         state = self.model_cfg.init_std * noised.z  # (N, T-1, d): eps, see `noise`
-        e, _ = model.context(x[:, :-1])
+        e = self._context(model, batch)
         with torch.no_grad():  # truncated BPTT: the first r - k iterations carry no gradient
             for _ in range(r - k):
                 state, _ = model.iterate(state, e)
@@ -335,10 +385,11 @@ class LoopedRecipe(Recipe):
 
     def step_passes(self, kind: str, noised) -> dict[str, tuple[int, int]]:
         """(forward, backward) passes of each module in one training step of a block or the baseline."""
+        prelude = (0, 0) if self.model_cfg.frozen_prelude else (1, 1)  # cached: no prelude pass
         if kind == "block":
-            return {name: (1, 1) for name in MODULES}
+            return {"prelude": prelude, "core": (1, 1), "coda": (1, 1)}
         r, k = self.baseline_iterations(noised)
-        return {"prelude": (1, 1), "core": (r, k), "coda": (1, 1)}
+        return {"prelude": prelude, "core": (r, k), "coda": (1, 1)}
 
     def pass_flops(self, batch_size: int, frozen) -> dict[str, float]:
         """Forward FLOPs of one pass of each module over a training batch (dense masked attention)."""
