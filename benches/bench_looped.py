@@ -39,7 +39,8 @@ def train_all(config: str, store: Path, jobs: list[tuple[str, int, Path]], paral
     while pending or running:
         while pending and len(running) < parallel:
             kind, steps, run = pending.pop(0)
-            args = ["train", config, "--store", str(store), "--out", str(run), "--steps", str(steps), "--quiet"]
+            args = ["train", config, "--store", str(store), "--out", str(run), "--steps", str(steps),
+                    "--quiet"]
             if kind == "bptt":
                 args.append("--e2e")
             running.append((kind, steps, subprocess.Popen([sys.executable, "-m", "dbcore.cli", *args])))
@@ -60,6 +61,38 @@ def ledger(run: Path) -> dict:
 def evaluate(run: Path, data: str, windows: int, k: int | None = None) -> dict:
     args = ["eval", str(run), "--data", data, "--json", "--num-samples", str(windows)]
     return json.loads(cli(*args, *(["--steps", str(k)] if k else [])))
+
+
+def memory(config: str, workdir: Path) -> dict:
+    """Peak training memory of one step (`dbcore.memory.measure_all`, fresh processes, tight
+    allocator): the denoiser's single core pass against BPTT through k iterations. The baseline's
+    example step draws r from its uniforms, so the config is measured with a mean of 8k
+    iterations, making r >= k (checked): the peak of a step with full truncated back-propagation."""
+    import tomllib
+    import torch
+
+    from dbcore import config as config_mod
+    from dbcore.memory import _noised, measure_all
+    from dbcore.recipes import for_config
+
+    text = Path(config).read_text()
+    table = tomllib.loads(text)["model"]
+    k = table.get("backprop_iterations", 4)
+    probe = workdir / "memory.toml"
+    probe.write_text(text.replace(f"train_iterations = {table['train_iterations']}",
+                                  f"train_iterations = {8 * k}", 1))
+    recipe = for_config(config_mod.load(probe))
+    frozen = recipe.example_frozen()
+    batch = recipe.example_batch(recipe.cfg.train.batch_size, frozen, torch.device("cpu"))
+    r, k_used = recipe.baseline_iterations(_noised(recipe, batch, frozen, None))
+    if k_used != k:
+        raise SystemExit(f"memory probe drew r = {r} < k = {k}")
+    m = measure_all(probe)
+    return {"bptt_iterations": r, "bptt_backprop_iterations": k, "bptt_peak_bytes": m["e2e_peak_bytes"],
+            "db_peak_bytes": m["block_peak_bytes"][0],
+            "db_over_bptt": m["block_peak_bytes"][0] / m["e2e_peak_bytes"],
+            "bptt_params": m["measured_parts"]["e2e"]["params"],
+            "db_params": m["measured_parts"]["block0"]["params"], "allocator": m["allocator"]}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -105,6 +138,15 @@ def markdown(result: dict, command: str) -> str:
     for i, k in enumerate(ks):
         cells = [f"{result['depth_sweep'][kind][i]['bpc']:.4f}" for kind in result["depth_sweep"]]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if "memory" in result:
+        mem = result["memory"]
+        lines += ["", "## Peak training memory of one step (batch of the config, CPU, live tensor bytes)", "",
+                  "| | peak | parameters |", "|---|---|---|",
+                  f"| DiffusionBlocks (one core pass) | {mem['db_peak_bytes'] / 2**20:.1f} MiB | "
+                  f"{mem['db_params']} |",
+                  f"| BPTT through the last {mem['bptt_backprop_iterations']} of {mem['bptt_iterations']} "
+                  f"iterations | {mem['bptt_peak_bytes'] / 2**20:.1f} MiB | {mem['bptt_params']} |",
+                  "", f"DiffusionBlocks / BPTT: {mem['db_over_bptt']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +161,8 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--windows", type=int, default=300, help="held-out windows")
     ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the memory measurement, merged into --json")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
@@ -128,6 +172,14 @@ def main() -> None:
     cfg = config_mod.load(args.config)
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        result = json.loads(args.json.read_text()) if args.json.exists() else {}
+        result["memory"] = memory(args.config, w)
+        print(json.dumps(result["memory"]))
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        if args.md and "budgets" in result:
+            args.md.write_text(markdown(result, result.get("command", "")))
+        return
     store = w / "store"
     if not store.exists():
         cli("cache", args.config, "--data", f"text:{args.train_text}", "--out", str(store))
@@ -151,12 +203,15 @@ def main() -> None:
             print(json.dumps({"model": kind, **rows[-1]}), flush=True)
         result["budgets"][kind] = rows
         largest = w / f"{kind}_{steps[-1]}"
-        result["depth_sweep"][kind] = [
-            {"iterations": k, **{x: evaluate(largest, data, args.windows, k)[x] for x in ("bpc", "bpc_stderr")}}
-            for k in args.ks]
+        sweep = []
+        for k in args.ks:
+            r = evaluate(largest, data, args.windows, k)
+            sweep.append({"iterations": k, "bpc": r["bpc"], "bpc_stderr": r["bpc_stderr"]})
+        result["depth_sweep"][kind] = sweep
         print(json.dumps({"model": kind, "depth_sweep": result["depth_sweep"][kind]}), flush=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
     command = " ".join(["python benches/bench_looped.py", *sys.argv[1:]])
+    result["command"] = command
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.md:
         args.md.write_text(markdown(result, command))
     if args.png:

@@ -78,8 +78,11 @@ def _warm_up(cfg, dev: torch.device) -> None:
     """One tiny training step first, so that one-off library state (thread pools, kernel caches,
     autograd engine) sits in the baseline rather than in the training peak; then give freed heap
     back to the OS so the baseline holds no reusable free memory."""
-    tiny = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=1, num_blocks=1,
-                                                              layer_split=None))
+    try:
+        model_cfg = dataclasses.replace(cfg.model, depth=1, num_blocks=1, layer_split=None)
+    except ValueError:  # a depth fixed by the model's parts (looped): the model as configured
+        model_cfg = cfg.model
+    tiny = dataclasses.replace(cfg, model=model_cfg)
     recipe = for_config(tiny)
     frozen = {k: v.to(dev) for k, v in recipe.example_frozen().items()}
     model = recipe.build_e2e(frozen).to(dev)
