@@ -45,12 +45,13 @@ from dbcore.recipes.lm import (
     bits,
     encode_prompt,
     eval_windows,
+    example_token_frozen,
     grown,
     pick,
-    text_arrays,
+    token_target_arrays,
     vocab_of,
 )
-from dbcore.recipes.vit import layers_in_block, make_target_embedding
+from dbcore.recipes.vit import layers_in_block
 from dbcore.sampler import DECODES, run_chain
 
 Caches = list[KV]  # one (keys, values) of the clean prefix per layer of a block
@@ -266,12 +267,7 @@ class ARRecipe(Recipe):
     chain_training = False
 
     def cache_arrays(self, source, seed, target_embedding):
-        m = self.model_cfg
-        arrays, attrs = text_arrays(source, self.name, m.seq_len, m.stride)
-        v = len(arrays[layout.VOCAB])
-        arrays[layout.TARGET_EMBEDDING] = make_target_embedding(v, m.dim, seed, m.target_scale).numpy()
-        attrs["target_embedding"] = {"kind": "seeded-random", "seed": seed, "scale": m.target_scale}
-        return arrays, attrs
+        return token_target_arrays(source, self.name, self.model_cfg, seed)
 
     def target_shape(self, frozen):
         return (self.model_cfg.seq_len, self.model_cfg.dim)
@@ -308,10 +304,7 @@ class ARRecipe(Recipe):
         return F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:])
 
     def example_frozen(self, seed=0):
-        v = 65  # printable characters
-        m = self.model_cfg
-        return {layout.VOCAB: torch.arange(32, 32 + v),
-                layout.TARGET_EMBEDDING: make_target_embedding(v, m.dim, seed, m.target_scale)}
+        return example_token_frozen(self.model_cfg, seed)
 
     def example_batch(self, batch_size, frozen, device):
         g = torch.Generator().manual_seed(0)

@@ -19,7 +19,7 @@ from torch import nn
 from dbcore import layout
 from dbcore.layers import KV
 from dbcore.recipes.base import Frozen
-from dbcore.recipes.vit import block_layers
+from dbcore.recipes.vit import block_layers, make_target_embedding
 from dbcore.sources import SourceError
 from dbcore.text import TextSource, Vocabulary, load_text
 
@@ -51,6 +51,23 @@ def text_arrays(source: Any, recipe: str, seq_len: int, stride: int) -> tuple[di
     attrs = {"text": {"num_chars": src.num_chars, "vocab_size": len(src.vocab), "seq_len": seq_len,
                       "stride": stride or seq_len}}
     return arrays, attrs
+
+
+def token_target_arrays(source: Any, recipe: str, m: Any, seed: int) -> tuple[dict, dict]:
+    """Cached arrays of a recipe whose targets are token embeddings (AR, looped): the windows,
+    the vocabulary and the frozen rows E (seeded random, norm `target_scale`, METHOD.md 12)."""
+    arrays, attrs = text_arrays(source, recipe, m.seq_len, m.stride)
+    v = len(arrays[layout.VOCAB])
+    arrays[layout.TARGET_EMBEDDING] = make_target_embedding(v, m.dim, seed, m.target_scale).numpy()
+    attrs["target_embedding"] = {"kind": "seeded-random", "seed": seed, "scale": m.target_scale}
+    return arrays, attrs
+
+
+def example_token_frozen(m: Any, seed: int = 0) -> Frozen:
+    """Frozen arrays as a fresh cache would write them for 65 printable characters (benchmarks)."""
+    v = 65
+    return {layout.VOCAB: torch.arange(32, 32 + v),
+            layout.TARGET_EMBEDDING: make_target_embedding(v, m.dim, seed, m.target_scale)}
 
 
 def eval_windows(data: str, vocab: Vocabulary, seq_len: int, limit: int | None) -> torch.Tensor:

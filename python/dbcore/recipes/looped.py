@@ -53,9 +53,10 @@ from dbcore.recipes.lm import (
     bits,
     encode_prompt,
     eval_windows,
+    example_token_frozen,
     grown,
     pick,
-    text_arrays,
+    token_target_arrays,
     vocab_of,
 )
 from dbcore.recipes.looped_prelude import (
@@ -65,7 +66,6 @@ from dbcore.recipes.looped_prelude import (
     fingerprint,
     load_prelude,
 )
-from dbcore.recipes.vit import make_target_embedding
 from dbcore.rundir import RunError
 
 Caches = list[KV]  # one (keys, values) per layer of a stack
@@ -302,12 +302,7 @@ class LoopedRecipe(Recipe):
         return model.context(batch[layout.TOKENS][:, :-1].long())[0]
 
     def cache_arrays(self, source, seed, target_embedding):
-        m = self.model_cfg
-        arrays, attrs = text_arrays(source, self.name, m.seq_len, m.stride)
-        v = len(arrays[layout.VOCAB])
-        arrays[layout.TARGET_EMBEDDING] = make_target_embedding(v, m.dim, seed, m.target_scale).numpy()
-        attrs["target_embedding"] = {"kind": "seeded-random", "seed": seed, "scale": m.target_scale}
-        return arrays, attrs
+        return token_target_arrays(source, self.name, self.model_cfg, seed)
 
     def sigma_law(self, block):
         return (SIGMA_MIN, SIGMA_MAX, self.model_cfg.sigma_dist)  # one block: the whole range
@@ -404,10 +399,7 @@ class LoopedRecipe(Recipe):
         return {"prelude": stack(m.prelude_layers), "core": core, "coda": coda}
 
     def example_frozen(self, seed=0):
-        v = 65  # printable characters
-        m = self.model_cfg
-        return {layout.VOCAB: torch.arange(32, 32 + v),
-                layout.TARGET_EMBEDDING: make_target_embedding(v, m.dim, seed, m.target_scale)}
+        return example_token_frozen(self.model_cfg, seed)
 
     def example_batch(self, batch_size, frozen, device):
         g = torch.Generator().manual_seed(0)
