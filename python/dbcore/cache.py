@@ -25,13 +25,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dbcore import layout, store
 from dbcore.config import Config
 from dbcore.data import INDEX
 from dbcore.noise import noised_targets
 from dbcore.partition import block_range, block_sigma_law, boundaries
+from dbcore.progress import bar as progress_bar
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Recipe
 from dbcore.sources import Source, source_sha256
@@ -168,7 +168,7 @@ def _run_jobs(s: store.Store, out: Path, jobs: list[_Job], done: set, progress: 
         starts = [a for a in range(0, job.shape[0], unit) if (job.name, a) not in done]
         plans.append((job, writer, unit, starts))
     total = sum(len(p[3]) for p in plans)
-    bar = tqdm(total=total, desc="cache", unit="block", disable=not progress)
+    bar = progress_bar(total, "cache", "block", enabled=progress)
     # Compute the next block while the previous one is compressed (in parallel, in Rust, GIL
     # released) and written; each finished block is recorded in the ledger for resuming.
     with ThreadPoolExecutor(max_workers=1) as pool, open(out / LEDGER, "a") as ledger:

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from dbcore import checkpoint, rundir, store
 from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
 from dbcore.flops import Ledger
+from dbcore.progress import bar as progress_bar
 from dbcore.recipes.base import Batch, decayed_parameters
 
 LOG_EVERY = 25
@@ -120,7 +120,7 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], to
             "config_fingerprint": cfg.fingerprint()}
     if start >= t.steps:
         return {"name": name, "resumed_at": start, "steps": 0}
-    bar = tqdm(total=t.steps, initial=start, desc=name, disable=not progress, unit="step")
+    bar = progress_bar(t.steps, name, "step", enabled=progress, initial=start)
     t0, wait, loss_sum, loss_count = time.perf_counter(), 0.0, torch.zeros(()), 0
     batches = _batches(stream)
     for step in range(start, t.steps):
