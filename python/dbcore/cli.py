@@ -87,9 +87,14 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path):
 @click.option("--freeze-prelude", "prelude_run", default=None,
               type=click.Path(file_okay=False, path_type=Path),
               help="looped: freeze the prelude of this finished run; its outputs are cached in the store")
+@click.option("--ray", "use_ray", is_flag=True, help="every block a Ray task (unfinished blocks only)")
+@click.option("--address", default=None, help="with --ray: a running Ray cluster (default: start one here)")
+@click.option("--cpus-per-block", type=float, default=None, help="with --ray: override [train] ray_cpus")
+@click.option("--gpus-per-block", type=float, default=None, help="with --ray: override [train] ray_gpus")
+@click.option("--memory-per-block", type=float, default=None, help="with --ray: GiB, override ray_memory_gb")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train(config, store_path, run, block, e2e, activation_checkpointing, paper_shared, steps, mode, backend,
-          prelude_run, quiet):
+          prelude_run, use_ray, address, cpus_per_block, gpus_per_block, memory_per_block, quiet):
     """Train every block in turn (one in memory at a time), one block, or the --e2e baseline."""
     from dbcore import config as config_mod
     from dbcore.train import train_run
@@ -105,6 +110,22 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
         if not hasattr(cfg.model, "frozen_prelude"):
             raise _Fail(f"--freeze-prelude: recipe {cfg.recipe!r} has no prelude (looped only)")
         cfg.model.frozen_prelude = str(prelude_run.resolve())
+    if use_ray:
+        from dbcore.distributed import train_blocks_on_ray
+
+        if e2e or paper_shared:
+            raise _Fail("--ray trains the blocks; train --e2e and --paper-shared without it")
+        for key, value in (("ray_cpus", cpus_per_block), ("ray_gpus", gpus_per_block),
+                           ("ray_memory_gb", memory_per_block)):
+            if value is not None:
+                setattr(cfg.train, key, value)
+        _run_safely(cfg.train.__post_init__)
+        blocks = None if block is None else [block]
+        _run_safely(train_blocks_on_ray, cfg, store_path, run, blocks, address, progress=not quiet,
+                    echo=lambda r: click.echo(json.dumps(r)))
+        return
+    elif address is not None:
+        raise _Fail("--address needs --ray")
     results = _run_safely(train_run, cfg, store_path, run, block=block, e2e=e2e,
                           activation_checkpointing=activation_checkpointing, progress=not quiet,
                           paper_shared=paper_shared)

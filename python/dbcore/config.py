@@ -48,6 +48,9 @@ class TrainConfig:
     backend: str = "auto"  # noise and loss kernels: auto | torch | cupy
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    ray_cpus: float = 1.0  # `--ray`: CPUs each block's task asks for
+    ray_gpus: float = 0.0  # `--ray`: GPUs each block's task asks for
+    ray_memory_gb: float = 0.0  # `--ray`: memory each block's task reserves; 0 = no reservation
 
     def __post_init__(self) -> None:
         from dbcore.sampler import DECODES
@@ -56,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"decay must be 'matrices' or 'all', got {self.decay!r}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if min(self.ray_cpus, self.ray_gpus, self.ray_memory_gb) < 0:
+            raise ValueError("ray_cpus, ray_gpus and ray_memory_gb must be >= 0")
 
 
 @dataclass

@@ -31,7 +31,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -237,14 +236,10 @@ def run_iterations(model: LoopedLM, e: torch.Tensor, noise: torch.Tensor, iterat
 def poisson_lognormal(u_rate: float, u_count: float, mean: int) -> int:
     """Huginn's iteration count from two uniforms (inverse CDFs): tau ~ N(ln mean - s^2/2, s^2),
     r ~ Poisson(e^tau) + 1, so E[r] = mean + 1."""
-    rate = math.exp(math.log(mean) - HUGINN_SIGMA**2 / 2 + HUGINN_SIGMA * NormalDist().inv_cdf(u_rate))
-    k, p = 0, math.exp(-rate)
-    cdf = p
-    while cdf < u_count and p > 0:
-        k += 1
-        p *= rate / k
-        cdf += p
-    return k + 1
+    from scipy.stats import norm, poisson
+
+    rate = math.exp(math.log(mean) - HUGINN_SIGMA**2 / 2 + HUGINN_SIGMA * norm.ppf(u_rate))
+    return int(poisson.ppf(u_count, rate)) + 1
 
 
 # ----------------------------------------------------------------------------- the recipe

@@ -1,0 +1,283 @@
+"""The Python API: what the `dbcore` command line does, as plain functions for data pipelines.
+
+    from dbcore import api
+
+    cfg = api.config({"model": {"recipe": "vit", "dim": 32, "depth": 2, "heads": 2}, "train": {"steps": 200}})
+    store = api.cache(cfg, batches, "digits.zarr")  # a spec like "digits:train", a Source, or batches
+    api.train(cfg, store, "run")                     # every block in turn, one in memory at a time
+    print(api.evaluate("run", "digits:valid")["accuracy"])
+
+`batches` is any iterable of dicts {"images": uint8 (n,H,W) or (n,H,W,C), "labels": integer (n,)}
+of NumPy arrays or tensors: a generator, a torch DataLoader, a Ray Dataset's
+`iter_batches(batch_format="numpy")`. They are spilled to temporary memmaps next to the store (never
+held in memory as a whole) and removed afterwards. Errors are the library's own typed exceptions
+(ConfigError, SourceError, StoreError, RunError, CheckpointError, ValueError), as the CLI prints them.
+
+Import the module (`from dbcore import api`), not its names: `config`, `cache`, `train` and
+`evaluate` are also the names of dbcore's modules, so `dbcore` itself does not export them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dbcore import config as config_mod
+from dbcore.config import Config
+from dbcore.sources import Source, SourceError, load_source
+from dbcore.text import TextSource
+
+__all__ = ["cache", "config", "evaluate", "sample_images", "sample_text", "train"]
+
+PathLike = str | os.PathLike[str]
+HASH_ROWS = 4096  # rows per update when hashing a spilled source
+
+
+# ----------------------------------------------------------------------------- the five steps
+
+
+def config(path_or_dict: PathLike | Mapping[str, Any]) -> Config:
+    """A Config from a TOML file or a dict {"model": {...}, "train": {...}} (the same tables)."""
+    if isinstance(path_or_dict, Mapping):
+        return config_mod.from_dict(copy.deepcopy(dict(path_or_dict)))
+    if isinstance(path_or_dict, (str, os.PathLike)):
+        return config_mod.load(path_or_dict)
+    raise TypeError(f"config: expected a TOML path or a dict, found {type(path_or_dict).__name__}")
+
+
+def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "cached"] = "online",
+          draws: int = 1, seed: int = 0, overwrite: bool = False, progress: bool = False,
+          target_embedding: np.ndarray | None = None) -> Path:
+    """Write the cache store `out` for `cfg` (as `dbcore cache`) and return its path.
+
+    `data`: a source spec ("digits:train", "npz:PATH", "text:PATH"), a Source or TextSource, or an
+    iterable of {"images", "labels"} batches (see the module docs; a single such dict works too).
+    `noise="cached"` also stores `draws` noised targets per sample and block; `target_embedding`:
+    frozen rows E (num_classes, dim) instead of seeded random ones.
+    """
+    from dbcore.cache import write_cache
+
+    out = Path(out)
+    with _opened(data, out.parent, out.name) as source:
+        write_cache(cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
+                    progress=progress, target_embedding=target_embedding)
+    return out
+
+
+def train(cfg: Config, store: PathLike, out: PathLike, *, block: int | None = None, e2e: bool = False,
+          steps: int | None = None, activation_checkpointing: bool = False,
+          progress: bool = False) -> list[dict]:
+    """Train every block of `cfg` in turn from `store` into the run directory `out`, or one `block`
+    (0 = highest noise), or with `e2e` the end-to-end baseline. `steps` overrides [train] steps for
+    this call only (`cfg` is never changed). Returns one result dict per model trained; an
+    interrupted run resumes where it stopped when called again."""
+    from dbcore.train import train_run
+
+    cfg = copy.deepcopy(cfg)
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, found {steps}")
+        cfg.train.steps = steps
+    return train_run(cfg, Path(store), Path(out), block=block, e2e=e2e,
+                     activation_checkpointing=activation_checkpointing, progress=progress)
+
+
+def evaluate(run: PathLike, data: Any, *, steps: int | None = None, num_samples: int | None = None,
+             decode: str | None = None, **options: Any) -> dict:
+    """The recipe's report of a run on `data` (as `dbcore eval --json`): accuracy and loss of a
+    classifier, FID and class accuracy of a generator, bits per character of a language model.
+
+    `data`: a source spec, a Source or TextSource, or an iterable of image batches (as for `cache`).
+    `steps`: sampler steps in all (default: the run's); `num_samples`: generator samples for FID,
+    or LM windows; `decode`: "last" or "product" (classifier). Other options go to the recipe:
+    `cfg_scale`, `sampler` ("euler" or "heun"), `eval_chains` (AR and looped LMs).
+    """
+    from dbcore.evaluate import evaluate as evaluate_run
+
+    run = Path(run)
+    if isinstance(data, str):
+        return evaluate_run(run, data, steps, decode, num_samples=num_samples, **options)
+    with _opened(data, run.parent, run.name) as source:
+        if isinstance(source, TextSource):
+            return evaluate_run(run, source.spec, steps, decode, num_samples=num_samples, **options)
+        folder = _scratch(run.parent, run.name, "eval")  # the recipes read images by spec: an npz
+        try:
+            path = folder / "data.npz"
+            np.savez(path, images=source.images, labels=source.labels)
+            result = evaluate_run(run, f"npz:{path}", steps, decode, num_samples=num_samples, **options)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return {**result, "data": source.spec}
+
+
+def sample_images(run: PathLike, *, num: int = 16, label: int | None = None,
+                  cfg_scale: float | None = None, steps: int | None = None, seed: int | None = None,
+                  sampler: str | None = None) -> np.ndarray:
+    """uint8 (num, H, W, C) samples of an image-generating run (the DiT recipe), as `dbcore sample`.
+
+    With `label`, every sample is of that class; without, classes cycle 0..K-1 (grouped by class,
+    num // K of each, when num is a multiple of K). Defaults come from the run's config and seed.
+    """
+    from dbcore.report import sample_run
+
+    _check_num(num)
+    images, _, _ = sample_run(Path(run), num, label, cfg_scale, steps, seed, sampler)
+    return images
+
+
+def sample_text(run: PathLike, *, num: int = 1, length: int | None = None, prompt: str | None = None,
+                **options: Any) -> list[str]:
+    """`num` texts of a language-model run, as `dbcore sample`: `length` characters each, prompt
+    included (default: the config's seq_len). Options: `steps`, `seed`, `temperature`, `top_k`,
+    `greedy`, and recipe-specific ones."""
+    from dbcore.evaluate import sample_text_run
+
+    _check_num(num)
+    return sample_text_run(Path(run), {"num": num, "length": length, "prompt": prompt, **options})
+
+
+def _check_num(num: int) -> None:
+    if num < 1:
+        raise ValueError(f"num must be >= 1, found {num}")
+
+
+# ----------------------------------------------------------------------------- data as a source
+
+
+class _SpilledSource(Source):
+    """A Source whose arrays are memmaps: its digest is computed a few rows at a time (the same
+    digest as an in-memory Source of the same rows), never loading the images whole."""
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for rows in (self.images, self.labels):
+            for a in range(0, len(rows), HASH_ROWS):
+                h.update(np.ascontiguousarray(rows[a:a + HASH_ROWS]).data)
+        return h.hexdigest()
+
+
+def _scratch(parent: Path, name: str, what: str) -> Path:
+    """A new hidden temporary folder in `parent` (created if missing), named after `name`."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.{what}-", dir=parent))
+
+
+@contextmanager
+def _opened(data: Any, parent: Path, name: str) -> Iterator[Source | TextSource]:
+    """`data` as a source; batches are spilled to a temporary folder in `parent`, removed on exit."""
+    if isinstance(data, str):
+        yield load_source(data)
+        return
+    if isinstance(data, (Source, TextSource)):
+        yield data
+        return
+    if isinstance(data, Mapping):  # one batch
+        data = [data]
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data must be a source spec ('digits:train', 'npz:PATH', 'text:PATH'), a Source, "
+                        f"or an iterable of {{'images', 'labels'}} batches; found {type(data).__name__}")
+    folder = _scratch(parent, name, "spill")
+    try:
+        yield _spill(data, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _spill(batches: Iterable[Any], folder: Path) -> _SpilledSource:
+    """Validate each batch and append its rows to memmaps in `folder`."""
+    images = labels = None
+    first_shape: tuple[int, ...] = ()
+    count = 0
+    for i, batch in enumerate(batches):
+        x, y = _checked_batch(i, batch)
+        if images is None:
+            first_shape = x.shape[1:]
+            images = _Rows(folder / "images", first_shape, np.uint8)
+            labels = _Rows(folder / "labels", (), np.int64)
+        elif x.shape[1:] != first_shape:
+            raise SourceError(f"batch {i}: field 'images' has rows of shape {x.shape[1:]} (H, W, C), "
+                              f"expected {first_shape} as in batch 0")
+        images.append(x)
+        labels.append(y)
+        count = i + 1
+    if images is None or images.n == 0:
+        raise SourceError(f"the data holds no rows ({count} batches): expected batches with fields "
+                          "'images' and 'labels'")
+    return _SpilledSource(spec="iterable", images=images.finish(), labels=labels.finish())
+
+
+def _checked_batch(i: int, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (n, H, W, C), labels int64 (n,)) of batch `i`, or a SourceError naming it."""
+    if not isinstance(batch, Mapping):
+        if isinstance(batch, str):
+            raise SourceError(f"batch {i}: found a str; iterables of text are not supported, write the "
+                              "text to a UTF-8 file and pass 'text:PATH'")
+        raise SourceError(f"batch {i}: expected a dict with fields 'images' and 'labels', "
+                          f"found {type(batch).__name__}")
+    for key in ("images", "labels"):
+        if key not in batch:
+            raise SourceError(f"batch {i}: missing field {key!r}; found fields {sorted(map(str, batch))}")
+    images, labels = _numpy(batch["images"]), _numpy(batch["labels"])
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise SourceError(f"batch {i}: field 'images' must be uint8 (n,H,W) or (n,H,W,C), "
+                          f"found {images.dtype} {images.shape}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise SourceError(f"batch {i}: field 'labels' must be integer (n,), "
+                          f"found {labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise SourceError(f"batch {i}: field 'images' has {len(images)} rows, field 'labels' {len(labels)}")
+    if len(labels) and labels.min() < 0:
+        raise SourceError(f"batch {i}: field 'labels' must be non-negative, found {labels.min()}")
+    return (images[..., None] if images.ndim == 3 else images), labels.astype(np.int64, copy=False)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """A NumPy array of a batch field: an array, a tensor (any device), or a list."""
+    if hasattr(value, "detach"):  # torch: off the autograd graph and onto the host
+        value = value.detach().cpu()
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    return np.asarray(value)
+
+
+class _Rows:
+    """Rows appended to a `.npy` memmap; when full, it is rewritten at twice the capacity."""
+
+    def __init__(self, stem: Path, row_shape: tuple[int, ...], dtype: type) -> None:
+        self.stem, self.row_shape, self.dtype = stem, row_shape, np.dtype(dtype)
+        self.n, self.files = 0, 0
+        self.array: np.memmap | None = None
+
+    def append(self, rows: np.ndarray) -> None:
+        end = self.n + len(rows)
+        if self.array is None or end > len(self.array):
+            self._grow(max(end, 2 * (0 if self.array is None else len(self.array))))
+        self.array[self.n:end] = rows
+        self.n = end
+
+    def _grow(self, capacity: int) -> None:
+        path = Path(f"{self.stem}.{self.files}.npy")
+        shape = (capacity, *self.row_shape)
+        grown = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
+        self.files += 1
+        if self.array is not None:
+            grown[:self.n] = self.array[:self.n]
+            old, self.array = Path(self.array.filename), None
+            old.unlink()
+        self.array = grown
+
+    def finish(self) -> np.ndarray:
+        """The rows written, read-only."""
+        assert self.array is not None
+        self.array.flush()
+        path, self.array = self.array.filename, None
+        return np.load(path, mmap_mode="r")[:self.n]

@@ -1,0 +1,125 @@
+"""Blocks as Ray tasks: every block trained once, finished blocks skipped, interrupted ones
+resumed, the same weights as training in turn, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dbcore import checkpoint
+from dbcore import config as config_mod
+from dbcore.cache import write_cache
+from dbcore.cli import main
+from dbcore.sources import load_source
+from dbcore.train import train_run
+
+ray = pytest.importorskip("ray")
+
+TOML = """
+[model]
+image_size = 8
+channels = 1
+patch_size = 4
+dim = 32
+depth = 3
+heads = 2
+mlp_ratio = 2.0
+num_blocks = 3
+
+[train]
+steps = 12
+batch_size = 32
+warmup_steps = 2
+checkpoint_every = 5
+threads = 1
+"""
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text(TOML)
+    write_cache(config_mod.load(cfg_path), load_source("digits:train"), tmp_path / "c.zarr", progress=False)
+    return cfg_path, tmp_path / "c.zarr"
+
+
+def _train(cfg_path, store, out, *extra):
+    args = ["train", str(cfg_path), "--store", str(store), "--out", str(out), "--quiet", "--ray", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def _lines(output):
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_ray_trains_every_block_as_in_turn_then_skips_finished_ones(local_ray, setup, tmp_path):
+    cfg_path, store = setup
+    r = _train(cfg_path, store, tmp_path / "ray")
+    assert r.exit_code == 0, r.output
+    assert sorted(x["name"] for x in _lines(r.output)) == ["block0", "block1", "block2"]
+    train_run(config_mod.load(cfg_path), store, tmp_path / "serial", progress=False)
+    for b in range(3):
+        a, _ = checkpoint.load(tmp_path / f"ray/block{b}", prefix="model.")
+        s, _ = checkpoint.load(tmp_path / f"serial/block{b}", prefix="model.")
+        assert all(torch.equal(a[k], s[k]) for k in a), b  # the same training, anywhere
+    again = _train(cfg_path, store, tmp_path / "ray")
+    assert again.exit_code == 0 and _lines(again.output) == []  # nothing left to train
+
+
+def test_ray_resumes_an_interrupted_block_and_trains_only_the_rest(local_ray, setup, tmp_path, monkeypatch):
+    cfg_path, store = setup
+    cfg = config_mod.load(cfg_path)
+    train_run(cfg, store, tmp_path / "run", block=2, progress=False)  # finished
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, store, tmp_path / "run", block=0, progress=False)  # checkpoint at step 5
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    r = _train(cfg_path, store, tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    results = {x["name"]: x for x in _lines(r.output)}
+    assert set(results) == {"block0", "block1"}
+    assert results["block0"]["resumed_at"] == 5 and results["block1"]["resumed_at"] == 0
+    train_run(cfg, store, tmp_path / "serial", block=0, progress=False)
+    a, _ = checkpoint.load(tmp_path / "run/block0", prefix="model.")
+    s, _ = checkpoint.load(tmp_path / "serial/block0", prefix="model.")
+    assert all(torch.equal(a[k], s[k]) for k in a)  # resumed bit-identical inside the task
+
+
+def test_ray_errors_are_one_line(local_ray, setup, tmp_path, monkeypatch):
+    cfg_path, store = setup
+    r = _train(cfg_path, store, tmp_path / "x", "--e2e")
+    assert r.exit_code == 1 and "--ray trains the blocks" in r.output
+    r = _train(cfg_path, store, tmp_path / "x", "--block", "7")
+    assert r.exit_code == 1 and "outside 0..2" in r.output
+    r = _train(cfg_path, store, tmp_path / "x", "--mode", "sequential")
+    assert r.exit_code == 1 and "independently" in r.output
+    r = _train(cfg_path, store, tmp_path / "x", "--cpus-per-block", "-1")
+    assert r.exit_code == 1 and "ray_cpus" in r.output
+    r = CliRunner().invoke(main, ["train", str(cfg_path), "--store", str(store), "--out", str(tmp_path / "y"),
+                                  "--address", "auto"])
+    assert r.exit_code == 1 and "--address needs --ray" in r.output
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    r = _train(cfg_path, store, tmp_path / "x")
+    assert r.exit_code == 1 and "pip install 'dbcore[ray]'" in r.output and "Traceback" not in r.output
