@@ -44,7 +44,8 @@ def main(steps: int = 200, out: Path | None = None) -> dict:
         for r in api.train(cfg, store, work / "run", steps=steps):
             print(f"trained {r['name']}: {r['steps']} steps")
         report = api.evaluate(work / "run", "digits:valid")
-    print(f"DiffusionBlocks ViT: accuracy {report['accuracy']:.3f} on {report['num_samples']} held-out digits")
+    print(f"DiffusionBlocks ViT: accuracy {report['accuracy']:.3f} "
+          f"on {report['num_samples']} held-out digits")
     return report
 
 

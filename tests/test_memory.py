@@ -30,6 +30,14 @@ def test_bench_memory_measures_every_configuration(tmp_path):
     parts = r["measured_parts"]
     assert parts["block0"]["saved_activation_bytes"] < 0.8 * parts["e2e"]["saved_activation_bytes"]
     assert parts["e2e_checkpointed"]["saved_activation_bytes"] < parts["e2e"]["saved_activation_bytes"]
+    # checkpointing inside a block keeps only each layer's input: less saved, fewer peak bytes
+    for b in range(2):
+        kept, full = parts[f"block{b}_checkpointed"], parts[f"block{b}"]
+        assert kept["saved_activation_bytes"] < 0.6 * full["saved_activation_bytes"]
+        assert kept["params"] == full["params"]
+    assert len(r["block_checkpointed_peak_bytes"]) == 2
+    assert r["block_params"] == [parts["block0"]["params"], parts["block1"]["params"]]
+    assert r["e2e_params"] == parts["e2e"]["params"] > 0
     assert len(r["analytic_bytes"]["blocks"]) == 2
     # the tight allocator follows live tensors: half the layers take clearly less than all of them
     assert r["allocator"] == "tight"

@@ -257,3 +257,15 @@ def test_paper_shared_mode_ties_modules_trains_and_evaluates(tmp_path, cfg_path)
     assert meta["done"] and meta["step"] == 2 * cfg.train.steps  # B x the per-block budget
     r = evaluate(tmp_path / "p", "digits:valid")
     assert r["kind"] == "paper-shared" and 0.0 <= r["accuracy"] <= 1.0
+
+
+def test_activation_checkpointing_inside_a_block_trains_the_same_weights(tmp_path, cfg_path):
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", noise="online", progress=False)
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "plain", block=1, progress=False)
+    args = ["train", str(cfg_path), "--store", str(tmp_path / "c.zarr"), "--out", str(tmp_path / "ac"),
+            "--block", "1", "--activation-checkpointing", "--quiet"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    a, b = _weights(tmp_path / "plain", "block1"), _weights(tmp_path / "ac", "block1")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -42,7 +42,7 @@ PathLike = str | os.PathLike[str]
 HASH_ROWS = 4096  # rows per update when hashing a spilled source
 
 
-# ----------------------------------------------------------------------------- the five steps
+# ----------------------------------------------------------------------------- the steps of a run
 
 
 def config(path_or_dict: PathLike | Mapping[str, Any]) -> Config:

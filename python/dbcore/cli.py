@@ -76,7 +76,8 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path):
 @click.option("--out", "run", required=True, type=click.Path(path_type=Path), help="run directory")
 @click.option("--block", type=int, default=None, help="train only this block (0 = highest noise)")
 @click.option("--e2e", is_flag=True, help="train the end-to-end baseline of the same architecture")
-@click.option("--activation-checkpointing", is_flag=True, help="with --e2e: checkpoint every layer")
+@click.option("--activation-checkpointing", is_flag=True,
+              help="checkpoint every layer (of each block, or with --e2e of the baseline)")
 @click.option("--paper-shared", is_flag=True,
               help="for comparison only: the paper's layout (shared embeddings and head, one "
               "optimizer, a random block per step)")
@@ -122,7 +123,8 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
         _run_safely(cfg.train.__post_init__)
         blocks = None if block is None else [block]
         _run_safely(train_blocks_on_ray, cfg, store_path, run, blocks, address, progress=not quiet,
-                    echo=lambda r: click.echo(json.dumps(r)))
+                    echo=lambda r: click.echo(json.dumps(r)),
+                    activation_checkpointing=activation_checkpointing)
         return
     elif address is not None:
         raise _Fail("--address needs --ray")

@@ -37,16 +37,19 @@ def finished(run: Path, block: int) -> bool:
     return checkpoint.exists(base) and bool(checkpoint.load_meta(base).get("done"))
 
 
-def _train_one(cfg_dict: dict, where: str, store_path: str, run: str, block: int, progress: bool) -> dict:
+def _train_one(cfg_dict: dict, where: str, store_path: str, run: str, block: int, progress: bool,
+               activation_checkpointing: bool) -> dict:
     """The task: one block, as `dbcore train --block` would train it."""
     from dbcore.train import train_run
 
     cfg = from_dict(cfg_dict, where)
-    return train_run(cfg, Path(store_path), Path(run), block=block, progress=progress)[0]
+    return train_run(cfg, Path(store_path), Path(run), block=block, progress=progress,
+                     activation_checkpointing=activation_checkpointing)[0]
 
 
 def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[int] | None = None,
-                        address: str | None = None, progress: bool = True, echo: Any = print) -> list[dict]:
+                        address: str | None = None, progress: bool = True, echo: Any = print,
+                        activation_checkpointing: bool = False) -> list[dict]:
     """Train `blocks` (default: all) of a run as Ray tasks; one result per block, in block order
     (finished blocks report `{"name", "skipped": "finished"}`). `echo` reports each block as it
     ends; `progress`: the tasks' progress lines (forwarded to this process by Ray)."""
@@ -75,7 +78,7 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
         options["memory"] = int(t.ray_memory_gb * 2**30)
     task = ray.remote(_train_one).options(**options)
     pending = {task.remote(cfg.to_dict(), cfg.source_path or "run.json", str(Path(store_path).resolve()),
-                           str(Path(run).resolve()), b, progress): b for b in todo}
+                           str(Path(run).resolve()), b, progress, activation_checkpointing): b for b in todo}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

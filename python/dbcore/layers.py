@@ -291,3 +291,25 @@ class PreLNLayer(nn.Module):
         a, kv = self.attn.mix_after(self.norm1(h), past, pos)
         h = h + self.attn.proj(a)
         return h + self.mlp(self.norm2(h)), kv
+
+
+def checkpoint_layers(model: nn.Module) -> nn.Module:
+    """Activation checkpointing inside a block: each layer of `model.layers` keeps only its input
+    for backward and recomputes the rest (`forward` and, for decoding layers, `step`), in training
+    with gradients on; elsewhere the layers run as before. Parameter names do not change, so
+    checkpoints are the same with or without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        for name in ("forward", "step"):
+            method = getattr(layer, name, None)
+            if method is None:
+                continue
+
+            def run(*args, _method=method, _layer=layer, **kwargs):
+                if _layer.training and torch.is_grad_enabled():
+                    return checkpoint(_method, *args, use_reentrant=False, **kwargs)
+                return _method(*args, **kwargs)
+
+            setattr(layer, name, run)
+    return model

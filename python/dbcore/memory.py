@@ -33,6 +33,7 @@ import torch.nn as nn
 from dbcore import config as config_mod
 from dbcore import rng
 from dbcore.data import INDEX, UNIFORMS
+from dbcore.layers import checkpoint_layers
 from dbcore.loss import sample_weights
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Batch, Frozen, Noised, Recipe
@@ -114,7 +115,15 @@ class _SavedBytes:
 def _build(kind: str, recipe: Recipe, frozen: Frozen) -> nn.Module:
     if kind.startswith("e2e"):
         return recipe.build_e2e(frozen, activation_checkpointing=(kind == "e2e_checkpointed"))
-    return recipe.build_block(int(kind.removeprefix("block")), frozen)
+    block = recipe.build_block(_block_of(kind), frozen)
+    return checkpoint_layers(block) if kind.endswith("_checkpointed") else block
+
+
+def _block_of(kind: str) -> int | None:
+    """The block index of a configuration kind ("block2", "block2_checkpointed"), None for e2e."""
+    if not kind.startswith("block"):
+        return None
+    return int(kind.removeprefix("block").removesuffix("_checkpointed"))
 
 
 def _check_allocator(allocator: str) -> None:
@@ -140,7 +149,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
     model = _build(kind, recipe, frozen)
     frozen = {k: v.to(dev) for k, v in frozen.items()}
     batch = recipe.example_batch(batch_size, frozen, dev)
-    block = int(kind.removeprefix("block")) if kind.startswith("block") else None
+    block = _block_of(kind)
     noised = _noised(recipe, batch, frozen, block) if block is not None or recipe.e2e_noise else None
     # the model's weights count as training memory: measure from before they are placed
     model_cpu_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -202,9 +211,11 @@ def measure_all(
     _check_allocator(allocator)  # here, before any worker starts
     m = cfg.model
     bs = batch_size or cfg.train.batch_size
-    kinds = ["e2e", "e2e_checkpointed", *[f"block{b}" for b in range(m.num_blocks)]]
+    kinds = ["e2e", "e2e_checkpointed", *[f"block{b}" for b in range(m.num_blocks)],
+             *[f"block{b}_checkpointed" for b in range(m.num_blocks)]]
     runs = {k: _spawn(str(config_path), k, bs, device, allocator) for k in kinds}
     e2e, blocks = runs["e2e"], [runs[f"block{b}"] for b in range(m.num_blocks)]
+    checkpointed = [runs[f"block{b}_checkpointed"] for b in range(m.num_blocks)]
     # analytic model, METHOD.md section 5: 4P (weights, gradients, two Adam moments) + A (bytes
     # saved for backward), each configuration from its own parameter count and saved activations
     L, B = m.depth, m.num_blocks
@@ -222,6 +233,9 @@ def measure_all(
         "e2e_peak_bytes": e2e["peak_bytes"],
         "checkpointed_peak_bytes": runs["e2e_checkpointed"]["peak_bytes"],
         "block_peak_bytes": [r["peak_bytes"] for r in blocks],
+        "block_checkpointed_peak_bytes": [r["peak_bytes"] for r in checkpointed],
+        "e2e_params": e2e["params"],
+        "block_params": [r["params"] for r in blocks],
         "max_block_over_e2e_per_block": max(r["peak_bytes"] for r in blocks) / (e2e["peak_bytes"] / B),
         "analytic_bytes": {
             "e2e": model_bytes(e2e, e2e["saved_activation_bytes"]),  # (4P + A) L

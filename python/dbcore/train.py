@@ -21,6 +21,7 @@ from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
 from dbcore.flops import Ledger
 from dbcore.kernels import resolve_backend
+from dbcore.layers import checkpoint_layers
 from dbcore.loop import NumpyBatch, noise_seed, resolve_device, to_device, train_loop
 from dbcore.paper_shared import train_paper_shared
 from dbcore.recipes import for_config
@@ -50,8 +51,10 @@ def check_store(cfg: Config, s: store.Store) -> None:
 
 
 def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: bool = True,
-                chain: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Train network block `block` alone. `chain`: (z, sigma) states handed by earlier blocks."""
+                chain: tuple[torch.Tensor, torch.Tensor] | None = None,
+                activation_checkpointing: bool = False) -> dict:
+    """Train network block `block` alone. `chain`: (z, sigma) states handed by earlier blocks;
+    `activation_checkpointing`: every layer of the block recomputes its activations in backward."""
     t = cfg.train
     recipe = for_config(cfg)
     device = resolve_device(t.device)
@@ -61,6 +64,8 @@ def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: 
     frozen = read_frozen(s, recipe)
     torch.manual_seed(t.seed * 1009 + block)
     model = recipe.build_block(block, frozen).to(device)
+    if activation_checkpointing:
+        checkpoint_layers(model)
     frozen = {k: v.to(device) for k, v in frozen.items()}
     req = recipe.noise_request(recipe.target_shape(frozen))
     # with the CUDA kernels the device draws the Gaussians itself: the stream ships only uniforms
@@ -167,5 +172,5 @@ def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None
         chain = None
         if cfg.train.mode == "sequential" and b > 0:
             chain = chain_states_for(cfg, store_path, run, b)
-        results.append(train_block(cfg, store_path, run, b, progress, chain))
+        results.append(train_block(cfg, store_path, run, b, progress, chain, activation_checkpointing))
     return results
