@@ -55,6 +55,8 @@ VARIANTS: dict[str, tuple[dict, dict, int | None]] = {
     "gates start at 1": ({"gate_init": 1.0}, {}, None),
     "top-first + gates 1": ({"sigma_dist": "top-first", "gate_init": 1.0}, {}, None),
     "top + gates 1": ({"sigma_dist": "top", "gate_init": 1.0}, {}, None),
+    "adaln-single r16": ({"conditioning": "adaln-single", "modulation_rank": 16}, {}, None),
+    "adaln-single r64": ({"conditioning": "adaln-single", "modulation_rank": 64}, {}, None),
     "top-first + gates 1 + sequential": ({"sigma_dist": "top-first", "gate_init": 1.0},
                                          {"mode": "sequential"}, None),
 }

@@ -27,7 +27,15 @@ from dbcore import layout
 from dbcore.data import INDEX
 from dbcore.edm import EDMPrecond
 from dbcore.kernels import block_loss_ce
-from dbcore.layers import AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
+from dbcore.layers import (
+    CONDITIONINGS,
+    MODULATION_RANK,
+    AdaLNFinal,
+    AdaLNLayer,
+    NoiseEmbedder,
+    PreLNLayer,
+    SharedModulation,
+)
 from dbcore.noise import mix_targets
 from dbcore.partition import CONFIG_SIGMA_DISTS
 from dbcore.recipes.base import NoiseRequest, Recipe
@@ -59,6 +67,8 @@ class ViTConfig:
     target_scale: float = 1.0  # norm of the rows of E
     gate_init: float = 0.0  # adaLN gates at initialisation: 0 = DiT's adaLN-Zero, 1 = a plain pre-LN layer
     sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
+    conditioning: str = "adaln"  # "adaln-single": one modulation network per block (dbcore.layers)
+    modulation_rank: int = MODULATION_RANK  # adaln-single: the width of that network
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -71,6 +81,10 @@ class ViTConfig:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         if self.target_scale <= 0:
             raise ValueError(f"target_scale must be > 0, got {self.target_scale}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        if self.modulation_rank < 1:
+            raise ValueError(f"modulation_rank must be >= 1, got {self.modulation_rank}")
         if self.layer_split is not None:
             self.layer_split = [int(n) for n in self.layer_split]
         block_layers(self)  # validates depth, num_blocks and layer_split
@@ -156,20 +170,30 @@ class ViTBackbone(nn.Module):
         # Zero-initialised weight: at high sigma c_in * z is pure noise (unit Gaussian entries), and
         # a default-initialised projection would put a random token at the readout position.
         nn.init.zeros_(self.z_embed.weight)
-        self.noise_embed = NoiseEmbedder(d)
+        single = cfg.conditioning == "adaln-single"
+        # adaln: a noise embedding c that every layer projects; adaln-single: one small network
+        # gives every layer's modulation (dbcore.layers.SharedModulation)
+        self.noise_embed = None if single else NoiseEmbedder(d)
+        self.modulation = (SharedModulation(d, num_layers, cfg.gate_init, cfg.modulation_rank) if single
+                           else None)
         self.layers = nn.ModuleList(
-            AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init) for _ in range(num_layers))
-        self.final = AdaLNFinal(d, d)  # F, zero-initialised: a fresh block has D = c_skip * z
+            AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init, shared_modulation=single)
+            for _ in range(num_layers))
+        self.final = AdaLNFinal(d, d, single)  # F, zero-initialised: a fresh block has D = c_skip * z
 
     def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """c_in*z (N, d), c_noise (N,), x (N, C, H, W) in [0, 1] -> F (N, d)."""
         h_x = self.patch_embed(_normalize(x)).flatten(2).transpose(1, 2)  # (N, T, d)
         h_z = self.z_embed(z_in)[:, None]  # (N, 1, d) at the CLS position
         h = torch.cat([h_z, h_x], dim=1) + self.pos_embed  # (N, T+1, d)
-        c = self.noise_embed(c_noise)  # (N, d)
-        for layer in self.layers:
-            h = layer(h, c)
-        return self.final(h[:, 0].contiguous(), c)  # (N, d); a view would keep all of h saved
+        if self.modulation is None:
+            c = self.noise_embed(c_noise)  # (N, d)
+            mods, final = [c] * len(self.layers), c
+        else:
+            mods, final = self.modulation(c_noise)  # L x (N, 6d), (N, 2d)
+        for layer, mod in zip(self.layers, mods, strict=True):
+            h = layer(h, mod)
+        return self.final(h[:, 0].contiguous(), final)  # (N, d); a view would keep all of h saved
 
 
 class ViTBlock(nn.Module):
