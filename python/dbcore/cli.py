@@ -144,8 +144,8 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
 @click.option("--num-samples", type=int, default=None,
               help="generator: samples for FID (default 2000); LM: held-out windows (default all)")
 @click.option("--cfg-scale", type=float, default=None, help="generator: guidance scale (default: config)")
-@click.option("--sampler", type=click.Choice(["euler", "heun"]), default=None,
-              help="generator: Euler (the paper's) or Heun's second-order step")
+@click.option("--sampler", type=click.Choice(["euler", "heun", "ancestral"]), default=None,
+              help="Euler (the paper's); DiT: or Heun's second-order step; looped LM: or ancestral")
 @click.option("--chains", type=click.IntRange(min=1), default=None,
               help="AR and looped LMs: initial states per position, readouts averaged (default: config)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
@@ -173,7 +173,7 @@ def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, a
 @click.option("--class", "class_", type=int, default=None, help="images: one class (default: a row each)")
 @click.option("--cfg-scale", type=float, default=None, help="images: guidance scale (default: the config's)")
 @click.option("--steps", type=int, default=None, help="sampler steps in all (default: the config's)")
-@click.option("--sampler", type=click.Choice(["euler", "heun"]), default=None)
+@click.option("--sampler", type=click.Choice(["euler", "heun", "ancestral"]), default=None)
 @click.option("--seed", type=int, default=None, help="sampling seed (default: the run's)")
 @click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="images: also write the raw samples: images uint8 (N,H,W,C), labels")
@@ -197,7 +197,7 @@ def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, 
         from dbcore.evaluate import sample_text_run
 
         options = {"num": num or 1, "length": length, "prompt": prompt, "steps": steps, "seed": seed,
-                   "temperature": temperature, "top_k": top_k, "greedy": greedy or None}
+                   "temperature": temperature, "top_k": top_k, "greedy": greedy or None, "sampler": sampler}
         texts = _run_safely(sample_text_run, run, options)
         if out is None:
             for text in texts:

@@ -234,6 +234,11 @@ class ARBaseline(nn.Module):
 MIX_UNIFORMS_FROM = 8  # per-token mixing uses uniforms 8.. of a sample (0 picks sigma, 4..6 are ViT's mixing)
 
 
+def euler_only(options: dict) -> None:
+    if options.get("sampler") not in (None, "euler"):
+        raise ValueError(f"--sampler {options['sampler']}: the AR LM's chain takes Euler steps only")
+
+
 def mix_token_targets(emb: torch.Tensor, x: torch.Tensor, sample: torch.Tensor, seed: int, block: int,
                       draw: int, fraction: float) -> torch.Tensor:
     """Targets (N, T, d) with target mixing per token (as `dbcore.noise.mix_targets` per sample):
@@ -327,6 +332,7 @@ class ARRecipe(Recipe):
         `per_block`: probes of the first chain (each block's readout, BPC of one chain alone)."""
         m, seed = self.model_cfg, self.cfg.train.seed
         t0 = time.perf_counter()
+        euler_only(options)
         steps = options.get("num_steps") or m.sample_steps
         decode = options.get("decode") or m.decode
         num_chains = options.get("eval_chains") or m.eval_chains
@@ -391,6 +397,7 @@ class ARRecipe(Recipe):
         defaults to a newline): per new token, the Euler chain over the blocks from sigma_max with
         the clean prefix in every block's KV cache; greedy or sampled (temperature, top-k)."""
         m = self.model_cfg
+        euler_only(options)
         models = [e2e] if e2e is not None else [load_block(b) for b in range(m.num_blocks)]
         for model in models:
             model.eval()

@@ -69,7 +69,8 @@ from dbcore.rundir import RunError
 
 Caches = list[KV]  # one (keys, values) per layer of a stack
 HUGINN_SIGMA = 0.5  # std of ln(rate) of the Poisson-lognormal iteration count (Huginn)
-BASELINE_LAW = (1.0, 1.0, "loguniform")  # the baseline's "noise": unit eps alone, its initial state
+BASELINE_LAW = (1.0, 1.0, "loguniform")
+SAMPLERS = ("euler", "ancestral")  # the baseline's "noise": unit eps alone, its initial state
 
 
 @dataclass
@@ -88,6 +89,7 @@ class LoopedConfig(TextModelConfig):
     sigma_dist: str = "lognormal"  # DiffusionBlocks: sigma over the full range, lognormal or loguniform
     target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12)
     eval_chains: int = 8  # BPC: readout probabilities averaged over this many initial states
+    sampler: str = "euler"  # the denoiser's steps: "euler" (METHOD.md 6) or "ancestral" (run_iterations)
     frozen_prelude: str = ""  # a finished looped run whose prelude is frozen (`--freeze-prelude`)
 
     def __post_init__(self) -> None:
@@ -108,6 +110,8 @@ class LoopedConfig(TextModelConfig):
             raise ValueError("iterations, train_iterations, backprop_iterations and eval_chains must be >= 1")
         if self.sigma_dist not in SIGMA_DISTS:
             raise ValueError(f"sigma_dist must be one of {SIGMA_DISTS}, got {self.sigma_dist!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.target_scale <= 0 or self.init_std <= 0:
             raise ValueError(f"target_scale and init_std must be > 0, got {self.target_scale}, "
                              f"{self.init_std}")
@@ -209,20 +213,31 @@ class LoopedBPTT(LoopedLM):
 
 
 def run_iterations(model: LoopedLM, e: torch.Tensor, noise: torch.Tensor, iterations: int, start: int = 0,
-                   caches: list | None = None, init_std: float = 1.0
-                   ) -> tuple[torch.Tensor, list]:
+                   caches: list | None = None, init_std: float = 1.0, sampler: str = "euler",
+                   g: torch.Generator | None = None) -> tuple[torch.Tensor, list]:
     """Logits (N, t, V) of rows with context e (N, t, d) at positions start.. after `iterations`
     iterations from the initial noise (N, t, d), and the caches of every iteration (given: the
-    prefix's, grown by these rows). The denoiser takes Euler steps from sigma_max with D_hat =
-    softmax(logits) @ E; the baseline iterates its core from init_std * noise, then the coda reads."""
+    prefix's, grown by these rows). The baseline iterates its core from init_std * noise, then the
+    coda reads. The denoiser steps from sigma_max down the grid of `euler_schedule(1, K)`:
+    "euler" moves z along (z - D_hat) / sigma with D_hat = softmax(logits) @ E (METHOD.md 6, 12);
+    "ancestral" draws a token from the logits and restarts from its row at the next level,
+    z = E[token] + sigma_next * eps (draws from `g`), so every step sees a state like those it was
+    trained on and the chain keeps the denoiser's calibrated beliefs instead of sharpening them."""
     grown_caches = []
     if isinstance(model, LoopedDenoiser):
         z = SIGMA_MAX * noise
+        emb = model.target_embedding
         for k, s in enumerate(euler_schedule(1, iterations)):
             sigma = torch.full((len(z),), s.sigma, device=z.device)
             _, logits, c = model.denoise(z, sigma, e, start, None if caches is None else caches[k])
-            d_hat = torch.softmax(logits.float(), -1) @ model.target_embedding  # METHOD.md 12
-            z = z + (s.sigma_next - s.sigma) * (z - d_hat) / s.sigma
+            probs = torch.softmax(logits.float(), -1)  # (N, t, V)
+            if sampler == "ancestral":
+                token = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1, generator=g)
+                eps = torch.randn(z.shape, generator=g).to(z.device)
+                z = emb[token.view(z.shape[:-1]).to(z.device)] + s.sigma_next * eps
+            else:
+                d_hat = probs @ emb  # METHOD.md 12
+                z = z + (s.sigma_next - s.sigma) * (z - d_hat) / s.sigma
             grown_caches.append(c)
         return logits, grown_caches
     state = init_std * noise
@@ -418,6 +433,10 @@ class LoopedRecipe(Recipe):
         t0 = time.perf_counter()
         iterations = options.get("num_steps") or m.iterations
         num_chains = options.get("eval_chains") or m.eval_chains
+        sampler = options.get("sampler") or m.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS} for a looped run, got {sampler!r}")
+        g = torch.Generator().manual_seed(seed)  # the ancestral sampler's draws
         model = e2e if e2e is not None else load_block(0)
         model.eval()
         device = next(model.parameters()).device
@@ -431,7 +450,8 @@ class LoopedRecipe(Recipe):
                 for k in range(num_chains):
                     noise = rng.gaussian(torch.arange(start, start + len(xb)), (t - 1) * m.dim, seed, 1, k)
                     noise = noise.float().view(len(xb), t - 1, m.dim).to(device)
-                    logits, _ = run_iterations(model, e, noise, iterations, init_std=m.init_std)
+                    logits, _ = run_iterations(model, e, noise, iterations, init_std=m.init_std,
+                                               sampler=sampler, g=g)
                     logp = torch.log_softmax(logits.float(), -1).gather(-1, xb[:, 1:, None])[..., 0]
                     chains[k, start:start + len(xb)] = logp.cpu()
         nats = -(torch.logsumexp(chains, 0) - math.log(num_chains))  # (n, T-1)
@@ -443,6 +463,7 @@ class LoopedRecipe(Recipe):
             "num_windows": n,
             "iterations": iterations,
             "eval_chains": num_chains,
+            "sampler": sampler if e2e is None else None,
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
@@ -463,18 +484,22 @@ class LoopedRecipe(Recipe):
         g = torch.Generator().manual_seed(int(options.get("seed") or 0))
         x = prompt.to(device).expand(num, -1).clone()  # (N, P)
         with torch.no_grad():
-            x = generate(model, x, length, options.get("steps") or m.iterations, options, g, m.init_std)
+            sampler = options.get("sampler") or m.sampler
+            if sampler not in SAMPLERS:
+                raise ValueError(f"--sampler must be one of {SAMPLERS} for a looped run, got {sampler!r}")
+            x = generate(model, x, length, options.get("steps") or m.iterations, options, g, m.init_std,
+                         sampler)
         return [vocab.decode(row.cpu().numpy()) for row in x]
 
 
 def generate(model: LoopedLM, x: torch.Tensor, length: int, iterations: int, options: dict,
-             g: torch.Generator, init_std: float = 1.0) -> torch.Tensor:
+             g: torch.Generator, init_std: float = 1.0, sampler: str = "euler") -> torch.Tensor:
     """Tokens x (N, P) grown to `length`: the prompt's rows run their K iterations in one pass,
     then each new token is one row through the prelude and K iterations, every stack KV-cached."""
     d = model.embed.table.embedding_dim
     e, ctx = model.context(x)
     noise = torch.randn(x.shape[0], x.shape[1], d, generator=g).to(x.device)
-    logits, caches = run_iterations(model, e, noise, iterations, 0, None, init_std)
+    logits, caches = run_iterations(model, e, noise, iterations, 0, None, init_std, sampler, g)
     while True:
         nxt = pick(logits[:, -1], options, g)[:, None]  # (N, 1)
         x = torch.cat([x, nxt], 1)
@@ -483,7 +508,7 @@ def generate(model: LoopedLM, x: torch.Tensor, length: int, iterations: int, opt
         pos = x.shape[1] - 1
         e, ctx = model.context(nxt, pos, ctx)
         noise = torch.randn(x.shape[0], 1, d, generator=g).to(x.device)
-        logits, caches = run_iterations(model, e, noise, iterations, pos, caches, init_std)
+        logits, caches = run_iterations(model, e, noise, iterations, pos, caches, init_std, sampler, g)
 
 
 def looped_tiny(**overrides: Any) -> LoopedConfig:

@@ -126,6 +126,12 @@ def masked_nats(model: MaskedDenoiser, x: torch.Tensor, x_t: torch.Tensor, t: to
     return elbo_weight(t, eps) * (ce * (x_t == MASK)).sum(1)
 
 
+
+def no_sampler(options: dict) -> None:
+    if options.get("sampler") is not None:
+        raise ValueError(f"--sampler {options['sampler']}: the masked-diffusion LM unmasks ancestrally; "
+                         "--sampler does not apply")
+
 class MDLMRecipe(Recipe):
     name = "mdlm"
     config_class = MDLMConfig
@@ -217,6 +223,7 @@ class MDLMRecipe(Recipe):
         windows; `per_block`: each slice's share. Blocks and baseline see the same t and masks."""
         m = self.model_cfg
         t0 = time.perf_counter()
+        no_sampler(options)
         models = (lambda b: e2e) if e2e is not None else load_block
         first = models(0)
         vocab = vocab_of({layout.VOCAB: first.vocab})
@@ -263,6 +270,7 @@ class MDLMRecipe(Recipe):
         revealed from t to s with probability (alpha_s - alpha_t) / (1 - alpha_t), all at the end, as
         drawn by `pick` (temperature, top-k) or the likeliest token (greedy)."""
         m = self.model_cfg
+        no_sampler(options)
         steps = options.get("steps") or m.sample_steps
         if steps % m.num_blocks:
             raise ValueError(f"--steps {steps} must be a multiple of num_blocks {m.num_blocks}")
