@@ -65,3 +65,32 @@ def test_gated_layer_saves_no_more_than_a_plain_layer_plus_the_modulation():
     per_token = n * t * d * 4  # one (N, T, d) float32 tensor
     extra = saved_bytes(lambda: ada(h, c)) - saved_bytes(lambda: pre(h))
     assert extra < per_token / 2, extra / per_token
+
+
+def test_adaln_single_gives_every_layer_its_modulation_from_one_small_network():
+    import pytest
+
+    from dbcore.layers import SharedModulation
+    from dbcore.recipes.vit import ViTBlock, ViTConfig
+
+    mod = SharedModulation(dim=8, num_layers=3, gate_init=1.0, rank=4)
+    layers, final = mod(torch.tensor([0.1, -0.5]))
+    assert len(layers) == 3 and all(m.shape == (2, 48) for m in layers) and final.shape == (2, 16)
+    for m in layers:  # zero-initialised: shift/scale 0, gates = gate_init, at any noise level
+        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)
+        assert torch.all(gate1 == 1) and torch.all(gate2 == 1) and torch.all(shift1 == 0)
+    assert torch.all(final == 0)
+    emb = torch.nn.functional.normalize(torch.randn(10, 32), dim=-1)
+    blocks = {c: ViTBlock(ViTConfig(dim=32, depth=4, heads=2, num_blocks=2, conditioning=c), 0, emb)
+              for c in ("adaln", "adaln-single")}
+    sizes = {c: sum(p.numel() for p in b.parameters()) for c, b in blocks.items()}
+    assert sizes["adaln-single"] < sizes["adaln"]
+    x, z = torch.rand(4, 1, 8, 8), torch.randn(4, 32)
+    for b in blocks.values():  # a fresh block is D = c_skip z either way, and trains end to end
+        d_hat, logits = b(x, z, torch.full((4,), 0.5))
+        torch.testing.assert_close(d_hat, z * 0.25 / (0.25 + 0.25))
+        logits.sum().backward()
+    with pytest.raises(ValueError, match="conditioning"):
+        ViTConfig(conditioning="film")
+    with pytest.raises(ValueError, match="modulation_rank"):
+        ViTConfig(conditioning="adaln-single", modulation_rank=0)

@@ -194,7 +194,7 @@ class ModulationOffset(nn.Module):
 
 
 CONDITIONINGS = ("adaln", "adaln-single")  # a projection per layer, or one network per block
-MODULATION_RANK = 64  # adaln-single: width of the block's noise -> modulation network
+MODULATION_RANK = 16  # adaln-single: the width of that network (benches/results/params_vit.json)
 
 
 class SharedModulation(nn.Module):
