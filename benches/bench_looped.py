@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "shakespeare"
-LABELS = {"db": "DiffusionBlocks (one core pass)", "bptt": "truncated BPTT (Huginn)"}
+LABELS = {"db": "DiffusionBlocks (one core pass)", "bptt": "truncated BPTT (Huginn)",
+          "db ancestral": "DiffusionBlocks, ancestral sampler"}
 
 
 def cli(*args: str) -> str:
@@ -58,9 +59,11 @@ def ledger(run: Path) -> dict:
     return json.loads(lines[-1])["compute"]
 
 
-def evaluate(run: Path, data: str, windows: int, k: int | None = None) -> dict:
+def evaluate(run: Path, data: str, windows: int, k: int | None = None, sampler: str | None = None) -> dict:
     args = ["eval", str(run), "--data", data, "--json", "--num-samples", str(windows)]
-    return json.loads(cli(*args, *(["--steps", str(k)] if k else [])))
+    args += ["--steps", str(k)] if k else []
+    args += ["--sampler", sampler] if sampler else []
+    return json.loads(cli(*args))
 
 
 def memory(config: str, workdir: Path) -> dict:
@@ -104,7 +107,7 @@ def plot(result: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for kind, rows in result["budgets"].items():
         a.plot([r["flops"] for r in rows], [r["bpc"] for r in rows], "o-", label=LABELS[kind])
-        sweep = result["depth_sweep"][kind]
+    for kind, sweep in result["depth_sweep"].items():
         b.plot([r["iterations"] for r in sweep], [r["bpc"] for r in sweep], "o-", label=LABELS[kind])
     a.set_xscale("log")
     a.set_xlabel("training FLOPs")
@@ -124,13 +127,24 @@ def markdown(result: dict, command: str) -> str:
              f"Held-out BPC on {result['windows']} windows of valid.txt, {result['eval_chains']} initial "
              f"states averaged per position.", "", "## BPC against training compute (K = "
              f"{result['iterations']} at inference)", "",
-             "| model | steps | training FLOPs | core passes fwd / bwd | BPC | +- | train seconds |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | steps | training FLOPs | core passes fwd / bwd | BPC | +- | BPC at K = 1 "
+             "| train seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     for kind, rows in result["budgets"].items():
         for r in rows:
             core = r["passes"]["core"]
             lines.append(f"| {LABELS[kind]} | {r['steps']} | {r['flops']:.3g} | {core[0]} / {core[1]} | "
-                         f"{r['bpc']:.4f} | {r['bpc_stderr']:.4f} | {r['seconds']} |")
+                         f"{r['bpc']:.4f} | {r['bpc_stderr']:.4f} | {r.get('bpc_k1', float('nan')):.4f} | "
+                         f"{r['seconds']} |")
+    if set(result["budgets"]) >= {"db", "bptt"}:
+        lines += ["", "At matched budgets (the i-th of each model; FLOPs ratio DiffusionBlocks / BPTT), "
+                  "DiffusionBlocks' BPC over BPTT's, each at K = " f"{result['iterations']}"
+                  " and DiffusionBlocks at K = 1:", "",
+                  "| FLOPs ratio | K = config | DiffusionBlocks K = 1 |",
+                  "|---|---|---|"]
+        for a, b in zip(result["budgets"]["db"], result["budgets"]["bptt"], strict=False):
+            lines.append(f"| {a['flops'] / b['flops']:.3f} | {a['bpc'] / b['bpc']:.3f} | "
+                         f"{a.get('bpc_k1', float('nan')) / b['bpc']:.3f} |")
     lines += ["", "## BPC against iterations at inference (largest budget of each)", "",
               "| K | " + " | ".join(LABELS[k] for k in result["depth_sweep"]) + " |",
               "|---|" + "---|" * len(result["depth_sweep"])]
@@ -161,6 +175,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--windows", type=int, default=300, help="held-out windows")
     ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--ancestral", action="store_true", help="also sweep K with the ancestral sampler")
     ap.add_argument("--memory-only", action="store_true",
                     help="only the memory measurement, merged into --json")
     ap.add_argument("--json", type=Path, required=True)
@@ -199,7 +214,8 @@ def main() -> None:
             r, comp = evaluate(run, data, args.windows), ledger(run)
             seconds = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
             rows.append({"steps": s, "flops": comp["flops"], "passes": comp["passes"], "bpc": r["bpc"],
-                         "bpc_stderr": r["bpc_stderr"], "seconds": seconds})
+                         "bpc_stderr": r["bpc_stderr"], "seconds": seconds,
+                         "bpc_k1": evaluate(run, data, args.windows, 1)["bpc"]})
             print(json.dumps({"model": kind, **rows[-1]}), flush=True)
         result["budgets"][kind] = rows
         largest = w / f"{kind}_{steps[-1]}"
@@ -209,6 +225,13 @@ def main() -> None:
             sweep.append({"iterations": k, "bpc": r["bpc"], "bpc_stderr": r["bpc_stderr"]})
         result["depth_sweep"][kind] = sweep
         print(json.dumps({"model": kind, "depth_sweep": result["depth_sweep"][kind]}), flush=True)
+    if args.ancestral:
+        largest = w / f"db_{budgets['db'][-1]}"
+        sweep = []
+        for k in args.ks:
+            r = evaluate(largest, data, args.windows, k, "ancestral")
+            sweep.append({"iterations": k, "bpc": r["bpc"], "bpc_stderr": r["bpc_stderr"]})
+        result["depth_sweep"]["db ancestral"] = sweep
     command = " ".join(["python benches/bench_looped.py", *sys.argv[1:]])
     result["command"] = command
     args.json.write_text(json.dumps(result, indent=2) + "\n")
