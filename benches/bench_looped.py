@@ -34,9 +34,9 @@ def cli(*args: str) -> str:
 
 
 def train_all(config: str, store: Path, jobs: list[tuple[str, int, Path]], parallel: int) -> None:
-    """Every (model, steps, run) job, `parallel` processes at a time; finished runs are skipped
-    by the trainer itself (their checkpoints say done)."""
-    pending, running = list(jobs), []
+    """Every (model, steps, run) job, `parallel` processes at a time; finished runs (their
+    checkpoints say done) are skipped."""
+    pending, running = [j for j in jobs if not finished(j[2], j[0])], []
     while pending or running:
         while pending and len(running) < parallel:
             kind, steps, run = pending.pop(0)
@@ -51,6 +51,11 @@ def train_all(config: str, store: Path, jobs: list[tuple[str, int, Path]], paral
                 if job[2].returncode:
                     raise SystemExit(f"training {job[0]} for {job[1]} steps failed ({job[2].returncode})")
                 running.remove(job)
+
+
+def finished(run: Path, kind: str) -> bool:
+    meta = run / ("e2e.json" if kind == "bptt" else "block0.json")
+    return meta.is_file() and bool(json.loads(meta.read_text()).get("done"))
 
 
 def ledger(run: Path) -> dict:
