@@ -61,12 +61,25 @@ def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) ->
     path = run / "run.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("kind") != kind or old.get("config") != info["config"]:
+        if old.get("kind") != kind or not _same_config(old.get("config"), info["config"]):
             raise RunError(f"run {run}: holds a {old.get('kind')} run of another config; use a new --out")
         return
     tmp = path.with_name("run.json.tmp")
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(path)
+
+
+def _same_config(old: Any, new: dict) -> bool:
+    """Whether a run's recorded config is `new`, keys that a later version added (at their
+    defaults) aside: a run trained before an upgrade still resumes."""
+    from dbcore.config import ConfigError, from_dict
+
+    if old == new:
+        return True
+    try:
+        return from_dict(old, "run.json").to_dict() == from_dict(new, "run.json").to_dict()
+    except (ConfigError, ValueError, TypeError, KeyError):
+        return False
 
 
 def read_run_json(run: Path) -> dict[str, Any]:
