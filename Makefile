@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/dbcore/cargo-target
 export PIP_CACHE_DIR ?= $(HOME)/.cache/pip
 
-.PHONY: demo test venv wheel install lint pytest cargo-test bench clean
+.PHONY: demo test venv wheel install lint stubtest pytest cargo-test bench clean
 
 venv:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,13 +24,17 @@ lint: venv
 	$(VENV)/bin/ruff check python tests benches
 	cargo clippy --all-targets -- -D warnings
 
+# the stub python/dbcore/_native.pyi against the installed extension: it cannot drift
+stubtest: install
+	cd /tmp && $(abspath $(PY)) -m mypy.stubtest dbcore._native
+
 pytest: install
 	$(VENV)/bin/pytest -q
 
 cargo-test:
 	cargo test --quiet
 
-test: install lint cargo-test pytest
+test: install lint stubtest cargo-test pytest
 
 demo: install
 	rm -rf demo/run_e2e demo/run_blocks

@@ -1,14 +1,31 @@
 """Type stub of the Rust extension `dbcore._native` (see rust/src/python.rs)."""
 
 from os import PathLike
+from typing import final
 
 import numpy as np
+
+__all__ = [
+    "NativeStore",
+    "NativeWriter",
+    "NativeStream",
+    "BatchBuffer",
+    "philox4x32",
+    "gaussian",
+    "uniform_for_sigma",
+    "uniforms",
+    "STREAM_MAX_THREADS",
+    "STREAM_DEFAULT_THREADS",
+    "NativeError",
+    "FORMAT_VERSION",
+]
 
 FORMAT_VERSION: int
 
 class NativeError(Exception):
     """Raised with args `(kind, message)`; `dbcore.store` turns it into a `StoreError`."""
 
+@final
 class NativeStore:
     @staticmethod
     def create(path: str | PathLike[str], attrs_json: str, overwrite: bool) -> NativeStore: ...
@@ -35,6 +52,7 @@ class NativeStore:
     def writer(self, name: str) -> NativeWriter: ...
     def finalize(self) -> None: ...
 
+@final
 class NativeWriter:
     def write(self, start: int, block: np.ndarray) -> None: ...
     def flush(self) -> None: ...
@@ -44,11 +62,12 @@ class NativeWriter:
 STREAM_MAX_THREADS: int
 STREAM_DEFAULT_THREADS: int
 
+@final
 class NativeStream:
     """Batch reader over one complete store (rust/src/stream.rs); `dbcore.data.BatchStream` wraps it."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: str | PathLike[str],
         arrays: list[str],
         draws: list[bool],
@@ -65,7 +84,7 @@ class NativeStream:
         worker: int = 0,
         num_workers: int = 1,
         noise: tuple[int, int, int, int] | None = None,
-    ) -> None: ...
+    ) -> NativeStream: ...
     @property
     def num_samples(self) -> int: ...
     @property
@@ -87,6 +106,10 @@ class NativeStream:
         tuple[int, int, np.ndarray, list[np.ndarray], np.ndarray | None, np.ndarray | None] | None
     ): ...
     def stop(self) -> None: ...
+
+@final
+class BatchBuffer:
+    """Owns one batch buffer while NumPy arrays view it, then gives it back to its stream's pool."""
 
 def philox4x32(ctr: list[int], key: list[int]) -> list[int]: ...
 def gaussian(samples: np.ndarray, num_elements: int, seed: int, block: int, draw: int) -> np.ndarray: ...
