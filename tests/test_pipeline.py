@@ -269,3 +269,14 @@ def test_activation_checkpointing_inside_a_block_trains_the_same_weights(tmp_pat
     assert r.exit_code == 0, r.output
     a, b = _weights(tmp_path / "plain", "block1"), _weights(tmp_path / "ac", "block1")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bf16_training_keeps_fp32_checkpoints_and_learns(tmp_path, cfg_path):
+    cfg = config_mod.load(cfg_path)
+    cfg.train.precision = "bf16"
+    write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", noise="online", progress=False)
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "bf16", block=0, progress=False)
+    weights = _weights(tmp_path / "bf16", "block0")
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "bf16/metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(losses)))

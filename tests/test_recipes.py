@@ -119,3 +119,35 @@ def test_run_directory_errors(tmp_path):
         rundir.write_run_json(run, _cfg(conditioning="adaln-single").to_dict(), tmp_path / "s.zarr", "blocks")
     with pytest.raises(rundir.RunError, match="no metrics"):
         rundir.read_metrics(run)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_recipe_trains_under_bf16_autocast_with_fp32_master_weights(name):
+    from dbcore.loop import autocast_for
+    from dbcore.memory import _noised, training_loss
+
+    recipe = for_config(_cfg(name))
+    frozen = recipe.example_frozen()
+    batch = recipe.example_batch(4, frozen, torch.device("cpu"))
+    for block in (0, None):
+        model = recipe.build_block(0, frozen) if block == 0 else recipe.build_e2e(frozen)
+        noised = _noised(recipe, batch, frozen, block) if block == 0 or recipe.e2e_noise else None
+        with autocast_for("bf16", torch.device("cpu")):
+            loss = training_loss(recipe, model, batch, frozen, block, noised)
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_precision_is_checked_and_fp32_runs_without_autocast():
+    from dbcore.loop import autocast_for
+
+    with pytest.raises(config_mod.ConfigError, match="precision"):
+        config_mod.from_dict({"model": {"recipe": "vit"}, "train": {"precision": "fp16"}}, "x.toml")
+    assert not torch.is_autocast_enabled("cpu")
+    with autocast_for("auto", torch.device("cpu")):  # auto: fp32 off CUDA
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_for("bf16", torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu")

@@ -20,6 +20,7 @@ else:  # pragma: no cover
 
 from dbcore.recipes import REGISTRY, recipe_class
 
+PRECISIONS = ("auto", "bf16", "fp32")
 CACHED_NOISE_FIELDS = ("num_blocks", "gamma", "sigma_dist")  # what cached noised targets depend on
 
 
@@ -48,6 +49,8 @@ class TrainConfig:
     backend: str = "auto"  # noise and loss kernels: auto | torch | cupy
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32 (master weights fp32)
+    compile: bool = False  # torch.compile the model (nn.Module.compile: parameter names unchanged)
     ray_cpus: float = 1.0  # `--ray`: CPUs each block's task asks for
     ray_gpus: float = 0.0  # `--ray`: GPUs each block's task asks for
     ray_memory_gb: float = 0.0  # `--ray`: memory each block's task reserves; 0 = no reservation
@@ -59,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"decay must be 'matrices' or 'all', got {self.decay!r}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if min(self.ray_cpus, self.ray_gpus, self.ray_memory_gb) < 0:
             raise ValueError("ray_cpus, ray_gpus and ray_memory_gb must be >= 0")
 

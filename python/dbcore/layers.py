@@ -147,8 +147,9 @@ class _GatedResidual(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: torch.Tensor):
         gate, a, weight, bias = ctx.saved_tensors
+        a = a.to(weight.dtype)  # under autocast a may be bf16: the backward runs in the weights' dtype
         grad_gate = (g * F.linear(a, weight, bias)).sum(1)  # (N, d)
-        gu = g * gate[:, None]  # dL/du, (N, T, d)
+        gu = (g * gate[:, None]).to(weight.dtype)  # dL/du, (N, T, d)
         grad_a = gu @ weight  # (N, T, d_in)
         grad_w = gu.reshape(-1, gu.shape[-1]).T @ a.reshape(-1, a.shape[-1])  # (d, d_in)
         return g, grad_gate, grad_a, grad_w, gu.sum((0, 1))

@@ -7,6 +7,7 @@ Losses are summed on the device and read once per logging window: no host sync p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -90,13 +91,36 @@ def _resume(base: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: Ba
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW decaying only Linear/Conv weight matrices (`decay = "matrices"`), or every parameter."""
+    """AdamW decaying only Linear/Conv weight matrices (`decay = "matrices"`), or every parameter;
+    the fused CUDA implementation when the model is on a GPU."""
     t = cfg.train
+    fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
     if t.decay == "all":
-        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **fused)
     decay, rest = decayed_parameters(model)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr)
+    return torch.optim.AdamW(groups, lr=t.lr, **fused)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward's precision: bf16 autocast (master weights, gradients and optimizer state stay
+    fp32) for "bf16", and for "auto" on CUDA; fp32 otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_device(model: nn.Module, cfg: Config) -> torch.device:
+    """TF32 matmuls on CUDA (unless precision = "fp32"), and `torch.compile` when asked; the
+    model's device."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        tf32 = cfg.train.precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    if cfg.train.compile:
+        model.compile()  # in place: parameter names, so checkpoints, unchanged
+    return device
 
 
 def _batches(stream: BatchStream) -> Iterator[NumpyBatch]:
@@ -114,6 +138,7 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], to
     `ledger`: the compute that `step_loss` books per step, kept in checkpoints and metrics."""
     t = cfg.train
     base = rundir.checkpoint_base(run, name)
+    device = prepare_device(model, cfg)
     opt = make_optimizer(model, cfg)
     start = _resume(base, model, opt, stream, ledger)
     meta = {"name": name, "recipe": cfg.recipe, "total_steps": t.steps,
@@ -130,7 +155,8 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], to
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = step_loss(batch)
+        with autocast_for(t.precision, device):
+            loss = step_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
