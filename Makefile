@@ -10,11 +10,15 @@ export PIP_CACHE_DIR ?= $(HOME)/.cache/pip
 
 venv:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip "maturin>=1.9,<2"
+	@$(PY) -m pip install -q --upgrade pip "maturin>=1.9,<2" "ziglang>=0.13" "auditwheel>=6"
 
+# manylinux_2_28 (RHEL 8, Ubuntu 20.04 and later): linked by zig against glibc 2.28, checked by auditwheel
 wheel: venv
 	rm -rf dist
-	$(VENV)/bin/maturin build --release --quiet -o dist --interpreter $(PY)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release --quiet -o dist \
+		--interpreter $(PY) --zig --compatibility manylinux_2_28
+	$(VENV)/bin/auditwheel show dist/dbcore-*.whl | grep -q 'manylinux_2_28_x86_64' \
+		|| { echo "wheel is not manylinux_2_28"; exit 1; }
 
 install: wheel
 	$(PY) -m pip install -q "$$(ls dist/dbcore-*.whl)[dev]"
