@@ -96,14 +96,15 @@ def write_cache(
     if cached:
         attrs["schedule"] = schedule_attrs(cfg)
     out = Path(out)
-    s, done = _open_for_writing(out, attrs, overwrite)
-    jobs = [_Job(name, tuple(rows.shape), str(np.dtype(rows.dtype)), None, _slicer(rows))
-            for name, rows in arrays.items()]
-    if cached:
-        jobs += _noise_jobs(recipe, arrays, draws, seed)
-    _run_jobs(s, out, jobs, done, progress)
-    s.finalize()
-    (out / LEDGER).unlink(missing_ok=True)
+    with store.writer_lock(out):  # a second `cache` of the same store is refused
+        s, done = _open_for_writing(out, attrs, overwrite)
+        jobs = [_Job(name, tuple(rows.shape), str(np.dtype(rows.dtype)), None, _slicer(rows))
+                for name, rows in arrays.items()]
+        if cached:
+            jobs += _noise_jobs(recipe, arrays, draws, seed)
+        _run_jobs(s, out, jobs, done, progress)
+        s.finalize()
+        (out / LEDGER).unlink(missing_ok=True)
     return s
 
 

@@ -55,11 +55,17 @@ def save(base: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     base.parent.mkdir(parents=True, exist_ok=True)
     st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
     st_tmp, js_tmp = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
-    save_file(_unshared(tensors), str(st_tmp))
-    digest = _sha256(st_tmp)
-    js_tmp.write_text(json.dumps({**meta, "sha256": digest}, indent=2, sort_keys=True))
-    _replace_atomically(st_tmp, st)
-    _replace_atomically(js_tmp, js)
+    try:
+        save_file(_unshared(tensors), str(st_tmp))
+        digest = _sha256(st_tmp)
+        js_tmp.write_text(json.dumps({**meta, "sha256": digest}, indent=2, sort_keys=True))
+        _replace_atomically(st_tmp, st)
+    except (OSError, SafetensorError) as exc:  # a full disk, a quota: the last checkpoint stays
+        st_tmp.unlink(missing_ok=True)
+        js_tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"checkpoint {base}: could not be written ({exc}); the previous one is "
+                              "kept and training resumes from it once there is space") from None
+    _replace_atomically(js_tmp, js)  # the JSON last: a checkpoint exists once it names its tensors
     return digest
 
 

@@ -40,8 +40,12 @@ def chain_path(run: Path, block: int) -> Path:
 
 
 def log_metrics(run: Path, record: dict) -> None:
-    with open(Path(run) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = Path(run) / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:  # a full disk: say so in one line; the checkpoints are untouched
+        raise RunError(f"run {run}: could not append to {path.name} ({exc})") from None
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -29,6 +29,7 @@ zarr-python). Every failure is a `StoreError` naming the store, the array and th
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -349,6 +350,35 @@ class Store:
             self._native.finalize()
 
 
+class StoreLockedError(StoreError):
+    """Another process is writing the store."""
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the right to write store `path` for the block's lifetime (an exclusive `flock` on
+    `.NAME.lock` beside it, released by the OS if the process dies); a second writer is refused."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreLockedError(f"{path}: another process (pid {holder}) is writing this store; "
+                               "wait for it to finish or stop it") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def create(
     path: str | os.PathLike[str], attrs: dict[str, Any] | None = None, overwrite: bool = False
 ) -> Store:
@@ -377,8 +407,10 @@ __all__ = [
     "StoreError",
     "StoreExistsError",
     "StoreIndexError",
+    "StoreLockedError",
     "StoreNotFoundError",
     "StoreValueError",
     "create",
     "open",
+    "writer_lock",
 ]
