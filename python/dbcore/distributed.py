@@ -70,8 +70,10 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
         return [results[b] for b in blocks]
     t = cfg.train
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    if started_here and address:  # a running cluster: its nodes need dbcore installed
+        ray.init(address=address, logging_level="ERROR", configure_logging=False)
+    elif started_here:  # a local instance for this command
+        ray.init(include_dashboard=False, logging_level="ERROR", configure_logging=False)
     options = {"num_cpus": t.ray_cpus, "num_gpus": t.ray_gpus, "max_retries": MAX_RETRIES,
                "retry_exceptions": list(TRANSIENT_ERRORS)}
     if t.ray_memory_gb > 0:
