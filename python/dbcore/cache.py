@@ -35,6 +35,7 @@ from dbcore.progress import bar as progress_bar
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Recipe
 from dbcore.sources import Source, source_sha256
+from dbcore.wording import arg
 
 ROWS_PER_WRITE = 4096  # rows per chunk of the noised targets
 WRITE_TARGET_BYTES = 32 << 20  # a write covers whole shards or chunks, about this many bytes
@@ -77,9 +78,9 @@ def write_cache(
         raise ValueError(f"draws must be >= 1, found {draws}")
     recipe = for_config(cfg)
     if noise == "cached" and not recipe.cached_noise:
-        raise ValueError(f"recipe {cfg.recipe!r} draws its noise online only; drop --noise cached")
+        raise ValueError(f"recipe {cfg.recipe!r} draws its noise online only; drop {arg('noise', 'cached')}")
     if target_embedding is not None and layout.TARGET_EMBEDDING not in recipe.frozen_arrays:
-        raise ValueError(f"recipe {cfg.recipe!r} has no target embedding; drop --target-embedding")
+        raise ValueError(f"recipe {cfg.recipe!r} has no target embedding; drop {arg('target_embedding')}")
     arrays, recipe_attrs = recipe.cache_arrays(source, seed, target_embedding)
     n = len(arrays[recipe.stream_arrays[0]])
     cached = noise == "cached"
@@ -131,12 +132,12 @@ def _open_for_writing(out: Path, attrs: dict, overwrite: bool) -> tuple[store.St
     if s.complete:
         raise store.StoreExistsError(
             f"{out}: already exists and holds a complete cache; "
-            "pass overwrite=True (--overwrite) to rewrite it"
+            f"pass {arg('overwrite', True)} to rewrite it"
         )
     if s.attrs != json.loads(json.dumps(attrs)) or not (out / LEDGER).is_file():
         raise store.StoreExistsError(
             f"{out}: exists and holds an interrupted cache of other inputs (source, config, noise "
-            "or seed) or of another tool; pass overwrite=True (--overwrite) to replace it"
+            f"or seed) or of another tool; pass {arg('overwrite', True)} to replace it"
         )
     done = set()
     for line in (out / LEDGER).read_text().splitlines():

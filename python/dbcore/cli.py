@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from dbcore import __version__
+from dbcore.wording import cli_wording
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,7 +36,8 @@ def _user_errors():
 def _run_safely(fn, *args, **kwargs):
     """Run fn, turning a user-facing error into one line; DBCORE_DEBUG=1 keeps the traceback."""
     try:
-        return fn(*args, **kwargs)
+        with cli_wording():
+            return fn(*args, **kwargs)
     except _user_errors() as exc:
         if os.environ.get("DBCORE_DEBUG"):
             raise

@@ -17,6 +17,7 @@ from typing import Any
 from dbcore import checkpoint, rundir, store
 from dbcore.config import Config, from_dict
 from dbcore.rundir import RunError
+from dbcore.wording import arg
 
 MAX_RETRIES = 3
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError, InterruptedError)
@@ -63,7 +64,7 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
     blocks = list(range(cfg.model.num_blocks)) if blocks is None else blocks
     bad = [b for b in blocks if not 0 <= b < cfg.model.num_blocks]
     if bad:
-        raise RunError(f"--block {bad[0]} is outside 0..{cfg.model.num_blocks - 1}")
+        raise RunError(f"{arg('block', bad[0])} is outside 0..{cfg.model.num_blocks - 1}")
     results = {b: {"name": rundir.block_name(b), "skipped": "finished"} for b in blocks if finished(run, b)}
     todo = [b for b in blocks if b not in results]
     if not todo:

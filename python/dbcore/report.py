@@ -14,6 +14,7 @@ import torch
 from dbcore import rundir
 from dbcore.evaluate import block_loader, load_e2e, load_run
 from dbcore.recipes import for_config
+from dbcore.wording import arg
 
 
 def _pyplot():
@@ -55,7 +56,7 @@ def sample_run(run: Path, num: int = 100, class_: int | None = None, cfg_scale: 
     k = cfg.model.num_classes
     if class_ is not None:
         if not 0 <= class_ < k:
-            raise ValueError(f"--class {class_} is outside 0..{k - 1}")
+            raise ValueError(f"{arg('label', class_)} is outside 0..{k - 1}")
         labels, rows = torch.full((num,), class_), max(1, int(round(num ** 0.5)))
     else:
         labels, rows = torch.arange(num) % k, k

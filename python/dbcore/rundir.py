@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dbcore import checkpoint
+from dbcore.wording import arg
 
 KINDS = ("blocks", "e2e", "paper-shared")
 E2E = "e2e"
@@ -66,7 +67,8 @@ def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) ->
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("kind") != kind or not _same_config(old.get("config"), info["config"]):
-            raise RunError(f"run {run}: holds a {old.get('kind')} run of another config; use a new --out")
+            raise RunError(f"run {run}: holds a {old.get('kind')} run of another config; use a new "
+                           f"{arg('out')}")
         return
     tmp = path.with_name("run.json.tmp")
     tmp.write_text(json.dumps(info, indent=2))

@@ -27,6 +27,7 @@ from dbcore.paper_shared import train_paper_shared
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Frozen, Recipe, read_frozen
 from dbcore.rundir import RunError
+from dbcore.wording import arg
 
 __all__ = ["RunError", "check_store", "train_block", "train_e2e", "train_run"]
 
@@ -166,7 +167,7 @@ def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None
     num_blocks = cfg.model.num_blocks
     blocks = range(num_blocks) if block is None else [block]
     if block is not None and not 0 <= block < num_blocks:
-        raise RunError(f"--block {block} is outside 0..{num_blocks - 1}")
+        raise RunError(f"{arg('block', block)} is outside 0..{num_blocks - 1}")
     results = []
     for b in blocks:
         chain = None

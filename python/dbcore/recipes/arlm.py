@@ -53,6 +53,7 @@ from dbcore.recipes.lm import (
 )
 from dbcore.recipes.vit import layers_in_block
 from dbcore.sampler import DECODES, run_chain
+from dbcore.wording import arg
 
 Caches = list[KV]  # one (keys, values) of the clean prefix per layer of a block
 
@@ -405,7 +406,7 @@ class ARRecipe(Recipe):
         prompt = encode_prompt(options.get("prompt") or "\n", vocab)
         num, length = options["num"], options.get("length") or m.seq_len
         if not len(prompt) < length <= m.seq_len:
-            raise ValueError(f"--length {length} must be in {len(prompt) + 1}..seq_len {m.seq_len} "
+            raise ValueError(f"{arg('length', length)} must be in {len(prompt) + 1}..seq_len {m.seq_len} "
                              f"(the prompt has {len(prompt)} characters)")
         device = next(models[0].parameters()).device
         g = torch.Generator().manual_seed(int(options.get("seed") or 0))

@@ -22,6 +22,7 @@ from dbcore.recipes.base import Frozen
 from dbcore.recipes.vit import block_layers, make_target_embedding
 from dbcore.sources import SourceError
 from dbcore.text import TextSource, Vocabulary, load_text
+from dbcore.wording import arg
 
 POS_INIT_STD = 0.02  # learned positions and token embeddings, as GPT-2 / nanoGPT
 EVAL_BATCH = 64  # windows per forward pass in evaluation
@@ -80,7 +81,7 @@ def eval_windows(data: str, vocab: Vocabulary, seq_len: int, limit: int | None) 
 
 def encode_prompt(prompt: str, vocab: Vocabulary) -> torch.Tensor:
     """(P,) int64 ids of a prompt; a character outside the vocabulary is a clear error."""
-    return torch.from_numpy(vocab.encode(prompt, where="--prompt")).long()
+    return torch.from_numpy(vocab.encode(prompt, where=arg("prompt"))).long()
 
 
 def grown(past: KV | None, new: KV) -> KV:

@@ -66,6 +66,7 @@ from dbcore.recipes.looped_prelude import (
     load_prelude,
 )
 from dbcore.rundir import RunError
+from dbcore.wording import arg
 
 Caches = list[KV]  # one (keys, values) per layer of a stack
 HUGINN_SIGMA = 0.5  # std of ln(rate) of the Poisson-lognormal iteration count (Huginn)
@@ -478,7 +479,7 @@ class LoopedRecipe(Recipe):
         prompt = encode_prompt(options.get("prompt") or "\n", vocab)
         num, length = options["num"], options.get("length") or m.seq_len
         if not len(prompt) < length <= m.seq_len:
-            raise ValueError(f"--length {length} must be in {len(prompt) + 1}..seq_len {m.seq_len} "
+            raise ValueError(f"{arg('length', length)} must be in {len(prompt) + 1}..seq_len {m.seq_len} "
                              f"(the prompt has {len(prompt)} characters)")
         device = next(model.parameters()).device
         g = torch.Generator().manual_seed(int(options.get("seed") or 0))

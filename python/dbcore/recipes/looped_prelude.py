@@ -21,6 +21,7 @@ import torch
 
 from dbcore import checkpoint, layout, rundir, store
 from dbcore.rundir import RunError
+from dbcore.wording import arg
 
 PRELUDE_OUT = "prelude_out"  # (N, T-1, d) float16: the frozen prelude's output of x_0..x_{T-2}
 PRELUDE_KEYS = ("embed.", "prelude.")  # the frozen modules' parameter names
@@ -63,7 +64,7 @@ def check_resumed_run(run: Path, name: str, fp: str) -> None:
     found = fingerprint(prelude_tensors(tensors))
     if found != fp:
         raise RunError(f"run {run}: {name} was trained on the frozen prelude {found[:16]}, "
-                       f"--freeze-prelude gives {fp[:16]}; use a new --out")
+                       f"{arg('frozen_prelude')} gives {fp[:16]}; use a new {arg('out')}")
 
 
 def activation_store(source: Path, model: torch.nn.Module, fp: str, run: Path) -> Path:

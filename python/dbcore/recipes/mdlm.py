@@ -44,6 +44,7 @@ from dbcore.recipes.lm import (
     vocab_of,
 )
 from dbcore.recipes.vit import layers_in_block
+from dbcore.wording import arg
 
 EVAL_SEED = 0x5EED  # counter-based draws of the BPC estimator, apart from any training seed
 MASK = -1  # a masked token in x_t; a model reads it as the last row of its token table
@@ -273,15 +274,15 @@ class MDLMRecipe(Recipe):
         no_sampler(options)
         steps = options.get("steps") or m.sample_steps
         if steps % m.num_blocks:
-            raise ValueError(f"--steps {steps} must be a multiple of num_blocks {m.num_blocks}")
+            raise ValueError(f"{arg('steps', steps)} must be a multiple of num_blocks {m.num_blocks}")
         num, length = options["num"], options.get("length") or m.seq_len
         models = (lambda b: e2e) if e2e is not None else load_block
         first = models(0)
         vocab = vocab_of({layout.VOCAB: first.vocab})
         prompt = encode_prompt(options.get("prompt") or "", vocab)
         if not 0 < length <= m.seq_len or len(prompt) > length:
-            raise ValueError(f"--length {length} must be in 1..seq_len {m.seq_len} and cover the prompt "
-                             f"({len(prompt)} characters)")
+            raise ValueError(f"{arg('length', length)} must be in 1..seq_len {m.seq_len} and cover the "
+                             f"prompt ({len(prompt)} characters)")
         g = torch.Generator().manual_seed(int(options.get("seed") or 0))
         x = torch.full((num, length), MASK, dtype=torch.long)
         x[:, : len(prompt)] = prompt
