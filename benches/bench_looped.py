@@ -112,11 +112,14 @@ def plot(result: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for kind, rows in result["budgets"].items():
         a.plot([r["flops"] for r in rows], [r["bpc"] for r in rows], "o-", label=LABELS[kind])
+        if kind == "db" and all("bpc_k1" in r for r in rows):
+            a.plot([r["flops"] for r in rows], [r["bpc_k1"] for r in rows], "o--",
+                   label=f"{LABELS[kind]}, K = 1")
     for kind, sweep in result["depth_sweep"].items():
         b.plot([r["iterations"] for r in sweep], [r["bpc"] for r in sweep], "o-", label=LABELS[kind])
     a.set_xscale("log")
     a.set_xlabel("training FLOPs")
-    a.set_ylabel(f"held-out BPC (K = {result['iterations']})")
+    a.set_ylabel(f"held-out BPC (K = {result['iterations']} unless marked)")
     b.set_xscale("log", base=2)
     b.set_xlabel("iterations K at inference")
     b.set_ylabel("held-out BPC (largest budget)")
@@ -181,6 +184,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=300, help="held-out windows")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--ancestral", action="store_true", help="also sweep K with the ancestral sampler")
+    ap.add_argument("--plot-only", action="store_true", help="redraw --png from --json")
     ap.add_argument("--memory-only", action="store_true",
                     help="only the memory measurement, merged into --json")
     ap.add_argument("--json", type=Path, required=True)
@@ -192,6 +196,9 @@ def main() -> None:
     cfg = config_mod.load(args.config)
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        plot(json.loads(args.json.read_text()), args.png)
+        return
     if args.memory_only:
         result = json.loads(args.json.read_text()) if args.json.exists() else {}
         result["memory"] = memory(args.config, w)
