@@ -25,6 +25,7 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "shakespeare"
 LABELS = {"db": "DiffusionBlocks (one core pass)", "bptt": "truncated BPTT (Huginn)",
           "db ancestral": "DiffusionBlocks, ancestral sampler"}
+COLORS = {"db": "tab:blue", "bptt": "tab:orange", "db ancestral": "tab:green"}
 
 
 def cli(*args: str) -> str:
@@ -111,12 +112,14 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for kind, rows in result["budgets"].items():
-        a.plot([r["flops"] for r in rows], [r["bpc"] for r in rows], "o-", label=LABELS[kind])
+        a.plot([r["flops"] for r in rows], [r["bpc"] for r in rows], "o-", label=LABELS[kind],
+               color=COLORS[kind])
         if kind == "db" and all("bpc_k1" in r for r in rows):
             a.plot([r["flops"] for r in rows], [r["bpc_k1"] for r in rows], "o--",
-                   label=f"{LABELS[kind]}, K = 1")
+                   label=f"{LABELS[kind]}, K = 1", color=COLORS[kind])
     for kind, sweep in result["depth_sweep"].items():
-        b.plot([r["iterations"] for r in sweep], [r["bpc"] for r in sweep], "o-", label=LABELS[kind])
+        b.plot([r["iterations"] for r in sweep], [r["bpc"] for r in sweep], "o-", label=LABELS[kind],
+               color=COLORS[kind])
     a.set_xscale("log")
     a.set_xlabel("training FLOPs")
     a.set_ylabel(f"held-out BPC (K = {result['iterations']} unless marked)")
