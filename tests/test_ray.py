@@ -123,3 +123,43 @@ def test_ray_errors_are_one_line(local_ray, setup, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     r = _train(cfg_path, store, tmp_path / "x")
     assert r.exit_code == 1 and "pip install 'dbcore[ray]'" in r.output and "Traceback" not in r.output
+
+
+def test_a_killed_worker_loses_only_the_steps_since_its_checkpoint(local_ray, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from dbcore.distributed import train_blocks_on_ray
+
+    cfg_path = tmp_path / "long.toml"
+    cfg_path.write_text(TOML.replace("steps = 12", "steps = 400").replace("checkpoint_every = 5",
+                                                                          "checkpoint_every = 20"))
+    store = tmp_path / "c.zarr"
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), store, progress=False)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.extend(
+        train_blocks_on_ray(cfg, store, tmp_path / "ray", progress=False, echo=lambda r: None)))
+    thread.start()
+    meta = tmp_path / "ray/block0.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # block 0 has a checkpoint and is still training
+        if meta.is_file() and 0 < json.loads(meta.read_text())["step"] < 400:
+            break
+        time.sleep(0.05)
+    found = subprocess.run(["pgrep", "-f", "ray::dbcore-block0"], capture_output=True, text=True)
+    pids = found.stdout.split()
+    assert pids, "no block task is running"
+    os.kill(int(pids[0]), signal.SIGKILL)  # a worker dies mid-run: Ray retries its task
+    thread.join(timeout=300)
+    assert not thread.is_alive() and len(results) == 3
+    assert results[0]["resumed_at"] > 0  # block 0's task resumed from its last checkpoint
+    assert all(r["resumed_at"] % 20 == 0 for r in results)
+    train_run(cfg, store, tmp_path / "serial", progress=False)
+    for b in range(3):
+        a, _ = checkpoint.load(tmp_path / f"ray/block{b}", prefix="model.")
+        s, _ = checkpoint.load(tmp_path / f"serial/block{b}", prefix="model.")
+        assert all(torch.equal(a[k], s[k]) for k in a), b  # bit for bit as if never interrupted

@@ -79,9 +79,11 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
                "retry_exceptions": list(TRANSIENT_ERRORS)}
     if t.ray_memory_gb > 0:
         options["memory"] = int(t.ray_memory_gb * 2**30)
-    task = ray.remote(_train_one).options(**options)
-    pending = {task.remote(cfg.to_dict(), cfg.source_path or "run.json", str(Path(store_path).resolve()),
-                           str(Path(run).resolve()), b, progress, activation_checkpointing): b for b in todo}
+    task = ray.remote(_train_one)
+    store_abs, run_abs = str(Path(store_path).resolve()), str(Path(run).resolve())
+    pending = {task.options(**options, name=f"dbcore-{rundir.block_name(b)}").remote(  # named in Ray
+        cfg.to_dict(), cfg.source_path or "run.json", store_abs, run_abs, b, progress,
+        activation_checkpointing): b for b in todo}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
