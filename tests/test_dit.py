@@ -158,23 +158,12 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, cfg_path):
     assert vit_sample.exit_code != 0 and "does not generate" in vit_sample.output
 
 
-def test_interrupted_dit_run_resumes_bit_identical(tmp_path, cfg_path, monkeypatch):
+def test_interrupted_dit_run_resumes_bit_identical(tmp_path, cfg_path, interrupted_at_step):
     cfg = config_mod.load(cfg_path)
     write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "full", block=1, progress=False)
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:  # after the step-3 checkpoint
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(5):  # after the step-3 checkpoint
         train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=1, progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert checkpoint.load_meta(tmp_path / "crash/block1")["step"] == 3
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=1, progress=False)
     a, _ = checkpoint.load(tmp_path / "full/block1")

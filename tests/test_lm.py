@@ -225,23 +225,12 @@ def test_lm_cache_train_eval_sample_both_kinds(tmp_path, text, recipe):
 
 
 @pytest.mark.parametrize("recipe", ["mdlm", "arlm"])
-def test_lm_resume_is_bit_identical(tmp_path, text, recipe, monkeypatch):
+def test_lm_resume_is_bit_identical(tmp_path, text, recipe, interrupted_at_step):
     cfg = config_mod.load(_cfg(tmp_path, recipe, "sample_steps = 4"))
     write_cache(cfg, load_source(f"text:{text}"), tmp_path / "c.zarr", progress=False)
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "full", block=1, progress=False)
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(8):
         train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=1, progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=1, progress=False)
     a, _ = checkpoint.load(tmp_path / "full/block1", prefix="model.")
     b, _ = checkpoint.load(tmp_path / "crash/block1", prefix="model.")

@@ -185,23 +185,12 @@ def test_cache_train_eval_sample_and_the_compute_ledger(tmp_path, text):
 
 
 @pytest.mark.parametrize("e2e", [False, True])
-def test_resume_is_bit_identical_with_its_ledger(tmp_path, text, monkeypatch, e2e):
+def test_resume_is_bit_identical_with_its_ledger(tmp_path, text, interrupted_at_step, e2e):
     cfg = config_mod.load(_cfg(tmp_path))
     write_cache(cfg, load_source(f"text:{text}"), tmp_path / "c.zarr", progress=False)
     (full,) = train_run(cfg, tmp_path / "c.zarr", tmp_path / "full", e2e=e2e, progress=False)
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(8):
         train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", e2e=e2e, progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     (resumed,) = train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", e2e=e2e, progress=False)
     name = "e2e" if e2e else "block0"
     a, _ = checkpoint.load(tmp_path / "full" / name, prefix="model.")

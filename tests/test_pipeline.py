@@ -64,26 +64,15 @@ def test_cache_train_eval_both_kinds(tmp_path, cfg_path):
     assert {m["name"] for m in metrics} == {"block0", "block1"}
 
 
-def test_resume_from_mid_run_checkpoint(tmp_path, cfg_path, monkeypatch):
+def test_resume_from_mid_run_checkpoint(tmp_path, cfg_path, interrupted_at_step):
     cfg = config_mod.load(cfg_path)
     write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "full", block=0, progress=False)
 
     from dbcore import train as train_mod
 
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:  # after the step-5 checkpoint, before the end
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(8):  # after the step-5 checkpoint, before the end
         train_mod.train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=0, progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert checkpoint.load_meta(tmp_path / "crash/block0")["step"] == 5
     train_mod.train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=0, progress=False)
     a, b = _weights(tmp_path / "full", "block0"), _weights(tmp_path / "crash", "block0")

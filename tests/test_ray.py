@@ -79,23 +79,13 @@ def test_ray_trains_every_block_as_in_turn_then_skips_finished_ones(local_ray, s
     assert again.exit_code == 0 and _lines(again.output) == []  # nothing left to train
 
 
-def test_ray_resumes_an_interrupted_block_and_trains_only_the_rest(local_ray, setup, tmp_path, monkeypatch):
+def test_ray_resumes_an_interrupted_block_and_trains_only_the_rest(local_ray, setup, tmp_path,
+                                                                 interrupted_at_step):
     cfg_path, store = setup
     cfg = config_mod.load(cfg_path)
     train_run(cfg, store, tmp_path / "run", block=2, progress=False)  # finished
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(8):
         train_run(cfg, store, tmp_path / "run", block=0, progress=False)  # checkpoint at step 5
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     r = _train(cfg_path, store, tmp_path / "run")
     assert r.exit_code == 0, r.output
     results = {x["name"]: x for x in _lines(r.output)}
