@@ -43,17 +43,17 @@ from dbcore.recipes.lm import (
     TextModelConfig,
     TokenEmbedding,
     bits,
-    encode_prompt,
     eval_windows,
+    example_token_batch,
     example_token_frozen,
     grown,
     pick,
+    prompt_rows,
     token_target_arrays,
     vocab_of,
 )
 from dbcore.recipes.vit import layers_in_block
 from dbcore.sampler import DECODES, run_chain
-from dbcore.wording import arg
 
 Caches = list[KV]  # one (keys, values) of the clean prefix per layer of a block
 
@@ -313,10 +313,7 @@ class ARRecipe(Recipe):
         return example_token_frozen(self.model_cfg, seed)
 
     def example_batch(self, batch_size, frozen, device):
-        g = torch.Generator().manual_seed(0)
-        shape = (batch_size, self.model_cfg.seq_len)
-        tokens = torch.randint(0, len(frozen[layout.VOCAB]), shape, generator=g)
-        return {layout.TOKENS: tokens.to(device, torch.int32), INDEX: torch.arange(batch_size, device=device)}
+        return example_token_batch(self.model_cfg.seq_len, batch_size, frozen, device)
 
     def denoise_step(self, block, cond, z, sigma, options):
         _, logits = block(cond[layout.TOKENS].long(), z, sigma)  # (N, T, V)
@@ -403,14 +400,7 @@ class ARRecipe(Recipe):
         for model in models:
             model.eval()
         vocab = vocab_of({layout.VOCAB: models[0].vocab})
-        prompt = encode_prompt(options.get("prompt") or "\n", vocab)
-        num, length = options["num"], options.get("length") or m.seq_len
-        if not len(prompt) < length <= m.seq_len:
-            raise ValueError(f"{arg('length', length)} must be in {len(prompt) + 1}..seq_len {m.seq_len} "
-                             f"(the prompt has {len(prompt)} characters)")
-        device = next(models[0].parameters()).device
-        g = torch.Generator().manual_seed(int(options.get("seed") or 0))
-        x = prompt.to(device).expand(num, -1).clone()  # (N, P)
+        x, length, g = prompt_rows(options, vocab, m.seq_len, next(models[0].parameters()).device)  # (N, P)
         with torch.no_grad():
             if e2e is not None:
                 logits, caches = e2e.extend(x, 0, None)

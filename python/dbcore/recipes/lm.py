@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dbcore import layout
+from dbcore.data import INDEX
 from dbcore.layers import KV
 from dbcore.recipes.base import Frozen
 from dbcore.recipes.vit import block_layers, make_target_embedding
@@ -69,6 +70,28 @@ def example_token_frozen(m: Any, seed: int = 0) -> Frozen:
     v = 65
     return {layout.VOCAB: torch.arange(32, 32 + v),
             layout.TARGET_EMBEDDING: make_target_embedding(v, m.dim, seed, m.target_scale)}
+
+
+def example_token_batch(seq_len: int, batch_size: int, frozen: Frozen, device: torch.device
+                        ) -> dict[str, torch.Tensor]:
+    """A seeded random batch of token windows (N, seq_len) and its sample indices (benchmarks)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, len(frozen[layout.VOCAB]), (batch_size, seq_len), generator=g)
+    return {layout.TOKENS: tokens.to(device, torch.int32), INDEX: torch.arange(batch_size, device=device)}
+
+
+def prompt_rows(options: dict, vocab: Vocabulary, seq_len: int, device: torch.device
+                ) -> tuple[torch.Tensor, int, torch.Generator]:
+    """Where a next-token LM's generation starts: the prompt (default a newline) as `num` rows
+    (N, P) on `device`, the length to grow them to (longer than the prompt, at most seq_len) and
+    the sampling generator seeded from the options."""
+    prompt = encode_prompt(options.get("prompt") or "\n", vocab)
+    length = options.get("length") or seq_len
+    if not len(prompt) < length <= seq_len:
+        raise ValueError(f"{arg('length', length)} must be in {len(prompt) + 1}..seq_len {seq_len} "
+                         f"(the prompt has {len(prompt)} characters)")
+    g = torch.Generator().manual_seed(int(options.get("seed") or 0))
+    return prompt.to(device).expand(options["num"], -1).clone(), length, g
 
 
 def eval_windows(data: str, vocab: Vocabulary, seq_len: int, limit: int | None) -> torch.Tensor:

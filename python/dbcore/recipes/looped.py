@@ -50,11 +50,12 @@ from dbcore.recipes.lm import (
     TextModelConfig,
     TokenEmbedding,
     bits,
-    encode_prompt,
     eval_windows,
+    example_token_batch,
     example_token_frozen,
     grown,
     pick,
+    prompt_rows,
     token_target_arrays,
     vocab_of,
 )
@@ -70,8 +71,8 @@ from dbcore.wording import arg
 
 Caches = list[KV]  # one (keys, values) per layer of a stack
 HUGINN_SIGMA = 0.5  # std of ln(rate) of the Poisson-lognormal iteration count (Huginn)
-BASELINE_LAW = (1.0, 1.0, "loguniform")
-SAMPLERS = ("euler", "ancestral")  # the baseline's "noise": unit eps alone, its initial state
+BASELINE_LAW = (1.0, 1.0, "loguniform")  # the baseline's "noise": unit eps alone, its initial state
+SAMPLERS = ("euler", "ancestral")  # the denoiser's steps, see run_iterations
 
 
 @dataclass
@@ -306,6 +307,13 @@ class LoopedRecipe(Recipe):
             module.requires_grad_(False)
         return model
 
+    def _sampler(self, options: dict) -> str:
+        """The denoiser's sampler of an eval or sample call: the option given, else the config's."""
+        sampler = options.get("sampler") or self.model_cfg.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"{arg('sampler', sampler)}: a looped run samples with one of {SAMPLERS}")
+        return sampler
+
     def _context(self, model: LoopedLM, batch) -> torch.Tensor:
         """e (N, T-1, d): the cached activations of a frozen prelude, or the prelude's forward."""
         if PRELUDE_OUT in batch:
@@ -413,10 +421,7 @@ class LoopedRecipe(Recipe):
         return example_token_frozen(self.model_cfg, seed)
 
     def example_batch(self, batch_size, frozen, device):
-        g = torch.Generator().manual_seed(0)
-        shape = (batch_size, self.model_cfg.seq_len)
-        tokens = torch.randint(0, len(frozen[layout.VOCAB]), shape, generator=g)
-        return {layout.TOKENS: tokens.to(device, torch.int32), INDEX: torch.arange(batch_size, device=device)}
+        return example_token_batch(self.model_cfg.seq_len, batch_size, frozen, device)
 
     def denoise_step(self, block, cond, z, sigma, options):
         x = cond[layout.TOKENS].long()
@@ -434,9 +439,7 @@ class LoopedRecipe(Recipe):
         t0 = time.perf_counter()
         iterations = options.get("num_steps") or m.iterations
         num_chains = options.get("eval_chains") or m.eval_chains
-        sampler = options.get("sampler") or m.sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS} for a looped run, got {sampler!r}")
+        sampler = self._sampler(options)
         g = torch.Generator().manual_seed(seed)  # the ancestral sampler's draws
         model = e2e if e2e is not None else load_block(0)
         model.eval()
@@ -476,20 +479,10 @@ class LoopedRecipe(Recipe):
         model = e2e if e2e is not None else load_block(0)
         model.eval()
         vocab = vocab_of({layout.VOCAB: model.vocab})
-        prompt = encode_prompt(options.get("prompt") or "\n", vocab)
-        num, length = options["num"], options.get("length") or m.seq_len
-        if not len(prompt) < length <= m.seq_len:
-            raise ValueError(f"{arg('length', length)} must be in {len(prompt) + 1}..seq_len {m.seq_len} "
-                             f"(the prompt has {len(prompt)} characters)")
-        device = next(model.parameters()).device
-        g = torch.Generator().manual_seed(int(options.get("seed") or 0))
-        x = prompt.to(device).expand(num, -1).clone()  # (N, P)
+        x, length, g = prompt_rows(options, vocab, m.seq_len, next(model.parameters()).device)  # (N, P)
         with torch.no_grad():
-            sampler = options.get("sampler") or m.sampler
-            if sampler not in SAMPLERS:
-                raise ValueError(f"--sampler must be one of {SAMPLERS} for a looped run, got {sampler!r}")
             x = generate(model, x, length, options.get("steps") or m.iterations, options, g, m.init_std,
-                         sampler)
+                         self._sampler(options))
         return [vocab.decode(row.cpu().numpy()) for row in x]
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dbcore import layout, rng
-from dbcore.data import INDEX, UNIFORMS
+from dbcore.data import UNIFORMS
 from dbcore.layers import AdaLNFinal, AdaLNLayer, NoiseEmbedder
 from dbcore.recipes.base import Batch, Noised, NoiseRequest, Recipe
 from dbcore.recipes.lm import (
@@ -39,6 +39,7 @@ from dbcore.recipes.lm import (
     bits,
     encode_prompt,
     eval_windows,
+    example_token_batch,
     pick,
     text_arrays,
     vocab_of,
@@ -208,10 +209,7 @@ class MDLMRecipe(Recipe):
         return {layout.VOCAB: torch.arange(32, 32 + 65)}  # 65 printable characters
 
     def example_batch(self, batch_size, frozen, device):
-        g = torch.Generator().manual_seed(0)
-        shape = (batch_size, self.model_cfg.seq_len)
-        tokens = torch.randint(0, len(frozen[layout.VOCAB]), shape, generator=g)
-        return {layout.TOKENS: tokens.to(device, torch.int32), INDEX: torch.arange(batch_size, device=device)}
+        return example_token_batch(self.model_cfg.seq_len, batch_size, frozen, device)
 
     def denoise_step(self, block, cond, z, sigma, options):
         raise NotImplementedError("recipe 'mdlm' samples by ancestral unmasking (`sample_text`)")
