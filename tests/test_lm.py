@@ -305,7 +305,7 @@ def test_rotary_attention_depends_on_relative_positions_only():
 
 
 def test_ar_token_mixing_keeps_labels_mixes_a_share_and_is_reproducible():
-    from dbcore.recipes.arlm import mix_token_targets
+    from dbcore.noise import mix_token_targets
 
     emb = make_target_embedding(11, 8, 0)
     x = torch.randint(0, 11, (64, 16))

@@ -75,3 +75,22 @@ def mix_targets(
     alpha = u[:, 1:2]
     mixed = alpha * y + (1 - alpha) * emb[other]
     return torch.where((u[:, 0] < fraction)[:, None], mixed, y)
+
+
+MIX_UNIFORMS_FROM = 8  # per-token mixing uses uniforms 8.. of a sample (0 picks sigma, 4..6 are ViT's mixing)
+
+
+def mix_token_targets(emb: torch.Tensor, x: torch.Tensor, sample: torch.Tensor, seed: int, block: int,
+                      draw: int, fraction: float) -> torch.Tensor:
+    """Targets (N, T, d) with target mixing per token (as `mix_targets` per sample):
+    for a share `fraction` of positions the row becomes alpha E[x_i] + (1 - alpha) E[other],
+    alpha ~ U(0, 1), `other` a random other token; the label stays. A block so meets the blurred
+    states (softmax @ E of an unsure block) that the chain hands it, instead of only pure rows."""
+    n, t = x.shape
+    v = emb.shape[0]
+    u = rng.uniforms_of(sample.cpu(), MIX_UNIFORMS_FROM + 3 * t, seed, block, draw)[:, MIX_UNIFORMS_FROM:]
+    u = u.view(n, t, 3).float().to(emb.device)  # (N, T, 3)
+    other = (x + 1 + (u[..., 2] * (v - 1)).long().clamp(max=v - 2)) % v  # never the token itself
+    alpha = u[..., 1:2]
+    y = emb[x]  # (N, T, d)
+    return torch.where((u[..., 0] < fraction)[..., None], alpha * y + (1 - alpha) * emb[other], y)

@@ -36,6 +36,7 @@ from dbcore import layout, rng
 from dbcore.data import INDEX
 from dbcore.edm import SIGMA_MAX, EDMPrecond, precond
 from dbcore.layers import KV, LN_EPS, AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
+from dbcore.noise import mix_token_targets
 from dbcore.partition import CONFIG_SIGMA_DISTS, euler_schedule
 from dbcore.recipes.base import NoiseRequest, Recipe
 from dbcore.recipes.lm import (
@@ -54,6 +55,7 @@ from dbcore.recipes.lm import (
 )
 from dbcore.recipes.vit import layers_in_block
 from dbcore.sampler import DECODES, run_chain
+from dbcore.wording import arg
 
 Caches = list[KV]  # one (keys, values) of the clean prefix per layer of a block
 
@@ -232,28 +234,12 @@ class ARBaseline(nn.Module):
         return self.head(self.norm(h[:, -1])), out
 
 
-MIX_UNIFORMS_FROM = 8  # per-token mixing uses uniforms 8.. of a sample (0 picks sigma, 4..6 are ViT's mixing)
 
 
 def euler_only(options: dict) -> None:
     if options.get("sampler") not in (None, "euler"):
-        raise ValueError(f"--sampler {options['sampler']}: the AR LM's chain takes Euler steps only")
-
-
-def mix_token_targets(emb: torch.Tensor, x: torch.Tensor, sample: torch.Tensor, seed: int, block: int,
-                      draw: int, fraction: float) -> torch.Tensor:
-    """Targets (N, T, d) with target mixing per token (as `dbcore.noise.mix_targets` per sample):
-    for a share `fraction` of positions the row becomes alpha E[x_i] + (1 - alpha) E[other],
-    alpha ~ U(0, 1), `other` a random other token; the label stays. A block so meets the blurred
-    states (softmax @ E of an unsure block) that the chain hands it, instead of only pure rows."""
-    n, t = x.shape
-    v = emb.shape[0]
-    u = rng.uniforms_of(sample.cpu(), MIX_UNIFORMS_FROM + 3 * t, seed, block, draw)[:, MIX_UNIFORMS_FROM:]
-    u = u.view(n, t, 3).float().to(emb.device)  # (N, T, 3)
-    other = (x + 1 + (u[..., 2] * (v - 1)).long().clamp(max=v - 2)) % v  # never the token itself
-    alpha = u[..., 1:2]
-    y = emb[x]  # (N, T, d)
-    return torch.where((u[..., 0] < fraction)[..., None], alpha * y + (1 - alpha) * emb[other], y)
+        raise ValueError(f"{arg('sampler', options['sampler'])}: the AR LM's chain takes Euler steps "
+                         "only")
 
 
 def _bpc(scores: torch.Tensor, x: torch.Tensor) -> float:

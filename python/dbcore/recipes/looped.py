@@ -42,8 +42,8 @@ from dbcore.data import EPS, INDEX, UNIFORMS
 from dbcore.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, precond
 from dbcore.flops import layer_flops, linear_flops
 from dbcore.layers import KV, LN_EPS, NoiseEmbedder, PreLNLayer
+from dbcore.noise import mix_token_targets
 from dbcore.partition import SIGMA_DISTS, euler_schedule
-from dbcore.recipes.arlm import mix_token_targets
 from dbcore.recipes.base import Noised, NoiseRequest, Recipe, read_store_frozen
 from dbcore.recipes.lm import (
     EVAL_BATCH,

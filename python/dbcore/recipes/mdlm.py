@@ -131,8 +131,8 @@ def masked_nats(model: MaskedDenoiser, x: torch.Tensor, x_t: torch.Tensor, t: to
 
 def no_sampler(options: dict) -> None:
     if options.get("sampler") is not None:
-        raise ValueError(f"--sampler {options['sampler']}: the masked-diffusion LM unmasks ancestrally; "
-                         "--sampler does not apply")
+        raise ValueError(f"{arg('sampler', options['sampler'])}: the masked-diffusion LM unmasks "
+                         "ancestrally; no sampler applies")
 
 class MDLMRecipe(Recipe):
     name = "mdlm"
