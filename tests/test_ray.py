@@ -153,3 +153,84 @@ def test_a_killed_worker_loses_only_the_steps_since_its_checkpoint(local_ray, tm
         a, _ = checkpoint.load(tmp_path / f"ray/block{b}", prefix="model.")
         s, _ = checkpoint.load(tmp_path / f"serial/block{b}", prefix="model.")
         assert all(torch.equal(a[k], s[k]) for k in a), b  # bit for bit as if never interrupted
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small_units(monkeypatch):
+    from dbcore import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "WRITE_TARGET_BYTES", 1)  # a write unit per shard or chunk
+    monkeypatch.setattr(cache_mod, "ROWS_PER_WRITE", 256)  # 6 chunks per noise array of digits:train
+
+
+def test_cache_on_ray_writes_the_bytes_of_a_single_process_cache(local_ray, small_units, tmp_path):
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text(TOML)
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), tmp_path / "one.zarr", noise="cached", draws=2, seed=3,
+                progress=False)
+    r = CliRunner().invoke(main, ["cache", str(cfg_path), "--out", str(tmp_path / "ray.zarr"), "--noise",
+                                  "cached", "--draws", "2", "--seed", "3", "--ray", "--tasks", "3"])
+    assert r.exit_code == 0, r.output
+    one, many = _files(tmp_path / "one.zarr"), _files(tmp_path / "ray.zarr")
+    assert len(one) > 20 and one.keys() == many.keys()
+    assert all(one[k] == many[k] for k in one)  # every chunk, shard and metadata file, byte for byte
+
+
+def test_cache_on_ray_resumes_an_interrupted_cache(local_ray, small_units, tmp_path, monkeypatch):
+    from dbcore import cache as cache_mod
+    from dbcore import distributed, store
+
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text(TOML)
+    cfg = config_mod.load(cfg_path)
+    write_cache(cfg, load_source("digits:train"), tmp_path / "one.zarr", noise="cached", draws=1,
+                progress=False)
+    real, calls = store.ArrayWriter.write, {"n": 0}
+
+    def crashing(self, start, block):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real(self, start, block)
+
+    monkeypatch.setattr(store.ArrayWriter, "write", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", noise="cached", draws=1,
+                    progress=False)
+    monkeypatch.setattr(store.ArrayWriter, "write", real)
+    finished = (tmp_path / "c.zarr" / cache_mod.LEDGER).read_text().splitlines()
+    split = distributed.split_units
+    sent = []
+    monkeypatch.setattr(distributed, "split_units", lambda units, n: sent.extend(units) or split(units, n))
+    distributed.cache_on_ray(cfg, "digits:train", tmp_path / "c.zarr", noise="cached", draws=1, tasks=2,
+                             progress=False)
+    assert 5 <= len(finished) and sent and not {(n, a) for n, a, _ in sent} & {
+        (line.rsplit(" ", 1)[0], int(line.rsplit(" ", 1)[1])) for line in finished}  # not redone
+    one, resumed = _files(tmp_path / "one.zarr"), _files(tmp_path / "c.zarr")
+    assert one.keys() == resumed.keys() and all(one[k] == resumed[k] for k in one)
+
+
+def test_split_units_keeps_order_and_balances_rows():
+    from dbcore.distributed import split_units
+
+    units = [("a", i * 10, i * 10 + 10) for i in range(9)] + [("b", 0, 5)]
+    runs = split_units(units, 3)
+    assert [u for run in runs for u in run] == units and len(runs) == 3
+    assert max(sum(b - a for _, a, b in run) for run in runs) <= 40
+    assert split_units(units, 100) == [[u] for u in units] and split_units([], 4) == []
+
+
+def test_cache_ray_errors_are_one_line(tmp_path, monkeypatch):
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text(TOML)
+    out = str(tmp_path / "c.zarr")
+    r = CliRunner().invoke(main, ["cache", str(cfg_path), "--out", out, "--tasks", "2"])
+    assert r.exit_code == 1 and "--tasks need --ray" in r.output
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    r = CliRunner().invoke(main, ["cache", str(cfg_path), "--out", out, "--ray"])
+    assert r.exit_code == 1 and "pip install 'dbcore[ray]'" in r.output and "Traceback" not in r.output

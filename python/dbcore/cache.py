@@ -72,6 +72,50 @@ def write_cache(
     unit vectors, for recipes with a discrete target (stored as float32 as given: normalise them
     as you mean training to see them).
     """
+    plan = plan_cache(cfg, source, noise, draws, seed, target_embedding)
+    out = Path(out)
+    with store.writer_lock(out):  # a second `cache` of the same store is refused
+        s, done = open_for_writing(out, plan.attrs, overwrite)
+        units = pending_units(s, out, plan.jobs, done)
+        bar = progress_bar(len(units), "cache", "block", enabled=progress)
+        with Ledger(out) as ledger:
+            write_units(s, plan.jobs, units, on_done=lambda unit: (ledger.record([unit]), bar.update(1)))
+        bar.close()
+        finish(s, out)
+    return s
+
+
+@dataclass
+class _Job:
+    """One array: its layout and the rows [a, b) of its content, computed on demand."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...] | None
+    rows: Callable[[int, int], np.ndarray]
+
+
+@dataclass
+class CachePlan:
+    """What a cache of these inputs holds: the store's attributes and its arrays' contents."""
+
+    attrs: dict
+    jobs: list[_Job]
+
+
+Unit = tuple[str, int, int]  # (array, first row, end row): one write of whole shards or chunks
+
+
+def plan_cache(
+    cfg: Config,
+    source: Source,
+    noise: Literal["online", "cached"] = "online",
+    draws: int = 1,
+    seed: int = 0,
+    target_embedding: np.ndarray | None = None,
+) -> CachePlan:
+    """Check the cache options and lay out the store: attributes (with provenance) and arrays."""
     if noise not in ("online", "cached"):
         raise ValueError(f"noise must be 'online' or 'cached', found {noise!r}")
     if draws < 1:
@@ -96,35 +140,18 @@ def write_cache(
     }
     if cached:
         attrs["schedule"] = schedule_attrs(cfg)
-    out = Path(out)
-    with store.writer_lock(out):  # a second `cache` of the same store is refused
-        s, done = _open_for_writing(out, attrs, overwrite)
-        jobs = [_Job(name, tuple(rows.shape), str(np.dtype(rows.dtype)), None, _slicer(rows))
-                for name, rows in arrays.items()]
-        if cached:
-            jobs += _noise_jobs(recipe, arrays, draws, seed)
-        _run_jobs(s, out, jobs, done, progress)
-        s.finalize()
-        (out / LEDGER).unlink(missing_ok=True)
-    return s
+    jobs = [_Job(name, tuple(rows.shape), str(np.dtype(rows.dtype)), None, _slicer(rows))
+            for name, rows in arrays.items()]
+    if cached:
+        jobs += _noise_jobs(recipe, arrays, draws, seed)
+    return CachePlan(json.loads(json.dumps(attrs)), jobs)  # attrs as the store returns them
 
 
 def _slicer(rows: np.ndarray) -> Callable[[int, int], np.ndarray]:
     return lambda a, b: np.asarray(rows[a:b])
 
 
-@dataclass
-class _Job:
-    """One array: its layout and the rows [a, b) of its content, computed on demand."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    chunks: tuple[int, ...] | None
-    rows: Callable[[int, int], np.ndarray]
-
-
-def _open_for_writing(out: Path, attrs: dict, overwrite: bool) -> tuple[store.Store, set[tuple[str, int]]]:
+def open_for_writing(out: Path, attrs: dict, overwrite: bool) -> tuple[store.Store, set[tuple[str, int]]]:
     """A fresh store, or the interrupted one at `out` (same inputs) and its finished write units."""
     if overwrite or not (out / "zarr.json").is_file():
         return store.create(out, attrs=attrs, overwrite=overwrite), set()
@@ -134,7 +161,7 @@ def _open_for_writing(out: Path, attrs: dict, overwrite: bool) -> tuple[store.St
             f"{out}: already exists and holds a complete cache; "
             f"pass {arg('overwrite', True)} to rewrite it"
         )
-    if s.attrs != json.loads(json.dumps(attrs)) or not (out / LEDGER).is_file():
+    if s.attrs != attrs or not (out / LEDGER).is_file():
         raise store.StoreExistsError(
             f"{out}: exists and holds an interrupted cache of other inputs (source, config, noise "
             f"or seed) or of another tool; pass {arg('overwrite', True)} to replace it"
@@ -147,6 +174,29 @@ def _open_for_writing(out: Path, attrs: dict, overwrite: bool) -> tuple[store.St
     return s, done
 
 
+class Ledger:
+    """`STORE/.dbcore-cache-progress`, appended one line per finished write unit."""
+
+    def __init__(self, out: Path) -> None:
+        self._file = open(out / LEDGER, "a")
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def record(self, units: list[Unit]) -> None:
+        self._file.write("".join(f"{name} {a}\n" for name, a, _ in units))
+        self._file.flush()
+
+
+def finish(s: store.Store, out: Path) -> None:
+    """Mark the store complete, then drop its ledger."""
+    s.finalize()
+    (out / LEDGER).unlink(missing_ok=True)
+
+
 def _unit_rows(info: store.ArrayInfo) -> int:
     """Rows per write: whole shards (or whole chunks), about WRITE_TARGET_BYTES at least."""
     row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
@@ -154,43 +204,53 @@ def _unit_rows(info: store.ArrayInfo) -> int:
     return max(1, unit) * max(1, WRITE_TARGET_BYTES // (max(1, unit) * row_bytes))
 
 
-def _run_jobs(s: store.Store, out: Path, jobs: list[_Job], done: set, progress: bool) -> None:
-    plans = []
+def pending_units(s: store.Store, out: Path, jobs: list[_Job], done: set[tuple[str, int]]) -> list[Unit]:
+    """Create the arrays a fresh store lacks (checking those it has) and list the write units
+    still to do, in job order. Units never share a shard or chunk, so any split of them can be
+    written by separate processes."""
+    units = []
     for job in jobs:
         if job.name in s.arrays():
             info = s.info(job.name)
             if info.shape != tuple(job.shape) or info.dtype != job.dtype:
                 raise store.CorruptStoreError(f"{out}: array {job.name!r} is {info.shape} {info.dtype}, "
-                                              f"expected {tuple(job.shape)} {job.dtype}; pass overwrite=True")
-            writer = store.ArrayWriter(s, job.name, tuple(job.shape), np.dtype(job.dtype))
+                                              f"expected {tuple(job.shape)} {job.dtype}; "
+                                              f"pass {arg('overwrite', True)}")
         else:
-            writer = s.array_writer(job.name, job.shape, job.dtype, chunks=job.chunks)
+            s.create_array(job.name, job.shape, job.dtype, chunks=job.chunks)
             info = s.info(job.name)
         unit = _unit_rows(info)
-        starts = [a for a in range(0, job.shape[0], unit) if (job.name, a) not in done]
-        plans.append((job, writer, unit, starts))
-    total = sum(len(p[3]) for p in plans)
-    bar = progress_bar(total, "cache", "block", enabled=progress)
-    # Compute the next block while the previous one is compressed (in parallel, in Rust, GIL
-    # released) and written; each finished block is recorded in the ledger for resuming.
-    with ThreadPoolExecutor(max_workers=1) as pool, open(out / LEDGER, "a") as ledger:
-        pending: list[tuple[Future, str, int]] = []
+        units += [(job.name, a, min(job.shape[0], a + unit))
+                  for a in range(0, job.shape[0], unit) if (job.name, a) not in done]
+    return units
 
-        def finish(f: Future, name: str, a: int) -> None:
+
+def write_units(s: store.Store, jobs: list[_Job], units: list[Unit],
+                on_done: Callable[[Unit], object] = lambda unit: None) -> None:
+    """Write `units` of the store's (existing) arrays; `on_done(unit)` once each is on disk.
+
+    The next block is computed while the previous one is compressed (in parallel, in Rust, GIL
+    released) and written."""
+    by_name = {job.name: job for job in jobs}
+    writers = {name: store.ArrayWriter(s, name, by_name[name].shape, np.dtype(by_name[name].dtype))
+               for name in dict.fromkeys(name for name, _, _ in units)}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: list[tuple[Future, Unit]] = []
+
+        def complete(f: Future, unit: Unit) -> None:
             f.result()
-            ledger.write(f"{name} {a}\n")
-            ledger.flush()
-            bar.update(1)
+            on_done(unit)
 
-        for job, writer, unit, starts in plans:
-            for a in starts:
-                block = np.ascontiguousarray(job.rows(a, min(job.shape[0], a + unit)))
-                while len(pending) >= 2:
-                    finish(*pending.pop(0))
-                pending.append((pool.submit(writer.write, a, block), job.name, a))
+        for unit in units:
+            name, a, b = unit
+            block = np.ascontiguousarray(by_name[name].rows(a, b))
+            while len(pending) >= 2:
+                complete(*pending.pop(0))
+            pending.append((pool.submit(writers[name].write, a, block), unit))
         for p in pending:
-            finish(*p)
-    bar.close()
+            complete(*p)
+    for w in writers.values():
+        w.close()
 
 
 def _noise_jobs(recipe: Recipe, arrays: dict[str, np.ndarray], draws: int, seed: int) -> list[_Job]:

@@ -55,7 +55,10 @@ def _run_safely(fn, *args, **kwargs):
 @click.option("--overwrite", is_flag=True, help="replace an existing store")
 @click.option("--target-embedding", "emb_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help=".npy (num_classes, dim) float rows E; default: seeded random unit rows")
-def cache(config, source, out, noise, draws, seed, overwrite, emb_path):
+@click.option("--ray", "use_ray", is_flag=True, help="write the store's shards in parallel Ray tasks")
+@click.option("--address", default=None, help="with --ray: a running Ray cluster (default: start one here)")
+@click.option("--tasks", type=int, default=None, help="with --ray: number of tasks (default: one per CPU)")
+def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray, address, tasks):
     """Write inputs, targets, target embedding and schedule (and noised targets) to a store."""
     import numpy as np
 
@@ -63,11 +66,18 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path):
     from dbcore.cache import write_cache
     from dbcore.sources import load_source
 
+    if (address or tasks is not None) and not use_ray:
+        raise _Fail("--address and --tasks need --ray")
     cfg = _run_safely(config_mod.load, config)
-    src = _run_safely(load_source, source)
     emb = _run_safely(np.load, emb_path, allow_pickle=False) if emb_path else None
-    s = _run_safely(write_cache, cfg, src, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
-                    target_embedding=emb)
+    if use_ray:
+        from dbcore.distributed import cache_on_ray
+
+        s = _run_safely(cache_on_ray, cfg, source, out, noise=noise, draws=draws, seed=seed,
+                        overwrite=overwrite, target_embedding=emb, address=address, tasks=tasks)
+    else:
+        s = _run_safely(write_cache, cfg, _run_safely(load_source, source), out, noise=noise, draws=draws,
+                        seed=seed, overwrite=overwrite, target_embedding=emb)
     n = s.attrs["source"]["num_samples"]
     click.echo(f"cached {n} samples of {source} into {out} (noise: {noise})")
 

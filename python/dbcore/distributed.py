@@ -1,4 +1,4 @@
-"""Blocks as Ray tasks (`dbcore train CONFIG --store S --out RUN --ray [--address ADDR]`).
+"""Ray: blocks as tasks (`dbcore train ... --ray`) and a cache written by tasks (`dbcore cache ... --ray`).
 
 Blocks share nothing, so each is one Ray task with the resources its config asks for
 (`[train] ray_cpus`, `ray_gpus`, `ray_memory_gb`), trained by the same `train_run` as on one
@@ -7,6 +7,12 @@ task whose worker died (`MAX_RETRIES`) and one that failed with a transient I/O 
 (`TRANSIENT_ERRORS`); a retried block resumes from its last checkpoint. The command skips blocks
 whose checkpoints say they are finished, so running it again trains only what is left. Without
 `--address` a local Ray instance starts for the command and stops with it.
+
+`cache_on_ray` splits a cache's write units (whole shards or chunks, so no two tasks touch one
+file) into contiguous runs, one task each. Every task loads the source by its spec, checks that it
+sees the inputs the command saw, and writes its units into the arrays the command created; the
+command records each finished task's units in the store's ledger (so running it again writes only
+what is left) and finalizes the store once. The bytes equal a single-process cache's.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dbcore import checkpoint, rundir, store
+from dbcore import cache, checkpoint, rundir, store
 from dbcore.config import Config, from_dict
 from dbcore.rundir import RunError
 from dbcore.wording import arg
@@ -36,6 +42,28 @@ def finished(run: Path, block: int) -> bool:
     """Whether block `block` of `run` has a finished checkpoint."""
     base = rundir.checkpoint_base(run, rundir.block_name(block))
     return checkpoint.exists(base) and bool(checkpoint.load_meta(base).get("done"))
+
+
+def _start(ray: Any, address: str | None) -> bool:
+    """Connect to the cluster at `address`, or start a local instance; True if this call did."""
+    if ray.is_initialized():
+        return False
+    if address:  # a running cluster: its nodes need dbcore installed
+        ray.init(address=address, logging_level="ERROR", configure_logging=False)
+    else:  # a local instance for this command
+        ray.init(include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    return True
+
+
+def _raise_cause(ray: Any, ref: Any) -> Any:
+    """`ray.get(ref)`, a task's own error raised as itself (printed as one line by the CLI)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
 
 
 def _train_one(cfg_dict: dict, where: str, store_path: str, run: str, block: int, progress: bool,
@@ -70,11 +98,7 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
     if not todo:
         return [results[b] for b in blocks]
     t = cfg.train
-    started_here = not ray.is_initialized()
-    if started_here and address:  # a running cluster: its nodes need dbcore installed
-        ray.init(address=address, logging_level="ERROR", configure_logging=False)
-    elif started_here:  # a local instance for this command
-        ray.init(include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    started_here = _start(ray, address)
     options = {"num_cpus": t.ray_cpus, "num_gpus": t.ray_gpus, "max_retries": MAX_RETRIES,
                "retry_exceptions": list(TRANSIENT_ERRORS)}
     if t.ray_memory_gb > 0:
@@ -89,13 +113,7 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 b = pending.pop(ref)
-                try:
-                    results[b] = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # the block's own error, as one line
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, Exception):
-                        raise cause from None
-                    raise
+                results[b] = _raise_cause(ray, ref)
                 echo(results[b])
     finally:
         for ref in pending:
@@ -103,3 +121,77 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
         if started_here:
             ray.shutdown()
     return [results[b] for b in blocks]
+
+
+def _cache_units(cfg_dict: dict, where: str, spec: str, noise: str, draws: int, seed: int,
+                 target_embedding: Any, out: str, attrs: dict, units: list[cache.Unit]) -> list[cache.Unit]:
+    """The task: write `units` of the store at `out`, from the source loaded by its spec."""
+    from dbcore.sources import load_source
+
+    plan = cache.plan_cache(from_dict(cfg_dict, where), load_source(spec), noise, draws, seed,
+                            target_embedding)
+    if plan.attrs != attrs:  # another file at the same path, another package version...
+        raise store.StoreError(f"{out}: a Ray worker sees other cache inputs than the command: "
+                               f"{attrs.get('source')} there, {plan.attrs.get('source')} here")
+    s = store.open(out, require_complete=False)
+    cache.write_units(s, plan.jobs, units)
+    return units
+
+
+def split_units(units: list[cache.Unit], tasks: int) -> list[list[cache.Unit]]:
+    """`units` in at most `tasks` contiguous runs of about equal rows (rows stand for bytes within
+    an array and keep neighbouring units, which share their computed rows, together)."""
+    if not units:
+        return []
+    total = sum(b - a for _, a, b in units)
+    runs: list[list[cache.Unit]] = [[]]
+    done = 0
+    for unit in units:
+        if runs[-1] and done >= total * len(runs) / tasks:
+            runs.append([])
+        runs[-1].append(unit)
+        done += unit[2] - unit[1]
+    return runs
+
+
+def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws: int = 1, seed: int = 0,
+                 overwrite: bool = False, target_embedding: Any = None, address: str | None = None,
+                 tasks: int | None = None, cpus_per_task: float = 1.0, progress: bool = True) -> store.Store:
+    """`cache.write_cache` of the source `spec` by Ray tasks (default: one per CPU of the cluster);
+    see the module docs."""
+    ray = import_ray()
+    from dbcore.progress import bar as progress_bar
+    from dbcore.sources import load_source
+
+    if tasks is not None and tasks < 1:
+        raise ValueError(f"{arg('tasks', tasks)} must be >= 1")
+    plan = cache.plan_cache(cfg, load_source(spec), noise, draws, seed, target_embedding)
+    out = Path(out)
+    with store.writer_lock(out):
+        s, done = cache.open_for_writing(out, plan.attrs, overwrite)
+        units = cache.pending_units(s, out, plan.jobs, done)
+        started_here = _start(ray, address) if units else False
+        bar = progress_bar(len(units), "cache", "block", enabled=progress)
+        pending: list[Any] = []
+        try:
+            n = tasks or max(1, int(ray.cluster_resources().get("CPU", 1) / cpus_per_task)) if units else 1
+            options = {"num_cpus": cpus_per_task, "max_retries": MAX_RETRIES,
+                       "retry_exceptions": list(TRANSIENT_ERRORS)}
+            task = ray.remote(_cache_units)
+            pending = [task.options(**options, name=f"dbcore-cache{i}").remote(
+                cfg.to_dict(), cfg.source_path or "config", spec, noise, draws, seed, target_embedding,
+                str(out.resolve()), plan.attrs, run) for i, run in enumerate(split_units(units, n))]
+            with cache.Ledger(out) as ledger:
+                while pending:
+                    (ref,), pending = ray.wait(pending, num_returns=1)
+                    written = _raise_cause(ray, ref)
+                    ledger.record(written)
+                    bar.update(len(written))
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            if started_here:
+                ray.shutdown()
+        bar.close()
+        cache.finish(s, out)
+    return s

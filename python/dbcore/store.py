@@ -261,7 +261,23 @@ class Store:
         level: int = 3,
         compression: str | None = "zstd",
     ) -> ArrayWriter:
-        """Create array `name` and return a writer for it.
+        """Create array `name` (see `create_array`) and return a writer for it."""
+        self.create_array(name, shape, dtype, chunks, shards, level, compression)
+        w = ArrayWriter(self, name, tuple(int(d) for d in shape), _native_dtype(dtype))
+        self._writers.append(w)
+        return w
+
+    def create_array(
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: Any,
+        chunks: int | Sequence[int] | None = None,
+        shards: int | None = None,
+        level: int = 3,
+        compression: str | None = "zstd",
+    ) -> None:
+        """Create the empty array `name`; write it with `ArrayWriter`s, from any process.
 
         `chunks`: rows per chunk (default: about 1 MiB), or a full chunk shape whose other axes
         span the array; `shards`: rows per shard, a multiple of `chunks` (default: about 64 MiB
@@ -283,9 +299,6 @@ class Store:
             raise StoreValueError(f"{self.path}: array {name!r}: bad chunks={chunks} shards={shards}")
         with _native_errors():
             self._native.create_array(name, list(shape), dt.name, chunks, shards, codec, level)
-        w = ArrayWriter(self, name, shape, dt)
-        self._writers.append(w)
-        return w
 
     def write_array(
         self,
