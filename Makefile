@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/dbcore/cargo-target
 export PIP_CACHE_DIR ?= $(HOME)/.cache/pip
 
-.PHONY: demo test venv wheel install lint stubtest pytest cargo-test bench clean
+.PHONY: demo test venv wheel sdist sdist-test install lint stubtest pytest cargo-test bench clean
 
 venv:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ wheel: venv
 		--interpreter $(PY) --zig --compatibility manylinux_2_28
 	$(VENV)/bin/auditwheel show dist/dbcore-*.whl | grep -q 'manylinux_2_28_x86_64' \
 		|| { echo "wheel is not manylinux_2_28"; exit 1; }
+
+# the sdist, and a clean virtual environment that builds and installs it with pip (own cargo cache)
+sdist: venv
+	rm -rf dist/sdist
+	$(VENV)/bin/maturin sdist -o dist/sdist
+
+sdist-test: sdist
+	CARGO_TARGET_DIR=$(HOME)/.cache/dbcore/cargo-target-sdist bash tests/install_sdist.sh dist/sdist/dbcore-*.tar.gz
 
 install: wheel
 	$(PY) -m pip install -q "$$(ls dist/dbcore-*.whl)[dev]"
@@ -38,7 +46,7 @@ pytest: install
 cargo-test:
 	cargo test --quiet
 
-test: install lint stubtest cargo-test pytest
+test: install lint stubtest cargo-test pytest sdist-test
 
 demo: install
 	rm -rf demo/run_e2e demo/run_blocks

@@ -234,3 +234,22 @@ def test_cache_ray_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     r = CliRunner().invoke(main, ["cache", str(cfg_path), "--out", out, "--ray"])
     assert r.exit_code == 1 and "pip install 'dbcore[ray]'" in r.output and "Traceback" not in r.output
+
+
+def test_the_api_caches_and_trains_on_ray(local_ray, tmp_path):
+    from dbcore import api
+
+    (tmp_path / "tiny.toml").write_text(TOML)
+    cfg = api.config(tmp_path / "tiny.toml")
+    store = api.cache(cfg, "digits:train", tmp_path / "c.zarr", ray=True, tasks=2)
+    api.cache(cfg, "digits:train", tmp_path / "one.zarr")
+    one, many = _files(tmp_path / "one.zarr"), _files(store)
+    assert one.keys() == many.keys() and all(one[k] == many[k] for k in one)
+    with pytest.raises(TypeError, match="source spec"):
+        api.cache(cfg, {"images": [[[0]]], "labels": [0]}, tmp_path / "d.zarr", ray=True)
+    results = api.train(cfg, store, tmp_path / "run", ray=True, steps=4)
+    assert [r["name"] for r in results] == ["block0", "block1", "block2"]
+    assert all(r.get("skipped") == "finished"
+               for r in api.train(cfg, store, tmp_path / "run", ray=True, steps=4))
+    with pytest.raises(ValueError, match="baseline"):
+        api.train(cfg, store, tmp_path / "e2e", ray=True, e2e=True)

@@ -56,17 +56,29 @@ def config(path_or_dict: PathLike | Mapping[str, Any]) -> Config:
 
 def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "cached"] = "online",
           draws: int = 1, seed: int = 0, overwrite: bool = False, progress: bool = False,
-          target_embedding: np.ndarray | None = None) -> Path:
+          target_embedding: np.ndarray | None = None, ray: bool = False, address: str | None = None,
+          tasks: int | None = None) -> Path:
     """Write the cache store `out` for `cfg` (as `dbcore cache`) and return its path.
 
     `data`: a source spec ("digits:train", "npz:PATH", "text:PATH"), a Source or TextSource, or an
     iterable of {"images", "labels"} batches (see the module docs; a single such dict works too).
     `noise="cached"` also stores `draws` noised targets per sample and block; `target_embedding`:
-    frozen rows E (num_classes, dim) instead of seeded random ones.
+    frozen rows E (num_classes, dim) instead of seeded random ones. `ray`: written by `tasks` Ray
+    tasks (default: one per CPU) on the cluster at `address` (default: a local instance), from a
+    source spec that every worker can load.
     """
     from dbcore.cache import write_cache
 
     out = Path(out)
+    if ray:
+        from dbcore.distributed import cache_on_ray
+
+        if not isinstance(data, str):
+            raise TypeError(f"cache(ray=True) needs a source spec that every worker can load, "
+                            f"found {type(data).__name__}")
+        cache_on_ray(cfg, data, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
+                     target_embedding=target_embedding, address=address, tasks=tasks, progress=progress)
+        return out
     with _opened(data, out.parent, out.name) as source:
         write_cache(cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                     progress=progress, target_embedding=target_embedding)
@@ -75,11 +87,12 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
 
 def train(cfg: Config, store: PathLike, out: PathLike, *, block: int | None = None, e2e: bool = False,
           steps: int | None = None, activation_checkpointing: bool = False,
-          progress: bool = False) -> list[dict]:
+          progress: bool = False, ray: bool = False, address: str | None = None) -> list[dict]:
     """Train every block of `cfg` in turn from `store` into the run directory `out`, or one `block`
     (0 = highest noise), or with `e2e` the end-to-end baseline. `steps` overrides [train] steps for
     this call only (`cfg` is never changed). Returns one result dict per model trained; an
-    interrupted run resumes where it stopped when called again."""
+    interrupted run resumes where it stopped when called again. `ray`: every unfinished block a
+    Ray task on the cluster at `address` (default: a local instance), as `dbcore train --ray`."""
     from dbcore.train import train_run
 
     cfg = copy.deepcopy(cfg)
@@ -87,6 +100,14 @@ def train(cfg: Config, store: PathLike, out: PathLike, *, block: int | None = No
         if steps < 1:
             raise ValueError(f"steps must be >= 1, found {steps}")
         cfg.train.steps = steps
+    if ray:
+        from dbcore.distributed import train_blocks_on_ray
+
+        if e2e:
+            raise ValueError("train(ray=True) trains the blocks; the baseline (e2e=True) runs without Ray")
+        return train_blocks_on_ray(cfg, Path(store), Path(out), None if block is None else [block],
+                                   address=address, progress=progress, echo=lambda result: None,
+                                   activation_checkpointing=activation_checkpointing)
     return train_run(cfg, Path(store), Path(out), block=block, e2e=e2e,
                      activation_checkpointing=activation_checkpointing, progress=progress)
 
