@@ -271,7 +271,16 @@ impl Store {
             Error::Corrupt(format!("{}: bad group metadata: {e}", self.root.display()))
         })?;
         let paths = group.child_array_paths().map_err(|e| {
-            Error::Corrupt(format!("{}: cannot list arrays: {e}", self.root.display()))
+            use zarrs::node::NodeCreateError as N;
+            use zarrs::storage::StorageError as S;
+            let p = self.root.display();
+            match &e {
+                N::StorageError(S::InvalidMetadata(key, _)) if key.as_str().contains('/') => {
+                    let name = key.as_str().split('/').next().unwrap_or_default();
+                    Error::Corrupt(format!("{p}: array '{name}': bad metadata (zarr.json): {e}"))
+                }
+                _ => Error::Corrupt(format!("{p}: cannot list arrays: {e}")),
+            }
         })?;
         let mut names: Vec<String> = paths
             .iter()
@@ -418,14 +427,42 @@ impl ArrayHandle {
             )));
         }
         let zeros = vec![0u64; array.dimensionality()];
+        let chunk = array
+            .chunk_shape(&zeros)
+            .map_err(|e| Error::Corrupt(format!("{p}: array '{name}': {e}")))?;
+        let inner = array.subchunk_shape();
+        if let Some(bad) = [Some(&chunk), inner.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|c| c.len() != array.dimensionality())
+        {
+            return Err(Error::Corrupt(format!(
+                "{p}: array '{name}': chunk shape {bad:?} does not match shape {:?}",
+                array.shape()
+            )));
+        }
         let unit = match array.effective_subchunk_shape() {
             Some(s) if array.is_exclusively_sharded() => s[0].get(),
-            _ => array
-                .chunk_shape(&zeros)
-                .map_err(|e| Error::Corrupt(format!("{p}: {e}")))?[0]
-                .get(),
+            _ => chunk[0].get(),
         };
-        let row_elems: u64 = array.shape()[1..].iter().product();
+        // Sizes from metadata are checked: a corrupt shape must not overflow or allocate.
+        let too_large = |what: String| {
+            Error::Corrupt(format!(
+                "{p}: array '{name}': {what} do not fit in 64-bit byte counts"
+            ))
+        };
+        let shape = array.shape();
+        let row_bytes = shape[1..]
+            .iter()
+            .try_fold(dtype.size() as u64, |b, &d| b.checked_mul(d))
+            .filter(|&b| usize::try_from(b).is_ok())
+            .ok_or_else(|| too_large(format!("rows of shape {:?}", &shape[1..])))?;
+        if shape[0].checked_mul(row_bytes).is_none() || unit.checked_mul(row_bytes).is_none() {
+            return Err(too_large(format!(
+                "{} rows (read units of {unit}) of {row_bytes} bytes",
+                shape[0]
+            )));
+        }
         let shard_cache = array
             .is_exclusively_sharded()
             .then(|| ArrayShardedReadableExtCache::new(&array));
@@ -436,7 +473,7 @@ impl ArrayHandle {
         Ok(ArrayHandle {
             name: name.to_string(),
             root: root.to_path_buf(),
-            row_bytes: row_elems as usize * dtype.size(),
+            row_bytes: row_bytes as usize,
             dtype,
             unit_rows: unit,
             shard_cache,
@@ -510,6 +547,121 @@ impl ArrayHandle {
         }
     }
 
+    /// Read unit `unit` (`shard` false) or write unit (`shard` true) for messages: its index,
+    /// rows and file.
+    fn unit_desc(&self, unit: u64, shard: bool) -> String {
+        let (per, what) = match shard {
+            true => (self.write_unit_rows().max(1), "shard"),
+            false => (self.unit_rows.max(1), "chunk"),
+        };
+        let lo = unit.saturating_mul(per);
+        let hi = lo.saturating_add(per).min(self.rows());
+        let mut idx = vec![0u64; self.array.dimensionality()];
+        idx[0] = lo / self.write_unit_rows().max(1);
+        format!(
+            "{what} {unit} (rows {lo}..{hi}, file {})",
+            self.array.chunk_key(&idx)
+        )
+    }
+
+    fn chunk_desc(&self, unit: u64) -> String {
+        self.unit_desc(unit, false)
+    }
+
+    /// `map_err` for a failure to read a read unit (or a write unit, `shard`).
+    fn unit_err(&self, unit: u64, shard: bool, e: zarrs::array::ArrayError) -> Error {
+        use zarrs::array::ArrayError as E;
+        let at = self.unit_desc(unit, shard);
+        match e {
+            E::StorageError(e) => Error::Io(self.ctx(format!("{at}: {e}"))),
+            e => Error::Corrupt(self.ctx(format!("{at}: cannot decode: {e}"))),
+        }
+    }
+
+    fn chunk_err(&self, unit: u64, e: zarrs::array::ArrayError) -> Error {
+        self.unit_err(unit, false, e)
+    }
+
+    /// The error of a failed read of rows `start..stop`, naming the first write unit that fails
+    /// alone, and the read unit in it that does (`e` as it is when none does).
+    fn locate(&self, start: u64, stop: u64, e: zarrs::array::ArrayError) -> Error {
+        let read = |lo: u64, hi: u64| {
+            let subset = self.rows_subset(lo.max(start), hi.min(stop));
+            self.array
+                .retrieve_array_subset_opt::<ArrayBytes>(&subset, &CodecOptions::default())
+        };
+        let (u, w) = (self.unit_rows.max(1), self.write_unit_rows().max(1));
+        for shard in start / w..stop.div_ceil(w) {
+            let (lo, hi) = (shard.saturating_mul(w), shard.saturating_add(1).saturating_mul(w));
+            let Err(e) = read(lo, hi) else {
+                continue;
+            };
+            for unit in (lo.max(start) / u..hi.min(stop).div_ceil(u)).filter(|_| u < w) {
+                if let Err(e) = read(unit.saturating_mul(u), unit.saturating_add(1).saturating_mul(u)) {
+                    return self.chunk_err(unit, e);
+                }
+            }
+            return self.unit_err(shard, u < w, e);
+        }
+        self.map_err(e)
+    }
+
+    /// Refuse the inner chunks of rows `lo..hi` whose shard index entry points past the end of
+    /// the shard file (zarrs would allocate or slice by it): the index keeps a crc32c, but one
+    /// written by another tool, or forged, is not checked further.
+    fn check_index(&self, lo: u64, hi: u64) -> Result<()> {
+        let Some(cache) = &self.shard_cache else {
+            return Ok(());
+        };
+        let grid = self.array.subchunk_grid_shape();
+        if grid[1..].contains(&0) {
+            return Ok(());
+        }
+        let u = self.unit_rows.max(1);
+        let shard_rows = self.write_unit_rows().max(1);
+        let mut file: Option<(u64, u64)> = None; // (shard, its bytes)
+        for unit in lo / u..hi.div_ceil(u) {
+            let shard = unit.saturating_mul(u) / shard_rows;
+            let bytes = match file {
+                Some((s, b)) if s == shard => b,
+                _ => {
+                    let mut idx = vec![0u64; grid.len()];
+                    idx[0] = shard;
+                    let path = self.root.join(self.array.chunk_key(&idx).as_str());
+                    let b = std::fs::metadata(path).map_or(0, |m| m.len());
+                    file = Some((shard, b));
+                    b
+                }
+            };
+            let mut idx = vec![0u64; grid.len()];
+            idx[0] = unit;
+            loop {
+                let range = self
+                    .array
+                    .subchunk_byte_range(cache, &idx)
+                    .map_err(|e| self.chunk_err(unit, e))?;
+                if let Some(r) = range {
+                    let (off, len) = (r.start(u64::MAX), r.length(u64::MAX));
+                    let missing = off == u64::MAX && len == u64::MAX;
+                    if !missing && off.checked_add(len).is_none_or(|end| end > bytes) {
+                        return Err(Error::Corrupt(self.ctx(format!(
+                            "{}: the shard index points at {len} bytes from byte {off}, past the \
+                             end of the shard ({bytes} bytes)",
+                            self.chunk_desc(unit)
+                        ))));
+                    }
+                }
+                // the next inner chunk of these rows along the other axes
+                let Some(d) = (1..idx.len()).rev().find(|&d| idx[d] + 1 < grid[d]) else {
+                    break;
+                };
+                idx[d] += 1;
+                idx[d + 1..].fill(0);
+            }
+        }
+        Ok(())
+    }
+
     fn check_rows(&self, start: u64, n: u64, what: &str) -> Result<()> {
         if start.checked_add(n).is_none_or(|end| end > self.rows()) {
             return Err(Error::Index(self.ctx(format!(
@@ -581,20 +733,28 @@ impl ArrayHandle {
             )
         }
         .map_err(|e| Error::Invalid(self.ctx(e)))?;
+        let shard_rows = self.write_unit_rows().max(1);
+        self.check_index(
+            start / shard_rows * shard_rows,
+            stop.div_ceil(shard_rows).saturating_mul(shard_rows).min(self.rows()),
+        )?;
         self.array
             .retrieve_array_subset_into_opt(
                 &self.rows_subset(start, stop),
                 (&mut view).into(),
                 &CodecOptions::default(),
             )
-            .map_err(|e| self.map_err(e))
+            .map_err(|e| self.locate(start, stop, e))
     }
 
     fn check_out(&self, n: u64, len: usize) -> Result<()> {
-        if n as usize * self.row_bytes != len {
+        let need = usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_mul(self.row_bytes));
+        if need != Some(len) {
             return Err(Error::Invalid(self.ctx(format!(
-                "output buffer has {len} bytes, {n} rows need {}",
-                n as usize * self.row_bytes
+                "output buffer has {len} bytes, not {n} rows of {} bytes",
+                self.row_bytes
             ))));
         }
         Ok(())
@@ -660,6 +820,8 @@ impl ArrayHandle {
             if self.raw.is_some() && self.raw_group(g, col, scatter, maps)? {
                 return Ok(());
             }
+            let unit = g.lo / self.unit_rows.max(1);
+            self.check_index(g.lo, g.hi)?;
             let subset = self.rows_subset(g.lo, g.hi);
             let decoded: ArrayBytes<'static> = match &self.shard_cache {
                 Some(cache) => self
@@ -667,10 +829,10 @@ impl ArrayHandle {
                     .retrieve_array_subset_sharded_opt(cache, &subset, &options),
                 None => self.array.retrieve_array_subset_opt(&subset, &options),
             }
-            .map_err(|e| self.map_err(e))?;
-            let decoded = decoded
-                .into_fixed()
-                .map_err(|e| Error::Corrupt(self.ctx(e)))?;
+            .map_err(|e| self.chunk_err(unit, e))?;
+            let decoded = decoded.into_fixed().map_err(|e| {
+                Error::Corrupt(self.ctx(format!("{}: {e}", self.chunk_desc(unit))))
+            })?;
             let rb = self.row_bytes;
             for &(row, slot) in &g.picks {
                 let src = &decoded[(row - g.lo) as usize * rb + col..][..len];
@@ -703,7 +865,7 @@ impl ArrayHandle {
                 let range = self
                     .array
                     .subchunk_byte_range(cache, &idx)
-                    .map_err(|e| self.map_err(e))?;
+                    .map_err(|e| self.chunk_err(unit, e))?;
                 // An inner chunk that is not stored has no range (or offset = length = u64::MAX).
                 let Some(range) = range.filter(|r| r.length(u64::MAX) != u64::MAX) else {
                     return Ok(false);
@@ -727,11 +889,13 @@ impl ArrayHandle {
         };
         let len = scatter.len;
         let first = unit * self.unit_rows;
+        // u64::MAX: an offset from a forged shard index that no file reaches
+        let end = base.checked_add(chunk_bytes).unwrap_or(u64::MAX);
         let short = |size: u64| {
             Error::Corrupt(self.ctx(format!(
                 "{}: {size} bytes, chunk {unit} needs {}",
                 path.display(),
-                base + chunk_bytes
+                end
             )))
         };
         let mapped = match maps.map(|m| m.get(&path)).transpose() {
@@ -742,7 +906,7 @@ impl ArrayHandle {
             Some(Mapped::Missing) => return Ok(false),
             Some(Mapped::Map(map)) => {
                 let size = map.len() as u64;
-                if size < base + chunk_bytes || (raw.shard_rows.is_none() && size != chunk_bytes) {
+                if size < end || (raw.shard_rows.is_none() && size != chunk_bytes) {
                     return Err(short(size));
                 }
                 for &(row, slot) in &g.picks {
@@ -767,7 +931,7 @@ impl ArrayHandle {
             }
         };
         let size = file.metadata().map_err(io)?.len();
-        if size < base + chunk_bytes || (raw.shard_rows.is_none() && size != chunk_bytes) {
+        if size < end || (raw.shard_rows.is_none() && size != chunk_bytes) {
             return Err(short(size));
         }
         if len >= RAW_ROW_READ_BYTES || g.picks.len() == 1 {

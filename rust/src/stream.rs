@@ -307,48 +307,6 @@ impl Drop for Stream {
     }
 }
 
-fn with_msg(e: &Error, msg: String) -> Error {
-    match e {
-        Error::Exists(_) => Error::Exists(msg),
-        Error::NotFound(_) => Error::NotFound(msg),
-        Error::Incomplete(_) => Error::Incomplete(msg),
-        Error::Corrupt(_) => Error::Corrupt(msg),
-        Error::DType(_) => Error::DType(msg),
-        Error::Index(_) => Error::Index(msg),
-        Error::Invalid(_) => Error::Invalid(msg),
-        Error::Io(_) => Error::Io(msg),
-    }
-}
-
-/// Gather bytes `col..` of `rows` of `h` into `out` (uncompressed files through `maps`); a failure
-/// names the first chunk that does not decode.
-fn gather(
-    h: &ArrayHandle,
-    rows: &[u64],
-    col: usize,
-    out: &Scatter,
-    maps: &FileMaps,
-) -> Result<()> {
-    let Err(e) = h.read_rows_scatter_mapped(rows, col, out, Some(maps)) else {
-        return Ok(());
-    };
-    let unit = h.unit_rows().max(1);
-    let mut chunks: Vec<u64> = rows.iter().map(|r| r / unit).collect();
-    chunks.sort_unstable();
-    chunks.dedup();
-    for c in chunks {
-        let (lo, hi) = (c * unit, ((c + 1) * unit).min(h.rows()));
-        let mut tmp = vec![0u8; (hi - lo) as usize * h.row_bytes()];
-        if let Err(inner) = h.read_range_into(lo, hi, &mut tmp) {
-            return Err(with_msg(
-                &inner,
-                format!("{inner} [chunk {c} of array '{}': rows {lo}..{hi}]", h.name),
-            ));
-        }
-    }
-    Err(e)
-}
-
 impl Stream {
     /// Open the complete store at `path` for `spec` (an incomplete store is refused).
     pub fn open(path: &std::path::Path, spec: Spec) -> Result<Stream> {
@@ -550,14 +508,34 @@ impl Stream {
         let ctx = self.ctx.clone();
         let stop2 = stop.clone();
         let seq = Arc::new(seq);
+        // A failure of the thread (a panic, or no thread at all) ends the epoch with an error.
+        let p = self.store.root().display().to_string();
+        let (failed, unstarted) = (tx.clone(), tx.clone());
         let thread = std::thread::Builder::new()
             .name("dbcore-decode".into())
-            .spawn(move || decode_batches(ctx, epoch, seq, segments, batches, tx, stop2))
-            .expect("cannot start the stream thread");
+            .spawn(move || {
+                let run = || decode_batches(ctx, epoch, seq, segments, batches, tx, stop2);
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    let msg = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    let _ = failed.send(Err(Error::Corrupt(format!(
+                        "{p}: reading epoch {epoch} failed: {msg}"
+                    ))));
+                }
+            })
+            .map_err(|e| {
+                let p = self.store.root().display();
+                let msg = format!("{p}: cannot start the stream thread: {e}");
+                let _ = unstarted.try_send(Err(Error::Io(msg)));
+            })
+            .ok();
         self.running = Some(Running {
             rx: Some(rx),
             stop,
-            thread: Some(thread),
+            thread,
         });
     }
 
@@ -656,7 +634,9 @@ fn decode_batches(
                     .iter_mut()
                     .map(|(_, _, b)| b.arrays[i].as_mut_slice())
                     .collect();
-                gather(h, rows, col, &Scatter::new(pieces, slots, rb)?, &ctx.maps)?;
+                // a failure names the array and the chunk
+                let out = Scatter::new(pieces, slots, rb)?;
+                h.read_rows_scatter_mapped(rows, col, &out, Some(&ctx.maps))?;
             }
             Ok(())
         });
