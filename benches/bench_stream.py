@@ -4,8 +4,8 @@ DataLoader over an uncompressed NumPy memmap, beside the memory-copy speed of th
 Three stores, all read from the page cache (written or read just before):
 - MNIST cached with `configs/vit_mnist.toml` (B=4 blocks, K=4 draws): a block's batch is
   images, labels, noised_z_b0[:, k], noised_sigma_b0[:, k];
-- synthetic activations, float16 (N, 256, 384), >= 2 GB, written once into /tmp: zstd (the
-  default) and uncompressed (`compression=None`, the case of the memory-copy target).
+- synthetic activations, float16 (N, 256, 384), >= 2 GB, written once into /tmp: zstd and
+  uncompressed (`compression=None`, the default for floats: benches/bench_codec.py).
 
 Every reader gets the same batches (BatchStream's chunk-window order of epoch 0). Also measured:
 the fraction of a ViT block training step spent waiting for data (BatchStream feeding the MNIST
@@ -88,7 +88,7 @@ def synthetic_store(work: Path, rows: int) -> tuple[Path, Path]:
     t0 = time.perf_counter()
     mm = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(rows, 256, 384))
     s = store.create(out, attrs={"kind": "synthetic activations"}, overwrite=True)
-    w = s.array_writer("h", (rows, 256, 384), "float16")
+    w = s.array_writer("h", (rows, 256, 384), "float16", compression="zstd")
     step = s.info("h").shards[0] if s.info("h").shards else 512
     rng = np.random.default_rng(0)
     base = (rng.standard_normal((step, 256, 384), dtype=np.float32) * 0.5).astype(np.float16)

@@ -188,3 +188,14 @@ def test_compression_argument(tmp_path):
     with pytest.raises(store.StoreValueError, match="compression"):
         s.write_array("c", np.arange(10), compression="lz4")
     assert "c" not in s.arrays()
+
+
+@pytest.mark.parametrize("dtype, codec", [("float16", None), ("float32", None), ("float64", None),
+                                          ("uint8", "zstd"), ("int64", "zstd"), ("bool", "zstd")])
+def test_default_compression_by_dtype(tmp_path, dtype, codec):
+    s = store.create(tmp_path / "s.zarr")
+    x = np.arange(40).reshape(10, 4).astype(dtype)
+    s.write_array("x", x)  # "auto": floats uncompressed, the rest zstd (benches/results/codec.json)
+    s.finalize()
+    assert s.info("x").compression == codec
+    assert np.array_equal(store.open(tmp_path / "s.zarr").read("x"), x)

@@ -1,14 +1,21 @@
 """Zarr v3 stores of cached activations and targets, written and read in Rust (`dbcore._native`).
 
-A store is one Zarr v3 group on the local filesystem. Each array is chunked along rows (axis 0),
-compressed with zstd (level 3, with checksum) and, when it has many chunks, sharded (about 64 MiB
-shards of about 1 MiB chunks); zarr-python 3 and any other Zarr v3 reader open it as it is.
+A store is one Zarr v3 group on the local filesystem. Each array is chunked along rows (axis 0)
+and, when it has many chunks, sharded (about 64 MiB shards of about 1 MiB chunks); zarr-python 3
+and any other Zarr v3 reader open it as it is.
 
-`compression=None` stores an array uncompressed: the `bytes` codec alone (little-endian), sharded
-the same way. Reads of such an array skip decoding: each row is read from its chunk straight into
-the output (`BatchStream` reaches a large fraction of memory-copy speed). Uncompressed chunks have
-no checksum (the shard index keeps its crc32c): a truncated chunk or shard is reported, a flipped
-bit inside one is not.
+Compression (`compression="auto"`, the default): floating-point arrays (activations, noised
+targets, embeddings) are stored uncompressed, everything else (images, tokens, labels) with zstd
+(level 3, with checksum). Measured by `benches/bench_codec.py` (`benches/results/codec.json`):
+on float16 activations zstd at any level and blosc (zstd, byte shuffle) keep about 0.92 of the
+bytes and blosc-lz4 none of them, while decoding dominates a shuffled read; uint8 images shrink
+to about 0.21 with zstd. `compression="zstd"` or `None` choose for one array.
+
+Uncompressed arrays are the `bytes` codec alone (little-endian), sharded the same way. Reads of
+such an array skip decoding: each row is read from its chunk straight into the output
+(`BatchStream` reaches a large fraction of memory-copy speed). Uncompressed chunks have no
+checksum (the shard index keeps its crc32c): a truncated chunk or shard is reported, a flipped bit
+inside one is not.
 
 Crash safety: the group attribute `dbcore` holds `{"format": 1, "complete": false}` from `create`
 until `finalize()` rewrites it as `{"format": 1, "complete": true, "arrays": {name: {"shape",
@@ -19,7 +26,7 @@ zarr-python). Every failure is a `StoreError` naming the store, the array and th
 
     s = create("acts.zarr", attrs={"model": "vit"})
     s.write_array("x", x)                       # whole array
-    s.write_array("acts", a, compression=None)  # uncompressed: fastest to read, larger on disk
+    s.write_array("acts", a)                    # float: uncompressed (the default for floats)
     w = s.array_writer("h", (n, 256), "float16")
     w.write(0, block)                           # or streamed, block by block
     s.finalize()
@@ -150,15 +157,18 @@ def _native_dtype(dtype: Any) -> np.dtype:
     return dt.newbyteorder("=")
 
 
-COMPRESSIONS = ("zstd", None)
+COMPRESSIONS = ("auto", "zstd", None)
 
 
-def _compression_name(compression: str | None) -> str:
+def _compression_name(compression: str | None, dtype: np.dtype) -> str:
+    """The native codec name; "auto": none for floating-point dtypes, zstd otherwise (module docs)."""
+    if compression == "auto":
+        return "none" if dtype.kind == "f" else "zstd"
     if compression is None or compression == "none":
         return "none"
     if compression == "zstd":
         return "zstd"
-    raise StoreValueError(f"compression must be 'zstd' or None, got {compression!r}")
+    raise StoreValueError(f"compression must be 'auto', 'zstd' or None, got {compression!r}")
 
 
 class ArrayWriter:
@@ -259,7 +269,7 @@ class Store:
         chunks: int | Sequence[int] | None = None,
         shards: int | None = None,
         level: int = 3,
-        compression: str | None = "zstd",
+        compression: str | None = "auto",
     ) -> ArrayWriter:
         """Create array `name` (see `create_array`) and return a writer for it."""
         self.create_array(name, shape, dtype, chunks, shards, level, compression)
@@ -275,17 +285,18 @@ class Store:
         chunks: int | Sequence[int] | None = None,
         shards: int | None = None,
         level: int = 3,
-        compression: str | None = "zstd",
+        compression: str | None = "auto",
     ) -> None:
         """Create the empty array `name`; write it with `ArrayWriter`s, from any process.
 
         `chunks`: rows per chunk (default: about 1 MiB), or a full chunk shape whose other axes
         span the array; `shards`: rows per shard, a multiple of `chunks` (default: about 64 MiB
-        when there are 16 chunks or more; 0: no sharding); `compression`: "zstd" (at `level`) or
-        None (uncompressed: the bytes codec alone, no checksum; see the module docs).
+        when there are 16 chunks or more; 0: no sharding); `compression`: "auto" (uncompressed
+        floats, zstd for the rest), "zstd" (at `level`) or None (uncompressed: the bytes codec
+        alone, no checksum); see the module docs.
         """
-        codec = _compression_name(compression)
         dt = _native_dtype(dtype)
+        codec = _compression_name(compression, dt)
         shape = tuple(int(d) for d in shape)
         if chunks is not None and not isinstance(chunks, (int, np.integer)):
             chunks = tuple(int(c) for c in chunks)
@@ -307,7 +318,7 @@ class Store:
         chunks: int | Sequence[int] | None = None,
         shards: int | None = None,
         level: int = 3,
-        compression: str | None = "zstd",
+        compression: str | None = "auto",
     ) -> None:
         """Store a whole in-memory array as `name` (see `array_writer` for the layout options)."""
         array = np.asarray(array)
