@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/dbcore/cargo-target
 export PIP_CACHE_DIR ?= $(HOME)/.cache/pip
 
-.PHONY: demo test venv wheel sdist sdist-test install lint stubtest pytest cargo-test bench clean
+.PHONY: demo test venv wheel sdist sdist-test install lint stubtest pytest cargo-test fuzz \
+	fuzz-libfuzzer bench clean
 
 venv:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +46,18 @@ pytest: install
 
 cargo-test:
 	cargo test --quiet
+
+# The reader against corrupt stores (rust/fuzzing/case.rs) for FUZZ_SECONDS from a fresh seed;
+# `make test` runs a bounded number of cases. A failure prints the command that reruns its case.
+FUZZ_SECONDS ?= 300
+FUZZ_SEED ?= $(shell date +%s)
+fuzz:
+	DBCORE_FUZZ_SECONDS=$(FUZZ_SECONDS) DBCORE_FUZZ_SEED=$(FUZZ_SEED) \
+		cargo test --release --test fuzz_reader fuzz_reader -- --nocapture
+
+# The same case, coverage-guided: needs the nightly toolchain and `cargo install cargo-fuzz`.
+fuzz-libfuzzer:
+	cargo +nightly fuzz run reader -- -max_total_time=$(FUZZ_SECONDS) -timeout=60
 
 test: install lint stubtest cargo-test pytest sdist-test
 

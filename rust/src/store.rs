@@ -9,6 +9,10 @@
 //! `memcpy` out of a read-only map of the file. Uncompressed chunks carry no checksum (a shard's
 //! index keeps its crc32c): a truncated chunk or shard is detected, a flipped bit inside one is not.
 //!
+//! Corrupt stores are refused, never a panic: a failed read names the array and the chunk (its
+//! index, rows and file), and sizes from metadata or a shard index are checked before anything is
+//! allocated or sliced by them (`rust/tests/fuzz_reader.rs` fuzzes all of it).
+//!
 //! Everything here is pure Rust (no Python); `python.rs` is a thin layer over it.
 
 use std::collections::HashMap;
@@ -27,6 +31,7 @@ use zarrs::array::{
 };
 use zarrs::filesystem::FilesystemStore;
 use zarrs::group::{Group, GroupBuilder};
+use zarrs::node::Node;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -81,6 +86,8 @@ pub struct ArrayHandle {
     /// Rows per read unit: the inner chunk when sharded, else the chunk.
     unit_rows: u64,
     shard_cache: Option<ArrayShardedReadableExtCache>,
+    /// Bytes of a shard's index at least (16 per inner chunk; u64::MAX past 64 bits), 0 unsharded.
+    index_bytes: u64,
     /// Set when chunks hold raw rows that reads may take straight from the files.
     raw: Option<Raw>,
 }
@@ -271,15 +278,24 @@ impl Store {
             Error::Corrupt(format!("{}: bad group metadata: {e}", self.root.display()))
         })?;
         let paths = group.child_array_paths().map_err(|e| {
-            use zarrs::node::NodeCreateError as N;
-            use zarrs::storage::StorageError as S;
+            // name the child whose metadata does not open
+            let mut children: Vec<String> = std::fs::read_dir(&self.root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|d| d.path().join("zarr.json").is_file())
+                .map(|d| d.file_name().to_string_lossy().into_owned())
+                .collect();
+            children.sort();
+            let bad = children
+                .into_iter()
+                .find(|n| Node::open(&self.storage, &format!("/{n}")).is_err());
             let p = self.root.display();
-            match &e {
-                N::StorageError(S::InvalidMetadata(key, _)) if key.as_str().contains('/') => {
-                    let name = key.as_str().split('/').next().unwrap_or_default();
-                    Error::Corrupt(format!("{p}: array '{name}': bad metadata (zarr.json): {e}"))
+            match bad {
+                Some(n) => {
+                    Error::Corrupt(format!("{p}: array '{n}': bad metadata (zarr.json): {e}"))
                 }
-                _ => Error::Corrupt(format!("{p}: cannot list arrays: {e}")),
+                None => Error::Corrupt(format!("{p}: cannot list arrays: {e}")),
             }
         })?;
         let mut names: Vec<String> = paths
@@ -463,9 +479,23 @@ impl ArrayHandle {
                 shape[0]
             )));
         }
+        for c in [Some(&chunk), inner.as_ref()].into_iter().flatten() {
+            let bytes = c
+                .iter()
+                .try_fold(dtype.size() as u64, |b, d| b.checked_mul(d.get()));
+            if bytes.is_none() {
+                return Err(too_large(format!("chunks of shape {c:?}")));
+            }
+        }
         let shard_cache = array
             .is_exclusively_sharded()
             .then(|| ArrayShardedReadableExtCache::new(&array));
+        let index_bytes = match (&shard_cache, &inner) {
+            (Some(_), Some(inner)) => std::iter::zip(chunk.iter(), inner.iter())
+                .try_fold(16u64, |b, (c, i)| b.checked_mul(c.get().div_ceil(i.get())))
+                .unwrap_or(u64::MAX),
+            _ => 0,
+        };
         let raw = raw_layout(&array, unit).map(|shard_rows| Raw {
             storage: storage.clone(),
             shard_rows,
@@ -477,6 +507,7 @@ impl ArrayHandle {
             dtype,
             unit_rows: unit,
             shard_cache,
+            index_bytes,
             raw,
             array,
         })
@@ -521,7 +552,9 @@ impl ArrayHandle {
             .map(|s| s.iter().map(|d| d.get()).collect())
             .unwrap_or_default();
         let codecs = match self.array.metadata() {
-            ArrayMetadata::V3(m) => codecs_json(serde_json::to_value(&m.codecs).unwrap_or(Value::Null)),
+            ArrayMetadata::V3(m) => {
+                codecs_json(serde_json::to_value(&m.codecs).unwrap_or(Value::Null))
+            }
             ArrayMetadata::V2(_) => Value::Null,
         };
         match self.array.effective_subchunk_shape() {
@@ -592,12 +625,18 @@ impl ArrayHandle {
         };
         let (u, w) = (self.unit_rows.max(1), self.write_unit_rows().max(1));
         for shard in start / w..stop.div_ceil(w) {
-            let (lo, hi) = (shard.saturating_mul(w), shard.saturating_add(1).saturating_mul(w));
+            let (lo, hi) = (
+                shard.saturating_mul(w),
+                shard.saturating_add(1).saturating_mul(w),
+            );
             let Err(e) = read(lo, hi) else {
                 continue;
             };
             for unit in (lo.max(start) / u..hi.min(stop).div_ceil(u)).filter(|_| u < w) {
-                if let Err(e) = read(unit.saturating_mul(u), unit.saturating_add(1).saturating_mul(u)) {
+                if let Err(e) = read(
+                    unit.saturating_mul(u),
+                    unit.saturating_add(1).saturating_mul(u),
+                ) {
                     return self.chunk_err(unit, e);
                 }
             }
@@ -619,20 +658,25 @@ impl ArrayHandle {
         }
         let u = self.unit_rows.max(1);
         let shard_rows = self.write_unit_rows().max(1);
-        let mut file: Option<(u64, u64)> = None; // (shard, its bytes)
+        let mut file: Option<(u64, Option<u64>)> = None; // (shard, its bytes if stored)
         for unit in lo / u..hi.div_ceil(u) {
             let shard = unit.saturating_mul(u) / shard_rows;
-            let bytes = match file {
+            let stored = match file {
                 Some((s, b)) if s == shard => b,
                 _ => {
                     let mut idx = vec![0u64; grid.len()];
                     idx[0] = shard;
                     let path = self.root.join(self.array.chunk_key(&idx).as_str());
-                    let b = std::fs::metadata(path).map_or(0, |m| m.len());
+                    let b = std::fs::metadata(path).ok().map(|m| m.len());
                     file = Some((shard, b));
                     b
                 }
             };
+            // not stored: no index to read (the shard holds the fill value)
+            let Some(bytes) = stored else {
+                continue;
+            };
+            self.check_index_fits(unit, bytes)?;
             let mut idx = vec![0u64; grid.len()];
             idx[0] = unit;
             loop {
@@ -658,6 +702,19 @@ impl ArrayHandle {
                 idx[d] += 1;
                 idx[d + 1..].fill(0);
             }
+        }
+        Ok(())
+    }
+
+    /// Refuse a shard of `bytes` bytes (that holds read unit `unit`) too short for the index its
+    /// metadata implies, before zarrs reads (and allocates) that index.
+    fn check_index_fits(&self, unit: u64, bytes: u64) -> Result<()> {
+        if bytes < self.index_bytes {
+            return Err(Error::Corrupt(self.ctx(format!(
+                "{}: the shard has {bytes} bytes, less than its index ({} bytes)",
+                self.unit_desc(unit, false),
+                self.index_bytes
+            ))));
         }
         Ok(())
     }
@@ -736,7 +793,9 @@ impl ArrayHandle {
         let shard_rows = self.write_unit_rows().max(1);
         self.check_index(
             start / shard_rows * shard_rows,
-            stop.div_ceil(shard_rows).saturating_mul(shard_rows).min(self.rows()),
+            stop.div_ceil(shard_rows)
+                .saturating_mul(shard_rows)
+                .min(self.rows()),
         )?;
         self.array
             .retrieve_array_subset_into_opt(
@@ -830,9 +889,9 @@ impl ArrayHandle {
                 None => self.array.retrieve_array_subset_opt(&subset, &options),
             }
             .map_err(|e| self.chunk_err(unit, e))?;
-            let decoded = decoded.into_fixed().map_err(|e| {
-                Error::Corrupt(self.ctx(format!("{}: {e}", self.chunk_desc(unit))))
-            })?;
+            let decoded = decoded
+                .into_fixed()
+                .map_err(|e| Error::Corrupt(self.ctx(format!("{}: {e}", self.chunk_desc(unit)))))?;
             let rb = self.row_bytes;
             for &(row, slot) in &g.picks {
                 let src = &decoded[(row - g.lo) as usize * rb + col..][..len];
@@ -859,8 +918,33 @@ impl ArrayHandle {
         let rb = self.row_bytes as u64;
         let chunk_bytes = self.unit_rows * rb;
         let mut idx = vec![0u64; self.array.dimensionality()];
-        let (path, base) = match (raw.shard_rows, &self.shard_cache) {
-            (Some(shard_rows), Some(cache)) => {
+        idx[0] = raw.shard_rows.map_or(unit, |s| g.lo / s);
+        let path = raw.storage.key_to_fspath(&self.array.chunk_key(&idx));
+        let io = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Corrupt(self.ctx(format!("{}: truncated chunk", path.display())))
+            } else {
+                Error::Io(self.ctx(format!("{}: {e}", path.display())))
+            }
+        };
+        // The file, mapped or opened; not stored: the chunk holds the fill value.
+        let (map, file) = match maps.map(|m| m.get(&path)).transpose().map_err(io)? {
+            Some(Mapped::Missing) => return Ok(false),
+            Some(Mapped::Map(map)) => (Some(map), None),
+            Some(Mapped::Unmapped) | None => match std::fs::File::open(&path) {
+                Ok(f) => (None, Some(f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(io(e)),
+            },
+        };
+        let size = match (&map, &file) {
+            (Some(map), _) => map.len() as u64,
+            (_, Some(file)) => file.metadata().map_err(io)?.len(),
+            _ => unreachable!("a map or a file"),
+        };
+        let base = match &self.shard_cache {
+            Some(cache) if raw.shard_rows.is_some() => {
+                self.check_index_fits(unit, size)?;
                 idx[0] = unit;
                 let range = self
                     .array
@@ -876,64 +960,29 @@ impl ArrayHandle {
                         range.length(u64::MAX)
                     ))));
                 }
-                idx[0] = g.lo / shard_rows;
-                (
-                    raw.storage.key_to_fspath(&self.array.chunk_key(&idx)),
-                    range.start(u64::MAX),
-                )
+                range.start(u64::MAX)
             }
-            _ => {
-                idx[0] = unit;
-                (raw.storage.key_to_fspath(&self.array.chunk_key(&idx)), 0)
-            }
+            _ => 0,
         };
         let len = scatter.len;
         let first = unit * self.unit_rows;
         // u64::MAX: an offset from a forged shard index that no file reaches
-        let end = base.checked_add(chunk_bytes).unwrap_or(u64::MAX);
-        let short = |size: u64| {
-            Error::Corrupt(self.ctx(format!(
-                "{}: {size} bytes, chunk {unit} needs {}",
-                path.display(),
-                end
-            )))
-        };
-        let mapped = match maps.map(|m| m.get(&path)).transpose() {
-            Ok(m) => m,
-            Err(e) => return Err(Error::Io(self.ctx(format!("{}: {e}", path.display())))),
-        };
-        match mapped {
-            Some(Mapped::Missing) => return Ok(false),
-            Some(Mapped::Map(map)) => {
-                let size = map.len() as u64;
-                if size < end || (raw.shard_rows.is_none() && size != chunk_bytes) {
-                    return Err(short(size));
-                }
-                for &(row, slot) in &g.picks {
-                    let at = (base + (row - first) * rb) as usize + col;
-                    // SAFETY: as in `read_rows_scatter`.
-                    unsafe { scatter.slot(slot) }.copy_from_slice(&map[at..at + len]);
-                }
-                return Ok(true);
-            }
-            Some(Mapped::Unmapped) | None => {}
-        }
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::Io(self.ctx(format!("{}: {e}", path.display())))),
-        };
-        let io = |e: std::io::Error| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Corrupt(self.ctx(format!("{}: truncated chunk", path.display())))
-            } else {
-                Error::Io(self.ctx(format!("{}: {e}", path.display())))
-            }
-        };
-        let size = file.metadata().map_err(io)?.len();
+        let end = base.saturating_add(chunk_bytes);
         if size < end || (raw.shard_rows.is_none() && size != chunk_bytes) {
-            return Err(short(size));
+            return Err(Error::Corrupt(self.ctx(format!(
+                "{}: {size} bytes, chunk {unit} needs {end}",
+                path.display(),
+            ))));
         }
+        if let Some(map) = map {
+            for &(row, slot) in &g.picks {
+                let at = (base + (row - first) * rb) as usize + col;
+                // SAFETY: as in `read_rows_scatter`.
+                unsafe { scatter.slot(slot) }.copy_from_slice(&map[at..at + len]);
+            }
+            return Ok(true);
+        }
+        let file = file.expect("no map: a file");
         if len >= RAW_ROW_READ_BYTES || g.picks.len() == 1 {
             for &(row, slot) in &g.picks {
                 let at = base + (row - first) * rb + col as u64;
@@ -1037,7 +1086,10 @@ impl<'a> Scatter<'a> {
             pieces
                 .get(p)
                 .is_none_or(|piece| off.checked_add(len).is_none_or(|end| end > piece.len()))
-        }) || (len > 0 && sorted.windows(2).any(|w| w[0].0 == w[1].0 && w[0].1 + len > w[1].1));
+        }) || (len > 0
+            && sorted
+                .windows(2)
+                .any(|w| w[0].0 == w[1].0 && w[0].1 + len > w[1].1));
         if bad {
             return Err(Error::Invalid(format!(
                 "output slots of {len} bytes overlap or fall outside their buffers"
@@ -1253,7 +1305,8 @@ mod tests {
             let mut out = vec![0u8; rows.len() * 12];
             let slots = (0..rows.len()).map(|i| (0, i * 12)).collect();
             let sc = Scatter::new(vec![&mut out], slots, 12).unwrap();
-            h.read_rows_scatter_mapped(rows, 0, &sc, Some(&maps)).map(|_| out)
+            h.read_rows_scatter_mapped(rows, 0, &sc, Some(&maps))
+                .map(|_| out)
         };
         let rows = [9u64, 0, 7, 11, 2];
         let out = read(&rows).unwrap();

@@ -30,6 +30,8 @@
 //! Uncompressed chunk and shard files are read through read-only memory maps kept for the
 //! stream's lifetime (`store::FileMaps`: rows are `memcpy`d from the page cache, a file already
 //! truncated is refused as corrupt; one truncated while mapped is out of scope).
+//! A failed read ends the epoch with an error naming the array and the chunk; a panic of the
+//! thread ends it with an error too, never silently.
 //! Nothing here touches Python.
 
 use std::collections::VecDeque;
@@ -57,6 +59,10 @@ pub const WINDOW_MAX_BYTES: u64 = 128 << 20;
 
 /// Batch buffers handed back by the consumer and kept for reuse, at most this many bytes per stream.
 pub const POOL_MAX_BYTES: usize = 256 << 20;
+
+/// Tests only: the decode thread of this epoch panics.
+#[cfg(test)]
+const PANICKING_EPOCH: u64 = u64::MAX - 1;
 
 const TAG_CHUNKS: u32 = 0x5348_0001;
 const TAG_WINDOWS: u32 = 0x5348_0002;
@@ -359,6 +365,28 @@ impl Stream {
                 handles[0].name
             )));
         }
+        // An epoch's order and batches take about 32 bytes a sample, a batch its rows: refuse
+        // (corrupt) shapes that memory cannot hold rather than abort on an allocation later.
+        let fits = |bytes: Option<u64>| {
+            let bytes = bytes.and_then(|b| usize::try_from(b).ok());
+            bytes.is_some_and(|b| Vec::<u8>::new().try_reserve_exact(b).is_ok())
+        };
+        if !fits(n.checked_mul(32)) {
+            return Err(Error::Corrupt(format!(
+                "{p}: array '{}': {n} rows: the order of an epoch does not fit in memory",
+                handles[0].name
+            )));
+        }
+        for h in &handles {
+            if !fits((h.row_bytes() as u64).checked_mul(spec.batch_size as u64)) {
+                return Err(Error::Corrupt(format!(
+                    "{p}: array '{}': a batch of {} rows of {} bytes does not fit in memory",
+                    h.name,
+                    spec.batch_size,
+                    h.row_bytes()
+                )));
+            }
+        }
         if n > u32::MAX as u64 && spec.noise.is_some() {
             return Err(Error::Invalid(format!(
                 "{p}: {n} samples do not fit the generator's 32-bit counter"
@@ -419,7 +447,13 @@ impl Stream {
     /// This rank's batches of an epoch, as position ranges (all workers together).
     fn my_batches(&self) -> Vec<(usize, usize)> {
         let s = &self.ctx.spec;
-        rank_batches(self.n as usize, s.batch_size, s.rank, s.world_size, s.drop_last)
+        rank_batches(
+            self.n as usize,
+            s.batch_size,
+            s.rank,
+            s.world_size,
+            s.drop_last,
+        )
     }
 
     /// Batches of this rank per epoch (all workers together).
@@ -429,10 +463,7 @@ impl Stream {
 
     /// Samples of this rank per epoch.
     pub fn num_rank_samples(&self) -> usize {
-        self.my_batches()
-            .iter()
-        .map(|(a, b)| b - a)
-        .sum()
+        self.my_batches().iter().map(|(a, b)| b - a).sum()
     }
 
     /// Per array: output row shape (after draw selection) and dtype name.
@@ -590,6 +621,8 @@ fn decode_batches(
     tx: SyncSender<Result<Batch>>,
     stop: Arc<AtomicBool>,
 ) {
+    #[cfg(test)]
+    assert!(epoch != PANICKING_EPOCH, "a bug in the decode thread");
     let picks = picks(&ctx, epoch);
     let new_batch = |(position, a, b): (usize, usize, usize)| Batch {
         epoch,
@@ -815,6 +848,46 @@ mod tests {
             .flat_map(|b| b.unwrap().indices)
             .collect();
         assert_eq!(tail, st.order(1).order[21..]);
+    }
+
+    #[test]
+    fn a_panicking_decode_thread_ends_the_epoch_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.zarr");
+        let s = Store::create(&path, Map::new(), false).unwrap();
+        let x = s
+            .create_array(
+                "x",
+                &ArraySpec {
+                    shape: vec![10],
+                    dtype: DType::UInt8,
+                    chunk_rows: 4,
+                    shard_rows: None,
+                    compression: crate::store::Compression::None,
+                },
+            )
+            .unwrap();
+        x.write_rows(0, &[1u8; 10]).unwrap();
+        s.finalize().unwrap();
+        let mut st = Stream::open(&path, spec(&[("x", false)], 3)).unwrap();
+        st.start(PANICKING_EPOCH, 0);
+        match st.next_batch() {
+            Some(Err(Error::Corrupt(m))) => {
+                assert!(m.contains("a bug in the decode thread"), "{m}")
+            }
+            other => panic!(
+                "expected the thread's panic as an error, got {:?}",
+                other.map(|b| b.map(|b| b.indices))
+            ),
+        }
+        assert!(st.next_batch().is_none());
+        st.start(0, 0);
+        assert_eq!(
+            std::iter::from_fn(|| st.next_batch())
+                .map(|b| b.unwrap().indices.len())
+                .sum::<usize>(),
+            10
+        );
     }
 
     #[test]
