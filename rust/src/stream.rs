@@ -308,14 +308,14 @@ impl Drop for Stream {
 }
 
 impl Stream {
-    /// Open the complete store at `path` for `spec` (an incomplete store is refused).
-    pub fn open(path: &std::path::Path, spec: Spec) -> Result<Stream> {
-        let store = Arc::new(Store::open(path, true)?);
+    /// Open the complete store at `location` for `spec` (an incomplete store is refused).
+    pub fn open(location: impl Into<crate::location::Location>, spec: Spec) -> Result<Stream> {
+        let store = Arc::new(Store::open(location, true)?);
         Stream::new(store, spec)
     }
 
     pub fn new(store: Arc<Store>, spec: Spec) -> Result<Stream> {
-        let p = store.root().display().to_string();
+        let p = store.root().to_string();
         if spec.arrays.is_empty() {
             return Err(Error::Invalid(format!("{p}: no arrays to stream")));
         }
@@ -419,7 +419,13 @@ impl Stream {
     /// This rank's batches of an epoch, as position ranges (all workers together).
     fn my_batches(&self) -> Vec<(usize, usize)> {
         let s = &self.ctx.spec;
-        rank_batches(self.n as usize, s.batch_size, s.rank, s.world_size, s.drop_last)
+        rank_batches(
+            self.n as usize,
+            s.batch_size,
+            s.rank,
+            s.world_size,
+            s.drop_last,
+        )
     }
 
     /// Batches of this rank per epoch (all workers together).
@@ -429,10 +435,7 @@ impl Stream {
 
     /// Samples of this rank per epoch.
     pub fn num_rank_samples(&self) -> usize {
-        self.my_batches()
-            .iter()
-        .map(|(a, b)| b - a)
-        .sum()
+        self.my_batches().iter().map(|(a, b)| b - a).sum()
     }
 
     /// Per array: output row shape (after draw selection) and dtype name.
@@ -509,7 +512,7 @@ impl Stream {
         let stop2 = stop.clone();
         let seq = Arc::new(seq);
         // A failure of the thread (a panic, or no thread at all) ends the epoch with an error.
-        let p = self.store.root().display().to_string();
+        let p = self.store.root().to_string();
         let (failed, unstarted) = (tx.clone(), tx.clone());
         let thread = std::thread::Builder::new()
             .name("dbcore-decode".into())
@@ -527,7 +530,7 @@ impl Stream {
                 }
             })
             .map_err(|e| {
-                let p = self.store.root().display();
+                let p = self.store.root();
                 let msg = format!("{p}: cannot start the stream thread: {e}");
                 let _ = unstarted.try_send(Err(Error::Io(msg)));
             })
