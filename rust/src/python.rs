@@ -151,8 +151,8 @@ impl NativeStore {
     }
 
     /// Write (replace) a file of the group that is no array.
-    fn set_bytes(&self, py: Python<'_>, name: &str, data: Vec<u8>) -> PyResult<()> {
-        py.detach(|| self.inner.set_bytes(name, &data))
+    fn set_bytes(&self, py: Python<'_>, name: &str, data: &[u8]) -> PyResult<()> {
+        py.detach(|| self.inner.set_bytes(name, data))
             .map_err(to_py)
     }
 
