@@ -93,8 +93,10 @@ struct NativeStore {
 }
 
 impl NativeStore {
-    fn handle(&self, name: &str) -> PyResult<Arc<ArrayHandle>> {
-        self.inner.array(name).map_err(to_py)
+    /// The open array `name`; opening reads its metadata (over the network for an s3:// store),
+    /// so the GIL is released (a local S3 server may be Python code in this process).
+    fn handle(&self, py: Python<'_>, name: &str) -> PyResult<Arc<ArrayHandle>> {
+        py.detach(|| self.inner.array(name)).map_err(to_py)
     }
 }
 
@@ -176,8 +178,8 @@ impl NativeStore {
     }
 
     /// Shape, dtype, chunk and shard shapes and codecs of one array, as JSON.
-    fn array_info_json(&self, name: &str) -> PyResult<String> {
-        let h = self.handle(name)?;
+    fn array_info_json(&self, py: Python<'_>, name: &str) -> PyResult<String> {
+        let h = self.handle(py, name)?;
         let (chunks, shards, codecs) = h.layout();
         Ok(json!({
             "shape": h.shape(),
@@ -236,7 +238,7 @@ impl NativeStore {
         start: u64,
         block: &Bound<'_, PyUntypedArray>,
     ) -> PyResult<()> {
-        let h = self.handle(name)?;
+        let h = self.handle(py, name)?;
         let bytes = array_ref(block, h.dtype())?;
         py.detach(|| h.write_rows(start, bytes)).map_err(to_py)
     }
@@ -250,7 +252,7 @@ impl NativeStore {
         stop: u64,
         out: &Bound<'_, PyUntypedArray>,
     ) -> PyResult<()> {
-        let h = self.handle(name)?;
+        let h = self.handle(py, name)?;
         let buf = array_mut(out, h.dtype())?;
         py.detach(|| h.read_range_into(start, stop, buf))
             .map_err(to_py)
@@ -264,7 +266,7 @@ impl NativeStore {
         rows: &Bound<'_, PyUntypedArray>,
         out: &Bound<'_, PyUntypedArray>,
     ) -> PyResult<()> {
-        let h = self.handle(name)?;
+        let h = self.handle(py, name)?;
         let rows = array_ref(rows, DType::UInt64)?;
         let rows: Vec<u64> = rows
             .chunks_exact(8)
@@ -275,9 +277,9 @@ impl NativeStore {
     }
 
     /// A buffering writer for array `name` (see rust/src/writer.rs).
-    fn writer(&self, name: &str) -> PyResult<NativeWriter> {
+    fn writer(&self, py: Python<'_>, name: &str) -> PyResult<NativeWriter> {
         Ok(NativeWriter {
-            inner: RowWriter::new(self.handle(name)?),
+            inner: RowWriter::new(self.handle(py, name)?),
         })
     }
 
