@@ -8,10 +8,13 @@
    (and on zstd, the former default, and an exact shuffle), zarr-python with the zarrs codec
    pipeline on one-sample chunks (its best case; uncompressed and zstd), and a gather of the
    same batches from memory. Same batches for every reader; all reads from the page cache.
+3. With `--s3`: `BatchStream` on the same default-layout store at an s3:// URL served by moto on
+   the loopback address (the object-store path's cost against a local S3 server written in
+   Python: a floor for what a real bucket gives, not a measure of one).
 
 Writes benches/results/codec.json.
 
-    python benches/bench_codec.py [--rows 4096] [--budget 8] [--out PATH] [--workdir /tmp/dbcore_bench_codec]
+    python benches/bench_codec.py [--rows 4096] [--budget 8] [--s3] [--out PATH] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def codec_table(name: str, data: np.ndarray, chunk_rows: int, budget: float) -> 
     return out
 
 
-def write_store(path: Path, data: np.ndarray, compression: str | None | bool) -> Path:
+def write_store(path: Path | str, data: np.ndarray, compression: str | None | bool) -> Path:
     """`data` as array "h"; compression=False: the store's default for its dtype."""
     s = store.create(path, overwrite=True)
     kwargs = {} if compression is False else {"compression": compression}
@@ -120,7 +123,7 @@ def timed(fn, budget: float, limit: int) -> dict:
     return {"samples_per_s": round(n / secs, 1), "samples": n, "seconds": round(secs, 3)}
 
 
-def stream_rate(path: Path, budget: float, shuffle: bool | str = True) -> dict:
+def stream_rate(path: Path | str, budget: float, shuffle: bool | str = True) -> dict:
     stream = BatchStream(path, ["h"], BATCH, seed=0, shuffle=shuffle)
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < budget:
@@ -181,10 +184,38 @@ def read_rates(work: Path, data: np.ndarray, budget: float) -> dict:
     return res
 
 
+def s3_rate(data: np.ndarray, budget: float) -> dict:
+    """BatchStream from the default layout at an s3:// URL on a moto server (see the module docs)."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem().mkdir("bench")
+        url = "s3://bench/acts.zarr"
+        t0 = time.perf_counter()
+        write_store(url, data, False)
+        write_s = time.perf_counter() - t0
+        return {"server": "moto (Python) on 127.0.0.1",
+                "write_MB_per_s": round(data.nbytes / write_s / 1e6, 1),
+                "batchstream_default": stream_rate(url, budget)}
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--budget", type=float, default=8.0, help="seconds per reader")
+    ap.add_argument("--s3", action="store_true", help="also stream the store from a moto S3 server")
     ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results" / "codec.json")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dbcore_bench_codec"))
     args = ap.parse_args()
@@ -207,6 +238,9 @@ def main() -> None:
         result["codecs"].append(codec_table("mnist_uint8", images, 1337, args.budget))
         gelu = gelu_activations(images)
         result["codecs"].append(codec_table("mnist_gelu_f16", gelu, (1 << 20) // gelu[0].nbytes, args.budget))
+    if args.s3:
+        result["s3"] = s3_rate(data, args.budget)
+        print("s3", json.dumps(result["s3"]))
     result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dbcore import config as config_mod
+from dbcore import remote
 from dbcore.config import Config
 from dbcore.sources import Source, SourceError, load_source
 from dbcore.text import TextSource
@@ -69,7 +70,7 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
     """
     from dbcore.cache import write_cache
 
-    out = Path(out)
+    out = remote.location(out)
     if ray:
         from dbcore.distributed import cache_on_ray
 
@@ -79,7 +80,7 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
         cache_on_ray(cfg, data, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                      target_embedding=target_embedding, address=address, tasks=tasks, progress=progress)
         return out
-    with _opened(data, out.parent, out.name) as source:
+    with _opened(data, *_scratch_beside(out)) as source:
         write_cache(cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                     progress=progress, target_embedding=target_embedding)
     return out
@@ -105,10 +106,11 @@ def train(cfg: Config, store: PathLike, out: PathLike, *, block: int | None = No
 
         if e2e:
             raise ValueError("train(ray=True) trains the blocks; the baseline (e2e=True) runs without Ray")
-        return train_blocks_on_ray(cfg, Path(store), Path(out), None if block is None else [block],
+        blocks = None if block is None else [block]
+        return train_blocks_on_ray(cfg, remote.location(store), remote.location(out), blocks,
                                    address=address, progress=progress, echo=lambda result: None,
                                    activation_checkpointing=activation_checkpointing)
-    return train_run(cfg, Path(store), Path(out), block=block, e2e=e2e,
+    return train_run(cfg, remote.location(store), remote.location(out), block=block, e2e=e2e,
                      activation_checkpointing=activation_checkpointing, progress=progress)
 
 
@@ -124,13 +126,13 @@ def evaluate(run: PathLike, data: Any, *, steps: int | None = None, num_samples:
     """
     from dbcore.evaluate import evaluate as evaluate_run
 
-    run = Path(run)
+    run = remote.location(run)
     if isinstance(data, str):
         return evaluate_run(run, data, steps, decode, num_samples=num_samples, **options)
-    with _opened(data, run.parent, run.name) as source:
+    with _opened(data, *_scratch_beside(run)) as source:
         if isinstance(source, TextSource):
             return evaluate_run(run, source.spec, steps, decode, num_samples=num_samples, **options)
-        folder = _scratch(run.parent, run.name, "eval")  # the recipes read images by spec: an npz
+        folder = _scratch(*_scratch_beside(run), "eval")  # the recipes read images by spec: an npz
         try:
             path = folder / "data.npz"
             np.savez(path, images=source.images, labels=source.labels)
@@ -151,7 +153,7 @@ def sample_images(run: PathLike, *, num: int = 16, label: int | None = None,
     from dbcore.report import sample_run
 
     _check_num(num)
-    images, _, _ = sample_run(Path(run), num, label, cfg_scale, steps, seed, sampler)
+    images, _, _ = sample_run(remote.location(run), num, label, cfg_scale, steps, seed, sampler)
     return images
 
 
@@ -163,7 +165,7 @@ def sample_text(run: PathLike, *, num: int = 1, length: int | None = None, promp
     from dbcore.evaluate import sample_text_run
 
     _check_num(num)
-    return sample_text_run(Path(run), {"num": num, "length": length, "prompt": prompt, **options})
+    return sample_text_run(remote.location(run), {"num": num, "length": length, "prompt": prompt, **options})
 
 
 def _check_num(num: int) -> None:
@@ -190,6 +192,14 @@ def _scratch(parent: Path, name: str, what: str) -> Path:
     """A new hidden temporary folder in `parent` (created if missing), named after `name`."""
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{name}.{what}-", dir=parent))
+
+
+def _scratch_beside(where: str | Path) -> tuple[Path, str]:
+    """(folder, name) for scratch files of a store or run: beside a local one, in the temporary
+    folder for an s3:// one."""
+    if remote.is_url(where):
+        return Path(tempfile.gettempdir()), "dbcore-" + hashlib.sha256(str(where).encode()).hexdigest()[:12]
+    return Path(where).parent, Path(where).name
 
 
 @contextmanager

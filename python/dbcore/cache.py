@@ -20,13 +20,12 @@ import json
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from dbcore import layout, store
+from dbcore import layout, remote, store
 from dbcore.config import Config
 from dbcore.data import INDEX
 from dbcore.noise import noised_targets
@@ -58,7 +57,7 @@ def schedule_attrs(cfg: Config) -> dict:
 def write_cache(
     cfg: Config,
     source: Source,
-    out: Path,
+    out: remote.Location,
     noise: Literal["online", "cached"] = "online",
     draws: int = 1,
     seed: int = 0,
@@ -73,15 +72,15 @@ def write_cache(
     as you mean training to see them).
     """
     plan = plan_cache(cfg, source, noise, draws, seed, target_embedding)
-    out = Path(out)
+    out = remote.location(out)
     with store.writer_lock(out):  # a second `cache` of the same store is refused
         s, done = open_for_writing(out, plan.attrs, overwrite)
-        units = pending_units(s, out, plan.jobs, done)
+        units = pending_units(s, plan.jobs, done)
         bar = progress_bar(len(units), "cache", "block", enabled=progress)
-        with Ledger(out) as ledger:
+        with Ledger(s, done) as ledger:
             write_units(s, plan.jobs, units, on_done=lambda unit: (ledger.record([unit]), bar.update(1)))
         bar.close()
-        finish(s, out)
+        finish(s)
     return s
 
 
@@ -151,9 +150,12 @@ def _slicer(rows: np.ndarray) -> Callable[[int, int], np.ndarray]:
     return lambda a, b: np.asarray(rows[a:b])
 
 
-def open_for_writing(out: Path, attrs: dict, overwrite: bool) -> tuple[store.Store, set[tuple[str, int]]]:
+Done = set[tuple[str, int]]  # (array, first row) of the finished write units
+
+
+def open_for_writing(out: remote.Location, attrs: dict, overwrite: bool) -> tuple[store.Store, Done]:
     """A fresh store, or the interrupted one at `out` (same inputs) and its finished write units."""
-    if overwrite or not (out / "zarr.json").is_file():
+    if overwrite or not store.exists(out):
         return store.create(out, attrs=attrs, overwrite=overwrite), set()
     s = store.open(out, require_complete=False)
     if s.complete:
@@ -161,13 +163,14 @@ def open_for_writing(out: Path, attrs: dict, overwrite: bool) -> tuple[store.Sto
             f"{out}: already exists and holds a complete cache; "
             f"pass {arg('overwrite', True)} to rewrite it"
         )
-    if s.attrs != attrs or not (out / LEDGER).is_file():
+    ledger = s.read_extra(LEDGER)
+    if s.attrs != attrs or ledger is None:
         raise store.StoreExistsError(
             f"{out}: exists and holds an interrupted cache of other inputs (source, config, noise "
             f"or seed) or of another tool; pass {arg('overwrite', True)} to replace it"
         )
     done = set()
-    for line in (out / LEDGER).read_text().splitlines():
+    for line in ledger.decode(errors="replace").splitlines():
         name, _, start = line.rpartition(" ")
         if name and start.isdigit():
             done.add((name, int(start)))
@@ -175,26 +178,37 @@ def open_for_writing(out: Path, attrs: dict, overwrite: bool) -> tuple[store.Sto
 
 
 class Ledger:
-    """`STORE/.dbcore-cache-progress`, appended one line per finished write unit."""
+    """`STORE/.dbcore-cache-progress`, one line per finished write unit: appended to in a local
+    store, rewritten whole in an s3:// one (objects do not append)."""
 
-    def __init__(self, out: Path) -> None:
-        self._file = open(out / LEDGER, "a")
+    def __init__(self, s: store.Store, done: Done) -> None:
+        self._store = s
+        self._text = "".join(f"{name} {a}\n" for name, a in sorted(done))
+        self._file = open(s.path / LEDGER, "a") if s.is_local else None
+        if not s.is_local:
+            s.write_extra(LEDGER, self._text.encode())
 
     def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def record(self, units: list[Unit]) -> None:
-        self._file.write("".join(f"{name} {a}\n" for name, a, _ in units))
-        self._file.flush()
+        lines = "".join(f"{name} {a}\n" for name, a, _ in units)
+        if self._file is not None:
+            self._file.write(lines)
+            self._file.flush()
+        else:
+            self._text += lines
+            self._store.write_extra(LEDGER, self._text.encode())
 
 
-def finish(s: store.Store, out: Path) -> None:
+def finish(s: store.Store) -> None:
     """Mark the store complete, then drop its ledger."""
     s.finalize()
-    (out / LEDGER).unlink(missing_ok=True)
+    s.erase_extra(LEDGER)
 
 
 def _unit_rows(info: store.ArrayInfo) -> int:
@@ -204,7 +218,7 @@ def _unit_rows(info: store.ArrayInfo) -> int:
     return max(1, unit) * max(1, WRITE_TARGET_BYTES // (max(1, unit) * row_bytes))
 
 
-def pending_units(s: store.Store, out: Path, jobs: list[_Job], done: set[tuple[str, int]]) -> list[Unit]:
+def pending_units(s: store.Store, jobs: list[_Job], done: Done) -> list[Unit]:
     """Create the arrays a fresh store lacks (checking those it has) and list the write units
     still to do, in job order. Units never share a shard or chunk, so any split of them can be
     written by separate processes."""
@@ -213,7 +227,7 @@ def pending_units(s: store.Store, out: Path, jobs: list[_Job], done: set[tuple[s
         if job.name in s.arrays():
             info = s.info(job.name)
             if info.shape != tuple(job.shape) or info.dtype != job.dtype:
-                raise store.CorruptStoreError(f"{out}: array {job.name!r} is {info.shape} {info.dtype}, "
+                raise store.CorruptStoreError(f"{s.path}: array {job.name!r} is {info.shape} {info.dtype}, "
                                               f"expected {tuple(job.shape)} {job.dtype}; "
                                               f"pass {arg('overwrite', True)}")
         else:

@@ -23,6 +23,20 @@ class _Fail(click.ClickException):
     """A user-facing error: printed as one line, exit code 1, no traceback."""
 
 
+class _Location(click.ParamType):
+    """A store or run: a local path (a Path) or an `s3://bucket/prefix` URL (kept as a string)."""
+
+    name = "PATH|s3://BUCKET/PREFIX"
+
+    def convert(self, value, param, ctx):
+        from dbcore.remote import location
+
+        return location(value) if isinstance(value, str) else value
+
+
+LOCATION = _Location()
+
+
 def _user_errors():
     from dbcore.checkpoint import CheckpointError
     from dbcore.config import ConfigError
@@ -48,7 +62,7 @@ def _run_safely(fn, *args, **kwargs):
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "source", default="digits:train", show_default=True,
               help="digits[:train|:valid], npz:PATH or text:PATH")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="store to write")
+@click.option("--out", required=True, type=LOCATION, help="store to write")
 @click.option("--noise", type=click.Choice(["online", "cached"]), default="online", show_default=True)
 @click.option("--draws", default=4, show_default=True, help="noised draws per sample per block (cached)")
 @click.option("--seed", default=0, show_default=True)
@@ -84,8 +98,8 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path))
-@click.option("--out", "run", required=True, type=click.Path(path_type=Path), help="run directory")
+@click.option("--store", "store_path", required=True, type=LOCATION)
+@click.option("--out", "run", required=True, type=LOCATION, help="run directory")
 @click.option("--block", type=int, default=None, help="train only this block (0 = highest noise)")
 @click.option("--e2e", is_flag=True, help="train the end-to-end baseline of the same architecture")
 @click.option("--activation-checkpointing", is_flag=True,
@@ -148,7 +162,7 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
 
 
 @main.command("eval")
-@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run", type=LOCATION)
 @click.option("--data", "source", default="digits:valid", show_default=True)
 @click.option("--steps", type=int, default=None, help="sampler steps in all (default: the run's)")
 @click.option("--decode", type=click.Choice(["last", "product"]), default=None,
@@ -178,7 +192,7 @@ def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, a
 
 
 @main.command()
-@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run", type=LOCATION)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="images: the PNG grid (required); text: a file for the texts (default: print them)")
 @click.option("--num", type=int, default=None, help="samples (default: 100 images, 1 text)")
@@ -231,8 +245,8 @@ def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, 
 
 
 @main.command()
-@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--baseline", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.argument("run", type=LOCATION)
+@click.option("--baseline", type=LOCATION, default=None,
               help="an end-to-end run to draw beside it")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the PNGs (default: RUN/report)")
@@ -241,6 +255,8 @@ def report(run, baseline, out, num):
     """PNGs to look at: loss curves of every block (and the baseline), samples of a generator."""
     from dbcore.report import report as write_report
 
+    if out is None and isinstance(run, str):
+        raise _Fail("--out FOLDER is required for an s3:// run")
     written = _run_safely(write_report, run, out or run / "report", baseline, num)
     for path in written:
         click.echo(f"wrote {path}")
@@ -293,7 +309,7 @@ def _size(n: int) -> str:
 
 
 @main.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=LOCATION)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 def info(store_path, as_json):
     """Arrays (shape, dtype, chunks, codecs, bytes), attributes and state of a store."""

@@ -46,14 +46,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from dbcore import _native, layout, rng
+from dbcore import _native, layout, remote, rng
 from dbcore import store as store_mod
 from dbcore.store import _native_errors
 
@@ -102,7 +101,7 @@ class BatchStream(IterableDataset):
         epoch: int = 0,
     ) -> None:
         super().__init__()
-        self.store_path = Path(store_path)
+        self.store_path = remote.location(store_path)
         self.arrays = list(arrays)
         unknown = set(draw) - set(self.arrays)
         if unknown:

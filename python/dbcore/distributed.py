@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dbcore import cache, checkpoint, rundir, store
+from dbcore import cache, checkpoint, remote, rundir, store
 from dbcore.config import Config, from_dict
 from dbcore.rundir import RunError
 from dbcore.wording import arg
@@ -66,13 +66,18 @@ def _raise_cause(ray: Any, ref: Any) -> Any:
         raise
 
 
+def _absolute(location: str | Path) -> str:
+    """A store or run as every node names it: an s3:// URL, or an absolute path."""
+    return location if remote.is_url(location) else str(Path(location).resolve())
+
+
 def _train_one(cfg_dict: dict, where: str, store_path: str, run: str, block: int, progress: bool,
                activation_checkpointing: bool) -> dict:
     """The task: one block, as `dbcore train --block` would train it."""
     from dbcore.train import train_run
 
     cfg = from_dict(cfg_dict, where)
-    return train_run(cfg, Path(store_path), Path(run), block=block, progress=progress,
+    return train_run(cfg, remote.location(store_path), remote.location(run), block=block, progress=progress,
                      activation_checkpointing=activation_checkpointing)[0]
 
 
@@ -88,12 +93,14 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
     if cfg.train.mode == "sequential":
         raise RunError("--ray trains blocks independently; [train] mode = \"sequential\" needs them in order")
     check_store(cfg, store.open(store_path))
-    rundir.write_run_json(run, cfg.to_dict(), store_path, "blocks")  # before any task: one writer
     blocks = list(range(cfg.model.num_blocks)) if blocks is None else blocks
     bad = [b for b in blocks if not 0 <= b < cfg.model.num_blocks]
     if bad:
         raise RunError(f"{arg('block', bad[0])} is outside 0..{cfg.model.num_blocks - 1}")
-    results = {b: {"name": rundir.block_name(b), "skipped": "finished"} for b in blocks if finished(run, b)}
+    with remote.local_run(run) as local:  # an s3:// run: its mirror here; the tasks mirror it too
+        rundir.write_run_json(local, cfg.to_dict(), store_path, "blocks")  # before any task: one writer
+        results = {b: {"name": rundir.block_name(b), "skipped": "finished"} for b in blocks
+                   if finished(local, b)}
     todo = [b for b in blocks if b not in results]
     if not todo:
         return [results[b] for b in blocks]
@@ -104,7 +111,7 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
     if t.ray_memory_gb > 0:
         options["memory"] = int(t.ray_memory_gb * 2**30)
     task = ray.remote(_train_one)
-    store_abs, run_abs = str(Path(store_path).resolve()), str(Path(run).resolve())
+    store_abs, run_abs = _absolute(store_path), _absolute(run)
     pending = {task.options(**options, name=f"dbcore-{rundir.block_name(b)}").remote(  # named in Ray
         cfg.to_dict(), cfg.source_path or "run.json", store_abs, run_abs, b, progress,
         activation_checkpointing): b for b in todo}
@@ -133,7 +140,7 @@ def _cache_units(cfg_dict: dict, where: str, spec: str, noise: str, draws: int, 
     if plan.attrs != attrs:  # another file at the same path, another package version...
         raise store.StoreError(f"{out}: a Ray worker sees other cache inputs than the command: "
                                f"{attrs.get('source')} there, {plan.attrs.get('source')} here")
-    s = store.open(out, require_complete=False)
+    s = store.open(remote.location(out), require_complete=False)
     cache.write_units(s, plan.jobs, units)
     return units
 
@@ -166,10 +173,10 @@ def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws
     if tasks is not None and tasks < 1:
         raise ValueError(f"{arg('tasks', tasks)} must be >= 1")
     plan = cache.plan_cache(cfg, load_source(spec), noise, draws, seed, target_embedding)
-    out = Path(out)
+    out = remote.location(out)
     with store.writer_lock(out):
         s, done = cache.open_for_writing(out, plan.attrs, overwrite)
-        units = cache.pending_units(s, out, plan.jobs, done)
+        units = cache.pending_units(s, plan.jobs, done)
         started_here = _start(ray, address) if units else False
         bar = progress_bar(len(units), "cache", "block", enabled=progress)
         pending: list[Any] = []
@@ -180,8 +187,8 @@ def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws
             task = ray.remote(_cache_units)
             pending = [task.options(**options, name=f"dbcore-cache{i}").remote(
                 cfg.to_dict(), cfg.source_path or "config", spec, noise, draws, seed, target_embedding,
-                str(out.resolve()), plan.attrs, run) for i, run in enumerate(split_units(units, n))]
-            with cache.Ledger(out) as ledger:
+                _absolute(out), plan.attrs, run) for i, run in enumerate(split_units(units, n))]
+            with cache.Ledger(s, done) as ledger:
                 while pending:
                     (ref,), pending = ray.wait(pending, num_returns=1)
                     written = _raise_cause(ray, ref)
@@ -193,5 +200,5 @@ def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws
             if started_here:
                 ray.shutdown()
         bar.close()
-        cache.finish(s, out)
+        cache.finish(s)
     return s

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from torch import nn
 
-from dbcore import rundir
+from dbcore import remote, rundir
 from dbcore.config import Config, from_dict
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Frozen, Recipe
 
 
+@remote.mirrored("run")
 def load_run(run: Path) -> tuple[dict, Config]:
     info = rundir.read_run_json(run)
     return info, from_dict(info["config"], str(Path(run) / "run.json"))
@@ -40,6 +41,7 @@ def load_e2e(run: Path, recipe: Recipe) -> nn.Module:
     return rundir.load_model(run, rundir.E2E, recipe.build_e2e(frozen), recipe=recipe.name)
 
 
+@remote.mirrored("run")
 def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | None = None,
              **options) -> dict:
     """One JSON-able dict: the recipe's report of the run on `data`, with the run's kind."""
@@ -57,6 +59,7 @@ def _models(run: Path, kind: str, recipe: Recipe) -> tuple:
     return block_loader(run, kind, recipe), None
 
 
+@remote.mirrored("run")
 def sample_text_run(run: Path, options: dict) -> list[str]:
     """Texts of a language-model run (`Recipe.sample_text`), one block in memory at a time.
     options: num, length, prompt, steps, temperature, top_k, seed (recipe-specific ones too)."""

@@ -5,6 +5,8 @@
     RUN/e2e.*, RUN/shared.*        the baseline's / the paper-shared layout's checkpoint
     RUN/chain/block{b}.zarr        states that trained blocks < b hand to block b (sequential mode)
     RUN/metrics.jsonl              one JSON line per logged step
+
+A run at `s3://bucket/prefix` is worked on in a local mirror (`dbcore.remote`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dbcore import checkpoint
+from dbcore import checkpoint, remote
 from dbcore.wording import arg
 
 KINDS = ("blocks", "e2e", "paper-shared")
+METRICS = "metrics.jsonl"
 E2E = "e2e"
 SHARED = "shared"
 
@@ -41,18 +44,20 @@ def chain_path(run: Path, block: int) -> Path:
 
 
 def log_metrics(run: Path, record: dict) -> None:
-    path = Path(run) / "metrics.jsonl"
+    path = Path(run) / METRICS
     try:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
     except OSError as exc:  # a full disk: say so in one line; the checkpoints are untouched
         raise RunError(f"run {run}: could not append to {path.name} ({exc})") from None
+    if "name" in record:
+        remote.metrics_logged(run, record["name"])
 
 
 def read_metrics(run: Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
+    path = Path(run) / METRICS
     if not path.is_file():
-        raise RunError(f"run {run}: no metrics.jsonl (was it trained?)")
+        raise RunError(f"run {run}: no {METRICS} (was it trained?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -62,7 +67,8 @@ def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) ->
         raise ValueError(f"run kind must be one of {KINDS}, got {kind!r}")
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    info = {"kind": kind, "store": str(Path(store_path).resolve()), "config": config_dict}
+    store = store_path if remote.is_url(store_path) else str(Path(store_path).resolve())
+    info = {"kind": kind, "store": store, "config": config_dict}
     path = run / "run.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -73,6 +79,7 @@ def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) ->
     tmp = path.with_name("run.json.tmp")
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(path)
+    remote.published(path)
 
 
 def _same_config(old: Any, new: dict) -> bool:

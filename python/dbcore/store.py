@@ -1,8 +1,10 @@
 """Zarr v3 stores of cached activations and targets, written and read in Rust (`dbcore._native`).
 
-A store is one Zarr v3 group on the local filesystem. Each array is chunked along rows (axis 0)
-and, when it has many chunks, sharded (about 64 MiB shards of about 1 MiB chunks); zarr-python 3
-and any other Zarr v3 reader open it as it is.
+A store is one Zarr v3 group, in a local folder or at `s3://bucket/prefix` (S3 or any
+S3-compatible object store; credentials, region and endpoint from the standard AWS environment
+variables, `AWS_ENDPOINT_URL` included). Each array is chunked along rows (axis 0) and, when it has
+many chunks, sharded (about 64 MiB shards of about 1 MiB chunks); zarr-python 3 and any other Zarr
+v3 reader open it as it is.
 
 Compression (`compression="auto"`, the default): floating-point arrays (activations, noised
 targets, embeddings) are stored uncompressed, everything else (images, tokens, labels) with zstd
@@ -47,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from dbcore import _native
+from dbcore import _native, remote
 
 DTYPES = (
     "bool",
@@ -146,10 +148,6 @@ class ArrayInfo:
         return ",".join(names) or None
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
 def _native_dtype(dtype: Any) -> np.dtype:
     dt = np.dtype(dtype)
     if dt.name not in DTYPES:
@@ -221,7 +219,7 @@ class Store:
 
     def __init__(self, native: _native.NativeStore) -> None:
         self._native = native
-        self.path = Path(native.path)
+        self.path: Path | str = remote.location(native.path)  # an s3:// store: its URL
         self._writers: list[ArrayWriter] = []
 
     def __repr__(self) -> str:
@@ -258,7 +256,7 @@ class Store:
             shards=tuple(d["shards"]) if d["shards"] else None,
             codecs=d["codecs"],
             nbytes=int(np.prod(shape, dtype=np.int64)) * np.dtype(d["dtype"]).itemsize,
-            nbytes_stored=_dir_bytes(self.path / name),
+            nbytes_stored=self._native.stored_bytes(name),
         )
 
     def array_writer(
@@ -365,6 +363,24 @@ class Store:
             self._native.read_rows_into(name, idx.astype(np.uint64), out)
         return out
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.path, Path)
+
+    def read_extra(self, key: str) -> bytes | None:
+        """The bytes of a file of the store that is no array (e.g. a writer's ledger), or None."""
+        with _native_errors():
+            return self._native.get_bytes(key)
+
+    def write_extra(self, key: str, data: bytes) -> None:
+        """Write (replace) a file of the store that is no array."""
+        with _native_errors():
+            self._native.set_bytes(key, data)
+
+    def erase_extra(self, key: str) -> None:
+        with _native_errors():
+            self._native.erase(key)
+
     def finalize(self) -> None:
         """Flush every writer, record the arrays' shapes and dtypes, mark the store complete."""
         for w in self._writers:
@@ -381,7 +397,11 @@ class StoreLockedError(StoreError):
 @contextmanager
 def writer_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the right to write store `path` for the block's lifetime (an exclusive `flock` on
-    `.NAME.lock` beside it, released by the OS if the process dies); a second writer is refused."""
+    `.NAME.lock` beside it, released by the OS if the process dies); a second writer is refused.
+    Object stores have no such lock: two writers of one s3:// store are not detected."""
+    if remote.is_url(path):
+        yield
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(f".{path.name}.lock")
@@ -415,6 +435,12 @@ def create(
         return Store(_native.NativeStore.create(os.fspath(path), attrs_json, overwrite))
 
 
+def exists(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` holds a Zarr group (complete or not)."""
+    with _native_errors():
+        return _native.NativeStore.exists(os.fspath(path))
+
+
 def open(path: str | os.PathLike[str], require_complete: bool = True) -> Store:  # noqa: A001
     """Open a store; `require_complete=False` also reads unfinished stores and foreign Zarr groups."""
     with _native_errors():
@@ -435,6 +461,7 @@ __all__ = [
     "StoreNotFoundError",
     "StoreValueError",
     "create",
+    "exists",
     "open",
     "writer_lock",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dbcore import layout, rundir, store
+from dbcore import layout, remote, rundir, store
 from dbcore.chain import chain_states_for
 from dbcore.config import Config
 from dbcore.data import INDEX, BatchStream
@@ -147,6 +147,7 @@ def compute_ledger(recipe: Recipe, batch_size: int, frozen: Frozen) -> tuple[Led
 # ----------------------------------------------------------------------------- a whole run
 
 
+@remote.mirrored("run")
 def train_run(cfg: Config, store_path: Path, run: Path, block: int | None = None,
               e2e: bool = False, activation_checkpointing: bool = False, progress: bool = True,
               paper_shared: bool = False) -> list[dict]:

@@ -7,6 +7,7 @@ pub mod dtype;
 pub mod error;
 pub mod gather;
 pub mod layout;
+pub mod location;
 pub mod philox;
 pub mod store;
 pub mod stream;

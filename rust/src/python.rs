@@ -9,11 +9,13 @@ use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use serde_json::{json, Map, Value};
 
 use crate::dtype::DType;
 use crate::error::Error;
 use crate::layout;
+use crate::location::{Location, S3_SCHEME};
 use crate::store::{ArrayHandle, ArraySpec, Compression, Store, FORMAT_VERSION};
 use crate::writer::RowWriter;
 use crate::{philox, stream};
@@ -91,8 +93,18 @@ struct NativeStore {
 }
 
 impl NativeStore {
-    fn handle(&self, name: &str) -> PyResult<Arc<ArrayHandle>> {
-        self.inner.array(name).map_err(to_py)
+    /// The open array `name`; opening reads its metadata (over the network for an s3:// store),
+    /// so the GIL is released (a local S3 server may be Python code in this process).
+    fn handle(&self, py: Python<'_>, name: &str) -> PyResult<Arc<ArrayHandle>> {
+        py.detach(|| self.inner.array(name)).map_err(to_py)
+    }
+}
+
+/// A local path, or an `s3://bucket/prefix` URL.
+fn location(path: PathBuf) -> PyResult<Location> {
+    match path.to_str() {
+        Some(text) if text.starts_with(S3_SCHEME) => Location::parse(text).map_err(to_py),
+        _ => Ok(Location::Local(path)),
     }
 }
 
@@ -101,8 +113,9 @@ impl NativeStore {
     #[staticmethod]
     fn create(py: Python<'_>, path: PathBuf, attrs_json: &str, overwrite: bool) -> PyResult<Self> {
         let attrs = parse_attrs(attrs_json)?;
+        let location = location(path)?;
         let store = py
-            .detach(|| Store::create(&path, attrs, overwrite))
+            .detach(|| Store::create(location, attrs, overwrite))
             .map_err(to_py)?;
         Ok(NativeStore {
             inner: Arc::new(store),
@@ -111,17 +124,48 @@ impl NativeStore {
 
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf, require_complete: bool) -> PyResult<Self> {
+        let location = location(path)?;
         let store = py
-            .detach(|| Store::open(&path, require_complete))
+            .detach(|| Store::open(location, require_complete))
             .map_err(to_py)?;
         Ok(NativeStore {
             inner: Arc::new(store),
         })
     }
 
+    /// Whether `path` holds a Zarr group.
+    #[staticmethod]
+    fn exists(py: Python<'_>, path: PathBuf) -> PyResult<bool> {
+        let location = location(path)?;
+        py.detach(|| Store::exists(location)).map_err(to_py)
+    }
+
+    /// The store's path, or its s3:// URL.
     #[getter]
-    fn path(&self) -> PathBuf {
-        self.inner.root().to_path_buf()
+    fn path(&self) -> String {
+        self.inner.root().to_string()
+    }
+
+    /// The bytes of a file of the group that is no array, or None.
+    fn get_bytes<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let got = py.detach(|| self.inner.get_bytes(name)).map_err(to_py)?;
+        Ok(got.map(|b| PyBytes::new(py, &b)))
+    }
+
+    /// Write (replace) a file of the group that is no array.
+    fn set_bytes(&self, py: Python<'_>, name: &str, data: &[u8]) -> PyResult<()> {
+        py.detach(|| self.inner.set_bytes(name, data))
+            .map_err(to_py)
+    }
+
+    /// Delete a file of the group that is no array (none: no error).
+    fn erase(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        py.detach(|| self.inner.erase(name)).map_err(to_py)
+    }
+
+    /// Bytes stored for array `name`.
+    fn stored_bytes(&self, py: Python<'_>, name: &str) -> PyResult<u64> {
+        py.detach(|| self.inner.stored_bytes(name)).map_err(to_py)
     }
 
     /// All group attributes (the `dbcore` key included), as JSON.
@@ -134,8 +178,8 @@ impl NativeStore {
     }
 
     /// Shape, dtype, chunk and shard shapes and codecs of one array, as JSON.
-    fn array_info_json(&self, name: &str) -> PyResult<String> {
-        let h = self.handle(name)?;
+    fn array_info_json(&self, py: Python<'_>, name: &str) -> PyResult<String> {
+        let h = self.handle(py, name)?;
         let (chunks, shards, codecs) = h.layout();
         Ok(json!({
             "shape": h.shape(),
@@ -194,7 +238,7 @@ impl NativeStore {
         start: u64,
         block: &Bound<'_, PyUntypedArray>,
     ) -> PyResult<()> {
-        let h = self.handle(name)?;
+        let h = self.handle(py, name)?;
         let bytes = array_ref(block, h.dtype())?;
         py.detach(|| h.write_rows(start, bytes)).map_err(to_py)
     }
@@ -208,7 +252,7 @@ impl NativeStore {
         stop: u64,
         out: &Bound<'_, PyUntypedArray>,
     ) -> PyResult<()> {
-        let h = self.handle(name)?;
+        let h = self.handle(py, name)?;
         let buf = array_mut(out, h.dtype())?;
         py.detach(|| h.read_range_into(start, stop, buf))
             .map_err(to_py)
@@ -222,7 +266,7 @@ impl NativeStore {
         rows: &Bound<'_, PyUntypedArray>,
         out: &Bound<'_, PyUntypedArray>,
     ) -> PyResult<()> {
-        let h = self.handle(name)?;
+        let h = self.handle(py, name)?;
         let rows = array_ref(rows, DType::UInt64)?;
         let rows: Vec<u64> = rows
             .chunks_exact(8)
@@ -233,9 +277,9 @@ impl NativeStore {
     }
 
     /// A buffering writer for array `name` (see rust/src/writer.rs).
-    fn writer(&self, name: &str) -> PyResult<NativeWriter> {
+    fn writer(&self, py: Python<'_>, name: &str) -> PyResult<NativeWriter> {
         Ok(NativeWriter {
-            inner: RowWriter::new(self.handle(name)?),
+            inner: RowWriter::new(self.handle(py, name)?),
         })
     }
 
@@ -353,8 +397,9 @@ impl NativeStream {
             }),
         };
         let noise = spec.noise;
+        let location = location(path)?;
         let s = py
-            .detach(|| stream::Stream::open(&path, spec))
+            .detach(|| stream::Stream::open(location, spec))
             .map_err(to_py)?;
         Ok(NativeStream {
             inner: std::sync::Mutex::new(s),

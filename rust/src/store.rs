@@ -29,13 +29,19 @@ use zarrs::array::{
     Array, ArrayBuilder, ArrayBytes, ArrayBytesFixedDisjointView, ArrayMetadata, ArrayShardedExt,
     ArrayShardedReadableExt, ArrayShardedReadableExtCache, ArraySubset, CodecOptions, FillValue,
 };
-use zarrs::filesystem::FilesystemStore;
 use zarrs::group::{Group, GroupBuilder};
 use zarrs::node::Node;
+use zarrs::storage::{
+    ReadableWritableListableStorage, ReadableWritableListableStorageTraits, StoreKey, StorePrefix,
+};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gather;
+use crate::location::Location;
+
+/// Any zarrs storage: a local folder or an object store (`Location::storage`).
+type Storage = dyn ReadableWritableListableStorageTraits;
 
 /// How the chunks of a new array are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,8 +85,9 @@ pub struct ArraySpec {
 /// An open array with what reads need; shared by all readers.
 pub struct ArrayHandle {
     pub name: String,
-    root: PathBuf,
-    array: Array<FilesystemStore>,
+    root: String,
+    storage: ReadableWritableListableStorage,
+    array: Array<Storage>,
     dtype: DType,
     row_bytes: usize,
     /// Rows per read unit: the inner chunk when sharded, else the chunk.
@@ -94,21 +101,45 @@ pub struct ArrayHandle {
 
 /// Direct access to the rows of an uncompressed array (see the module docs).
 struct Raw {
-    storage: Arc<FilesystemStore>,
+    /// The store's folder (raw reads need files).
+    folder: PathBuf,
     /// Rows per shard (the grid's chunk) when sharded, else None.
     shard_rows: Option<u64>,
 }
 
-/// A Zarr v3 group on disk.
+/// A Zarr v3 group, in a local folder or an object store.
 pub struct Store {
-    root: PathBuf,
-    storage: Arc<FilesystemStore>,
+    location: Location,
+    storage: ReadableWritableListableStorage,
     attrs: RwLock<Map<String, Value>>,
     arrays: RwLock<HashMap<String, Arc<ArrayHandle>>>,
 }
 
-fn io_err(root: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Io(format!("{}: {e}", root.display()))
+fn io_err(root: &impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
+    Error::Io(format!("{root}: {e}"))
+}
+
+fn exists_err(location: &Location) -> Error {
+    Error::Exists(format!(
+        "{location}: already exists (pass overwrite=True to replace it)"
+    ))
+}
+
+fn key(text: &str) -> Result<StoreKey> {
+    StoreKey::new(text).map_err(|e| Error::Invalid(format!("invalid store key {text:?}: {e}")))
+}
+
+fn prefix(text: &str) -> Result<StorePrefix> {
+    StorePrefix::new(text)
+        .map_err(|e| Error::Invalid(format!("invalid store prefix {text:?}: {e}")))
+}
+
+/// A file of the group that is no array: a plain name (no folder), not the group's metadata.
+fn check_extra(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains(['/', '\\']) || name == "zarr.json" || name == ".zgroup" {
+        return Err(Error::Invalid(format!("invalid store file name {name:?}")));
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -126,8 +157,13 @@ fn check_name(name: &str) -> Result<()> {
 
 impl Store {
     /// Wrap `array` in a handle and keep it in the open-array cache.
-    fn remember(&self, name: &str, array: Array<FilesystemStore>) -> Result<Arc<ArrayHandle>> {
-        let handle = Arc::new(ArrayHandle::new(name, array, &self.root, &self.storage)?);
+    fn remember(&self, name: &str, array: Array<Storage>) -> Result<Arc<ArrayHandle>> {
+        let handle = Arc::new(ArrayHandle::new(
+            name,
+            array,
+            &self.location,
+            &self.storage,
+        )?);
         self.arrays
             .write()
             .unwrap()
@@ -135,33 +171,60 @@ impl Store {
         Ok(handle)
     }
 
-    /// Create an empty, incomplete store at `path`. An existing path is an error unless
-    /// `overwrite`, and even then only a Zarr store or an empty directory is deleted.
-    pub fn create(path: &Path, user_attrs: Map<String, Value>, overwrite: bool) -> Result<Self> {
+    /// Create an empty, incomplete store at `location` (a local path or an object-store prefix).
+    /// An existing store is an error unless `overwrite`, and even then only a Zarr store or an
+    /// empty directory (or prefix) is deleted.
+    pub fn create(
+        location: impl Into<Location>,
+        user_attrs: Map<String, Value>,
+        overwrite: bool,
+    ) -> Result<Self> {
+        let location = location.into();
         if user_attrs.contains_key(META_KEY) {
             return Err(Error::Invalid(format!(
-                "{}: the attribute '{META_KEY}' is reserved",
-                path.display()
+                "{location}: the attribute '{META_KEY}' is reserved"
             )));
         }
-        if path.exists() || path.is_symlink() {
-            if !overwrite {
-                return Err(Error::Exists(format!(
-                    "{}: already exists (pass overwrite=True to replace it)",
-                    path.display()
-                )));
+        let storage = match &location {
+            Location::Local(path) => {
+                if path.exists() || path.is_symlink() {
+                    if !overwrite {
+                        return Err(exists_err(&location));
+                    }
+                    remove_store(path)?;
+                }
+                std::fs::create_dir_all(path).map_err(|e| io_err(&location, e))?;
+                location.storage()?
             }
-            remove_store(path)?;
-        }
-        std::fs::create_dir_all(path).map_err(|e| io_err(path, e))?;
-        let storage = Arc::new(FilesystemStore::new(path).map_err(|e| io_err(path, e))?);
+            Location::S3 { .. } => {
+                let storage = location.storage()?;
+                let root = prefix("")?;
+                let keys = storage
+                    .list_prefix(&root)
+                    .map_err(|e| io_err(&location, e))?;
+                if !keys.is_empty() {
+                    if !overwrite {
+                        return Err(exists_err(&location));
+                    }
+                    if !keys.iter().any(|k| k.as_str() == "zarr.json") {
+                        return Err(Error::Exists(format!(
+                            "{location}: holds objects but no Zarr store; refusing to overwrite it"
+                        )));
+                    }
+                    storage
+                        .erase_prefix(&root)
+                        .map_err(|e| io_err(&location, e))?;
+                }
+                storage
+            }
+        };
         let mut attrs = user_attrs;
         attrs.insert(
             META_KEY.into(),
             json!({"format": FORMAT_VERSION, "complete": false}),
         );
         let store = Store {
-            root: path.to_path_buf(),
+            location,
             storage,
             attrs: RwLock::new(attrs),
             arrays: RwLock::new(HashMap::new()),
@@ -170,30 +233,50 @@ impl Store {
         Ok(store)
     }
 
-    /// Open the group at `path`. With `require_complete`, only a finalized dbcore store of a known
-    /// format whose recorded arrays are all present, with the recorded dtypes and shapes, opens.
-    pub fn open(path: &Path, require_complete: bool) -> Result<Self> {
-        if !path.is_dir() {
+    /// Whether `location` holds a Zarr group (complete or not).
+    pub fn exists(location: impl Into<Location>) -> Result<bool> {
+        let location = location.into();
+        if let Location::Local(path) = &location {
+            if !path.is_dir() {
+                return Ok(false);
+            }
+        }
+        let storage = location.storage()?;
+        for name in ["zarr.json", ".zgroup"] {
+            if storage
+                .size_key(&key(name)?)
+                .map_err(|e| io_err(&location, e))?
+                .is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Open the group at `location`. With `require_complete`, only a finalized dbcore store of a
+    /// known format whose recorded arrays are all present, with the recorded dtypes and shapes,
+    /// opens.
+    pub fn open(location: impl Into<Location>, require_complete: bool) -> Result<Self> {
+        let location = location.into();
+        if let Location::Local(path) = &location {
+            if !path.is_dir() {
+                return Err(Error::NotFound(format!(
+                    "{location}: no such store (not a directory)"
+                )));
+            }
+        }
+        if !Self::exists(location.clone())? {
             return Err(Error::NotFound(format!(
-                "{}: no such store (not a directory)",
-                path.display()
+                "{location}: not a Zarr group (no zarr.json)"
             )));
         }
-        if !path.join("zarr.json").is_file() && !path.join(".zgroup").is_file() {
-            return Err(Error::NotFound(format!(
-                "{}: not a Zarr group (no zarr.json)",
-                path.display()
-            )));
-        }
-        let storage = Arc::new(FilesystemStore::new(path).map_err(|e| io_err(path, e))?);
+        let storage = location.storage()?;
         let group = Group::open(storage.clone(), "/").map_err(|e| {
-            Error::Corrupt(format!(
-                "{}: bad group metadata (zarr.json): {e}",
-                path.display()
-            ))
+            Error::Corrupt(format!("{location}: bad group metadata (zarr.json): {e}"))
         })?;
         let store = Store {
-            root: path.to_path_buf(),
+            location,
             storage,
             attrs: RwLock::new(group.attributes().clone()),
             arrays: RwLock::new(HashMap::new()),
@@ -205,7 +288,7 @@ impl Store {
     }
 
     fn check_complete(&self) -> Result<()> {
-        let p = self.root.display();
+        let p = &self.location;
         let meta = self.attrs.read().unwrap().get(META_KEY).cloned();
         let Some(meta) = meta else {
             return Err(Error::Incomplete(format!(
@@ -253,8 +336,43 @@ impl Store {
         Ok(())
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the store lives (displays as its path or URL).
+    pub fn root(&self) -> &Location {
+        &self.location
+    }
+
+    /// The bytes of `name`, a file of the group that is not an array (e.g. a writer's ledger).
+    pub fn get_bytes(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_extra(name)?;
+        let got = self
+            .storage
+            .get(&key(name)?)
+            .map_err(|e| io_err(&self.location, e))?;
+        Ok(got.map(|b| b.to_vec()))
+    }
+
+    /// Write (replace) `name`, a file of the group that is not an array.
+    pub fn set_bytes(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        check_extra(name)?;
+        self.storage
+            .set(&key(name)?, bytes.to_vec().into())
+            .map_err(|e| io_err(&self.location, e))
+    }
+
+    /// Delete `name`, a file of the group that is not an array (no error if there is none).
+    pub fn erase(&self, name: &str) -> Result<()> {
+        check_extra(name)?;
+        self.storage
+            .erase(&key(name)?)
+            .map_err(|e| io_err(&self.location, e))
+    }
+
+    /// Bytes stored for array `name` (metadata, chunks and shards).
+    pub fn stored_bytes(&self, name: &str) -> Result<u64> {
+        check_name(name)?;
+        self.storage
+            .size_prefix(&prefix(&format!("{name}/"))?)
+            .map_err(|e| io_err(&self.location, e))
     }
 
     /// All group attributes, `dbcore` included.
@@ -267,31 +385,19 @@ impl Store {
         GroupBuilder::new()
             .attributes(attrs)
             .build(self.storage.clone(), "/")
-            .map_err(|e| io_err(&self.root, e))?
+            .map_err(|e| io_err(&self.location, e))?
             .store_metadata()
-            .map_err(|e| io_err(&self.root, e))
+            .map_err(|e| io_err(&self.location, e))
     }
 
     /// Names of the arrays directly in the group, sorted.
     pub fn array_names(&self) -> Result<Vec<String>> {
-        let group = Group::open(self.storage.clone(), "/").map_err(|e| {
-            Error::Corrupt(format!("{}: bad group metadata: {e}", self.root.display()))
-        })?;
+        let group = Group::open(self.storage.clone(), "/")
+            .map_err(|e| Error::Corrupt(format!("{}: bad group metadata: {e}", self.location)))?;
         let paths = group.child_array_paths().map_err(|e| {
             // name the child whose metadata does not open
-            let mut children: Vec<String> = std::fs::read_dir(&self.root)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|d| d.path().join("zarr.json").is_file())
-                .map(|d| d.file_name().to_string_lossy().into_owned())
-                .collect();
-            children.sort();
-            let bad = children
-                .into_iter()
-                .find(|n| Node::open(&self.storage, &format!("/{n}")).is_err());
-            let p = self.root.display();
-            match bad {
+            let p = &self.location;
+            match self.bad_child() {
                 Some(n) => {
                     Error::Corrupt(format!("{p}: array '{n}': bad metadata (zarr.json): {e}"))
                 }
@@ -306,15 +412,38 @@ impl Store {
         Ok(names)
     }
 
+    /// The first child (by name) holding a zarr.json whose metadata does not open.
+    fn bad_child(&self) -> Option<String> {
+        let listed = self.storage.list_dir(&prefix("").ok()?).ok()?;
+        let has_metadata = |n: &str| {
+            let k = key(&format!("{n}/zarr.json")).ok()?;
+            self.storage.size_key(&k).ok().flatten()
+        };
+        let mut children: Vec<String> = listed
+            .prefixes()
+            .iter()
+            .map(|p| p.as_str().trim_end_matches('/').to_string())
+            .filter(|n| has_metadata(n).is_some())
+            .collect();
+        children.sort();
+        children
+            .into_iter()
+            .find(|n| Node::open(&self.storage, &format!("/{n}")).is_err())
+    }
+
     /// The open array `name` (opened once, then cached).
     pub fn array(&self, name: &str) -> Result<Arc<ArrayHandle>> {
         if let Some(h) = self.arrays.read().unwrap().get(name) {
             return Ok(h.clone());
         }
         check_name(name)?;
-        let p = self.root.display();
-        let dir = self.root.join(name);
-        if !dir.join("zarr.json").is_file() && !dir.join(".zarray").is_file() {
+        let p = &self.location;
+        let mut found = false;
+        for meta in ["zarr.json", ".zarray"] {
+            let size = self.storage.size_key(&key(&format!("{name}/{meta}"))?);
+            found |= size.map_err(|e| io_err(p, e))?.is_some();
+        }
+        if !found {
             return Err(Error::NotFound(format!(
                 "{p}: array '{name}': no such array"
             )));
@@ -330,8 +459,16 @@ impl Store {
     /// Create array `name` (metadata only); fill it with `ArrayHandle::write_rows`.
     pub fn create_array(&self, name: &str, spec: &ArraySpec) -> Result<Arc<ArrayHandle>> {
         check_name(name)?;
-        let p = self.root.display();
-        if self.root.join(name).exists() {
+        let p = &self.location;
+        let taken = match &self.location {
+            Location::Local(path) => path.join(name).exists(),
+            Location::S3 { .. } => !self
+                .storage
+                .list_prefix(&prefix(&format!("{name}/"))?)
+                .map_err(|e| io_err(p, e))?
+                .is_empty(),
+        };
+        if taken {
             return Err(Error::Exists(format!("{p}: array '{name}' already exists")));
         }
         if spec.shape.is_empty() {
@@ -366,7 +503,9 @@ impl Store {
         let array = builder
             .build(self.storage.clone(), &format!("/{name}"))
             .map_err(|e| Error::Invalid(format!("{p}: array '{name}': {e}")))?;
-        array.store_metadata().map_err(|e| io_err(&self.root, e))?;
+        array
+            .store_metadata()
+            .map_err(|e| io_err(&self.location, e))?;
         self.mark_incomplete()?;
         self.remember(name, array)
     }
@@ -402,7 +541,7 @@ impl Store {
 
 /// Delete an old store before overwriting it, refusing anything that does not look like one.
 fn remove_store(path: &Path) -> Result<()> {
-    let err = |e: std::io::Error| io_err(path, e);
+    let err = |e: std::io::Error| io_err(&path.display(), e);
     if !path.is_dir() || path.is_symlink() {
         return Err(Error::Exists(format!(
             "{}: exists and is not a directory; refusing to overwrite it",
@@ -422,11 +561,11 @@ fn remove_store(path: &Path) -> Result<()> {
 impl ArrayHandle {
     fn new(
         name: &str,
-        array: Array<FilesystemStore>,
-        root: &Path,
-        storage: &Arc<FilesystemStore>,
+        array: Array<Storage>,
+        location: &Location,
+        storage: &ReadableWritableListableStorage,
     ) -> Result<Self> {
-        let p = root.display();
+        let p = location;
         let dtype_name = match array.metadata() {
             ArrayMetadata::V3(m) => m.data_type.name().to_string(),
             ArrayMetadata::V2(_) => {
@@ -496,13 +635,16 @@ impl ArrayHandle {
                 .unwrap_or(u64::MAX),
             _ => 0,
         };
-        let raw = raw_layout(&array, unit).map(|shard_rows| Raw {
-            storage: storage.clone(),
-            shard_rows,
+        let raw = location.local().and_then(|folder| {
+            raw_layout(&array, unit).map(|shard_rows| Raw {
+                folder: folder.to_path_buf(),
+                shard_rows,
+            })
         });
         Ok(ArrayHandle {
             name: name.to_string(),
-            root: root.to_path_buf(),
+            root: location.to_string(),
+            storage: storage.clone(),
             row_bytes: row_bytes as usize,
             dtype,
             unit_rows: unit,
@@ -519,7 +661,7 @@ impl ArrayHandle {
     }
 
     fn ctx(&self, e: impl std::fmt::Display) -> String {
-        format!("{}: array '{}': {e}", self.root.display(), self.name)
+        format!("{}: array '{}': {e}", self.root, self.name)
     }
 
     pub fn shape(&self) -> Vec<u64> {
@@ -666,8 +808,8 @@ impl ArrayHandle {
                 _ => {
                     let mut idx = vec![0u64; grid.len()];
                     idx[0] = shard;
-                    let path = self.root.join(self.array.chunk_key(&idx).as_str());
-                    let b = std::fs::metadata(path).ok().map(|m| m.len());
+                    let size = self.storage.size_key(&self.array.chunk_key(&idx));
+                    let b = size.ok().flatten();
                     file = Some((shard, b));
                     b
                 }
@@ -919,7 +1061,7 @@ impl ArrayHandle {
         let chunk_bytes = self.unit_rows * rb;
         let mut idx = vec![0u64; self.array.dimensionality()];
         idx[0] = raw.shard_rows.map_or(unit, |s| g.lo / s);
-        let path = raw.storage.key_to_fspath(&self.array.chunk_key(&idx));
+        let path = raw.folder.join(self.array.chunk_key(&idx).as_str());
         let io = |e: std::io::Error| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::Corrupt(self.ctx(format!("{}: truncated chunk", path.display())))
@@ -970,8 +1112,8 @@ impl ArrayHandle {
         let end = base.saturating_add(chunk_bytes);
         if size < end || (raw.shard_rows.is_none() && size != chunk_bytes) {
             return Err(Error::Corrupt(self.ctx(format!(
-                "{}: {size} bytes, chunk {unit} needs {end}",
-                path.display(),
+                "{}: truncated: its file has {size} bytes, the chunk needs {end}",
+                self.chunk_desc(unit),
             ))));
         }
         if let Some(map) = map {
@@ -1142,7 +1284,7 @@ fn codecs_json(codecs: Value) -> Value {
 
 /// Whether `array` is read by `raw_group`: the `bytes` codec alone (little-endian, on a
 /// little-endian host), regular grids, rows contiguous in chunks. Some(shard rows if sharded).
-fn raw_layout(array: &Array<FilesystemStore>, unit_rows: u64) -> Option<Option<u64>> {
+fn raw_layout(array: &Array<Storage>, unit_rows: u64) -> Option<Option<u64>> {
     let ArrayMetadata::V3(m) = array.metadata() else {
         return None;
     };
@@ -1345,7 +1487,7 @@ mod tests {
         ));
         assert!(Store::create(&path, Map::new(), true).is_ok());
         assert!(matches!(
-            Store::open(&dir.path().join("no"), false),
+            Store::open(dir.path().join("no"), false),
             Err(Error::NotFound(_))
         ));
     }

@@ -314,14 +314,14 @@ impl Drop for Stream {
 }
 
 impl Stream {
-    /// Open the complete store at `path` for `spec` (an incomplete store is refused).
-    pub fn open(path: &std::path::Path, spec: Spec) -> Result<Stream> {
-        let store = Arc::new(Store::open(path, true)?);
+    /// Open the complete store at `location` for `spec` (an incomplete store is refused).
+    pub fn open(location: impl Into<crate::location::Location>, spec: Spec) -> Result<Stream> {
+        let store = Arc::new(Store::open(location, true)?);
         Stream::new(store, spec)
     }
 
     pub fn new(store: Arc<Store>, spec: Spec) -> Result<Stream> {
-        let p = store.root().display().to_string();
+        let p = store.root().to_string();
         if spec.arrays.is_empty() {
             return Err(Error::Invalid(format!("{p}: no arrays to stream")));
         }
@@ -540,7 +540,7 @@ impl Stream {
         let stop2 = stop.clone();
         let seq = Arc::new(seq);
         // A failure of the thread (a panic, or no thread at all) ends the epoch with an error.
-        let p = self.store.root().display().to_string();
+        let p = self.store.root().to_string();
         let (failed, unstarted) = (tx.clone(), tx.clone());
         let thread = std::thread::Builder::new()
             .name("dbcore-decode".into())
@@ -558,7 +558,7 @@ impl Stream {
                 }
             })
             .map_err(|e| {
-                let p = self.store.root().display();
+                let p = self.store.root();
                 let msg = format!("{p}: cannot start the stream thread: {e}");
                 let _ = unstarted.try_send(Err(Error::Io(msg)));
             })

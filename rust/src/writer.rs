@@ -152,7 +152,7 @@ mod tests {
     #[test]
     fn blocks_in_any_order_land_once() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::create(&dir.path().join("s.zarr"), Map::new(), false).unwrap();
+        let s = Store::create(dir.path().join("s.zarr"), Map::new(), false).unwrap();
         let spec = ArraySpec {
             shape: vec![50, 2],
             dtype: DType::UInt8,

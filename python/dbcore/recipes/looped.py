@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbcore import layout, rng
+from dbcore import layout, remote, rng
 from dbcore.data import EPS, INDEX, UNIFORMS
 from dbcore.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, precond
 from dbcore.flops import layer_flops, linear_flops
@@ -285,6 +285,9 @@ class LoopedRecipe(Recipe):
         m = self.model_cfg
         if not m.frozen_prelude:
             return store_path
+        if remote.is_url(store_path):  # its sub-store is renamed into place: a local folder
+            raise RunError(f"{store_path}: {arg('frozen_prelude')} caches the prelude's outputs in a "
+                           "local store; copy the store to local disk first")
         prelude = load_prelude(Path(m.frozen_prelude))
         fp = fingerprint(prelude)
         check_resumed_run(Path(run), name, fp)

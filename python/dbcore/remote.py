@@ -1,0 +1,192 @@
+"""Run directories at `s3://bucket/prefix`: a local mirror, kept in step with the bucket.
+
+A command given an `s3://` run works in a mirror of it, `DBCORE_MIRROR/s3/bucket/prefix` (default
+`~/.cache/dbcore/mirror`): on entry every object of the run is downloaded (those already there, of
+the same size and time, are kept), and each file the command writes is uploaded as soon as it is
+complete: a checkpoint's tensors first and its JSON last (the JSON names the tensors' sha256, so a
+reader never takes a half-written checkpoint for a whole one), `run.json` once, and the metrics of
+each model as `metrics/NAME.jsonl` (blocks trained at once on different machines never write one
+object). On download the metrics objects are joined into the mirror's `metrics.jsonl`.
+
+Credentials, region and endpoint come from the standard AWS environment variables (including
+`AWS_ENDPOINT_URL`), through s3fs: `pip install 'dbcore[s3]'`. Stores at `s3://` are read and
+written by the Rust store directly (`dbcore.store`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+S3_EXTRA = "pip install 'dbcore[s3]'"
+METRICS_PREFIX = "metrics/"  # in the bucket: metrics/NAME.jsonl per model
+
+Location = str | Path  # a store or run: an s3:// URL or a local path
+_active: dict[Path, Mirror] = {}  # local mirror -> its run, while a command works in it
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _error(message: str) -> Exception:
+    from dbcore.rundir import RunError  # rundir reports to this module: imported late
+
+    return RunError(message)
+
+
+def _metrics(local: Path) -> Path:
+    from dbcore.rundir import METRICS
+
+    return local / METRICS
+
+
+def is_url(location: Any) -> bool:
+    return isinstance(location, str) and location.startswith("s3://")
+
+
+def location(where: str | os.PathLike[str]) -> str | Path:
+    """A store or run argument: an `s3://` URL stays a string, anything else is a Path."""
+    return where if is_url(where) else Path(where)
+
+
+def _filesystem() -> Any:
+    try:
+        import s3fs
+    except ImportError:
+        raise _error(f"s3:// runs need s3fs, an optional extra: {S3_EXTRA}") from None
+    return s3fs.S3FileSystem(default_cache_type="none", use_listings_cache=False)
+
+
+def mirror_root() -> Path:
+    return Path(os.environ.get("DBCORE_MIRROR", Path.home() / ".cache" / "dbcore" / "mirror"))
+
+
+class Mirror:
+    """The local copy of the run at `url` (see the module docs)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.key = self.url.removeprefix("s3://")
+        if "/" not in self.key or not self.key.split("/", 1)[1]:
+            raise _error(f"{url}: a run needs a prefix inside its bucket (s3://bucket/run)")
+        self.local = mirror_root() / "s3" / self.key
+        self.fs = _filesystem()
+
+    def pull(self) -> None:
+        """Download the run's objects that the mirror lacks or holds older copies of."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        try:
+            objects = self.fs.find(self.key, detail=True)
+        except OSError as exc:
+            raise _error(f"{self.url}: cannot list the run ({exc})") from None
+        metrics = []
+        for key, info in sorted(objects.items()):
+            rel = key[len(self.key) + 1:]
+            if info.get("type") == "directory" or not rel:
+                continue
+            if rel.startswith(METRICS_PREFIX):
+                metrics.append(self.fs.cat_file(key))
+                continue
+            path = self.local / rel
+            stamp = info["LastModified"].timestamp()
+            if path.is_file() and path.stat().st_size == info["size"] and path.stat().st_mtime == stamp:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.download")
+            self.fs.get_file(key, str(tmp))
+            os.utime(tmp, (stamp, stamp))
+            tmp.replace(path)
+        _replace(_metrics(self.local), b"".join(metrics))
+
+    def push(self, path: Path) -> None:
+        """Upload the complete file `path` of the mirror to its object."""
+        rel = path.relative_to(self.local).as_posix()
+        self._put(path, rel)
+        stamp = self.fs.info(f"{self.key}/{rel}")["LastModified"].timestamp()
+        os.utime(path, (stamp, stamp))
+
+    def push_metrics(self, name: str) -> None:
+        """Upload the mirror's metrics lines of model `name` as `metrics/NAME.jsonl`."""
+        lines = [line for line in _metrics(self.local).read_text().splitlines(keepends=True)
+                 if line.strip() and json.loads(line).get("name") == name]
+        try:
+            self.fs.pipe_file(f"{self.key}/{METRICS_PREFIX}{name}.jsonl", "".join(lines).encode())
+        except OSError as exc:
+            raise _error(f"{self.url}: could not upload the metrics of {name} ({exc})") from None
+
+    def _put(self, path: Path, rel: str) -> None:
+        try:
+            self.fs.put_file(str(path), f"{self.key}/{rel}")
+        except OSError as exc:
+            raise _error(f"{self.url}: could not upload {rel} ({exc}); the local copy is in "
+                           f"{self.local}") from None
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+@contextmanager
+def local_run(run: str | Path) -> Iterator[Path]:
+    """The run's directory on this machine: `run` itself, or the mirror of an `s3://` run."""
+    if not is_url(run):
+        yield Path(run)
+        return
+    mirror = Mirror(str(run))
+    mirror.pull()
+    outer = _active.get(mirror.local)
+    _active[mirror.local] = mirror
+    try:
+        yield mirror.local
+    finally:
+        if outer is None:
+            _active.pop(mirror.local, None)
+
+
+def mirrored(arg: str = "run") -> Callable[[F], F]:
+    """Decorate a function taking a run directory as `arg`: an `s3://` run is replaced by its
+    local mirror for the call (see `local_run`)."""
+
+    def wrap(fn: F) -> F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            if not is_url(bound.arguments.get(arg)):
+                return fn(*args, **kwargs)
+            with local_run(bound.arguments[arg]) as local:
+                bound.arguments[arg] = local
+                return fn(*bound.args, **bound.kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def _mirror_of(path: Path) -> Mirror | None:
+    for local, mirror in _active.items():
+        if path == local or local in path.parents:
+            return mirror
+    return None
+
+
+def published(*paths: Path) -> None:
+    """The files `paths` are complete: upload them, in this order, if they belong to a mirror."""
+    for path in paths:
+        mirror = _mirror_of(Path(path))
+        if mirror is not None:
+            mirror.push(Path(path))
+
+
+def metrics_logged(run: Path, name: str) -> None:
+    """Lines of model `name` were appended to the run's metrics: upload them if mirrored."""
+    mirror = _mirror_of(Path(run))
+    if mirror is not None:
+        mirror.push_metrics(name)

@@ -1,0 +1,186 @@
+"""Stores and runs at s3:// URLs, against an S3 server (moto) that the test starts on the loopback
+address: the same values as on local disk, zarr-python reading what the Rust store wrote, the
+whole cache -> train -> eval pipeline, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dbcore import remote, store
+from dbcore.cli import main
+from dbcore.data import INDEX, BatchStream
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+BUCKET = "dbcore-test"
+TOML = """
+[model]
+image_size = 8
+channels = 1
+patch_size = 4
+dim = 32
+depth = 2
+heads = 2
+mlp_ratio = 2.0
+num_blocks = 2
+
+[train]
+steps = 30
+batch_size = 64
+warmup_steps = 5
+checkpoint_every = 10
+threads = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1, the AWS variables pointing at it, one bucket; the URL."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+           "DBCORE_MIRROR": str(tmp_path_factory.mktemp("mirror"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem().mkdir(BUCKET)
+    yield f"s3://{BUCKET}"
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def _arrays(s: store.Store) -> dict[str, np.ndarray]:
+    return {name: s.read(name) for name in s.arrays()}
+
+
+def _write(where, rows: int = 300) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    data = {"h": rng.standard_normal((rows, 6, 5)).astype(np.float16),  # uncompressed (a float)
+            "images": rng.integers(0, 255, (rows, 8, 8), dtype=np.uint8),  # zstd
+            "labels": rng.integers(0, 10, rows)}
+    s = store.create(where, attrs={"kind": "test"})
+    s.write_array("h", data["h"], chunks=16, shards=64)
+    s.write_array("images", data["images"], chunks=32)
+    s.write_array("labels", data["labels"])
+    s.finalize()
+    return data
+
+
+def test_a_store_on_s3_holds_what_was_written_and_zarr_python_reads_it(s3):
+    import zarr
+
+    url = f"{s3}/arrays.zarr"
+    assert not store.exists(url)
+    data = _write(url)
+    assert store.exists(url)
+    s = store.open(url)
+    assert s.path == url and s.complete and s.attrs == {"kind": "test"}
+    got = _arrays(s)
+    assert got.keys() == data.keys() and all(np.array_equal(got[k], data[k]) for k in data)
+    rows = np.array([299, 0, 17, 17, 150])
+    assert np.array_equal(s.read("h", rows), data["h"][rows])
+    assert s.info("images").nbytes_stored > 0 and s.info("h").compression is None
+    endpoint = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    fs_store = zarr.storage.FsspecStore.from_url(url, read_only=True, storage_options=endpoint)
+    group = zarr.open_group(fs_store, mode="r")
+    for name in data:
+        assert np.array_equal(group[name][:], data[name]), name  # zarr-python, straight from S3
+
+
+def test_batches_streamed_from_s3_equal_those_from_local_disk(s3, tmp_path):
+    _write(tmp_path / "local.zarr")
+    _write(f"{s3}/stream.zarr")
+    kwargs = {"batch_size": 64, "seed": 3, "noise": (0, 0, 2, 1)}
+    local = list(BatchStream(tmp_path / "local.zarr", ["h", "images", "labels"], **kwargs))
+    remote_ = list(BatchStream(f"{s3}/stream.zarr", ["h", "images", "labels"], **kwargs))
+    assert len(local) == len(remote_) == 5
+    for a, b in zip(local, remote_, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        assert len(np.unique(a[INDEX])) == len(a[INDEX])
+
+
+def test_overwrite_replaces_an_s3_store_and_create_refuses_without_it(s3):
+    url = f"{s3}/again.zarr"
+    _write(url, rows=50)
+    with pytest.raises(store.StoreExistsError, match="again.zarr"):
+        store.create(url)
+    s = store.create(url, overwrite=True)
+    s.write_array("x", np.arange(3))
+    s.finalize()
+    assert store.open(url).arrays() == ["x"]  # nothing of the old store is left
+
+
+def _cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_cache_train_eval_on_s3_equal_local_disk(s3, tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TOML)
+    results = {}
+    for where, st, run in (("local", tmp_path / "c.zarr", tmp_path / "run"),
+                           ("s3", f"{s3}/c.zarr", f"{s3}/run")):
+        _cli("cache", cfg, "--out", st)
+        _cli("train", cfg, "--store", st, "--out", run, "--quiet")
+        results[where] = json.loads(_cli("eval", run, "--json"))
+    assert results["s3"]["accuracy"] == results["local"]["accuracy"]
+    assert results["s3"]["loss"] == results["local"]["loss"]
+    fs = s3fs.S3FileSystem()
+    keys = {k.rsplit("/", 1)[1] for k in fs.find(f"{BUCKET}/run")}
+    assert {"run.json", "block0.json", "block0.safetensors", "block1.json", "block1.safetensors",
+            "block0.jsonl", "block1.jsonl"} <= keys  # metrics/NAME.jsonl per block
+    assert "images" in _cli("info", f"{s3}/c.zarr") and f"{s3}/c.zarr" in _cli("info", f"{s3}/c.zarr")
+    assert "losses.png" in _cli("report", f"{s3}/run", "--out", tmp_path / "report")  # metrics of both blocks
+    again = _cli("train", cfg, "--store", f"{s3}/c.zarr", "--out", f"{s3}/run", "--quiet")
+    assert all(json.loads(line)["resumed_at"] == 30 for line in again.splitlines())  # nothing redone
+
+
+def test_a_checkpoint_is_uploaded_tensors_first_and_json_last(s3, tmp_path, monkeypatch):
+    import torch
+
+    from dbcore import checkpoint
+
+    order = []
+    real = remote.Mirror._put
+
+    def spy(self, path, rel):
+        order.append(rel)
+        return real(self, path, rel)
+
+    monkeypatch.setattr(remote.Mirror, "_put", spy)
+    with remote.local_run(f"{s3}/ckpt") as local:
+        checkpoint.save(local / "m", {"w": torch.ones(3)}, {"step": 1})
+    assert order == ["m.safetensors", "m.json"]
+    with remote.local_run(f"{s3}/ckpt") as local:  # a fresh mirror reads it back
+        tensors, meta = checkpoint.load(local / "m")
+    assert torch.equal(tensors["w"], torch.ones(3)) and meta["step"] == 1
+
+
+def test_s3_errors_are_one_line(s3, tmp_path, monkeypatch):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TOML)
+    r = CliRunner().invoke(main, ["cache", str(cfg), "--out", "s3://no-such-bucket-here/c.zarr"])
+    assert r.exit_code == 1 and "no-such-bucket-here" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["info", f"{s3}/nothing.zarr"])
+    assert r.exit_code == 1 and f"{s3}/nothing.zarr" in r.output
+    r = CliRunner().invoke(main, ["eval", "s3://bucket-only"])
+    assert r.exit_code == 1 and "prefix" in r.output
+    monkeypatch.setitem(__import__("sys").modules, "s3fs", None)  # the s3 extra not installed
+    r = CliRunner().invoke(main, ["eval", f"{s3}/run"])
+    assert r.exit_code == 1 and "pip install 'dbcore[s3]'" in r.output
