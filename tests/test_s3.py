@@ -184,3 +184,34 @@ def test_s3_errors_are_one_line(s3, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "s3fs", None)  # the s3 extra not installed
     r = CliRunner().invoke(main, ["eval", f"{s3}/run"])
     assert r.exit_code == 1 and "pip install 'dbcore[s3]'" in r.output
+
+
+def test_ray_trains_blocks_from_and_into_s3(s3, tmp_path):
+    ray = pytest.importorskip("ray")
+    import torch
+
+    from dbcore import checkpoint
+    from dbcore import config as config_mod
+    from dbcore.distributed import train_blocks_on_ray
+    from dbcore.train import train_run
+
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text(TOML)
+    cfg = config_mod.load(cfg_path)
+    _cli("cache", cfg_path, "--out", f"{s3}/ray.zarr")
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_REGION", "DBCORE_MIRROR")}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False,
+             runtime_env={"env_vars": env})
+    try:
+        results = train_blocks_on_ray(cfg, f"{s3}/ray.zarr", f"{s3}/ray_run", progress=False,
+                                      echo=lambda r: None)
+    finally:
+        ray.shutdown()
+    assert [r["name"] for r in results] == ["block0", "block1"]
+    train_run(cfg, f"{s3}/ray.zarr", tmp_path / "serial", progress=False)
+    with remote.local_run(f"{s3}/ray_run") as run:
+        for b in range(2):
+            a, _ = checkpoint.load(run / f"block{b}", prefix="model.")
+            s, _ = checkpoint.load(tmp_path / f"serial/block{b}", prefix="model.")
+            assert all(torch.equal(a[k], s[k]) for k in a), b  # the same weights as in turn, locally
