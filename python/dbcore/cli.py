@@ -26,7 +26,10 @@ class _Fail(click.ClickException):
 class _Location(click.ParamType):
     """A store or run: a local path (a Path) or an `s3://bucket/prefix` URL (kept as a string)."""
 
-    name = "PATH|s3://BUCKET/PREFIX"
+    name = "location"
+
+    def get_metavar(self, *args, **kwargs):
+        return "PATH|s3://BUCKET/PREFIX"
 
     def convert(self, value, param, ctx):
         from dbcore.remote import location
@@ -162,7 +165,7 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
 
 
 @main.command("eval")
-@click.argument("run", type=LOCATION)
+@click.argument("run", type=LOCATION, metavar="RUN")
 @click.option("--data", "source", default="digits:valid", show_default=True)
 @click.option("--steps", type=int, default=None, help="sampler steps in all (default: the run's)")
 @click.option("--decode", type=click.Choice(["last", "product"]), default=None,
@@ -192,7 +195,7 @@ def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, a
 
 
 @main.command()
-@click.argument("run", type=LOCATION)
+@click.argument("run", type=LOCATION, metavar="RUN")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="images: the PNG grid (required); text: a file for the texts (default: print them)")
 @click.option("--num", type=int, default=None, help="samples (default: 100 images, 1 text)")
@@ -245,7 +248,7 @@ def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, 
 
 
 @main.command()
-@click.argument("run", type=LOCATION)
+@click.argument("run", type=LOCATION, metavar="RUN")
 @click.option("--baseline", type=LOCATION, default=None,
               help="an end-to-end run to draw beside it")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
