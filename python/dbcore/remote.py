@@ -88,19 +88,25 @@ class Mirror:
             rel = key[len(self.key) + 1:]
             if info.get("type") == "directory" or not rel:
                 continue
-            if rel.startswith(METRICS_PREFIX):
-                metrics.append(self.fs.cat_file(key))
-                continue
-            path = self.local / rel
-            stamp = info["LastModified"].timestamp()
-            if path.is_file() and path.stat().st_size == info["size"] and path.stat().st_mtime == stamp:
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.download")
-            self.fs.get_file(key, str(tmp))
-            os.utime(tmp, (stamp, stamp))
-            tmp.replace(path)
+            try:
+                if rel.startswith(METRICS_PREFIX):
+                    metrics.append(self.fs.cat_file(key))
+                else:
+                    self._download(key, self.local / rel, info)
+            except OSError as exc:
+                raise _error(f"{self.url}: could not download {rel} ({exc})") from None
         _replace(_metrics(self.local), b"".join(metrics))
+
+    def _download(self, key: str, path: Path, info: dict) -> None:
+        """The object `key` at `path`, unless a copy of its size and time is there already."""
+        stamp = info["LastModified"].timestamp()
+        if path.is_file() and path.stat().st_size == info["size"] and path.stat().st_mtime == stamp:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.download")
+        self.fs.get_file(key, str(tmp))
+        os.utime(tmp, (stamp, stamp))
+        tmp.replace(path)
 
     def push(self, path: Path) -> None:
         """Upload the complete file `path` of the mirror to its object."""
@@ -123,7 +129,7 @@ class Mirror:
             self.fs.put_file(str(path), f"{self.key}/{rel}")
         except OSError as exc:
             raise _error(f"{self.url}: could not upload {rel} ({exc}); the local copy is in "
-                           f"{self.local}") from None
+                         f"{self.local}") from None
 
 
 def _replace(path: Path, data: bytes) -> None:
