@@ -26,8 +26,10 @@ sdist: venv
 	rm -rf dist/sdist
 	$(VENV)/bin/maturin sdist -o dist/sdist
 
+# the runtime dependencies come from the project venv's site-packages (no second torch download)
 sdist-test: sdist
-	CARGO_TARGET_DIR=$(HOME)/.cache/dbcore/cargo-target-sdist bash tests/install_sdist.sh dist/sdist/dbcore-*.tar.gz
+	CARGO_TARGET_DIR=$(HOME)/.cache/dbcore/cargo-target-sdist bash tests/install_sdist.sh \
+		dist/sdist/dbcore-*.tar.gz "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
 install: wheel
 	$(PY) -m pip install -q "$$(ls dist/dbcore-*.whl)[dev]"

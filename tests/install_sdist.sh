@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The sdist, built from scratch: a clean virtual environment installs it with pip (the Rust
-# extension compiled from the sdist's sources), then the installed package runs the store tests
-# and cache -> train -> eval on the embedded digits. Usage: tests/install_sdist.sh dbcore-X.tar.gz
+# The sdist, built from scratch: pip builds it in a clean virtual environment (the Rust extension
+# compiled from the sdist's sources) and installs it there; then the installed package runs the
+# store tests and cache -> train -> eval on the embedded digits.
+# Usage: tests/install_sdist.sh dbcore-X.tar.gz [SITE_PACKAGES]
+# With SITE_PACKAGES, the runtime dependencies (torch, ...) are taken from that folder through a
+# .pth file instead of being downloaded again (`make sdist-test` passes the project venv's); the
+# sdist's own dbcore comes first on the path, and the script checks that it is the one imported.
 set -euo pipefail
 sdist="$(realpath "$1")"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -9,12 +13,20 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
-"$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q "$sdist" pytest
+if [[ $# -ge 2 ]]; then
+    site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$(realpath "$2")" > "$site/zz_dependencies.pth"
+    "$py" -m pip install -q --no-deps "$sdist"
+else
+    "$py" -m pip install -q --upgrade pip
+    "$py" -m pip install -q "$sdist" pytest
+fi
 cd "$work"  # nothing of the source tree on the path: only the installed package
-"$py" - <<'PY'
+"$py" - "$work" <<'PY'
 import importlib.resources as resources
+import sys
 import dbcore, dbcore._native
+assert dbcore._native.__file__.startswith(sys.argv[1]), f"imported {dbcore._native.__file__}, not the sdist's"
 kernels = {p.name for p in resources.files("dbcore.kernels").joinpath("cuda").iterdir()}
 assert {"loss_mse.cu", "loss_ce.cu", "noise.cu"} <= kernels, kernels
 print("sdist install:", dbcore.__version__, dbcore._native.__file__)
