@@ -14,29 +14,42 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def interrupted_at_step(monkeypatch):
-    """`with interrupted_at_step(n): train_run(...)`: the n-th AdamW step of the block raises
-    KeyboardInterrupt (a crash mid-run), which the block expects; the real step is back after it."""
+def _interrupted_at(monkeypatch, owner, name: str):
+    """`with interrupted(n): ...`: the n-th call of `owner.name` raises KeyboardInterrupt (a crash
+    mid-run), which the block expects; the real method is back after it."""
     from contextlib import contextmanager
 
-    real_step = torch.optim.AdamW.step
+    real = getattr(owner, name)
 
     @contextmanager
     def interrupted(n: int):
         calls = {"n": 0}
 
-        def crashing_step(self, *a, **k):
+        def crashing(self, *a, **k):
             calls["n"] += 1
             if calls["n"] == n:
                 raise KeyboardInterrupt
-            return real_step(self, *a, **k)
+            return real(self, *a, **k)
 
-        monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+        monkeypatch.setattr(owner, name, crashing)
         try:
             with pytest.raises(KeyboardInterrupt):
                 yield
         finally:
-            monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+            monkeypatch.setattr(owner, name, real)
 
     return interrupted
+
+
+@pytest.fixture
+def interrupted_at_step(monkeypatch):
+    """`with interrupted_at_step(n): train_run(...)`: the n-th AdamW step of the block crashes."""
+    return _interrupted_at(monkeypatch, torch.optim.AdamW, "step")
+
+
+@pytest.fixture
+def interrupted_at_write(monkeypatch):
+    """`with interrupted_at_write(n): write_cache(...)`: the n-th block written to a store crashes."""
+    from dbcore import store
+
+    return _interrupted_at(monkeypatch, store.ArrayWriter, "write")

@@ -181,28 +181,19 @@ def test_cache_on_ray_writes_the_bytes_of_a_single_process_cache(local_ray, smal
     assert all(one[k] == many[k] for k in one)  # every chunk, shard and metadata file, byte for byte
 
 
-def test_cache_on_ray_resumes_an_interrupted_cache(local_ray, small_units, tmp_path, monkeypatch):
+def test_cache_on_ray_resumes_an_interrupted_cache(local_ray, small_units, tmp_path, monkeypatch,
+                                                   interrupted_at_write):
     from dbcore import cache as cache_mod
-    from dbcore import distributed, store
+    from dbcore import distributed
 
     cfg_path = tmp_path / "tiny.toml"
     cfg_path.write_text(TOML)
     cfg = config_mod.load(cfg_path)
     write_cache(cfg, load_source("digits:train"), tmp_path / "one.zarr", noise="cached", draws=1,
                 progress=False)
-    real, calls = store.ArrayWriter.write, {"n": 0}
-
-    def crashing(self, start, block):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
-        return real(self, start, block)
-
-    monkeypatch.setattr(store.ArrayWriter, "write", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_write(10):
         write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", noise="cached", draws=1,
                     progress=False)
-    monkeypatch.setattr(store.ArrayWriter, "write", real)
     finished = (tmp_path / "c.zarr" / cache_mod.LEDGER).read_text().splitlines()
     split = distributed.split_units
     sent = []

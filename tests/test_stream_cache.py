@@ -26,7 +26,7 @@ def _arrays(path):
     return {name: s.read(name) for name in s.arrays()}
 
 
-def test_interrupted_cache_resumes_without_redoing(tmp_path, cfg, monkeypatch):
+def test_interrupted_cache_resumes_without_redoing(tmp_path, cfg, monkeypatch, interrupted_at_write):
     src = load_source("digits:train")
     monkeypatch.setattr(cache_mod, "WRITE_TARGET_BYTES", 4096)  # many small blocks:
     monkeypatch.setattr(cache_mod, "ROWS_PER_WRITE", 200)  # 8 per noise array
@@ -35,25 +35,15 @@ def test_interrupted_cache_resumes_without_redoing(tmp_path, cfg, monkeypatch):
     assert not (ref / LEDGER).exists()
 
     out = tmp_path / "c.zarr"
-    real = store.ArrayWriter.write
-    calls = {"n": 0}
-
-    def crashing(self, start, block):
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise KeyboardInterrupt
-        return real(self, start, block)
-
-    monkeypatch.setattr(store.ArrayWriter, "write", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_write(12):
         write_cache(cfg, src, out, noise="cached", draws=2, seed=1, progress=False)
-    monkeypatch.setattr(store.ArrayWriter, "write", real)
     with pytest.raises(store.IncompleteStoreError):
         store.open(out)
     finished = (out / LEDGER).read_text().splitlines()
     assert 5 <= len(finished) <= 11
 
-    written = []
+    written, real = [], store.ArrayWriter.write
+
     def recording(self, start, block):
         written.append((self.name, start))
         return real(self, start, block)
