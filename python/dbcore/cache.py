@@ -17,7 +17,7 @@ interrupted one of other inputs, is refused unless `overwrite`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -183,9 +183,9 @@ class Ledger:
 
     def __init__(self, s: store.Store, done: Done) -> None:
         self._store = s
-        self._text = "".join(f"{name} {a}\n" for name, a in sorted(done))
         self._file = open(s.path / LEDGER, "a") if s.is_local else None
-        if not s.is_local:
+        self._text = "" if s.is_local else _ledger_lines(sorted(done))
+        if not s.is_local:  # the object exists from the start: the store is resumable
             s.write_extra(LEDGER, self._text.encode())
 
     def __enter__(self) -> Ledger:
@@ -196,13 +196,18 @@ class Ledger:
             self._file.close()
 
     def record(self, units: list[Unit]) -> None:
-        lines = "".join(f"{name} {a}\n" for name, a, _ in units)
+        lines = _ledger_lines((name, a) for name, a, _ in units)
         if self._file is not None:
             self._file.write(lines)
             self._file.flush()
         else:
             self._text += lines
             self._store.write_extra(LEDGER, self._text.encode())
+
+
+def _ledger_lines(done: Iterable[tuple[str, int]]) -> str:
+    """The ledger's lines, "array start_row" each (read back by `open_for_writing`)."""
+    return "".join(f"{name} {a}\n" for name, a in done)
 
 
 def finish(s: store.Store) -> None:

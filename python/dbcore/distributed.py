@@ -161,6 +161,11 @@ def split_units(units: list[cache.Unit], tasks: int) -> list[list[cache.Unit]]:
     return runs
 
 
+def _task_slots(ray: Any, cpus_per_task: float) -> int:
+    """How many tasks of `cpus_per_task` CPUs the cluster runs at once."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1) / cpus_per_task))
+
+
 def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws: int = 1, seed: int = 0,
                  overwrite: bool = False, target_embedding: Any = None, address: str | None = None,
                  tasks: int | None = None, cpus_per_task: float = 1.0, progress: bool = True) -> store.Store:
@@ -181,13 +186,13 @@ def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws
         bar = progress_bar(len(units), "cache", "block", enabled=progress)
         pending: list[Any] = []
         try:
-            n = tasks or max(1, int(ray.cluster_resources().get("CPU", 1) / cpus_per_task)) if units else 1
+            runs = split_units(units, tasks or _task_slots(ray, cpus_per_task)) if units else []
             options = {"num_cpus": cpus_per_task, "max_retries": MAX_RETRIES,
                        "retry_exceptions": list(TRANSIENT_ERRORS)}
             task = ray.remote(_cache_units)
             pending = [task.options(**options, name=f"dbcore-cache{i}").remote(
                 cfg.to_dict(), cfg.source_path or "config", spec, noise, draws, seed, target_embedding,
-                _absolute(out), plan.attrs, run) for i, run in enumerate(split_units(units, n))]
+                _absolute(out), plan.attrs, run) for i, run in enumerate(runs)]
             with cache.Ledger(s, done) as ledger:
                 while pending:
                     (ref,), pending = ray.wait(pending, num_returns=1)
