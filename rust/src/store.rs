@@ -119,6 +119,20 @@ fn io_err(root: &impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
     Error::Io(format!("{root}: {e}"))
 }
 
+/// Whether `storage` holds group metadata at its root (Zarr v3 or v2).
+fn has_group(location: &Location, storage: &ReadableWritableListableStorage) -> Result<bool> {
+    for name in ["zarr.json", ".zgroup"] {
+        if storage
+            .size_key(&key(name)?)
+            .map_err(|e| io_err(location, e))?
+            .is_some()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn exists_err(location: &Location) -> Error {
     Error::Exists(format!(
         "{location}: already exists (pass overwrite=True to replace it)"
@@ -241,17 +255,7 @@ impl Store {
                 return Ok(false);
             }
         }
-        let storage = location.storage()?;
-        for name in ["zarr.json", ".zgroup"] {
-            if storage
-                .size_key(&key(name)?)
-                .map_err(|e| io_err(&location, e))?
-                .is_some()
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        has_group(&location, &location.storage()?)
     }
 
     /// Open the group at `location`. With `require_complete`, only a finalized dbcore store of a
@@ -266,12 +270,12 @@ impl Store {
                 )));
             }
         }
-        if !Self::exists(location.clone())? {
+        let storage = location.storage()?;
+        if !has_group(&location, &storage)? {
             return Err(Error::NotFound(format!(
                 "{location}: not a Zarr group (no zarr.json)"
             )));
         }
-        let storage = location.storage()?;
         let group = Group::open(storage.clone(), "/").map_err(|e| {
             Error::Corrupt(format!("{location}: bad group metadata (zarr.json): {e}"))
         })?;
