@@ -11,9 +11,10 @@ from dbcore import checkpoint, layout
 from dbcore import config as config_mod
 from dbcore.cache import write_cache
 from dbcore.cli import main
+from dbcore.edm import SIGMA_MAX
 from dbcore.evaluate import evaluate, sample_text_run
 from dbcore.recipes import for_config
-from dbcore.recipes.arlm import ARBaseline, ARBlock, ar_mask, arlm_tiny
+from dbcore.recipes.arlm import ARBaseline, ARBlock, LevelNoise, _level_probs, ar_mask, arlm_tiny
 from dbcore.recipes.mdlm import MASK, elbo_weight, mask_probability, time_slice
 from dbcore.recipes.vit import make_target_embedding
 from dbcore.sources import load_source
@@ -316,3 +317,36 @@ def test_ar_token_mixing_keeps_labels_mixes_a_share_and_is_reproducible():
     assert 0.4 < 1 - pure.float().mean() < 0.6  # about half the positions are blends
     assert torch.equal(mix_token_targets(emb, x, idx, 0, 1, 2, 0.0), emb[x])
     assert not torch.equal(a, mix_token_targets(emb, x, idx, 0, 1, 3, 0.5))  # new draw, new blends
+
+
+def test_ar_ancestral_likelihood_is_the_distribution_generation_samples(tmp_path, text):
+    """The token-ancestral chain, two implementations: its exact-over-tokens likelihood
+    (`ancestral_probs`, batched windows) and KV-cached generation (one token at a time) must give
+    the same distribution of the next token, and the later blocks must change it."""
+    cfg = config_mod.load(_cfg(tmp_path, "arlm", "sample_steps = 3\nsampler = \"ancestral\""))
+    recipe = for_config(cfg)
+    vocab = torch.tensor(sorted({ord(ch) for ch in TEXT}))
+    torch.manual_seed(0)
+    frozen = {layout.VOCAB: vocab, layout.TARGET_EMBEDDING: make_target_embedding(len(vocab), 32, 0, 1.0)}
+    blocks = [recipe.build_block(b, frozen) for b in range(2)]
+    with torch.no_grad():
+        for block in blocks:  # a fresh block has D = c_skip z: give its readout and F some shape
+            block.head.weight.mul_(12.0)
+            block.denoiser.backbone.final.linear.weight.normal_(0, 0.3)
+    prompt = TEXT[:9]
+    ids = torch.tensor([[int((vocab == ord(ch)).nonzero()) for ch in TEXT[:16]]])  # (1, 16)
+    p, _ = recipe.ancestral_probs(lambda b: blocks[b], ids, 3, draws=64)
+    expect = p[0, len(prompt)]  # (V,): token 9 given the true prefix
+    texts = recipe.sample_text(lambda b: blocks[b], None, {"num": 8000, "length": len(prompt) + 1,
+                                                          "prompt": prompt, "seed": 1})
+    seen = torch.tensor([int((vocab == ord(t[-1])).nonzero()) for t in texts])
+    freq = torch.bincount(seen, minlength=len(vocab)).double() / len(texts)
+    noise = LevelNoise(torch.arange(1), (16, 32), 0, 2, 0, 64, len(vocab), torch.device("cpu"))
+    with torch.no_grad():
+        level0 = _level_probs(blocks[0], ids, SIGMA_MAX, noise, None)[0, len(prompt)]  # block 0 alone
+
+    def tv(a, b):
+        return 0.5 * float((a.double() - b.double()).abs().sum())
+
+    assert tv(freq, expect) < 0.04, (tv(freq, expect), tv(level0, expect))
+    assert tv(level0, expect) > 0.1 and tv(freq, level0) > 0.1  # the later levels matter

@@ -174,7 +174,7 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
               help="generator: samples for FID (default 2000); LM: held-out windows (default all)")
 @click.option("--cfg-scale", type=float, default=None, help="generator: guidance scale (default: config)")
 @click.option("--sampler", type=click.Choice(["euler", "heun", "ancestral"]), default=None,
-              help="Euler (the paper's); DiT: or Heun's second-order step; looped LM: or ancestral")
+              help="Euler (the paper's); DiT: or Heun's second-order step; AR and looped LMs: or ancestral")
 @click.option("--chains", type=click.IntRange(min=1), default=None,
               help="AR and looped LMs: initial states per position, readouts averaged (default: config)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")

@@ -11,7 +11,11 @@ The clean rows are conditioned on a learned constant, not on sigma (per-token ad
 rows carry the noise embedding), so their keys and values do not depend on the noise level: each
 block keeps a KV cache of the clean prefix while decoding; a new token costs `sample_steps` noisy
 rows over the blocks, and each block takes the previous token's clean row in the same pass as its
-first noisy row (the noisy row may see it). The Euler chain's D_hat is softmax(logits) @ E.
+first noisy row (the noisy row may see it). Two chains per token (`sampler`): the paper's Euler
+chain, D_hat = softmax(logits) @ E; and the token-ancestral chain (this project's): each level draws
+a token from its block's readout and the next level restarts from that token's row,
+z = E[token] + sigma_next * eps, so every block meets states like those it trained on and the
+likelihood is exact over the token draws (`ARRecipe.ancestral_probs`).
 
 Baseline (`--e2e`): a standard pre-LN next-token transformer of the same depth and width.
 BPC of both counts positions 1..T-1 of non-overlapping held-out windows (position 0 has no context
@@ -34,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dbcore import layout, rng
 from dbcore.data import INDEX
-from dbcore.edm import SIGMA_MAX, EDMPrecond, precond
+from dbcore.edm import SIGMA_DATA, SIGMA_MAX, EDMPrecond, precond
 from dbcore.layers import KV, LN_EPS, AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
 from dbcore.noise import mix_token_targets
 from dbcore.partition import CONFIG_SIGMA_DISTS, euler_schedule
@@ -58,6 +62,7 @@ from dbcore.sampler import DECODES, run_chain
 from dbcore.wording import arg
 
 Caches = list[KV]  # one (keys, values) of the clean prefix per layer of a block
+SAMPLERS = ("euler", "ancestral")  # the chain of levels per token, see the module docstring
 
 
 @dataclass
@@ -67,9 +72,11 @@ class ARConfig(TextModelConfig):
     gamma: float = 0.05  # overlap of the block ranges (METHOD.md 3)
     sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
     target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12: unit norm, or scaled)
+    sigma_data: float = SIGMA_DATA  # c_skip/c_out/c_in's data std (METHOD.md 12: or E's per-coordinate std)
     sample_steps: int = 4  # Euler steps per token in all, allotted to blocks (the paper's 4)
     decode: str = "last"  # the prediction: the last step's logits or the product of every step's
-    eval_chains: int = 8  # BPC: chains from independent initial noise per position, probabilities averaged
+    eval_chains: int = 8  # BPC: Euler chains (ancestral: noise draws per level) averaged per position
+    sampler: str = "euler"  # per token: the Euler chain (METHOD.md 6) or the token-ancestral one
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the shared keys first: num_blocks is valid below
@@ -77,12 +84,15 @@ class ARConfig(TextModelConfig):
             raise ValueError(f"sigma_dist must be one of {CONFIG_SIGMA_DISTS}, got {self.sigma_dist!r}")
         if self.sample_steps < self.num_blocks:
             raise ValueError(f"sample_steps {self.sample_steps} must be >= num_blocks {self.num_blocks}")
-        if self.target_scale <= 0:
-            raise ValueError(f"target_scale must be > 0, got {self.target_scale}")
+        if self.target_scale <= 0 or self.sigma_data <= 0:
+            raise ValueError(f"target_scale and sigma_data must be > 0, got {self.target_scale}, "
+                             f"{self.sigma_data}")
         if self.eval_chains < 1:
             raise ValueError(f"eval_chains must be >= 1, got {self.eval_chains}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
 
 
 def ar_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -171,7 +181,7 @@ class ARBlock(nn.Module):
             raise ValueError(f"target embedding is {tuple(emb.shape)}, expected ({len(vocab)}, {cfg.dim})")
         self.register_buffer(layout.VOCAB, vocab.clone().long())
         self.register_buffer(layout.TARGET_EMBEDDING, emb.detach().float().clone())
-        self.denoiser = EDMPrecond(ARBackbone(cfg, num_layers, len(vocab)))
+        self.denoiser = EDMPrecond(ARBackbone(cfg, num_layers, len(vocab)), cfg.sigma_data)
         self.head = nn.Linear(cfg.dim, len(vocab))  # learned readout of D
 
     @property
@@ -236,10 +246,12 @@ class ARBaseline(nn.Module):
 
 
 
-def euler_only(options: dict) -> None:
-    if options.get("sampler") not in (None, "euler"):
-        raise ValueError(f"{arg('sampler', options['sampler'])}: the AR LM's chain takes Euler steps "
-                         "only")
+def sampler_of(options: dict, cfg: ARConfig) -> str:
+    """The chain of an eval or sample call: the option given, else the config's."""
+    sampler = options.get("sampler") or cfg.sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"{arg('sampler', sampler)}: the AR LM samples with one of {SAMPLERS}")
+    return sampler
 
 
 def _bpc(scores: torch.Tensor, x: torch.Tensor) -> float:
@@ -310,13 +322,12 @@ class ARRecipe(Recipe):
 
     def evaluate(self, load_block, e2e, data, options):
         """bpc over positions 1..T-1 of non-overlapping windows of `data`: the baseline's causal
-        forward, or the blocks' chain from sigma_max given the true prefix at every position, as
-        generation runs it: the readout's (`decode`: last logits or product of beliefs) probability
-        of the true token averaged over `eval_chains` initial noises; `bpc_stderr` over windows;
-        `per_block`: probes of the first chain (each block's readout, BPC of one chain alone)."""
-        m, seed = self.model_cfg, self.cfg.train.seed
+        forward, or generation's own likelihood of the true token given the true prefix, per
+        sampler (`_euler_nats`, `_ancestral_nats`); `bpc_stderr` over windows; `per_block`: the
+        prediction after each block (its probe)."""
+        m = self.model_cfg
         t0 = time.perf_counter()
-        euler_only(options)
+        sampler = sampler_of(options, m)
         steps = options.get("num_steps") or m.sample_steps
         decode = options.get("decode") or m.decode
         num_chains = options.get("eval_chains") or m.eval_chains
@@ -327,39 +338,19 @@ class ARRecipe(Recipe):
                 logits = torch.cat([e2e(xb.to(next(e2e.parameters()).device)).float().cpu()
                                     for xb in x.split(EVAL_BATCH)])[:, :-1]  # predicts x_1..x_{T-1}
             nats = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (n, T-1)
-            steps = decode = None
-            per_block = []
+            steps = decode = sampler = num_chains = None
+            per_block: list[dict] = []
         else:
             first = load_block(0)
             vocab = vocab_of({layout.VOCAB: first.vocab})
             del first
             x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
-            n, t = x.shape
-            last, product = torch.zeros(n, t, len(vocab)), torch.zeros(n, t, len(vocab))  # (n, T, V)
-            chains = torch.zeros(num_chains, n, t - 1)  # log p(x_i) of each chain's readout
-            per_block: list[dict] = []
-
-            def observe(b: int, rows: slice, i: int, logits: torch.Tensor | None) -> None:
-                assert logits is not None
-                last[rows] = logits.float().cpu()
-                product[rows] += torch.log_softmax(logits.float(), -1).cpu()
-
-            def block_done(b: int) -> None:  # the chain's prediction so far: a probe per block
-                if k == 0:
-                    per_block.append({"block": b, "bpc_last": _bpc(last, x),
-                                      "bpc_product": _bpc(product, x)})
-
-            for k in range(num_chains):  # independent initial noise: the chain's own distribution
-                product.zero_()
-                eps = rng.gaussian(torch.arange(n), t * m.dim, seed, m.num_blocks, k)  # k = 0: initial_noise
-                eps = eps.float().view(n, t, m.dim)
-                run_chain(self, load_block, {layout.TOKENS: x}, SIGMA_MAX * eps, m.num_blocks, steps,
-                          batch_size=EVAL_BATCH, observe=observe, block_done=block_done)
-                scores = product if decode == "product" else last
-                chains[k] = torch.log_softmax(scores[:, 1:], -1).gather(-1, x[:, 1:, None])[..., 0]
-            # p(x_i | prefix) of generation at temperature 1: the readout's probabilities averaged over
-            # initial noise (a sharp readout commits to the token its chain chose)
-            nats = -(torch.logsumexp(chains, 0) - math.log(num_chains))  # (n, T-1)
+            if sampler == "ancestral":
+                no_product(options)
+                decode = None
+                nats, per_block = self._ancestral_nats(load_block, x, steps, num_chains)
+            else:
+                nats, per_block = self._euler_nats(load_block, x, steps, decode, num_chains)
         per_window = nats.double().mean(1)
         n = len(per_window)
         return {
@@ -368,20 +359,97 @@ class ARRecipe(Recipe):
             "num_tokens": int(nats.numel()),
             "num_windows": n,
             "inference_steps": steps,
+            "sampler": sampler,
             "decode": decode,
-            "eval_chains": None if e2e is not None else num_chains,
+            "eval_chains": num_chains,
             "seconds": round(time.perf_counter() - t0, 3),
             "per_block": per_block,
         }
+
+    def _euler_nats(self, load_block: Any, x: torch.Tensor, steps: int, decode: str, num_chains: int
+                    ) -> tuple[torch.Tensor, list[dict]]:
+        """-log p(x_i) (n, T-1) of the Euler chain from sigma_max given the true prefix: the
+        readout's (last logits or product of beliefs) probability of the true token averaged over
+        `num_chains` initial noises (a sharp readout commits to the token its chain chose, so one
+        chain alone is not generation's distribution); probes of the first chain."""
+        m, seed = self.model_cfg, self.cfg.train.seed
+        n, t = x.shape
+        last = product = None
+        chains = torch.zeros(num_chains, n, t - 1)  # log p(x_i) of each chain's readout
+        per_block: list[dict] = []
+
+        def observe(b: int, rows: slice, i: int, logits: torch.Tensor | None) -> None:
+            nonlocal last, product
+            assert logits is not None
+            if last is None:
+                last, product = torch.zeros(n, t, logits.shape[-1]), torch.zeros(n, t, logits.shape[-1])
+            last[rows] = logits.float().cpu()
+            product[rows] += torch.log_softmax(logits.float(), -1).cpu()
+
+        def block_done(b: int) -> None:  # the chain's prediction so far: a probe per block
+            if k == 0:
+                per_block.append({"block": b, "bpc_last": _bpc(last, x), "bpc_product": _bpc(product, x)})
+
+        for k in range(num_chains):  # independent initial noise: the chain's own distribution
+            if product is not None:
+                product.zero_()
+            eps = rng.gaussian(torch.arange(n), t * m.dim, seed, m.num_blocks, k)  # k = 0: initial_noise
+            eps = eps.float().view(n, t, m.dim)
+            run_chain(self, load_block, {layout.TOKENS: x}, SIGMA_MAX * eps, m.num_blocks, steps,
+                      batch_size=EVAL_BATCH, observe=observe, block_done=block_done)
+            scores = product if decode == "product" else last
+            chains[k] = torch.log_softmax(scores[:, 1:], -1).gather(-1, x[:, 1:, None])[..., 0]
+        return -(torch.logsumexp(chains, 0) - math.log(num_chains)), per_block  # (n, T-1)
+
+    def _ancestral_nats(self, load_block: Any, x: torch.Tensor, steps: int, draws: int
+                        ) -> tuple[torch.Tensor, list[dict]]:
+        """-log p(x_i) (n, T-1) of the token-ancestral chain (`ancestral_probs`) and its probes."""
+        p, per_block = self.ancestral_probs(load_block, x, steps, draws)
+        return -p[:, 1:].clamp_min(TINY).log().gather(-1, x[:, 1:, None])[..., 0], per_block
+
+    def ancestral_probs(self, load_block: Any, x: torch.Tensor, steps: int, draws: int
+                        ) -> tuple[torch.Tensor, list[dict]]:
+        """Generation's distribution (n, T, V) of token i given the true prefix x_<i under the
+        token-ancestral chain, exact over its token draws: level 0 gives
+        pi_0 = E_eps softmax(logits(sigma_max eps)); each later level s maps the token
+        distribution p to p T_s, T_s[a, b] = E_eps softmax(logits(E[a] + sigma_s eps))[b]. Noisy
+        rows see no other noisy row, so one forward evaluates candidate a at every position. Only
+        eps is Monte Carlo (`draws` per level and candidate), so the estimate has none of the
+        Euler chain's log-of-a-mean bias from committed tokens. Probes: BPC after each block."""
+        m, seed = self.model_cfg, self.cfg.train.seed
+        schedule = euler_schedule(m.num_blocks, steps)
+        n, t = x.shape
+        p: torch.Tensor | None = None  # (n, T, V): generation's token distribution so far
+        per_block: list[dict] = []
+        for b in range(m.num_blocks):
+            block = load_block(b)
+            block.eval()
+            device = next(block.parameters()).device
+            with torch.no_grad():
+                for i, s in ((i, s) for i, s in enumerate(schedule) if s.block == b):
+                    level = torch.zeros(n, t, len(block.vocab))  # (n, T, V) after this level
+                    for start in range(0, n, EVAL_BATCH):
+                        rows = slice(start, min(n, start + EVAL_BATCH))
+                        noise = LevelNoise(torch.arange(rows.start, rows.stop), (t, m.dim), seed,
+                                           m.num_blocks, i, draws, len(block.vocab), device)
+                        prev = None if p is None else p[rows].to(device)
+                        level[rows] = _level_probs(block, x[rows].to(device), s.sigma, noise, prev).cpu()
+                    p = level
+            del block
+            assert p is not None
+            per_block.append({"block": b, "bpc": _bpc(p.clamp_min(TINY).log(), x)})
+        assert p is not None
+        return p, per_block
 
     # ------------------------------------------------------------------ generation
 
     def sample_text(self, load_block: Any, e2e: nn.Module | None, options: dict) -> list[str]:
         """`num` texts of `length` characters (prompt included, at most seq_len; the prompt
-        defaults to a newline): per new token, the Euler chain over the blocks from sigma_max with
-        the clean prefix in every block's KV cache; greedy or sampled (temperature, top-k)."""
+        defaults to a newline): per new token, the chain over the blocks from sigma_max (Euler or
+        token-ancestral, `sampler`) with the clean prefix in every block's KV cache; greedy or
+        sampled (temperature, top-k) from the last level's logits."""
         m = self.model_cfg
-        euler_only(options)
+        sampler = sampler_of(options, m)
         models = [e2e] if e2e is not None else [load_block(b) for b in range(m.num_blocks)]
         for model in models:
             model.eval()
@@ -396,11 +464,13 @@ class ARRecipe(Recipe):
                     if x.shape[1] < length:
                         logits, caches = e2e.extend(nxt, x.shape[1] - 1, caches)
             else:
-                x = self._generate(models, x, length, options, g)
+                if sampler == "ancestral":
+                    no_product(options)
+                x = self._generate(models, x, length, options, g, sampler)
         return [vocab.decode(row.cpu().numpy()) for row in x]
 
     def _generate(self, blocks: list[ARBlock], x: torch.Tensor, length: int, options: dict,
-                  g: torch.Generator) -> torch.Tensor:
+                  g: torch.Generator, sampler: str) -> torch.Tensor:
         m = self.model_cfg
         steps = euler_schedule(m.num_blocks, options.get("steps") or m.sample_steps)
         decode = options.get("decode") or m.decode
@@ -410,20 +480,82 @@ class ARRecipe(Recipe):
             pos = x.shape[1]
             z = SIGMA_MAX * torch.randn(len(x), m.dim, generator=g).to(x.device)  # (N, d)
             score = torch.zeros(len(x), len(blocks[0].vocab), device=x.device)
-            for s in steps:
+            for j, s in enumerate(steps):
                 block, b = blocks[s.block], s.block
                 _, logits, caches[b] = block.decode_step(z, s.sigma, pos, caches[b], pending[b])
                 pending[b] = None
-                d_hat = torch.softmax(logits.float(), -1) @ block.target_embedding  # (N, d)
-                z = z + (s.sigma_next - s.sigma) * (z - d_hat) / s.sigma
-                if decode == "product":
-                    score = score + torch.log_softmax(logits.float(), -1)
+                probs = torch.softmax(logits.float(), -1)  # (N, V)
+                if sampler == "ancestral":  # draw a token, restart from its row at the next level
+                    if j < len(steps) - 1:
+                        token = torch.multinomial(probs.cpu(), 1, generator=g)[:, 0].to(x.device)
+                        eps = torch.randn(len(x), m.dim, generator=g).to(x.device)
+                        z = block.target_embedding[token] + s.sigma_next * eps
                 else:
-                    score = logits
+                    z = z + (s.sigma_next - s.sigma) * (z - probs @ block.target_embedding) / s.sigma
+                score = score + torch.log_softmax(logits.float(), -1) if decode == "product" else logits
             nxt = pick(score, options, g)[:, None]
             x = torch.cat([x, nxt], 1)
             pending = [nxt] * len(blocks)  # cached by each block's next step, in the same pass
         return x
+
+
+TINY = 1e-30  # floor of a probability before its log
+CANDIDATES = 8  # candidate tokens per forward of `_level_probs` (batched along N)
+
+
+def no_product(options: dict) -> None:
+    if options.get("decode") == "product":
+        raise ValueError(f"{arg('decode', 'product')}: the ancestral sampler reads the last level's "
+                         "logits only")
+
+
+@dataclass
+class LevelNoise:
+    """The token-ancestral likelihood's eps: draw k (N, T, d) of candidate a (-1 at level 0) at
+    level `level`, counter-based, keyed (seed, window, block = B + 1, draw): block id B + 1
+    belongs to no network block and not to the Euler chain's initial noise (B)."""
+
+    windows: torch.Tensor  # (N,) window indices
+    shape: tuple[int, int]  # (T, d)
+    seed: int
+    num_blocks: int
+    level: int
+    draws: int
+    vocab_size: int
+    device: torch.device
+
+    def __call__(self, a: int, k: int) -> torch.Tensor:
+        draw = (self.level * (self.vocab_size + 1) + a + 1) * self.draws + k
+        eps = rng.gaussian(self.windows, math.prod(self.shape), self.seed, self.num_blocks + 1, draw)
+        return eps.float().view(-1, *self.shape).to(self.device)
+
+
+def _level_probs(block: ARBlock, x: torch.Tensor, sigma: float, noise: LevelNoise, prev: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """One level of the token-ancestral chain for windows x (N, T): with prev None, the readout
+    E_eps softmax(logits(sigma eps)); else sum_a prev[..., a] E_eps softmax(logits(E[a] + sigma eps)),
+    candidates a batched `CANDIDATES` at a time, each with its own draws (so their errors
+    average out in the sum). Returns (N, T, V)."""
+    n, t = x.shape
+    emb = block.target_embedding  # (V, d)
+
+    def readout(z: torch.Tensor) -> torch.Tensor:  # z (C, N, T, d) -> probs (C, N, T, V)
+        c = len(z)
+        sig = torch.full((c * n,), sigma, device=z.device)
+        _, logits = block(x.repeat(c, 1), z.reshape(c * n, t, -1), sig)
+        return torch.softmax(logits.float(), -1).view(c, n, t, -1)
+
+    if prev is None:
+        return sum(readout(sigma * noise(-1, k)[None])[0] for k in range(noise.draws)) / noise.draws
+    out = torch.zeros_like(prev)
+    live = (prev > 0).flatten(0, 1).any(0).nonzero()[:, 0].tolist()  # candidates with any mass
+    for start in range(0, len(live), CANDIDATES):
+        chunk = live[start:start + CANDIDATES]
+        weight = prev[..., chunk].permute(2, 0, 1) / noise.draws  # (C, N, T)
+        for k in range(noise.draws):
+            z = emb[chunk][:, None, None] + sigma * torch.stack([noise(a, k) for a in chunk])  # (C, N, T, d)
+            out += torch.einsum("cnt,cntv->ntv", weight, readout(z))
+    return out
 
 
 def arlm_tiny(**overrides: Any) -> ARConfig:
