@@ -131,6 +131,9 @@ def test_ar_kv_cached_decoding_equals_the_training_forward(positions):
         for (k1, v1), (k2, v2) in zip(fused, bb.extend(x[:, :6], 0, None), strict=True):
             torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+        # all noisy rows at once after the whole window's clean caches (the ancestral likelihood's path)
+        rows = block.noisy_logits(z, 0.7, bb.extend(x, 0, None))
+        torch.testing.assert_close(rows, logits_full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])

@@ -69,15 +69,17 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, T, d/H)
         return out.transpose(1, 2).reshape(n, t, d)
 
-    def mix_after(self, h: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, KV]:
+    def mix_after(self, h: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """Decoding: new rows h (N, t, d) at positions `pos` attend to the cached prefix `past` and
-        to themselves causally; returns their mix (N, t, d) and their own keys and values."""
+        to themselves causally (or as `mask` (t, prefix + t) says); returns their mix (N, t, d)
+        and their own keys and values."""
         n, t, d = h.shape
         q, k, v = self.heads_of(h, pos)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         p = keys.shape[2] - t
-        mask = torch.ones(t, p + t, dtype=torch.bool, device=h.device).tril(p)  # row i sees <= p + i
+        if mask is None:
+            mask = torch.ones(t, p + t, dtype=torch.bool, device=h.device).tril(p)  # row i sees <= p + i
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (N, H, t, d/H)
         return out.transpose(1, 2).reshape(n, t, d), (k, v)
 
@@ -265,12 +267,12 @@ class AdaLNLayer(nn.Module):
         hs = [gated_residual(hk, m[2], self.attn.proj, ak) for hk, m, ak in zip(hs, mods, a, strict=True)]
         return torch.cat([self._mlp(hk, m[3], m[4], m[5]) for hk, m in zip(hs, mods, strict=True)], 1)
 
-    def step(self, h: torch.Tensor, c: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, KV]:
+    def step(self, h: torch.Tensor, c: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """Decoding: new rows h (N, t, d) at positions `pos` after a cached prefix
-        (`Attention.mix_after`); returns (N, t, d) and the new rows' keys and values."""
+        (`Attention.mix_after`, with its mask); returns (N, t, d) and the new rows' keys and values."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        a, kv = self.attn.mix_after(norm_modulate(h, shift1, scale1, self.eps), past, pos)
+        a, kv = self.attn.mix_after(norm_modulate(h, shift1, scale1, self.eps), past, pos, mask)
         return self._mlp(gated_residual(h, gate1, self.attn.proj, a), shift2, scale2, gate2), kv
 
     def _mlp(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor

@@ -150,6 +150,19 @@ class ARBackbone(nn.Module):
             out.append(grown(past, kv))
         return out
 
+    def noisy_rows(self, z_in: torch.Tensor, c_noise: torch.Tensor, caches: Caches) -> torch.Tensor:
+        """F (N, T, d) of all T noisy rows c_in*z (N, T, d) after the clean rows' caches
+        (`extend` of the whole window): the noisy half of `forward` without recomputing the clean
+        half, as `ar_mask` says (noisy i sees clean < i and itself)."""
+        t = z_in.shape[1]
+        at = torch.arange(t, device=z_in.device)
+        h = self.z_embed(z_in) + self.embed.at(at)  # (N, T, d)
+        c_noisy = self.noise_embed(c_noise)  # (N, d)
+        mask = ar_mask(t, z_in.device)[t:]  # (T, 2T): the noisy rows of the training mask
+        for layer, past in zip(self.layers, caches, strict=True):
+            h, _ = layer.step(h, c_noisy, past, at, mask)
+        return self.final(h, c_noisy)  # (N, T, d)
+
     def noisy_step(self, z_in: torch.Tensor, c_noise: torch.Tensor, pos: int, caches: Caches | None,
                    new_token: torch.Tensor | None = None) -> tuple[torch.Tensor, Caches | None]:
         """Decoding: F (N, d) of one noisy row c_in*z (N, d) at position `pos` after the cached
@@ -193,6 +206,14 @@ class ARBlock(nn.Module):
         """x (N, T), z (N, T, d), sigma (N,) -> D (N, T, d), logits (N, T, V)."""
         d_hat = self.denoiser(z, sigma, x)
         return d_hat, self.head(d_hat)
+
+    def noisy_logits(self, z: torch.Tensor, sigma: float, caches: Caches) -> torch.Tensor:
+        """Logits (N, T, V) of every noisy row z (N, T, d) at level sigma after the window's clean
+        caches (`ARBackbone.noisy_rows`): `forward`'s logits without recomputing the clean rows."""
+        s = torch.full((len(z),), sigma, dtype=z.dtype, device=z.device)
+        p = precond(s[:, None, None], self.denoiser.sigma_data)  # each (N, 1, 1)
+        raw = self.denoiser.backbone.noisy_rows(p.c_in * z, p.c_noise.reshape(-1), caches)
+        return self.head(p.c_skip * z + p.c_out * raw)
 
     def decode_step(self, z: torch.Tensor, sigma: float, pos: int, caches: Caches | None,
                     new_token: torch.Tensor | None = None
@@ -538,11 +559,12 @@ def _level_probs(block: ARBlock, x: torch.Tensor, sigma: float, noise: LevelNois
     average out in the sum). Returns (N, T, V)."""
     n, t = x.shape
     emb = block.target_embedding  # (V, d)
+    clean = block.denoiser.backbone.extend(x, 0, None)  # the clean rows' caches, once per window
 
     def readout(z: torch.Tensor) -> torch.Tensor:  # z (C, N, T, d) -> probs (C, N, T, V)
         c = len(z)
-        sig = torch.full((c * n,), sigma, device=z.device)
-        _, logits = block(x.repeat(c, 1), z.reshape(c * n, t, -1), sig)
+        caches = [(k.repeat(c, 1, 1, 1), v.repeat(c, 1, 1, 1)) for k, v in clean]
+        logits = block.noisy_logits(z.reshape(c * n, t, -1), sigma, caches)
         return torch.softmax(logits.float(), -1).view(c, n, t, -1)
 
     if prev is None:
