@@ -1,7 +1,8 @@
 """Decoding levers of a trained AR language-model run, without retraining: held-out BPC of the
-chain for several Euler step counts, readouts (the last step's logits or the product of every
-step's beliefs) and numbers of initial noises averaged per position (`--chains`: the estimate of
-generation's distribution tightens as it grows), with the first chain's per-block probes, beside
+chain for several samplers (the Euler chain, the token-ancestral chain), step counts, readouts (the
+last step's logits or the product of every step's beliefs) and numbers of noises averaged per
+position (`--chains`: Euler's initial noises, whose estimate of generation's distribution tightens
+as it grows; the ancestral chain's draws per level and candidate), with per-block probes, beside
 the baseline run's BPC on the same windows.
 
     python benches/bench_lm_decode.py RUN_BLOCKS RUN_E2E --steps 4 --chains 1 8 32 128 512 \\
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("blocks", type=Path)
     ap.add_argument("e2e", type=Path)
     ap.add_argument("--valid-text", default=str(SHARED / "valid.txt"))
+    ap.add_argument("--samplers", nargs="+", default=["euler"], choices=["euler", "ancestral"])
     ap.add_argument("--steps", type=int, nargs="+", default=[4])
     ap.add_argument("--chains", type=int, nargs="+", default=[8])
     ap.add_argument("--decodes", nargs="+", default=["last"], choices=["last", "product"])
@@ -34,30 +36,33 @@ def main() -> None:
     data = f"text:{args.valid_text}"
     base = evaluate(args.e2e, data, num_samples=args.windows)
     rows = []
-    for steps in args.steps:
-        for decode in args.decodes:
-            for chains in args.chains:
-                r = evaluate(args.blocks, data, steps, decode, num_samples=args.windows, eval_chains=chains)
-                rows.append({"steps": steps, "decode": decode, "chains": chains, "bpc": r["bpc"],
-                             "bpc_stderr": r["bpc_stderr"], "ratio": r["bpc"] / base["bpc"],
-                             "per_block": r["per_block"], "seconds": r["seconds"]})
-                print(json.dumps(rows[-1]), flush=True)
+    for sampler in args.samplers:
+        for steps in args.steps:
+            for decode in args.decodes if sampler == "euler" else [None]:
+                for chains in args.chains:
+                    r = evaluate(args.blocks, data, steps, decode, num_samples=args.windows,
+                                 eval_chains=chains, sampler=sampler)
+                    rows.append({"sampler": sampler, "steps": steps, "decode": decode, "chains": chains,
+                                 "bpc": r["bpc"], "bpc_stderr": r["bpc_stderr"],
+                                 "ratio": r["bpc"] / base["bpc"],
+                                 "per_block": r["per_block"], "seconds": r["seconds"]})
+                    print(json.dumps(rows[-1]), flush=True)
     result = {"blocks": str(args.blocks), "e2e": str(args.e2e), "data": data, "baseline": base, "chain": rows}
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.md:
         lines = [f"# Decoding levers: {args.blocks.name} vs {args.e2e.name}", "",
-                 f"Command: `python benches/bench_lm_decode.py RUN_BLOCKS RUN_E2E --steps "
+                 f"Command: `python benches/bench_lm_decode.py RUN_BLOCKS RUN_E2E --samplers "
+                 f"{' '.join(args.samplers)} --steps "
                  f"{' '.join(map(str, args.steps))} --chains {' '.join(map(str, args.chains))} "
                  f"--decodes {' '.join(args.decodes)} --windows {args.windows}`; "
                  f"{base['num_tokens']} tokens.",
                  "", f"Baseline BPC {base['bpc']:.4f} (+- {base['bpc_stderr']:.4f}).", "",
-                 "| Euler steps | readout | chains | BPC | +- | / baseline "
-                 "| first chain's per-block probes |",
-                 "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            probes = " / ".join(f"{p['bpc_last']:.3f}" for p in r["per_block"])
-            lines.append(f"| {r['steps']} | {r['decode']} | {r['chains']} | {r['bpc']:.4f} | "
-                         f"{r['bpc_stderr']:.4f} | {r['ratio']:.3f} | {probes} |")
+                 "| sampler | steps | readout | chains | BPC | +- | / baseline | per-block probes |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in rows:  # Euler: the first chain's readout after each block; ancestral: exact p so far
+            probes = " / ".join(f"{p.get('bpc_last', p.get('bpc')):.3f}" for p in r["per_block"])
+            lines.append(f"| {r['sampler']} | {r['steps']} | {r['decode'] or 'last'} | {r['chains']} | "
+                         f"{r['bpc']:.4f} | {r['bpc_stderr']:.4f} | {r['ratio']:.3f} | {probes} |")
         args.md.write_text("\n".join(lines) + "\n")
 
 
