@@ -28,21 +28,23 @@ def main() -> None:
     ap.add_argument("--prompt", default="\n")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sampler", default=None, help="the blocks' chain (default: the run's config)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     options = {"num": args.num, "length": args.length, "prompt": args.prompt, "seed": 0}
+    sampler = {"sampler": args.sampler} if args.sampler else {}
     new_chars = args.num * (args.length - len(args.prompt))
     times: dict[str, list[float]] = {"blocks": [], "e2e": []}
     for r in range(args.rounds + 1):
         for kind, run in (("blocks", args.blocks), ("e2e", args.e2e)):
             t0 = time.perf_counter()
-            sample_text_run(run, options)
+            sample_text_run(run, {**options, **(sampler if kind == "blocks" else {})})
             if r:  # round 0 warms up
                 times[kind].append(time.perf_counter() - t0)
     speed = {k: new_chars / statistics.median(v) for k, v in times.items()}
     result = {"blocks": str(args.blocks), "e2e": str(args.e2e), "num": args.num, "length": args.length,
-              "threads": args.threads, "rounds": args.rounds, "seconds": times,
+              "threads": args.threads, "rounds": args.rounds, "sampler": args.sampler, "seconds": times,
               "chars_per_second": speed, "speed_ratio": speed["blocks"] / speed["e2e"],
               "meta": {"torch": torch.__version__, "machine": platform.machine()}}
     args.json.write_text(json.dumps(result, indent=2) + "\n")
