@@ -2,7 +2,7 @@
 chain for several samplers (the Euler chain, the token-ancestral chain), step counts, readouts (the
 last step's logits or the product of every step's beliefs) and numbers of noises averaged per
 position (`--chains`: Euler's initial noises, whose estimate of generation's distribution tightens
-as it grows; the ancestral chain's draws per level and candidate), with per-block probes, beside
+as it grows; the ancestral chain's `eval_draws` per level and candidate), with per-block probes, beside
 the baseline run's BPC on the same windows.
 
     python benches/bench_lm_decode.py RUN_BLOCKS RUN_E2E --steps 4 --chains 1 8 32 128 512 \\
@@ -41,7 +41,7 @@ def main() -> None:
             for decode in args.decodes if sampler == "euler" else [None]:
                 for chains in args.chains:
                     r = evaluate(args.blocks, data, steps, decode, num_samples=args.windows,
-                                 eval_chains=chains, sampler=sampler)
+                                 eval_chains=chains, eval_draws=chains, sampler=sampler)
                     rows.append({"sampler": sampler, "steps": steps, "decode": decode, "chains": chains,
                                  "bpc": r["bpc"], "bpc_stderr": r["bpc_stderr"],
                                  "ratio": r["bpc"] / base["bpc"],

@@ -226,6 +226,15 @@ def test_lm_cache_train_eval_sample_both_kinds(tmp_path, text, recipe):
         texts = sample_text_run(run, {"num": 2, "length": 12, "prompt": "To"})
         assert len(texts) == 2 and all(len(x) == 12 and x.startswith("To") for x in texts)
         assert set("".join(texts)) <= set(vocab)
+    if recipe == "arlm":  # the token-ancestral chain, by eval and sample alike
+        r = evaluate(tmp_path / "blocks", f"text:{valid}", num_samples=4, sampler="ancestral")
+        assert r["sampler"] == "ancestral" and r["eval_draws"] == 1 and 0 < r["bpc"] < 10
+        assert [p["block"] for p in r["per_block"]] == [0, 1]
+        texts = sample_text_run(tmp_path / "blocks", {"num": 2, "length": 12, "prompt": "To",
+                                                      "sampler": "ancestral"})
+        assert all(len(x) == 12 and x.startswith("To") for x in texts)
+        with pytest.raises(ValueError, match="decode='product'"):
+            evaluate(tmp_path / "blocks", f"text:{valid}", decode="product", sampler="ancestral")
 
 
 @pytest.mark.parametrize("recipe", ["mdlm", "arlm"])

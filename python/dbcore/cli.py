@@ -176,8 +176,8 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
 @click.option("--sampler", type=click.Choice(["euler", "heun", "ancestral"]), default=None,
               help="Euler (the paper's); DiT: or Heun's second-order step; AR and looped LMs: or ancestral")
 @click.option("--chains", type=click.IntRange(min=1), default=None,
-              help="AR and looped LMs: initial states per position, readouts averaged (AR ancestral: "
-                   "noise draws per level and candidate; default: config)")
+              help="AR (Euler) and looped LMs: initial states per position, readouts averaged "
+                   "(default: config)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, as_json):
     """The recipe's report of a DiffusionBlocks or end-to-end run (accuracy; FID and class accuracy; BPC)."""

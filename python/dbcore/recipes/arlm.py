@@ -75,7 +75,8 @@ class ARConfig(TextModelConfig):
     sigma_data: float = SIGMA_DATA  # c_skip/c_out/c_in's data std (METHOD.md 12: or E's per-coordinate std)
     sample_steps: int = 4  # Euler steps per token in all, allotted to blocks (the paper's 4)
     decode: str = "last"  # the prediction: the last step's logits or the product of every step's
-    eval_chains: int = 8  # BPC: Euler chains (ancestral: noise draws per level) averaged per position
+    eval_chains: int = 8  # BPC, Euler: chains from independent initial noise per position, averaged
+    eval_draws: int = 1  # BPC, ancestral: noise draws per level and candidate token (`ancestral_probs`)
     sampler: str = "euler"  # per token: the Euler chain (METHOD.md 6) or the token-ancestral one
 
     def __post_init__(self) -> None:
@@ -87,8 +88,9 @@ class ARConfig(TextModelConfig):
         if self.target_scale <= 0 or self.sigma_data <= 0:
             raise ValueError(f"target_scale and sigma_data must be > 0, got {self.target_scale}, "
                              f"{self.sigma_data}")
-        if self.eval_chains < 1:
-            raise ValueError(f"eval_chains must be >= 1, got {self.eval_chains}")
+        if min(self.eval_chains, self.eval_draws) < 1:
+            raise ValueError(f"eval_chains and eval_draws must be >= 1, got {self.eval_chains}, "
+                             f"{self.eval_draws}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if self.sampler not in SAMPLERS:
@@ -352,6 +354,7 @@ class ARRecipe(Recipe):
         steps = options.get("num_steps") or m.sample_steps
         decode = options.get("decode") or m.decode
         num_chains = options.get("eval_chains") or m.eval_chains
+        draws = options.get("eval_draws") or m.eval_draws
         if e2e is not None:
             vocab = vocab_of({layout.VOCAB: e2e.vocab})
             x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
@@ -359,7 +362,7 @@ class ARRecipe(Recipe):
                 logits = torch.cat([e2e(xb.to(next(e2e.parameters()).device)).float().cpu()
                                     for xb in x.split(EVAL_BATCH)])[:, :-1]  # predicts x_1..x_{T-1}
             nats = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (n, T-1)
-            steps = decode = sampler = num_chains = None
+            steps = decode = sampler = num_chains = draws = None
             per_block: list[dict] = []
         else:
             first = load_block(0)
@@ -368,9 +371,10 @@ class ARRecipe(Recipe):
             x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
             if sampler == "ancestral":
                 no_product(options)
-                decode = None
-                nats, per_block = self._ancestral_nats(load_block, x, steps, num_chains)
+                decode = num_chains = None
+                nats, per_block = self._ancestral_nats(load_block, x, steps, draws)
             else:
+                draws = None
                 nats, per_block = self._euler_nats(load_block, x, steps, decode, num_chains)
         per_window = nats.double().mean(1)
         n = len(per_window)
@@ -383,6 +387,7 @@ class ARRecipe(Recipe):
             "sampler": sampler,
             "decode": decode,
             "eval_chains": num_chains,
+            "eval_draws": draws,
             "seconds": round(time.perf_counter() - t0, 3),
             "per_block": per_block,
         }
