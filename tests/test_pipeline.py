@@ -269,3 +269,15 @@ def test_bf16_training_keeps_fp32_checkpoints_and_learns(tmp_path, cfg_path):
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
     losses = [json.loads(x)["loss"] for x in (tmp_path / "bf16/metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_batches_to_the_cpu_are_the_streamed_arrays():
+    import numpy as np
+
+    from dbcore.data import INDEX
+    from dbcore.loop import to_device
+
+    batch = {"tokens": np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2], INDEX: np.arange(3)}
+    out = to_device(batch, ("tokens",), torch.device("cpu"))
+    assert not out["tokens"].is_pinned() and out["tokens"].tolist() == [[0, 2], [4, 6], [8, 10]]
+    assert out[INDEX].tolist() == [0, 1, 2]
