@@ -473,7 +473,8 @@ class ARRecipe(Recipe):
         """`num` texts of `length` characters (prompt included, at most seq_len; the prompt
         defaults to a newline): per new token, the chain over the blocks from sigma_max (Euler or
         token-ancestral, `sampler`) with the clean prefix in every block's KV cache; greedy or
-        sampled (temperature, top-k) from the last level's logits."""
+        sampled (temperature, top-k) from the last level's logits. The ancestral chain's earlier
+        levels draw at temperature 1: the distribution its likelihood measures."""
         m = self.model_cfg
         sampler = sampler_of(options, m)
         models = [e2e] if e2e is not None else [load_block(b) for b in range(m.num_blocks)]
