@@ -27,7 +27,9 @@ def main() -> None:
     ap.add_argument("--valid-text", default=str(SHARED / "valid.txt"))
     ap.add_argument("--samplers", nargs="+", default=["euler"], choices=["euler", "ancestral"])
     ap.add_argument("--steps", type=int, nargs="+", default=[4])
-    ap.add_argument("--chains", type=int, nargs="+", default=[8])
+    ap.add_argument("--chains", type=int, nargs="+", default=[8], help="Euler: initial noises per position")
+    ap.add_argument("--draws", type=int, nargs="+", default=[1],
+                    help="ancestral: noise draws per level and candidate")
     ap.add_argument("--decodes", nargs="+", default=["last"], choices=["last", "product"])
     ap.add_argument("--windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--json", type=Path, required=True)
@@ -39,7 +41,7 @@ def main() -> None:
     for sampler in args.samplers:
         for steps in args.steps:
             for decode in args.decodes if sampler == "euler" else [None]:
-                for chains in args.chains:
+                for chains in args.chains if sampler == "euler" else args.draws:
                     r = evaluate(args.blocks, data, steps, decode, num_samples=args.windows,
                                  eval_chains=chains, eval_draws=chains, sampler=sampler)
                     rows.append({"sampler": sampler, "steps": steps, "decode": decode, "chains": chains,
@@ -52,12 +54,13 @@ def main() -> None:
     if args.md:
         lines = [f"# Decoding levers: {args.blocks.name} vs {args.e2e.name}", "",
                  f"Command: `python benches/bench_lm_decode.py RUN_BLOCKS RUN_E2E --samplers "
-                 f"{' '.join(args.samplers)} --steps "
+                 f"{' '.join(args.samplers)} --draws {' '.join(map(str, args.draws))} --steps "
                  f"{' '.join(map(str, args.steps))} --chains {' '.join(map(str, args.chains))} "
                  f"--decodes {' '.join(args.decodes)} --windows {args.windows}`; "
                  f"{base['num_tokens']} tokens.",
                  "", f"Baseline BPC {base['bpc']:.4f} (+- {base['bpc_stderr']:.4f}).", "",
-                 "| sampler | steps | readout | chains | BPC | +- | / baseline | per-block probes |",
+                 "| sampler | steps | readout | chains (Euler) or draws (ancestral) | BPC | +- | / baseline "
+                 "| per-block probes |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:  # Euler: the first chain's readout after each block; ancestral: exact p so far
             probes = " / ".join(f"{p.get('bpc_last', p.get('bpc')):.3f}" for p in r["per_block"])
