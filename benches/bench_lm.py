@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override [train] steps")
     ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--num-texts", type=int, default=8)
-    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--length", type=int, default=None, help="characters per sample (default: seq_len)")
     ap.add_argument("--prompt", default="\n")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--md", type=Path, default=None)
@@ -75,6 +75,7 @@ def main() -> None:
     from dbcore.judge import KneserNey
 
     cfg = config_mod.load(args.config)
+    args.length = args.length or cfg.model.seq_len
     store = args.workdir / "store"
     if not (store / "zarr.json").is_file():
         dbcore("cache", args.config, "--data", f"text:{args.train_text}", "--out", str(store))
@@ -117,8 +118,9 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
             ("judge BPC of samples (KN 5-gram)", "judge_bpc", 3), ("distinct 4-grams", "distinct_4", 3),
             ("sampling: characters per second (one shot; see bench_lm_speed.py)", "chars_per_second", 1)]
     lines = [f"# {r['recipe']} on Shakespeare: DiffusionBlocks vs end-to-end", "",
-             f"Command: `python benches/bench_lm.py {args.config} --workdir ... --json {args.json}`"
-             + (f" --steps {args.steps}" if args.steps else ""), "",
+             f"Command: `python benches/bench_lm.py {args.config} --workdir ... --json {args.json}"
+             + (f" --steps {args.steps}" if args.steps else "")
+             + (f" --eval-windows {args.eval_windows}" if args.eval_windows else "") + "`", "",
              f"{r['steps']} steps per block and for the baseline; {b['num_tokens']} held-out tokens of "
              f"`{Path(r['valid']).name}`; {args.num_texts} samples of {args.length} characters each.", "",
              "| | DiffusionBlocks | end-to-end |", "|---|---|---|"]
