@@ -6,7 +6,9 @@ Works on floats and on tensors alike; broadcast a per-sample sigma as `s[:, None
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,22 +64,26 @@ class EDMPrecond(torch.nn.Module):
     The backbone is called as `backbone(c_in * z, c_noise, *cond)` and returns F shaped like z;
     `forward` returns D. sigma is (N,) (or a scalar) and is broadcast over z's trailing dims here,
     once, for every recipe (METHOD.md 2 and 10: never a (N,) tensor against (N, T, d)).
+    `network`, where given, replaces the backbone's forward by another of its entry points with
+    the same contract (a decoding path over cached rows, for example).
     """
 
     def __init__(self, backbone: torch.nn.Module, sigma_data: float = SIGMA_DATA) -> None:
         super().__init__()
         self.backbone, self.sigma_data = backbone, sigma_data
 
-    def raw(self, z: torch.Tensor, sigma: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+    def raw(self, z: torch.Tensor, sigma: torch.Tensor, *cond: Any, network: Callable | None = None
+            ) -> torch.Tensor:
         """F(c_in z, c_noise, *cond), shaped like z: what a fused loss kernel takes beside z."""
         sigma = self._per_sample(z, sigma)
         p = precond(sigma.view(-1, *([1] * (z.dim() - 1))), self.sigma_data)  # each (N, 1, ...)
-        return self.backbone(p.c_in * z, p.c_noise.reshape(-1), *cond)
+        return (network or self.backbone)(p.c_in * z, p.c_noise.reshape(-1), *cond)
 
-    def forward(self, z: torch.Tensor, sigma: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor, *cond: Any, network: Callable | None = None
+                ) -> torch.Tensor:
         """z (N, ...), sigma (N,) or scalar -> D (N, ...)."""
         sigma = self._per_sample(z, sigma)
-        return denoise(z, self.raw(z, sigma, *cond).to(z.dtype), sigma, self.sigma_data)
+        return denoise(z, self.raw(z, sigma, *cond, network=network).to(z.dtype), sigma, self.sigma_data)
 
     @staticmethod
     def _per_sample(z: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:

@@ -48,6 +48,7 @@ from dbcore.recipes.lm import (
     TextModelConfig,
     TokenEmbedding,
     bits,
+    chosen_sampler,
     eval_windows,
     example_token_batch,
     example_token_frozen,
@@ -212,10 +213,7 @@ class ARBlock(nn.Module):
     def noisy_logits(self, z: torch.Tensor, sigma: float, caches: Caches) -> torch.Tensor:
         """Logits (N, T, V) of every noisy row z (N, T, d) at level sigma after the window's clean
         caches (`ARBackbone.noisy_rows`): `forward`'s logits without recomputing the clean rows."""
-        s = torch.full((len(z),), sigma, dtype=z.dtype, device=z.device)
-        p = precond(s[:, None, None], self.denoiser.sigma_data)  # each (N, 1, 1)
-        raw = self.denoiser.backbone.noisy_rows(p.c_in * z, p.c_noise.reshape(-1), caches)
-        return self.head(p.c_skip * z + p.c_out * raw)
+        return self.head(self.denoiser(z, sigma, caches, network=self.denoiser.backbone.noisy_rows))
 
     def decode_step(self, z: torch.Tensor, sigma: float, pos: int, caches: Caches | None,
                     new_token: torch.Tensor | None = None
@@ -270,11 +268,7 @@ class ARBaseline(nn.Module):
 
 
 def sampler_of(options: dict, cfg: ARConfig) -> str:
-    """The chain of an eval or sample call: the option given, else the config's."""
-    sampler = options.get("sampler") or cfg.sampler
-    if sampler not in SAMPLERS:
-        raise ValueError(f"{arg('sampler', sampler)}: the AR LM samples with one of {SAMPLERS}")
-    return sampler
+    return chosen_sampler(options, cfg.sampler, SAMPLERS, "the AR LM")
 
 
 def _bpc(scores: torch.Tensor, x: torch.Tensor) -> float:
@@ -375,7 +369,7 @@ class ARRecipe(Recipe):
                 nats, per_block = self._ancestral_nats(load_block, x, steps, draws)
             else:
                 draws = None
-                nats, per_block = self._euler_nats(load_block, x, steps, decode, num_chains)
+                nats, per_block = self._euler_nats(load_block, x, len(vocab), steps, decode, num_chains)
         per_window = nats.double().mean(1)
         n = len(per_window)
         return {
@@ -392,23 +386,20 @@ class ARRecipe(Recipe):
             "per_block": per_block,
         }
 
-    def _euler_nats(self, load_block: Any, x: torch.Tensor, steps: int, decode: str, num_chains: int
-                    ) -> tuple[torch.Tensor, list[dict]]:
+    def _euler_nats(self, load_block: Any, x: torch.Tensor, vocab_size: int, steps: int, decode: str,
+                    num_chains: int) -> tuple[torch.Tensor, list[dict]]:
         """-log p(x_i) (n, T-1) of the Euler chain from sigma_max given the true prefix: the
         readout's (last logits or product of beliefs) probability of the true token averaged over
         `num_chains` initial noises (a sharp readout commits to the token its chain chose, so one
         chain alone is not generation's distribution); probes of the first chain."""
         m, seed = self.model_cfg, self.cfg.train.seed
         n, t = x.shape
-        last = product = None
+        last, product = torch.zeros(n, t, vocab_size), torch.zeros(n, t, vocab_size)  # (n, T, V)
         chains = torch.zeros(num_chains, n, t - 1)  # log p(x_i) of each chain's readout
         per_block: list[dict] = []
 
         def observe(b: int, rows: slice, i: int, logits: torch.Tensor | None) -> None:
-            nonlocal last, product
             assert logits is not None
-            if last is None:
-                last, product = torch.zeros(n, t, logits.shape[-1]), torch.zeros(n, t, logits.shape[-1])
             last[rows] = logits.float().cpu()
             product[rows] += torch.log_softmax(logits.float(), -1).cpu()
 
@@ -417,8 +408,7 @@ class ARRecipe(Recipe):
                 per_block.append({"block": b, "bpc_last": _bpc(last, x), "bpc_product": _bpc(product, x)})
 
         for k in range(num_chains):  # independent initial noise: the chain's own distribution
-            if product is not None:
-                product.zero_()
+            product.zero_()
             eps = rng.gaussian(torch.arange(n), t * m.dim, seed, m.num_blocks, k)  # k = 0: initial_noise
             eps = eps.float().view(n, t, m.dim)
             run_chain(self, load_block, {layout.TOKENS: x}, SIGMA_MAX * eps, m.num_blocks, steps,

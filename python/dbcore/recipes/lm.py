@@ -127,6 +127,14 @@ def pick(logits: torch.Tensor, options: dict, g: torch.Generator) -> torch.Tenso
     return torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g)[:, 0].to(logits.device)
 
 
+def chosen_sampler(options: dict, configured: str, samplers: tuple[str, ...], who: str) -> str:
+    """The sampler of an eval or sample call: the option given, else the config's; one of `samplers`."""
+    sampler = options.get("sampler") or configured
+    if sampler not in samplers:
+        raise ValueError(f"{arg('sampler', sampler)}: {who} samples with one of {samplers}")
+    return sampler
+
+
 def bits(nats: float) -> float:
     return nats / math.log(2)
 

@@ -50,6 +50,7 @@ from dbcore.recipes.lm import (
     TextModelConfig,
     TokenEmbedding,
     bits,
+    chosen_sampler,
     eval_windows,
     example_token_batch,
     example_token_frozen,
@@ -312,10 +313,7 @@ class LoopedRecipe(Recipe):
 
     def _sampler(self, options: dict) -> str:
         """The denoiser's sampler of an eval or sample call: the option given, else the config's."""
-        sampler = options.get("sampler") or self.model_cfg.sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"{arg('sampler', sampler)}: a looped run samples with one of {SAMPLERS}")
-        return sampler
+        return chosen_sampler(options, self.model_cfg.sampler, SAMPLERS, "a looped run")
 
     def _context(self, model: LoopedLM, batch) -> torch.Tensor:
         """e (N, T-1, d): the cached activations of a frozen prelude, or the prelude's forward."""
