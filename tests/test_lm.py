@@ -14,7 +14,8 @@ from dbcore.cli import main
 from dbcore.edm import SIGMA_MAX
 from dbcore.evaluate import evaluate, sample_text_run
 from dbcore.recipes import for_config
-from dbcore.recipes.arlm import ARBaseline, ARBlock, LevelNoise, _level_probs, ar_mask, arlm_tiny
+from dbcore.recipes.ancestral import LevelNoise
+from dbcore.recipes.arlm import ARBaseline, ARBlock, _level_probs, ar_mask, arlm_tiny
 from dbcore.recipes.mdlm import MASK, elbo_weight, mask_probability, time_slice
 from dbcore.recipes.vit import make_target_embedding
 from dbcore.sources import load_source
@@ -347,7 +348,7 @@ def test_ar_ancestral_likelihood_is_the_distribution_generation_samples(tmp_path
             block.denoiser.backbone.final.linear.weight.normal_(0, 0.3)
     prompt = TEXT[:9]
     ids = torch.tensor([[int((vocab == ord(ch)).nonzero()) for ch in TEXT[:16]]])  # (1, 16)
-    p, _ = recipe.ancestral_probs(lambda b: blocks[b], ids, 3, draws=64)
+    p, _ = recipe.ancestral_probs(lambda b: blocks[b], ids, 3, draws=256)
     expect = p[0, len(prompt)]  # (V,): token 9 given the true prefix
     texts = recipe.sample_text(lambda b: blocks[b], None, {"num": 8000, "length": len(prompt) + 1,
                                                           "prompt": prompt, "seed": 1})

@@ -21,6 +21,9 @@ from dbcore.recipes.looped import (
     LoopedConfig,
     LoopedDenoiser,
     LoopedRecipe,
+    ancestral_probs,
+    context_mask,
+    generate,
     looped_tiny,
     poisson_lognormal,
     run_iterations,
@@ -86,6 +89,8 @@ def _row_logits(model, cfg, x, noise, iterations=3):
 
 @pytest.mark.parametrize("kind", ["blocks", "e2e"])
 def test_row_i_sees_tokens_up_to_i_and_states_up_to_i_only(kind):
+    """Row i predicts x_{i+1}: it reads x_0..x_i; the baseline's row reads the states of rows
+    0..i, the denoiser's noisy row its own state only (the AR masks)."""
     cfg, model = _model(kind)
     t, d, i = cfg.seq_len, cfg.dim, 6
     x = torch.randint(0, 11, (1, t))
@@ -97,11 +102,11 @@ def test_row_i_sees_tokens_up_to_i_and_states_up_to_i_only(kind):
             y[0, j] = (y[0, j] + 1) % 11
             moved = not torch.equal(_row_logits(model, cfg, y, noise)[0, i], base)
             assert moved == (j <= i), j
-        for j in range(t - 1):  # and the states of rows 0..i only
+        for j in range(t - 1):
             m = noise.clone()
             m[0, j] += 1.0
             moved = not torch.equal(_row_logits(model, cfg, x, m)[0, i], base)
-            assert moved == (j <= i), j
+            assert moved == (j == i if kind == "blocks" else j <= i), j
 
 
 @pytest.mark.parametrize("kind", ["blocks", "e2e"])
@@ -122,6 +127,67 @@ def test_kv_cached_iterations_equal_the_parallel_forward(kind, positions):
             logits, caches = run_iterations(model, e, noise[:, pos:pos + 1], k, pos, caches, cfg.init_std)
             rows.append(logits)
     torch.testing.assert_close(torch.cat(rows, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_context_mask_noisy_rows_see_context_up_to_their_position_and_themselves():
+    m = context_mask(3, 6, 2)  # rows at positions 2, 3, 4 after 6 cached context rows
+    assert m.shape == (3, 9)
+    for j in range(3):
+        assert m[j, :6].tolist() == [c <= 2 + j for c in range(6)]
+        assert m[j, 6:].tolist() == [k == j for k in range(3)]
+
+
+def test_denoiser_training_pass_equals_the_joint_masked_forward():
+    """The context rows then the noisy rows after their caches (training, eval, generation) equal
+    one forward of all 2(T-1) rows under the AR mask, the layout METHOD.md 11 states."""
+    cfg, model = _model("blocks")
+    t, d = cfg.seq_len - 1, cfg.dim
+    x = torch.randint(0, 11, (2, cfg.seq_len))
+    z, sigma = torch.randn(2, t, d), torch.tensor([0.7, 3.0])
+    with torch.no_grad():
+        e, _ = model.context(x[:, :-1])
+        _, logits = model.denoise(z, sigma, e, model.context_caches(e))
+        # the joint forward, by hand: rows [context; noisy], context causal, noisy i -> context <= i, itself
+        from dbcore.edm import SIGMA_DATA, precond
+
+        p = precond(sigma.view(-1, 1, 1), SIGMA_DATA)
+        noisy = model.adapter(torch.cat([p.c_in * z, e], -1)) + model.noise_embed(p.c_noise.view(-1))[:, None]
+        mask = torch.cat([torch.cat([torch.ones(t, t).tril().bool(), torch.zeros(t, t).bool()], 1),
+                          context_mask(t, t, 0)])
+        pos = torch.cat([torch.arange(t), torch.arange(t)])
+        h = torch.cat([e, noisy], 1)
+        for layer in model.core:
+            h = layer(h, mask, pos)
+        d_hat = p.c_skip * z + p.c_out * model.out(model.core_norm(h[:, t:]))
+        g = torch.cat([h[:, :t], model.coda_in(d_hat)], 1)
+        for layer in model.coda:
+            g = layer(g, mask, pos)
+        joint = model.head(model.norm(g[:, t:]))
+    torch.testing.assert_close(logits, joint, atol=1e-5, rtol=1e-5)
+
+
+def test_ancestral_likelihood_is_the_distribution_generation_samples():
+    """The denoiser's token-ancestral chain, two implementations: the exact-over-tokens
+    likelihood (`ancestral_probs`, all rows of a window at once) and KV-cached generation (one
+    token at a time) give the same distribution of the next token, and the later levels change it."""
+    cfg, model = _model("blocks", target_scale=1.0)
+    with torch.no_grad():  # sharper readouts that lean on the noisy state
+        model.head.weight.mul_(8.0)
+        model.adapter.weight[:, :cfg.dim].mul_(12.0)
+    x = torch.randint(0, 11, (1, cfg.seq_len), generator=torch.Generator().manual_seed(3))
+    prompt = 7
+    with torch.no_grad():
+        expect = ancestral_probs(model, x, 3, torch.arange(1), 0, draws=64)[0, prompt - 1]  # (V,) of x_7
+        first = ancestral_probs(model, x, 1, torch.arange(1), 0, draws=64)[0, prompt - 1]  # level 0 alone
+        rows = x[:, :prompt].repeat(6000, 1)
+        out = generate(model, rows, prompt + 1, 3, {}, torch.Generator().manual_seed(1), sampler="ancestral")
+    freq = torch.bincount(out[:, -1], minlength=11).double() / len(out)
+
+    def tv(a, b):
+        return 0.5 * float((a.double() - b.double()).abs().sum())
+
+    assert tv(freq, expect) < 0.04, (tv(freq, expect), tv(first, expect))
+    assert tv(first, expect) > 0.06 and tv(freq, first) > 0.06  # the later levels matter
 
 
 def test_huginn_iteration_counts_have_the_configured_mean():
@@ -168,18 +234,28 @@ def test_cache_train_eval_sample_and_the_compute_ledger(tmp_path, text):
     write_cache(cfg, load_source(f"text:{text}"), tmp_path / "c.zarr", progress=False)
     (blocks,) = train_run(cfg, tmp_path / "c.zarr", tmp_path / "blocks", progress=False)
     (e2e,) = train_run(cfg, tmp_path / "c.zarr", tmp_path / "e2e", e2e=True, progress=False)
-    assert blocks["compute"]["passes"] == {"prelude": [12, 12], "core": [12, 12], "coda": [12, 12]}
+    assert blocks["compute"]["passes"] == {"prelude": [12, 12], "context": [12, 12], "core": [12, 12],
+                                           "coda": [12, 12]}
     core = e2e["compute"]["passes"]["core"]
     assert core[0] > core[1] >= 12 and core[1] <= 2 * 12  # r iterations forward, min(r, k) backward
-    assert e2e["compute"]["flops"] > blocks["compute"]["flops"] > 0
+    from dbcore.flops import BACKWARD_FACTOR
+    from dbcore.recipes.base import read_store_frozen
+
+    per_pass = LoopedRecipe(cfg).pass_flops(16, read_store_frozen(tmp_path / "c.zarr"))
+    for run in (blocks, e2e):  # every pass of every module at its forward FLOPs, backward at 2x
+        c = run["compute"]
+        expect = sum((f + BACKWARD_FACTOR * b) * per_pass[name] for name, (f, b) in c["passes"].items())
+        assert c["flops"] == pytest.approx(expect, rel=1e-9) and c["flops"] > 0
+    assert per_pass["context"] > 0.5 * per_pass["core"]  # the context rows cost about a core pass
     _, meta = checkpoint.load(tmp_path / "e2e/e2e")
     assert meta["compute"] == e2e["compute"]  # kept with the checkpoint
     valid = tmp_path / "valid.txt"
     valid.write_text(TEXT[:400])
     for run in (tmp_path / "blocks", tmp_path / "e2e"):
         for k in (1, 4):
-            r = evaluate(run, f"text:{valid}", k, num_samples=8, eval_chains=2)
-            assert r["num_windows"] == 8 and r["iterations"] == k and 0 < r["bpc"] < 10
+            for sampler in ([None] if run.name == "e2e" else ["euler", "ancestral"]):
+                r = evaluate(run, f"text:{valid}", k, num_samples=8, eval_chains=2, sampler=sampler)
+                assert r["num_windows"] == 8 and r["iterations"] == k and 0 < r["bpc"] < 10
         texts = sample_text_run(run, {"num": 2, "length": 12, "prompt": "To"})
         assert len(texts) == 2 and all(len(x) == 12 and x.startswith("To") for x in texts)
 

@@ -345,10 +345,11 @@ class PreLNLayer(nn.Module):
         h = h + self.attn(self.norm1(h), mask, pos)
         return h + self.mlp(self.norm2(h))
 
-    def step(self, h: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, KV]:
-        """Decoding: new rows h (N, t, d) after a cached prefix; (N, t, d) and their keys/values."""
-        a, kv = self.attn.mix_after(self.norm1(h), past, pos)
+    def step(self, h: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        """New rows h (N, t, d) after a cached prefix (causal, or as `mask` (t, prefix + t) says);
+        (N, t, d) and their keys/values."""
+        a, kv = self.attn.mix_after(self.norm1(h), past, pos, mask)
         h = h + self.attn.proj(a)
         return h + self.mlp(self.norm2(h)), kv
 

@@ -42,6 +42,7 @@ from dbcore.edm import SIGMA_DATA, SIGMA_MAX, EDMPrecond, precond
 from dbcore.layers import KV, LN_EPS, AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
 from dbcore.noise import mix_token_targets
 from dbcore.partition import CONFIG_SIGMA_DISTS, euler_schedule
+from dbcore.recipes.ancestral import TINY, LevelNoise, level_probs, nats_of
 from dbcore.recipes.base import NoiseRequest, Recipe
 from dbcore.recipes.lm import (
     EVAL_BATCH,
@@ -421,17 +422,15 @@ class ARRecipe(Recipe):
                         ) -> tuple[torch.Tensor, list[dict]]:
         """-log p(x_i) (n, T-1) of the token-ancestral chain (`ancestral_probs`) and its probes."""
         p, per_block = self.ancestral_probs(load_block, x, steps, draws)
-        return -p[:, 1:].clamp_min(TINY).log().gather(-1, x[:, 1:, None])[..., 0], per_block
+        return nats_of(p[:, 1:], x[:, 1:]), per_block
 
     def ancestral_probs(self, load_block: Any, x: torch.Tensor, steps: int, draws: int
                         ) -> tuple[torch.Tensor, list[dict]]:
         """Generation's distribution (n, T, V) of token i given the true prefix x_<i under the
-        token-ancestral chain, exact over its token draws: level 0 gives
-        pi_0 = E_eps softmax(logits(sigma_max eps)); each later level s maps the token
-        distribution p to p T_s, T_s[a, b] = E_eps softmax(logits(E[a] + sigma_s eps))[b]. Noisy
-        rows see no other noisy row, so one forward evaluates candidate a at every position. Only
-        eps is Monte Carlo (`draws` per level and candidate), so the estimate has none of the
-        Euler chain's log-of-a-mean bias from committed tokens. Probes: BPC after each block."""
+        token-ancestral chain, exact over its token draws (`dbcore.recipes.ancestral`; noisy rows
+        see no other noisy row). Only eps is Monte Carlo (`draws` per level and candidate), so the
+        estimate has none of the Euler chain's log-of-a-mean bias from committed tokens. Probes:
+        BPC after each block."""
         m, seed = self.model_cfg, self.cfg.train.seed
         schedule = euler_schedule(m.num_blocks, steps)
         n, t = x.shape
@@ -516,45 +515,17 @@ class ARRecipe(Recipe):
         return x
 
 
-TINY = 1e-30  # floor of a probability before its log
-CANDIDATES = 8  # candidate tokens per forward of `_level_probs` (batched along N)
-
-
 def no_product(options: dict) -> None:
     if options.get("decode") == "product":
         raise ValueError(f"{arg('decode', 'product')}: the ancestral sampler reads the last level's "
                          "logits only")
 
 
-@dataclass
-class LevelNoise:
-    """The token-ancestral likelihood's eps: draw k (N, T, d) of candidate a (-1 at level 0) at
-    level `level`, counter-based, keyed (seed, window, block = B + 1, draw): block id B + 1
-    belongs to no network block and not to the Euler chain's initial noise (B)."""
-
-    windows: torch.Tensor  # (N,) window indices
-    shape: tuple[int, int]  # (T, d)
-    seed: int
-    num_blocks: int
-    level: int
-    draws: int
-    vocab_size: int
-    device: torch.device
-
-    def __call__(self, a: int, k: int) -> torch.Tensor:
-        draw = (self.level * (self.vocab_size + 1) + a + 1) * self.draws + k
-        eps = rng.gaussian(self.windows, math.prod(self.shape), self.seed, self.num_blocks + 1, draw)
-        return eps.float().view(-1, *self.shape).to(self.device)
-
-
 def _level_probs(block: ARBlock, x: torch.Tensor, sigma: float, noise: LevelNoise, prev: torch.Tensor | None
                  ) -> torch.Tensor:
-    """One level of the token-ancestral chain for windows x (N, T): with prev None, the readout
-    E_eps softmax(logits(sigma eps)); else sum_a prev[..., a] E_eps softmax(logits(E[a] + sigma eps)),
-    candidates a batched `CANDIDATES` at a time, each with its own draws (so their errors
-    average out in the sum). Returns (N, T, V)."""
+    """One level of the token-ancestral chain (`dbcore.recipes.ancestral.level_probs`) for
+    windows x (N, T): the clean rows' caches once, every candidate's noisy rows after them."""
     n, t = x.shape
-    emb = block.target_embedding  # (V, d)
     clean = block.denoiser.backbone.extend(x, 0, None)  # the clean rows' caches, once per window
 
     def readout(z: torch.Tensor) -> torch.Tensor:  # z (C, N, T, d) -> probs (C, N, T, V)
@@ -563,17 +534,7 @@ def _level_probs(block: ARBlock, x: torch.Tensor, sigma: float, noise: LevelNois
         logits = block.noisy_logits(z.reshape(c * n, t, -1), sigma, caches)
         return torch.softmax(logits.float(), -1).view(c, n, t, -1)
 
-    if prev is None:
-        return sum(readout(sigma * noise(-1, k)[None])[0] for k in range(noise.draws)) / noise.draws
-    out = torch.zeros_like(prev)
-    live = (prev > 0).flatten(0, 1).any(0).nonzero()[:, 0].tolist()  # candidates with any mass
-    for start in range(0, len(live), CANDIDATES):
-        chunk = live[start:start + CANDIDATES]
-        weight = prev[..., chunk].permute(2, 0, 1) / noise.draws  # (C, N, T)
-        for k in range(noise.draws):
-            z = emb[chunk][:, None, None] + sigma * torch.stack([noise(a, k) for a in chunk])  # (C, N, T, d)
-            out += torch.einsum("cnt,cntv->ntv", weight, readout(z))
-    return out
+    return level_probs(readout, block.target_embedding, sigma, noise, prev)
 
 
 def arlm_tiny(**overrides: Any) -> ARConfig:

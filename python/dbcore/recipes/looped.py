@@ -3,25 +3,29 @@
 Both models share one layout. The prelude (causal layers over the tokens x_0..x_{T-2}) gives the
 context e; a core of `core_layers` layers is applied K times to a state s (N, T-1, d), each time
 reading adapter(concat(s, e)); a coda reads the state and gives next-token logits: row i predicts
-x_{i+1}. Attention is causal over positions everywhere, so row i carries nothing of tokens after
-x_{i+1}, the one it predicts, and at iteration k it sees the earlier rows' iteration-k states (the
-KV caches of generation hold exactly those).
+x_{i+1}, so it may read x_0..x_i and nothing later.
 
 DiffusionBlocks (a "blocks" run of one block: every iteration shares the core's weights, so the
 whole noise range is the core's): the state is the noisy next-token embedding z_i = E[x_{i+1}] +
-sigma eps_i (E frozen, unit-norm rows; one sigma per sequence, log-normal over the full range).
-D = c_skip z + c_out F with F the core's output; the coda reads D, and softmax(logits) @ E is the
-D_hat of the Euler step (METHOD.md 12). Training runs the prelude, the core and the coda once at
-the sampled sigma: no unrolling, no back-propagation through time. Inference: K Euler steps from
-sigma_max (`euler_schedule(1, K)`), the last logits are the prediction.
+sigma eps_i (E frozen, rows of norm `target_scale`; one sigma per sequence over the full range).
+D = c_skip z + c_out F with F the core's output; the coda reads D. Core and coda run the AR
+recipe's masks (METHOD.md 11): the context rows e are causal and carry no sigma, so their keys and
+values are computed once per window and shared by all K iterations; noisy row i sees the context
+rows <= i and itself, no other noisy row. Training runs the prelude, the context rows and one
+noisy pass of the core and coda at the sampled sigma: no unrolling, no back-propagation through
+time. Inference: K levels from sigma_max (`euler_schedule(1, K)`), Euler steps with
+D_hat = softmax(logits) @ E (METHOD.md 12) or the token-ancestral chain; the last logits predict.
+Since the noisy rows are independent given the context, the ancestral chain's likelihood is exact
+over its token draws (`dbcore.recipes.ancestral`).
 
 Baseline (`--e2e`, Huginn's recipe at small scale): a random initial state, r ~ Poisson-lognormal
 iterations around `train_iterations` per step, gradients through the last `backprop_iterations`
-only (truncated BPTT), the coda on the final state.
+only (truncated BPTT), the coda on the final state; attention causal over positions everywhere,
+so at iteration k row i sees the earlier rows' iteration-k states (generation's KV caches).
 
-Both are evaluated with K iterations chosen at inference (test-time depth); a random initial state
-makes either model's prediction depend on the noise, so BPC averages the readout's probabilities
-over `eval_chains` initial states (as the AR recipe does).
+Both are evaluated with K iterations chosen at inference (test-time depth). A random initial state
+makes a prediction depend on the noise: the baseline's (and the denoiser's Euler chain's) BPC
+averages the readout's probabilities over `eval_chains` initial states.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from dbcore.flops import layer_flops, linear_flops
 from dbcore.layers import KV, LN_EPS, NoiseEmbedder, PreLNLayer
 from dbcore.noise import mix_token_targets
 from dbcore.partition import SIGMA_DISTS, euler_schedule
+from dbcore.recipes.ancestral import LevelNoise, Readout, level_probs, nats_of
 from dbcore.recipes.base import Noised, NoiseRequest, Recipe, read_store_frozen
 from dbcore.recipes.lm import (
     EVAL_BATCH,
@@ -71,6 +76,7 @@ from dbcore.rundir import RunError
 from dbcore.wording import arg
 
 Caches = list[KV]  # one (keys, values) per layer of a stack
+ContextCaches = tuple[Caches, Caches]  # the denoiser's context rows in the core and in the coda
 HUGINN_SIGMA = 0.5  # std of ln(rate) of the Poisson-lognormal iteration count (Huginn)
 BASELINE_LAW = (1.0, 1.0, "loguniform")  # the baseline's "noise": unit eps alone, its initial state
 SAMPLERS = ("euler", "ancestral")  # the denoiser's steps, see run_iterations
@@ -91,7 +97,8 @@ class LoopedConfig(TextModelConfig):
     init_std: float = 1.0  # baseline: std of the random initial state
     sigma_dist: str = "lognormal"  # DiffusionBlocks: sigma over the full range, lognormal or loguniform
     target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12)
-    eval_chains: int = 8  # BPC: readout probabilities averaged over this many initial states
+    eval_chains: int = 8  # BPC (baseline, Euler): readouts averaged over this many initial states
+    eval_draws: int = 1  # BPC (ancestral): noise draws per level and candidate token (`ancestral_probs`)
     sampler: str = "euler"  # the denoiser's steps: "euler" (METHOD.md 6) or "ancestral" (run_iterations)
     frozen_prelude: str = ""  # a finished looped run whose prelude is frozen (`--freeze-prelude`)
 
@@ -109,8 +116,10 @@ class LoopedConfig(TextModelConfig):
         if self.layer_split is not None:
             raise ValueError("layer_split does not apply to a looped model: set prelude/core/coda_layers")
         super().__post_init__()
-        if min(self.iterations, self.train_iterations, self.backprop_iterations, self.eval_chains) < 1:
-            raise ValueError("iterations, train_iterations, backprop_iterations and eval_chains must be >= 1")
+        if min(self.iterations, self.train_iterations, self.backprop_iterations, self.eval_chains,
+               self.eval_draws) < 1:
+            raise ValueError("iterations, train_iterations, backprop_iterations, eval_chains and eval_draws "
+                             "must be >= 1")
         if self.sigma_dist not in SIGMA_DISTS:
             raise ValueError(f"sigma_dist must be one of {SIGMA_DISTS}, got {self.sigma_dist!r}")
         if self.sampler not in SAMPLERS:
@@ -172,8 +181,20 @@ class LoopedLM(nn.Module):
         return self.head(self.norm(h)), caches
 
 
+def context_mask(rows: int, cached: int, start: int, device: torch.device | None = None) -> torch.Tensor:
+    """(rows, cached + rows) bool, True where noisy row j (position start + j) may attend: the
+    cached context rows at positions <= start + j, and itself (the AR masks, METHOD.md 11:
+    e_i holds x_0..x_i and row i predicts x_{i+1}, so it sees context i; no other noisy row)."""
+    pos = torch.arange(start, start + rows, device=device)
+    ctx = torch.arange(cached, device=device)[None] <= pos[:, None]  # (rows, cached)
+    return torch.cat([ctx, torch.eye(rows, dtype=torch.bool, device=device)], 1)
+
+
 class LoopedDenoiser(LoopedLM):
-    """DiffusionBlocks: the core is a denoiser of the next-token embedding at noise level sigma."""
+    """DiffusionBlocks: the core is a denoiser of the next-token embedding at noise level sigma.
+    Core and coda see two kinds of rows, as the AR recipe's blocks: context rows (the prelude's
+    e, causal, no sigma in them, so their keys and values are computed once per window and shared
+    by every iteration) and noisy rows, each seeing the context up to its position and itself."""
 
     def __init__(self, cfg: LoopedConfig, vocab: torch.Tensor, emb: torch.Tensor) -> None:
         super().__init__(cfg, vocab, emb)
@@ -184,18 +205,32 @@ class LoopedDenoiser(LoopedLM):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def denoise(self, z: torch.Tensor, sigma: torch.Tensor, e: torch.Tensor, start: int = 0,
-                past: tuple[Caches, Caches] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, tuple[Caches, Caches]]:
-        """z (N, t, d) at levels sigma (N,), context e (N, t, d) -> D (N, t, d), logits (N, t, V)
-        and the (core, coda) caches of this iteration."""
+    def context_caches(self, e: torch.Tensor, start: int = 0, past: ContextCaches | None = None
+                       ) -> ContextCaches:
+        """The (core, coda) caches of context rows e (N, t, d) at positions start.., grown from
+        `past` (the earlier positions'): the core's causal pass over e, the coda's over its output."""
+        h, core = causal_stack(self.core, e, start, None if past is None else past[0])
+        _, coda = causal_stack(self.coda, h, start, None if past is None else past[1])
+        return core, coda
+
+    def denoise(self, z: torch.Tensor, sigma: torch.Tensor, e: torch.Tensor, caches: ContextCaches,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy rows z (N, t, d) at positions start.. and levels sigma (N,), with their context
+        rows e (N, t, d), after `caches` (`context_caches` of positions up to start + t - 1)
+        -> D (N, t, d) and logits (N, t, V)."""
+        t = z.shape[1]
         p = precond(sigma.view(-1, 1, 1), SIGMA_DATA)  # each (N, 1, 1)
         h = self.adapter(torch.cat([p.c_in * z, e], -1))  # (N, t, d)
         h = h + self.noise_embed(p.c_noise.view(-1))[:, None]  # (N, t, d)
-        h, core_caches = causal_stack(self.core, h, start, None if past is None else past[0])
+        pos = torch.arange(start, start + t, device=z.device)
+        mask = context_mask(t, caches[0][0][0].shape[2], start, z.device)  # (t, cached + t)
+        for layer, past in zip(self.core, caches[0], strict=True):
+            h, _ = layer.step(h, past, pos, mask)
         d_hat = p.c_skip * z + p.c_out * self.out(self.core_norm(h))  # METHOD.md 2
-        logits, coda_caches = self.read(d_hat, start, None if past is None else past[1])
-        return d_hat, logits, (core_caches, coda_caches)
+        g = self.coda_in(d_hat)  # (N, t, d)
+        for layer, past in zip(self.coda, caches[1], strict=True):
+            g, _ = layer.step(g, past, pos, mask)
+        return d_hat, self.head(self.norm(g))
 
 
 class LoopedBPTT(LoopedLM):
@@ -216,23 +251,23 @@ class LoopedBPTT(LoopedLM):
 
 
 def run_iterations(model: LoopedLM, e: torch.Tensor, noise: torch.Tensor, iterations: int, start: int = 0,
-                   caches: list | None = None, init_std: float = 1.0, sampler: str = "euler",
-                   g: torch.Generator | None = None) -> tuple[torch.Tensor, list]:
+                   caches: Any = None, init_std: float = 1.0, sampler: str = "euler",
+                   g: torch.Generator | None = None) -> tuple[torch.Tensor, Any]:
     """Logits (N, t, V) of rows with context e (N, t, d) at positions start.. after `iterations`
-    iterations from the initial noise (N, t, d), and the caches of every iteration (given: the
-    prefix's, grown by these rows). The baseline iterates its core from init_std * noise, then the
-    coda reads. The denoiser steps from sigma_max down the grid of `euler_schedule(1, K)`:
-    "euler" moves z along (z - D_hat) / sigma with D_hat = softmax(logits) @ E (METHOD.md 6, 12);
-    "ancestral" draws a token from the logits and restarts from its row at the next level,
-    z = E[token] + sigma_next * eps (draws from `g`), so every step sees a state like those it was
-    trained on and the chain keeps the denoiser's calibrated beliefs instead of sharpening them."""
-    grown_caches = []
+    iterations from the initial noise (N, t, d), and the caches grown by these rows (given: the
+    prefix's). The baseline iterates its core from init_std * noise (a cache per iteration), then
+    the coda reads. The denoiser grows its context caches once and steps from sigma_max down the
+    grid of `euler_schedule(1, K)`: "euler" moves z along (z - D_hat) / sigma with
+    D_hat = softmax(logits) @ E (METHOD.md 6, 12); "ancestral" draws a token from the logits and
+    restarts from its row at the next level, z = E[token] + sigma_next * eps (draws from `g`), so
+    every step sees a state like those it was trained on (its likelihood: `ancestral_probs`)."""
     if isinstance(model, LoopedDenoiser):
+        caches = model.context_caches(e, start, caches)
         z = SIGMA_MAX * noise
         emb = model.target_embedding
-        for k, s in enumerate(euler_schedule(1, iterations)):
+        for s in euler_schedule(1, iterations):
             sigma = torch.full((len(z),), s.sigma, device=z.device)
-            _, logits, c = model.denoise(z, sigma, e, start, None if caches is None else caches[k])
+            _, logits = model.denoise(z, sigma, e, caches, start)
             probs = torch.softmax(logits.float(), -1)  # (N, t, V)
             if sampler == "ancestral":
                 token = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1, generator=g)
@@ -241,14 +276,46 @@ def run_iterations(model: LoopedLM, e: torch.Tensor, noise: torch.Tensor, iterat
             else:
                 d_hat = probs @ emb  # METHOD.md 12
                 z = z + (s.sigma_next - s.sigma) * (z - d_hat) / s.sigma
-            grown_caches.append(c)
-        return logits, grown_caches
+        return logits, caches
+    grown_caches = []
     state = init_std * noise
     for k in range(iterations):
         state, c = model.iterate(state, e, start, None if caches is None else caches[k])
         grown_caches.append(c)
     logits, c = model.read(state, start, None if caches is None else caches[iterations])
     return logits, grown_caches + [c]
+
+
+def ancestral_probs(model: LoopedDenoiser, x: torch.Tensor, iterations: int, windows: torch.Tensor,
+                    seed: int, draws: int) -> torch.Tensor:
+    """Generation's distribution (N, T-1, V) of x_{i+1} given x_0..x_i for windows x (N, T) under
+    the token-ancestral chain of K levels, exact over its token draws (`dbcore.recipes.ancestral`):
+    the context caches once per window, every candidate's noisy rows after them. `windows` (N,)
+    key the counter-based eps (`draws` per level and candidate)."""
+    n, t = x.shape
+    e, _ = model.context(x[:, :-1])  # (N, T-1, d)
+    caches = model.context_caches(e)
+    emb = model.target_embedding
+    rep = None  # the caches repeated for a batch of candidates
+
+    def readout_at(sigma: float) -> Readout:
+        def readout(z: torch.Tensor) -> torch.Tensor:  # (C, N, T-1, d) -> (C, N, T-1, V)
+            nonlocal rep
+            c = len(z)
+            if rep is None or rep[0][0][0].shape[0] != c * n:
+                rep = tuple([(k.repeat(c, 1, 1, 1), v.repeat(c, 1, 1, 1)) for k, v in part]
+                            for part in caches)
+            levels = torch.full((c * n,), sigma, device=z.device)
+            _, logits = model.denoise(z.flatten(0, 1), levels, e.repeat(c, 1, 1), rep)
+            return torch.softmax(logits.float(), -1).view(c, n, t - 1, -1)
+        return readout
+
+    p = None  # (N, T-1, V): the chain's token distribution so far
+    for i, s in enumerate(euler_schedule(1, iterations)):
+        noise = LevelNoise(windows, (t - 1, emb.shape[1]), seed, 1, i, draws, len(emb), x.device)
+        p = level_probs(readout_at(s.sigma), emb, s.sigma, noise, p)
+    assert p is not None
+    return p
 
 
 def poisson_lognormal(u_rate: float, u_count: float, mean: int) -> int:
@@ -372,7 +439,8 @@ class LoopedRecipe(Recipe):
     def block_loss(self, block, batch, noised, w, backend="torch"):
         x = batch[layout.TOKENS].long()
         e = self._context(block, batch)  # (N, T-1, d)
-        _, logits, _ = block.denoise(noised.z, noised.sigma, e)  # one core pass at the sampled sigma
+        caches = block.context_caches(e)  # the context rows: one causal pass of the core and coda
+        _, logits = block.denoise(noised.z, noised.sigma, e, caches)  # one core pass at the sampled sigma
         ce = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none").mean(1)  # (N,)
         return (w * ce).mean()  # weight per sample (METHOD.md 2)
 
@@ -402,21 +470,26 @@ class LoopedRecipe(Recipe):
         """(forward, backward) passes of each module in one training step of a block or the baseline."""
         prelude = (0, 0) if self.model_cfg.frozen_prelude else (1, 1)  # cached: no prelude pass
         if kind == "block":
-            return {"prelude": prelude, "core": (1, 1), "coda": (1, 1)}
+            return {"prelude": prelude, "context": (1, 1), "core": (1, 1), "coda": (1, 1)}
         r, k = self.baseline_iterations(noised)
         return {"prelude": prelude, "core": (r, k), "coda": (1, 1)}
 
     def pass_flops(self, batch_size: int, frozen) -> dict[str, float]:
-        """Forward FLOPs of one pass of each module over a training batch (dense masked attention)."""
+        """Forward FLOPs of one pass of each module over a training batch (dense masked attention).
+        "context": the denoiser's context rows through the core and the coda, and its noisy rows'
+        attention scores against them."""
         m = self.model_cfg
-        rows, v = batch_size * (m.seq_len - 1), len(frozen[layout.VOCAB])
+        t = m.seq_len - 1
+        rows, v = batch_size * t, len(frozen[layout.VOCAB])
 
         def stack(n: int) -> float:
-            return n * layer_flops(rows, m.dim, m.mlp_ratio, m.seq_len - 1)
+            return n * layer_flops(rows, m.dim, m.mlp_ratio, t)
 
         core = stack(m.core_layers) + linear_flops(rows, 2 * m.dim, m.dim) + linear_flops(rows, m.dim, m.dim)
         coda = stack(m.coda_layers) + linear_flops(rows, m.dim, m.dim) + linear_flops(rows, m.dim, v)
-        return {"prelude": stack(m.prelude_layers), "core": core, "coda": coda}
+        scores = (m.core_layers + m.coda_layers) * 2 * 2.0 * rows * t * m.dim  # as in layer_flops
+        context = stack(m.core_layers + m.coda_layers) + scores
+        return {"prelude": stack(m.prelude_layers), "context": context, "core": core, "coda": coda}
 
     def example_frozen(self, seed=0):
         return example_token_frozen(self.model_cfg, seed)
@@ -427,39 +500,46 @@ class LoopedRecipe(Recipe):
     def denoise_step(self, block, cond, z, sigma, options):
         x = cond[layout.TOKENS].long()
         e, _ = block.context(x[:, :-1])
-        _, logits, _ = block.denoise(z, sigma, e)
+        _, logits = block.denoise(z, sigma, e, block.context_caches(e))
         return torch.softmax(logits.float(), -1) @ block.target_embedding, logits
 
     # ------------------------------------------------------------------ evaluation and generation
 
     def evaluate(self, load_block, e2e, data, options):
         """bpc over positions 1..T-1 of non-overlapping windows of `data` after K iterations
-        (`num_steps`, default the config's `iterations`), the readout's probability of the true
-        token averaged over `eval_chains` initial states, for the denoiser or the baseline alike."""
+        (`num_steps`, default the config's `iterations`): the denoiser's token-ancestral chain
+        exactly over its token draws (`ancestral_probs`, `eval_draws` noise draws per level and
+        candidate); else (the baseline, or the denoiser's Euler chain) the readout's probability
+        of the true token averaged over `eval_chains` initial states."""
         m, seed = self.model_cfg, self.cfg.train.seed
         t0 = time.perf_counter()
         iterations = options.get("num_steps") or m.iterations
         num_chains = options.get("eval_chains") or m.eval_chains
-        sampler = self._sampler(options)
-        g = torch.Generator().manual_seed(seed)  # the ancestral sampler's draws
+        draws = options.get("eval_draws") or m.eval_draws
+        sampler = self._sampler(options) if e2e is None else None
         model = e2e if e2e is not None else load_block(0)
         model.eval()
         device = next(model.parameters()).device
         x = eval_windows(data, vocab_of({layout.VOCAB: model.vocab}), m.seq_len, options.get("num_samples"))
         n, t = x.shape
-        chains = torch.zeros(num_chains, n, t - 1)  # log p(x_{i+1}) of each chain's readout
+        exact = sampler == "ancestral"
+        chains = torch.zeros(1 if exact else num_chains, n, t - 1)  # log p(x_{i+1}) of each chain
         with torch.no_grad():
             for start in range(0, n, EVAL_BATCH):
                 xb = x[start:start + EVAL_BATCH].to(device)
+                windows = torch.arange(start, start + len(xb))
+                if exact:
+                    p = ancestral_probs(model, xb, iterations, windows, seed, draws)
+                    chains[0, start:start + len(xb)] = -nats_of(p, xb[:, 1:]).cpu()
+                    continue
                 e, _ = model.context(xb[:, :-1])
                 for k in range(num_chains):
-                    noise = rng.gaussian(torch.arange(start, start + len(xb)), (t - 1) * m.dim, seed, 1, k)
+                    noise = rng.gaussian(windows, (t - 1) * m.dim, seed, 1, k)
                     noise = noise.float().view(len(xb), t - 1, m.dim).to(device)
-                    logits, _ = run_iterations(model, e, noise, iterations, init_std=m.init_std,
-                                               sampler=sampler, g=g)
+                    logits, _ = run_iterations(model, e, noise, iterations, init_std=m.init_std)
                     logp = torch.log_softmax(logits.float(), -1).gather(-1, xb[:, 1:, None])[..., 0]
                     chains[k, start:start + len(xb)] = logp.cpu()
-        nats = -(torch.logsumexp(chains, 0) - math.log(num_chains))  # (n, T-1)
+        nats = -(torch.logsumexp(chains, 0) - math.log(len(chains)))  # (n, T-1)
         per_window = nats.double().mean(1)
         return {
             "bpc": bits(float(per_window.mean())),
@@ -467,15 +547,17 @@ class LoopedRecipe(Recipe):
             "num_tokens": int(nats.numel()),
             "num_windows": n,
             "iterations": iterations,
-            "eval_chains": num_chains,
-            "sampler": sampler if e2e is None else None,
+            "eval_chains": None if exact else num_chains,
+            "eval_draws": draws if exact else None,
+            "sampler": sampler,
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
     def sample_text(self, load_block: Any, e2e: nn.Module | None, options: dict) -> list[str]:
         """`num` texts of `length` characters (prompt included, at most seq_len; the prompt
         defaults to a newline): per new token K iterations (`steps`, default `iterations`) over
-        the prefix's per-iteration KV caches; greedy or sampled (temperature, top-k)."""
+        the prefix's KV caches (the baseline's: one per iteration; the denoiser's: its context
+        rows', shared by every iteration); greedy or sampled (temperature, top-k)."""
         m = self.model_cfg
         model = e2e if e2e is not None else load_block(0)
         model.eval()
