@@ -241,8 +241,8 @@ def main() -> None:
         result["budgets"][kind] = rows
         largest = w / f"{kind}_{steps[-1]}"
         sweep = []
-        for k in args.ks:
-            r = evaluate(largest, data, args.windows, k)
+        for k in args.ks:  # the largest run's K = config was evaluated above
+            r = rows[-1] if k == cfg.model.iterations else evaluate(largest, data, args.windows, k)
             sweep.append({"iterations": k, "bpc": r["bpc"], "bpc_stderr": r["bpc_stderr"]})
         result["depth_sweep"][kind] = sweep
         print(json.dumps({"model": kind, "depth_sweep": result["depth_sweep"][kind]}), flush=True)
