@@ -66,10 +66,18 @@ def ledger(run: Path) -> dict:
 
 
 def evaluate(run: Path, data: str, windows: int, k: int | None = None, sampler: str | None = None) -> dict:
+    """`dbcore eval --json` of a run, kept beside it (evals/ of the workdir): a rerun of the bench
+    after an interruption skips the evaluations it has."""
+    kept = run.parent / "evals" / f"{run.name}_w{windows}_k{k or 'config'}_{sampler or 'config'}.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
     args = ["eval", str(run), "--data", data, "--json", "--num-samples", str(windows)]
     args += ["--steps", str(k)] if k else []
     args += ["--sampler", sampler] if sampler else []
-    return json.loads(cli(*args))
+    report = json.loads(cli(*args))
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text(json.dumps(report) + "\n")
+    return report
 
 
 def memory(config: str, workdir: Path) -> dict:
