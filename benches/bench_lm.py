@@ -120,7 +120,8 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
     lines = [f"# {r['recipe']} on Shakespeare: DiffusionBlocks vs end-to-end", "",
              f"Command: `python benches/bench_lm.py {args.config} --workdir ... --json {args.json}"
              + (f" --steps {args.steps}" if args.steps else "")
-             + (f" --eval-windows {args.eval_windows}" if args.eval_windows else "") + "`", "",
+             + (f" --eval-windows {args.eval_windows}" if args.eval_windows else "")
+             + (f" --num-texts {args.num_texts}" if args.num_texts != 8 else "") + "`", "",
              f"{r['steps']} steps per block and for the baseline; {b['num_tokens']} held-out tokens of "
              f"`{Path(r['valid']).name}`; {args.num_texts} samples of {args.length} characters each.", "",
              "| | DiffusionBlocks | end-to-end |", "|---|---|---|"]
