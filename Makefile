@@ -18,7 +18,7 @@ wheel: venv
 	rm -rf dist
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release --quiet -o dist \
 		--interpreter $(PY) --zig --compatibility manylinux_2_28
-	$(VENV)/bin/auditwheel show dist/dbcore-*.whl | grep -q 'manylinux_2_28_x86_64' \
+	$(VENV)/bin/auditwheel show dist/dbcore-*.whl | grep 'manylinux_2_28_x86_64' > /dev/null \
 		|| { echo "wheel is not manylinux_2_28"; exit 1; }
 
 # the sdist, and a clean virtual environment that builds and installs it with pip (own cargo cache)
