@@ -67,10 +67,13 @@ def ledger(run: Path) -> dict:
 
 def evaluate(run: Path, data: str, windows: int, k: int | None = None, sampler: str | None = None) -> dict:
     """`dbcore eval --json` of a run, kept beside it (evals/ of the workdir): a rerun of the bench
-    after an interruption skips the evaluations it has."""
+    after an interruption skips the evaluations it has, of the same data and no older than the
+    run's last training step."""
     kept = run.parent / "evals" / f"{run.name}_w{windows}_k{k or 'config'}_{sampler or 'config'}.json"
-    if kept.is_file():
-        return json.loads(kept.read_text())
+    if kept.is_file() and kept.stat().st_mtime >= (run / "metrics.jsonl").stat().st_mtime:
+        report = json.loads(kept.read_text())
+        if report.get("data") == data:
+            return report
     args = ["eval", str(run), "--data", data, "--json", "--num-samples", str(windows)]
     args += ["--steps", str(k)] if k else []
     args += ["--sampler", sampler] if sampler else []

@@ -24,7 +24,13 @@ def layer_flops(rows: int, dim: int, mlp_ratio: float, keys: int) -> float:
     hidden = int(dim * mlp_ratio)
     attention = linear_flops(rows, dim, 3 * dim) + linear_flops(rows, dim, dim)
     dense = attention + 2 * linear_flops(rows, dim, hidden)
-    return dense + 2 * 2.0 * rows * keys * dim
+    return dense + score_flops(rows, keys, dim)
+
+
+def score_flops(rows: int, keys: int, dim: int) -> float:
+    """Forward FLOPs of attention's scores q k^T and their weighted sum of values, `rows` rows
+    against `keys` keys of width `dim` (all heads together)."""
+    return 2 * 2.0 * rows * keys * dim
 
 
 @dataclass

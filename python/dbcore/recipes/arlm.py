@@ -56,6 +56,7 @@ from dbcore.recipes.lm import (
     grown,
     pick,
     prompt_rows,
+    repeated,
     token_target_arrays,
     vocab_of,
 )
@@ -530,8 +531,7 @@ def _level_probs(block: ARBlock, x: torch.Tensor, sigma: float, noise: LevelNois
 
     def readout(z: torch.Tensor) -> torch.Tensor:  # z (C, N, T, d) -> probs (C, N, T, V)
         c = len(z)
-        caches = [(k.repeat(c, 1, 1, 1), v.repeat(c, 1, 1, 1)) for k, v in clean]
-        logits = block.noisy_logits(z.reshape(c * n, t, -1), sigma, caches)
+        logits = block.noisy_logits(z.reshape(c * n, t, -1), sigma, repeated(clean, c))
         return torch.softmax(logits.float(), -1).view(c, n, t, -1)
 
     return level_probs(readout, block.target_embedding, sigma, noise, prev)

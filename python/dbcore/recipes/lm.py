@@ -114,6 +114,12 @@ def grown(past: KV | None, new: KV) -> KV:
     return torch.cat([past[0], new[0]], 2), torch.cat([past[1], new[1]], 2)
 
 
+def repeated(caches: list[KV], times: int) -> list[KV]:
+    """Every layer's keys and values (N, H, P, d/H) tiled `times` along N: the same prefix under a
+    batch of `times` candidates, candidate-major as `z.reshape(times * N, ...)` lays them out."""
+    return [(k.repeat(times, 1, 1, 1), v.repeat(times, 1, 1, 1)) for k, v in caches]
+
+
 def pick(logits: torch.Tensor, options: dict, g: torch.Generator) -> torch.Tensor:
     """Tokens (N,) from logits (N, V): greedy, or sampled with temperature and top-k (`dbcore sample`'s
     --greedy, --temperature, --top-k)."""

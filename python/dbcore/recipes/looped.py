@@ -44,7 +44,7 @@ from torch import nn
 from dbcore import layout, remote, rng
 from dbcore.data import EPS, INDEX, UNIFORMS
 from dbcore.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, precond
-from dbcore.flops import layer_flops, linear_flops
+from dbcore.flops import layer_flops, linear_flops, score_flops
 from dbcore.layers import KV, LN_EPS, NoiseEmbedder, PreLNLayer
 from dbcore.noise import mix_token_targets
 from dbcore.partition import SIGMA_DISTS, euler_schedule
@@ -62,6 +62,7 @@ from dbcore.recipes.lm import (
     grown,
     pick,
     prompt_rows,
+    repeated,
     token_target_arrays,
     vocab_of,
 )
@@ -296,15 +297,10 @@ def ancestral_probs(model: LoopedDenoiser, x: torch.Tensor, iterations: int, win
     e, _ = model.context(x[:, :-1])  # (N, T-1, d)
     caches = model.context_caches(e)
     emb = model.target_embedding
-    rep = None  # the caches repeated for a batch of candidates
-
     def readout_at(sigma: float) -> Readout:
         def readout(z: torch.Tensor) -> torch.Tensor:  # (C, N, T-1, d) -> (C, N, T-1, V)
-            nonlocal rep
             c = len(z)
-            if rep is None or rep[0][0][0].shape[0] != c * n:
-                rep = tuple([(k.repeat(c, 1, 1, 1), v.repeat(c, 1, 1, 1)) for k, v in part]
-                            for part in caches)
+            rep = (repeated(caches[0], c), repeated(caches[1], c))  # one copy per candidate
             levels = torch.full((c * n,), sigma, device=z.device)
             _, logits = model.denoise(z.flatten(0, 1), levels, e.repeat(c, 1, 1), rep)
             return torch.softmax(logits.float(), -1).view(c, n, t - 1, -1)
@@ -487,7 +483,7 @@ class LoopedRecipe(Recipe):
 
         core = stack(m.core_layers) + linear_flops(rows, 2 * m.dim, m.dim) + linear_flops(rows, m.dim, m.dim)
         coda = stack(m.coda_layers) + linear_flops(rows, m.dim, m.dim) + linear_flops(rows, m.dim, v)
-        scores = (m.core_layers + m.coda_layers) * 2 * 2.0 * rows * t * m.dim  # as in layer_flops
+        scores = (m.core_layers + m.coda_layers) * score_flops(rows, t, m.dim)
         context = stack(m.core_layers + m.coda_layers) + scores
         return {"prelude": stack(m.prelude_layers), "context": context, "core": core, "coda": coda}
 
