@@ -46,14 +46,6 @@ def train_both(config: str, store: Path, runs: dict[str, Path], steps: int | Non
     return seconds
 
 
-def judge_texts(texts: list[str], judge, prompt: str) -> dict:
-    from dbcore.judge import distinct_ngram_ratio
-
-    bodies = [t[len(prompt):] for t in texts]
-    return {"judge_bpc": sum(judge.bits_per_char(b, context=prompt) for b in bodies) / len(bodies),
-            "distinct_4": distinct_ngram_ratio(bodies, 4)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config")
@@ -72,7 +64,7 @@ def main() -> None:
 
     from dbcore import config as config_mod
     from dbcore.evaluate import sample_text_run
-    from dbcore.judge import KneserNey
+    from dbcore.judge import KneserNey, judge_samples
 
     cfg = config_mod.load(args.config)
     args.length = args.length or cfg.model.seq_len
@@ -99,7 +91,7 @@ def main() -> None:
         out = args.workdir / f"samples_{kind}.json"
         out.write_text(json.dumps(texts, indent=1) + "\n")
         new_chars = args.num_texts * (args.length - len(args.prompt))
-        result[kind] = {**report, **judge_texts(texts, judge, args.prompt),
+        result[kind] = {**report, **judge_samples(judge, texts, args.prompt),
                         "sample_seconds": round(seconds, 2),
                         "chars_per_second": round(new_chars / seconds, 1), "sample_path": str(out)}
     result["bpc_ratio"] = result["blocks"]["bpc"] / result["e2e"]["bpc"]

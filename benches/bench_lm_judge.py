@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "shakespeare"
-BOOTSTRAP = 2000  # resamples of the ratio
 
 
 def main() -> None:
@@ -36,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from dbcore.evaluate import load_run, sample_text_run
-    from dbcore.judge import KneserNey, distinct_ngram_ratio
+    from dbcore.judge import KneserNey, judge_samples, ratio_interval
 
     judge = KneserNey.fit(Path(args.train_text).read_text(encoding="utf-8"))
     result: dict = {"command": " ".join(["python benches/bench_lm_judge.py", *sys.argv[1:]]),
@@ -47,18 +45,12 @@ def main() -> None:
         t0 = time.perf_counter()
         texts = sample_text_run(run, {"num": args.num_texts, "length": length, "prompt": args.prompt,
                                       "seed": args.seed})
-        bodies = [t[len(args.prompt):] for t in texts]
-        scores[kind] = [judge.bits_per_char(b, context=args.prompt) for b in bodies]
-        result[kind] = {"run": str(run), "length": length, "judge_bpc": sum(scores[kind]) / len(bodies),
-                        "distinct_4": distinct_ngram_ratio(bodies, 4),
+        verdict = judge_samples(judge, texts, args.prompt)
+        scores[kind] = verdict.pop("scores")
+        result[kind] = {"run": str(run), "length": length, **verdict,
                         "sample_seconds": round(time.perf_counter() - t0, 2)}
     result["judge_bpc_ratio"] = result["blocks"]["judge_bpc"] / result["e2e"]["judge_bpc"]
-    rng = random.Random(args.seed)
-    ratios = sorted(
-        sum(rng.choices(scores["blocks"], k=len(scores["blocks"]))) / len(scores["blocks"])
-        / (sum(rng.choices(scores["e2e"], k=len(scores["e2e"]))) / len(scores["e2e"]))
-        for _ in range(BOOTSTRAP))
-    result["ratio_95"] = [ratios[int(0.025 * BOOTSTRAP)], ratios[int(0.975 * BOOTSTRAP) - 1]]
+    result["ratio_95"] = list(ratio_interval(scores["blocks"], scores["e2e"], seed=args.seed))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("judge_bpc_ratio", "ratio_95")}))

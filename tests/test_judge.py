@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from dbcore.judge import DEFAULT_ORDER, KN_DISCOUNT, KneserNey, distinct_ngram_ratio
+from dbcore.judge import (
+    DEFAULT_ORDER,
+    KN_DISCOUNT,
+    KneserNey,
+    distinct_ngram_ratio,
+    judge_samples,
+    ratio_interval,
+)
 
 SHAKESPEARE = Path("/work/shared/datasets/shakespeare")
 WORDS = ["the ", "cat ", "sat ", "on ", "a ", "mat ", "and ", "dog ", "ran ", "far "]
@@ -129,3 +136,27 @@ def test_shakespeare_bits_per_char() -> None:
     vocab = sorted(model.vocab)
     noise = "".join(rng.choice(vocab) for _ in range(5_000))
     assert model.bits_per_char(noise) > 5.0
+
+
+def test_judge_samples_scores_bodies_after_the_prompt() -> None:
+    model = KneserNey.fit("the cat sat on the mat. " * 20, order=3)
+    texts = ["\nthe cat", "\nzzzzzzz"]
+    verdict = judge_samples(model, texts, prompt="\n")
+    assert verdict["scores"] == [model.bits_per_char("the cat", context="\n"),
+                                 model.bits_per_char("zzzzzzz", context="\n")]
+    assert verdict["scores"][1] > verdict["scores"][0]
+    assert verdict["judge_bpc"] == pytest.approx(sum(verdict["scores"]) / 2)
+    assert verdict["distinct_4"] == distinct_ngram_ratio(["the cat", "zzzzzzz"], 4)
+
+
+def test_ratio_interval_brackets_the_ratio_and_narrows_with_samples() -> None:
+    rng = random.Random(1)
+    a = [2.0 + rng.gauss(0, 0.3) for _ in range(64)]
+    b = [2.2 + rng.gauss(0, 0.3) for _ in range(64)]
+    lo, hi = ratio_interval(a, b)
+    ratio = (sum(a) / len(a)) / (sum(b) / len(b))
+    assert lo < ratio < hi
+    a4, b4 = a * 16, b * 16  # same means, 16x the samples: about 4x narrower
+    lo4, hi4 = ratio_interval(a4, b4)
+    assert 2.5 < (hi - lo) / (hi4 - lo4) < 6.5
+    assert ratio_interval(a, b, seed=3) == ratio_interval(a, b, seed=3)

@@ -21,10 +21,12 @@ to the next lower order.
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 
 DEFAULT_ORDER = 5
 KN_DISCOUNT = 0.75  # used only when the Ney estimate n1 / (n1 + 2 n2) is undefined
+BOOTSTRAP = 2000  # resamples of a ratio of mean judge BPCs
 
 
 def _ney_discount(counts: Counter[str]) -> float:
@@ -140,3 +142,22 @@ def distinct_ngram_ratio(texts: list[str], n: int = 4) -> float:
         raise ValueError(f"n must be >= 1, got {n}")
     grams = [t[i : i + n] for t in texts for i in range(len(t) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def judge_samples(judge: KneserNey, texts: list[str], prompt: str = "") -> dict:
+    """The judge's verdict on generated texts that each start with `prompt`: every sample's BPC
+    (`scores`, the prompt as context), their mean `judge_bpc` and the bodies' `distinct_4`."""
+    bodies = [t[len(prompt):] for t in texts]
+    scores = [judge.bits_per_char(b, context=prompt) for b in bodies]
+    return {"judge_bpc": sum(scores) / len(scores), "distinct_4": distinct_ngram_ratio(bodies, 4),
+            "scores": scores}
+
+
+def ratio_interval(a: list[float], b: list[float], level: float = 0.95, resamples: int = BOOTSTRAP,
+                   seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of mean(a) / mean(b), each list resampled on its own (independent samples)."""
+    rng = random.Random(seed)
+    ratios = sorted((sum(rng.choices(a, k=len(a))) / len(a)) / (sum(rng.choices(b, k=len(b))) / len(b))
+                    for _ in range(resamples))
+    tail = (1.0 - level) / 2
+    return ratios[int(tail * resamples)], ratios[int((1.0 - tail) * resamples) - 1]
