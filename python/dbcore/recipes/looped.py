@@ -264,20 +264,7 @@ def run_iterations(model: LoopedLM, e: torch.Tensor, noise: torch.Tensor, iterat
     every step sees a state like those it was trained on (its likelihood: `ancestral_probs`)."""
     if isinstance(model, LoopedDenoiser):
         caches = model.context_caches(e, start, caches)
-        z = SIGMA_MAX * noise
-        emb = model.target_embedding
-        for s in euler_schedule(1, iterations):
-            sigma = torch.full((len(z),), s.sigma, device=z.device)
-            _, logits = model.denoise(z, sigma, e, caches, start)
-            probs = torch.softmax(logits.float(), -1)  # (N, t, V)
-            if sampler == "ancestral":
-                token = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1, generator=g)
-                eps = torch.randn(z.shape, generator=g).to(z.device)
-                z = emb[token.view(z.shape[:-1]).to(z.device)] + s.sigma_next * eps
-            else:
-                d_hat = probs @ emb  # METHOD.md 12
-                z = z + (s.sigma_next - s.sigma) * (z - d_hat) / s.sigma
-        return logits, caches
+        return denoiser_steps(model, e, caches, noise, iterations, start, sampler, g), caches
     grown_caches = []
     state = init_std * noise
     for k in range(iterations):
@@ -285,6 +272,26 @@ def run_iterations(model: LoopedLM, e: torch.Tensor, noise: torch.Tensor, iterat
         grown_caches.append(c)
     logits, c = model.read(state, start, None if caches is None else caches[iterations])
     return logits, grown_caches + [c]
+
+
+def denoiser_steps(model: LoopedDenoiser, e: torch.Tensor, caches: Any, noise: torch.Tensor, iterations: int,
+                   start: int = 0, sampler: str = "euler", g: torch.Generator | None = None) -> torch.Tensor:
+    """The denoiser's K steps (`run_iterations`) for rows e (N, t, d) at positions start.. whose
+    context caches (`context_caches`, these rows included) are given: logits (N, t, V)."""
+    z = SIGMA_MAX * noise
+    emb = model.target_embedding
+    for s in euler_schedule(1, iterations):
+        sigma = torch.full((len(z),), s.sigma, device=z.device)
+        _, logits = model.denoise(z, sigma, e, caches, start)
+        probs = torch.softmax(logits.float(), -1)  # (N, t, V)
+        if sampler == "ancestral":
+            token = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1, generator=g)
+            eps = torch.randn(z.shape, generator=g).to(z.device)
+            z = emb[token.view(z.shape[:-1]).to(z.device)] + s.sigma_next * eps
+        else:
+            d_hat = probs @ emb  # METHOD.md 12
+            z = z + (s.sigma_next - s.sigma) * (z - d_hat) / s.sigma
+    return logits
 
 
 def ancestral_probs(model: LoopedDenoiser, x: torch.Tensor, iterations: int, windows: torch.Tensor,
@@ -529,10 +536,14 @@ class LoopedRecipe(Recipe):
                     chains[0, start:start + len(xb)] = -nats_of(p, xb[:, 1:]).cpu()
                     continue
                 e, _ = model.context(xb[:, :-1])
+                caches = model.context_caches(e) if e2e is None else None  # shared by every chain
                 for k in range(num_chains):
                     noise = rng.gaussian(windows, (t - 1) * m.dim, seed, 1, k)
                     noise = noise.float().view(len(xb), t - 1, m.dim).to(device)
-                    logits, _ = run_iterations(model, e, noise, iterations, init_std=m.init_std)
+                    if e2e is None:
+                        logits = denoiser_steps(model, e, caches, noise, iterations)
+                    else:
+                        logits, _ = run_iterations(model, e, noise, iterations, init_std=m.init_std)
                     logp = torch.log_softmax(logits.float(), -1).gather(-1, xb[:, 1:, None])[..., 0]
                     chains[k, start:start + len(xb)] = logp.cpu()
         nats = -(torch.logsumexp(chains, 0) - math.log(len(chains)))  # (n, T-1)
