@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -94,3 +95,81 @@ def test_adaln_single_gives_every_layer_its_modulation_from_one_small_network():
         ViTConfig(conditioning="film")
     with pytest.raises(ValueError, match="modulation_rank"):
         ViTConfig(conditioning="adaln-single", modulation_rank=0)
+
+
+def _grads(out: torch.Tensor, wrt: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(out.square().sum(), wrt)
+
+
+def test_forward_rows_equals_the_full_layer_at_those_rows():
+    """Only `rows` get queries and an MLP, yet values and gradients equal the full layer's rows:
+    adaLN per sample and per token, a mask, rotary positions; and the plain pre-LN layer."""
+    from dbcore.layers import PreLNLayer
+
+    torch.manual_seed(0)
+    n, t, d = 3, 7, 16
+    h = torch.randn(n, t, d, requires_grad=True)
+    mask = torch.rand(t, t) > 0.3
+    mask |= torch.eye(t, dtype=torch.bool)
+    for rows in (slice(0, 1), slice(2, 5), slice(4, 7)):
+        for rope in (False, True):
+            layer = AdaLNLayer(d, 2, 2.0, rope=rope)
+            torch.nn.init.normal_(layer.modulation[1].weight, std=0.1)
+            for c in (torch.randn(n, d, requires_grad=True), torch.randn(n, t, d, requires_grad=True)):
+                wrt = [h, c, *layer.parameters()]
+                full = layer(h, c, mask)[:, rows]
+                part = layer.forward_rows(h, c, rows, mask[rows])
+                assert part.shape == full.shape
+                assert torch.allclose(part, full, atol=1e-6)
+                assert all(torch.allclose(a, b, atol=1e-5)
+                           for a, b in zip(_grads(part, wrt), _grads(full, wrt), strict=True))
+            pre = PreLNLayer(d, 2, 2.0, rope=rope)
+            wrt = [h, *pre.parameters()]
+            full, part = pre(h, mask)[:, rows], pre.forward_rows(h, rows, mask[rows])
+            assert torch.allclose(part, full, atol=1e-6)
+            assert all(torch.allclose(a, b, atol=1e-5)
+                       for a, b in zip(_grads(part, wrt), _grads(full, wrt), strict=True))
+
+
+def test_forward_rows_saves_a_fraction_of_the_full_layer():
+    from dbcore.layers import PreLNLayer
+
+    def saved_bytes(fn) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    n, t, d = 8, 33, 32
+    h = torch.randn(n, t, d, requires_grad=True)
+    c = torch.randn(n, d)
+    ada, pre = AdaLNLayer(d, 4, 2.0), PreLNLayer(d, 4, 2.0)
+    cls = slice(0, 1)
+    # keys and values of every row stay (the input and k, v: about 3 of a full layer's ~10 (N, T, d))
+    assert saved_bytes(lambda: ada.forward_rows(h, c, cls)) < 0.45 * saved_bytes(lambda: ada(h, c))
+    assert saved_bytes(lambda: pre.forward_rows(h, cls)) < 0.45 * saved_bytes(lambda: pre(h))
+
+
+def test_forward_rows_with_per_segment_conditioning_takes_whole_segments():
+    torch.manual_seed(1)
+    n, t, d = 2, 8, 16
+    layer = AdaLNLayer(d, 2, 2.0, rope=True)
+    torch.nn.init.normal_(layer.modulation[1].weight, std=0.1)
+    h = torch.randn(n, t, d, requires_grad=True)
+    c = torch.randn(n, 2, d, requires_grad=True)  # one adaLN input per half, as the AR block
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+    pos = torch.cat([torch.arange(4), torch.arange(4)])
+    wrt = [h, c, *layer.parameters()]
+    for rows in (slice(4, 8), slice(0, 4), slice(0, 8)):
+        full = layer(h, c, mask, pos)[:, rows]
+        part = layer.forward_rows(h, c, rows, mask[rows], pos)
+        assert torch.allclose(part, full, atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-5)
+                   for a, b in zip(_grads(part, wrt), _grads(full, wrt), strict=True))
+    with pytest.raises(ValueError, match="whole segments"):
+        layer.forward_rows(h, c, slice(2, 6), mask[2:6], pos)

@@ -69,6 +69,24 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, T, d/H)
         return out.transpose(1, 2).reshape(n, t, d)
 
+    def mix_rows(self, h: torch.Tensor, rows: slice, mask: torch.Tensor | None = None,
+                 pos: torch.Tensor | None = None) -> torch.Tensor:
+        """`mix(h, mask, pos)[:, rows]` without the other rows' queries and outputs: keys and
+        values of every row of h (N, T, d), queries of h[:, rows] only; mask (r, T) or (N, 1, r, T)
+        for those rows; returns (N, r, d)."""
+        n, t, d = h.shape
+        dh = d // self.heads
+        w, b = self.qkv.weight, self.qkv.bias  # output features: q, then k, then v (as heads_of)
+        q = F.linear(h[:, rows], w[:d], b[:d])  # (N, r, d)
+        r = q.shape[1]
+        q = q.view(n, r, self.heads, dh).transpose(1, 2)  # (N, H, r, d/H)
+        k, v = F.linear(h, w[d:], b[d:]).view(n, t, 2, self.heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.rope:
+            pos = torch.arange(t, device=h.device) if pos is None else pos
+            q, k = rotary(q, pos[rows]), rotary(k, pos)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, r, d/H)
+        return out.transpose(1, 2).reshape(n, r, d)
+
     def mix_after(self, h: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None,
                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """Decoding: new rows h (N, t, d) at positions `pos` attend to the cached prefix `past` and
@@ -255,6 +273,23 @@ class AdaLNLayer(nn.Module):
         a = self.attn.mix(norm_modulate(h, shift1, scale1, self.eps), mask, pos)  # (N, T, d)
         return self._mlp(gated_residual(h, gate1, self.attn.proj, a), shift2, scale2, gate2)
 
+    def forward_rows(self, h: torch.Tensor, c: torch.Tensor, rows: slice, mask: torch.Tensor | None = None,
+                     pos: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(h, c, mask, pos)[:, rows]` (N, r, d) computing only what those rows need: every
+        row's keys and values, but queries, attention output and MLP of `rows` alone (mask: their
+        rows of it). A readout of a few rows (a class token) skips most of the last layer's work
+        and memory. c per sample (N, d), per token (N, T, d) or per segment (N, S, d), then `rows`
+        must be whole segments."""
+        mod = self.modulation(c)  # (N, 6d), (N, T, 6d) or (N, S, 6d)
+        if mod.dim() == 3 and mod.shape[1] != h.shape[1]:
+            return self._segmented_rows(h, mod, rows, mask, pos)
+        shift1, scale1, *rest = mod.chunk(6, dim=-1)
+        if mod.dim() == 3:
+            rest = [m[:, rows] for m in rest]
+        gate1, shift2, scale2, gate2 = rest
+        a = self.attn.mix_rows(norm_modulate(h, shift1, scale1, self.eps), rows, mask, pos)  # (N, r, d)
+        return self._mlp(gated_residual(h[:, rows], gate1, self.attn.proj, a), shift2, scale2, gate2)
+
     def _segmented(self, h: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor | None,
                    pos: torch.Tensor | None) -> torch.Tensor:
         """Per-segment conditioning: each run of T/S tokens is modulated by its own (N, d) rows, so
@@ -266,6 +301,22 @@ class AdaLNLayer(nn.Module):
         a = self.attn.mix(x, mask, pos).chunk(parts, dim=1)  # attention over all T tokens
         hs = [gated_residual(hk, m[2], self.attn.proj, ak) for hk, m, ak in zip(hs, mods, a, strict=True)]
         return torch.cat([self._mlp(hk, m[3], m[4], m[5]) for hk, m in zip(hs, mods, strict=True)], 1)
+
+    def _segmented_rows(self, h: torch.Tensor, mod: torch.Tensor, rows: slice, mask: torch.Tensor | None,
+                        pos: torch.Tensor | None) -> torch.Tensor:
+        """`forward_rows` with per-segment conditioning: `rows` spans whole segments."""
+        parts, t = mod.shape[1], h.shape[1]
+        size = t // parts
+        first, stop, step = rows.indices(t)
+        if step != 1 or first % size or stop % size or stop <= first:
+            raise ValueError(f"rows {rows} must be whole segments of {size} of the {t} rows")
+        mods = [m.chunk(6, dim=-1) for m in mod.unbind(1)]  # S x (shift1, scale1, gate1, shift2, ...)
+        hs = h.chunk(parts, dim=1)  # S x (N, T/S, d)
+        x = torch.cat([norm_modulate(hk, m[0], m[1], self.eps) for hk, m in zip(hs, mods, strict=True)], 1)
+        a = self.attn.mix_rows(x, rows, mask, pos).chunk((stop - first) // size, dim=1)
+        kept = range(first // size, stop // size)
+        return torch.cat([self._mlp(gated_residual(hs[k], mods[k][2], self.attn.proj, ak), *mods[k][3:])
+                          for k, ak in zip(kept, a, strict=True)], 1)
 
     def step(self, h: torch.Tensor, c: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None,
              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
@@ -345,6 +396,13 @@ class PreLNLayer(nn.Module):
         h = h + self.attn(self.norm1(h), mask, pos)
         return h + self.mlp(self.norm2(h))
 
+    def forward_rows(self, h: torch.Tensor, rows: slice, mask: torch.Tensor | None = None,
+                     pos: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(h, mask, pos)[:, rows]` (N, r, d): every row's keys and values, the rest only
+        for `rows` (as `AdaLNLayer.forward_rows`)."""
+        h = h[:, rows] + self.attn.proj(self.attn.mix_rows(self.norm1(h), rows, mask, pos))
+        return h + self.mlp(self.norm2(h))
+
     def step(self, h: torch.Tensor, past: KV | None, pos: torch.Tensor | None = None,
              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """New rows h (N, t, d) after a cached prefix (causal, or as `mask` (t, prefix + t) says);
@@ -356,13 +414,13 @@ class PreLNLayer(nn.Module):
 
 def checkpoint_layers(model: nn.Module) -> nn.Module:
     """Activation checkpointing inside a block: each layer of `model.layers` keeps only its input
-    for backward and recomputes the rest (`forward` and, for decoding layers, `step`), in training
-    with gradients on; elsewhere the layers run as before. Parameter names do not change, so
-    checkpoints are the same with or without it."""
+    for backward and recomputes the rest (`forward`, `forward_rows` and, for decoding layers,
+    `step`), in training with gradients on; elsewhere the layers run as before. Parameter names do
+    not change, so checkpoints are the same with or without it."""
     from torch.utils.checkpoint import checkpoint
 
     for layer in model.layers:
-        for name in ("forward", "step"):
+        for name in ("forward", "forward_rows", "step"):
             method = getattr(layer, name, None)
             if method is None:
                 continue

@@ -139,9 +139,11 @@ class ARBackbone(nn.Module):
         c = torch.stack([c_clean, c_noisy], 1)  # (N, 2, d): one adaLN input per half
         mask = ar_mask(t, x.device)
         pos = torch.cat([at, at])  # (2T,): clean r at r, noisy i at i
-        for layer in self.layers:
+        *body, last = self.layers
+        for layer in body:
             h = layer(h, c, mask, pos)  # (N, 2T, d), adaLN per half
-        return self.final(h[:, t:], c_noisy)  # (N, T, d)
+        noisy = slice(t, 2 * t)  # F is read at the noisy rows: the last layer computes only them
+        return self.final(last.forward_rows(h, c, noisy, mask[noisy], pos), c_noisy)  # (N, T, d)
 
     def extend(self, x_new: torch.Tensor, start: int, caches: Caches | None) -> Caches:
         """Decoding: the clean prefix's caches grown by tokens x_new (N, t) at positions start..."""

@@ -47,6 +47,7 @@ EVAL_BATCH = 512
 PIXEL_MEAN = 0.5  # x in [0, 1] -> (x - mean) / std in [-1, 1]
 PIXEL_STD = 0.5
 POS_INIT_STD = 0.02
+CLS = slice(0, 1)  # the row the readout reads: the class token (baseline) or the noisy target (block)
 
 
 @dataclass
@@ -191,9 +192,11 @@ class ViTBackbone(nn.Module):
             mods, final = [c] * len(self.layers), c
         else:
             mods, final = self.modulation(c_noise)  # L x (N, 6d), (N, 2d)
-        for layer, mod in zip(self.layers, mods, strict=True):
+        *body, last = self.layers
+        for layer, mod in zip(body, mods[:-1], strict=True):
             h = layer(h, mod)
-        return self.final(h[:, 0].contiguous(), final)  # (N, d); a view would keep all of h saved
+        h = last.forward_rows(h, mods[-1], CLS)  # (N, 1, d): F is read at the CLS row alone
+        return self.final(h[:, 0], final)  # (N, d)
 
 
 class ViTBlock(nn.Module):
@@ -243,13 +246,16 @@ class ViTClassifier(nn.Module):
         """x (N, C, H, W) in [0, 1] -> logits (N, V)."""
         h_x = self.patch_embed(_normalize(x)).flatten(2).transpose(1, 2)  # (N, T, d)
         h = torch.cat([self.cls_token.expand(len(x), -1, -1), h_x], dim=1) + self.pos_embed
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, use_reentrant=False)
-            else:
-                h = layer(h)
-        # contiguous: a view of h[:, 0] would keep all of h (N, T, d) saved for the norm's backward
-        return self.head(self.norm(h[:, 0].contiguous()))
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        *body, last = self.layers
+        for layer in body:
+            h = checkpoint(layer, h, use_reentrant=False) if checkpointed else layer(h)
+        # the logits read the CLS row alone: the last layer computes only that row (N, 1, d)
+        if checkpointed:
+            h = checkpoint(last.forward_rows, h, CLS, use_reentrant=False)
+        else:
+            h = last.forward_rows(h, CLS)
+        return self.head(self.norm(h[:, 0]))
 
 
 def _checked_embedding(rows: np.ndarray, num_classes: int, dim: int) -> torch.Tensor:
