@@ -100,7 +100,7 @@ def main() -> None:
             interval = ratio_interval(scores[d], scores[cfg.model.depth])
             result["e2e"][str(d)]["judge_ratio_95_vs_full"] = list(interval)
     for spec in args.blocks:
-        label, _, paths = spec.partition("=")
+        label, _, paths = spec.rpartition("=")
         bpc_json, judge_json = (json.loads(Path(p).read_text()) for p in paths.split(","))
         result["blocks"][label] = {"bpc": bpc_json["blocks"]["bpc"],
                                    "judge_bpc": judge_json["blocks"]["judge_bpc"],
