@@ -3,7 +3,8 @@
 A block owns every parameter it uses (embeddings, noise conditioning, readout), so it holds more
 than (end-to-end parameters) / B; the adaLN modulation (6 d^2 per layer) is most of the excess.
 This counts both conditionings (`[model] conditioning`) on the shipped MNIST config and on the
-ViT-B/16 shape (224 px, d = 768, 12 layers, 1000 classes, B = 4). Counting only: no training.
+ViT-B/16 shape (`configs/vit_b16.toml`: 224 px, d = 768, 12 layers, 1000 classes, B = 4). Counting
+only: no training.
 
     python benches/bench_params.py --json benches/results/params_vit.json
 """
@@ -19,8 +20,7 @@ from dbcore import config as config_mod
 from dbcore.recipes import for_config
 
 ROOT = Path(__file__).resolve().parents[1]
-VIT_B16 = {"image_size": 224, "channels": 3, "patch_size": 16, "dim": 768, "depth": 12, "heads": 12,
-           "mlp_ratio": 4.0, "num_classes": 1000, "num_blocks": 4}
+VIT_B16 = ROOT / "configs/vit_b16.toml"
 VARIANTS = {"adaln": {"conditioning": "adaln"},
             "adaln-single r16": {"conditioning": "adaln-single", "modulation_rank": 16},
             "adaln-single r32": {"conditioning": "adaln-single", "modulation_rank": 32},
@@ -44,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     base = config_mod.load(args.config)
     shapes = {Path(args.config).stem: base.model,
-              "vit_b16_224": dataclasses.replace(base.model, **VIT_B16, layer_split=None)}
+              "vit_b16_224": config_mod.load(VIT_B16).model}
     rows = []
     for shape, model in shapes.items():
         for name, overrides in VARIANTS.items():

@@ -109,10 +109,16 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, **fused)
 
 
+def precision_of(precision: str, device: torch.device) -> str:
+    """The forward's precision that `[train] precision` gives on `device`: "bf16" for "bf16", and
+    for "auto" on CUDA; "fp32" otherwise."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The forward's precision: bf16 autocast (master weights, gradients and optimizer state stay
-    fp32) for "bf16", and for "auto" on CUDA; fp32 otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast where `precision_of` says bf16 (master weights, gradients and optimizer state
+    stay fp32); no autocast otherwise."""
+    if precision_of(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -34,6 +34,7 @@ from dbcore import config as config_mod
 from dbcore import rng
 from dbcore.data import INDEX, UNIFORMS
 from dbcore.layers import checkpoint_layers
+from dbcore.loop import autocast_for, precision_of
 from dbcore.loss import sample_weights
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Batch, Frozen, Noised, Recipe
@@ -166,7 +167,8 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> torch.Tensor:
-        loss = training_loss(recipe, model, batch, frozen, block, noised)
+        with autocast_for(cfg.train.precision, dev):  # as the trainer runs: bf16 on CUDA by default
+            loss = training_loss(recipe, model, batch, frozen, block, noised)
         opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
@@ -187,11 +189,13 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     saved = _SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+    hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
+    with hooks, autocast_for(cfg.train.precision, dev):
         out = training_loss(recipe, model, batch, frozen, block, noised)
     del out
     params = sum(p.numel() for p in model.parameters())
-    return {"kind": kind, "peak_bytes": int(peak), "step_seconds": sorted(times)[len(times) // 2],
+    return {"kind": kind, "precision": precision_of(cfg.train.precision, dev), "peak_bytes": int(peak),
+            "step_seconds": sorted(times)[len(times) // 2],
             "params": params, "param_bytes": params * 4, "saved_activation_bytes": saved.total()}
 
 
@@ -228,6 +232,7 @@ def measure_all(
         "device": device,
         "allocator": allocator if device == "cpu" else "cuda caching allocator",
         "batch_size": bs,
+        "precision": e2e["precision"],
         "num_blocks": B,
         "depth": L,
         "e2e_peak_bytes": e2e["peak_bytes"],
