@@ -24,13 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "shakespeare"
-
-
-def dbcore(*args: str, capture: bool = False) -> str:
-    cmd = [sys.executable, "-m", "dbcore.cli", *args]
-    out = subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE if capture else None)
-    return out.stdout if capture else ""
+from bench_lm import SHARED, dbcore  # this script's folder is on sys.path
 
 
 def config_at_depth(config: Path, depth: int, out: Path) -> Path:

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dbcore.layers import LN_EPS, AdaLNLayer, _GatedResidual, _NormModulate, modulate
+from dbcore.layers import LN_EPS, AdaLNLayer, PreLNLayer, _GatedResidual, _NormModulate, modulate
+from dbcore.memory import _SavedBytes
 
 
 def _plain_layer(layer: AdaLNLayer, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -10,6 +11,14 @@ def _plain_layer(layer: AdaLNLayer, h: torch.Tensor, c: torch.Tensor) -> torch.T
     s1, sc1, g1, s2, sc2, g2 = layer.modulation(c).chunk(6, dim=-1)
     h = h + g1[:, None] * layer.attn(modulate(F.layer_norm(h, (h.shape[-1],), eps=LN_EPS), s1, sc1))
     return h + g2[:, None] * layer.mlp(modulate(F.layer_norm(h, (h.shape[-1],), eps=LN_EPS), s2, sc2))
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while fn runs."""
+    saved = _SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        fn()
+    return saved.total()
 
 
 def test_memory_lean_layer_gives_the_plain_values_and_gradients():
@@ -46,25 +55,12 @@ def test_fused_functions_pass_gradcheck():
 def test_gated_layer_saves_no_more_than_a_plain_layer_plus_the_modulation():
     """Bytes saved for backward: the adaLN layer keeps what a pre-LN layer keeps (the gates' branch
     outputs and the normalised copies are rebuilt in backward)."""
-    from dbcore.layers import PreLNLayer
-
-    def saved_bytes(fn) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
-
     n, t, d = 8, 17, 32
     h = torch.randn(n, t, d, requires_grad=True)
     c = torch.randn(n, d)
     ada, pre = AdaLNLayer(d, 4, 2.0), PreLNLayer(d, 4, 2.0)
     per_token = n * t * d * 4  # one (N, T, d) float32 tensor
-    extra = saved_bytes(lambda: ada(h, c)) - saved_bytes(lambda: pre(h))
+    extra = _saved_bytes(lambda: ada(h, c)) - _saved_bytes(lambda: pre(h))
     assert extra < per_token / 2, extra / per_token
 
 
@@ -104,8 +100,6 @@ def _grads(out: torch.Tensor, wrt: list[torch.Tensor]) -> tuple[torch.Tensor, ..
 def test_forward_rows_equals_the_full_layer_at_those_rows():
     """Only `rows` get queries and an MLP, yet values and gradients equal the full layer's rows:
     adaLN per sample and per token, a mask, rotary positions; and the plain pre-LN layer."""
-    from dbcore.layers import PreLNLayer
-
     torch.manual_seed(0)
     n, t, d = 3, 7, 16
     h = torch.randn(n, t, d, requires_grad=True)
@@ -132,27 +126,14 @@ def test_forward_rows_equals_the_full_layer_at_those_rows():
 
 
 def test_forward_rows_saves_a_fraction_of_the_full_layer():
-    from dbcore.layers import PreLNLayer
-
-    def saved_bytes(fn) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
-
     n, t, d = 8, 33, 32
     h = torch.randn(n, t, d, requires_grad=True)
     c = torch.randn(n, d)
     ada, pre = AdaLNLayer(d, 4, 2.0), PreLNLayer(d, 4, 2.0)
     cls = slice(0, 1)
     # keys and values of every row stay (the input and k, v: about 3 of a full layer's ~10 (N, T, d))
-    assert saved_bytes(lambda: ada.forward_rows(h, c, cls)) < 0.45 * saved_bytes(lambda: ada(h, c))
-    assert saved_bytes(lambda: pre.forward_rows(h, cls)) < 0.45 * saved_bytes(lambda: pre(h))
+    assert _saved_bytes(lambda: ada.forward_rows(h, c, cls)) < 0.45 * _saved_bytes(lambda: ada(h, c))
+    assert _saved_bytes(lambda: pre.forward_rows(h, cls)) < 0.45 * _saved_bytes(lambda: pre(h))
 
 
 def test_forward_rows_with_per_segment_conditioning_takes_whole_segments():
