@@ -2,7 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dbcore.layers import LN_EPS, AdaLNLayer, PreLNLayer, _GatedResidual, _NormModulate, modulate
+from dbcore.layers import (
+    LN_EPS,
+    AdaLNLayer,
+    PreLNLayer,
+    _GatedResidual,
+    _NormModulate,
+    checkpoint_layers,
+    checkpointed,
+    modulate,
+)
 from dbcore.memory import _SavedBytes
 
 
@@ -154,3 +163,54 @@ def test_forward_rows_with_per_segment_conditioning_takes_whole_segments():
                    for a, b in zip(_grads(part, wrt), _grads(full, wrt), strict=True))
     with pytest.raises(ValueError, match="whole segments"):
         layer.forward_rows(h, c, slice(2, 6), mask[2:6], pos)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 9])
+def test_checkpointed_slices_of_the_batch_give_the_whole_batch_values_and_gradients(chunks):
+    """Recomputing a layer over slices of the batch (5 samples into 1, 2, 3 or, capped, 5 slices):
+    the same values and gradients, whatever the conditioning, mask or method."""
+    torch.manual_seed(2)
+    n, t, d = 5, 6, 16
+    layer = AdaLNLayer(d, 2, 2.0, rope=True)
+    torch.nn.init.normal_(layer.modulation[1].weight, std=0.1)
+    h = torch.randn(n, t, d, requires_grad=True)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    per_sample_mask = (torch.rand(n, 1, t, t) > 0.3) | torch.eye(t, dtype=torch.bool)
+    pos = torch.arange(t).flip(0)
+    cases = [
+        (layer.forward, (h, torch.randn(n, d, requires_grad=True)), {}),  # per sample
+        (layer.forward, (h, torch.randn(n, t, d, requires_grad=True), causal), {"pos": pos}),  # per token
+        (layer.forward, (h, torch.randn(n, 2, d, requires_grad=True), per_sample_mask), {}),  # per segment
+        (layer.forward_rows, (h, torch.randn(n, d, requires_grad=True), slice(0, 1)), {}),
+    ]
+    for fn, args, kwargs in cases:
+        wrt = [h, args[1], *layer.parameters()]
+        full = fn(*args, **kwargs)
+        part = checkpointed(fn, *args, chunks=chunks, **kwargs)
+        assert torch.allclose(part, full, atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-5)
+                   for a, b in zip(_grads(part, wrt), _grads(full, wrt), strict=True))
+    # decoding layers return (out, (keys, values)): each joined along the batch
+    pre = PreLNLayer(d, 2, 2.0)
+    full_out, (full_k, _) = pre.step(h, None)
+    out, (k, _) = checkpointed(pre.step, h, None, chunks=chunks)
+    assert torch.allclose(out, full_out, atol=1e-6) and torch.allclose(k, full_k, atol=1e-6)
+
+
+def test_checkpoint_layers_keeps_only_each_layers_input():
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(PreLNLayer(32, 4, 4.0) for _ in range(2))
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                h = layer(h)
+            return h
+
+    h = torch.randn(16, 20, 32, requires_grad=True)
+    for chunks in (1, 4):
+        model = checkpoint_layers(Stack(), chunks)
+        assert _saved_bytes(lambda m=model: m(h)) == 2 * h.numel() * 4  # the two layers' inputs
+    with pytest.raises(ValueError, match="chunks"):
+        checkpoint_layers(Stack(), 0)

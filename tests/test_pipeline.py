@@ -248,16 +248,30 @@ def test_paper_shared_mode_ties_modules_trains_and_evaluates(tmp_path, cfg_path)
     assert r["kind"] == "paper-shared" and 0.0 <= r["accuracy"] <= 1.0
 
 
-def test_activation_checkpointing_inside_a_block_trains_the_same_weights(tmp_path, cfg_path):
+@pytest.mark.parametrize("e2e", [False, True])
+def test_activation_checkpointing_trains_the_same_weights(tmp_path, cfg_path, e2e):
+    """Checkpointed layers, recomputed over 3 slices of the batch: a block (or the baseline)
+    trains the same weights as without."""
     cfg = config_mod.load(cfg_path)
     write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", noise="online", progress=False)
-    train_run(cfg, tmp_path / "c.zarr", tmp_path / "plain", block=1, progress=False)
+    which = ["--e2e"] if e2e else ["--block", "1"]
+    train_run(cfg, tmp_path / "c.zarr", tmp_path / "plain", block=None if e2e else 1, e2e=e2e, progress=False)
     args = ["train", str(cfg_path), "--store", str(tmp_path / "c.zarr"), "--out", str(tmp_path / "ac"),
-            "--block", "1", "--activation-checkpointing", "--quiet"]
+            *which, "--activation-checkpointing", "--checkpoint-chunks", "3", "--quiet"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    a, b = _weights(tmp_path / "plain", "block1"), _weights(tmp_path / "ac", "block1")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    name = "e2e" if e2e else "block1"
+    a, b = _weights(tmp_path / "plain", name), _weights(tmp_path / "ac", name)
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("attn.qkv.bias"):
+            # the key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared
+            # by all keys): Adam's normalised steps follow the rounding noise there
+            d = a[k].shape[0] // 3
+            a[k], b[k] = torch.cat([a[k][:d], a[k][2 * d:]]), torch.cat([b[k][:d], b[k][2 * d:]])
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    r = CliRunner().invoke(main, [*args[:-4], "--checkpoint-chunks", "3", "--quiet"])
+    assert r.exit_code != 0 and "--checkpoint-chunks needs --activation-checkpointing" in r.output
 
 
 def test_bf16_training_keeps_fp32_checkpoints_and_learns(tmp_path, cfg_path):

@@ -4,7 +4,7 @@ from sklearn.datasets import load_digits
 
 from dbcore import config as config_mod
 from dbcore.edm import add_noise, precond
-from dbcore.layers import AdaLNLayer
+from dbcore.layers import AdaLNLayer, checkpoint_layers
 from dbcore.loss import sample_weights, weighted_ce
 from dbcore.recipes import for_config, vit
 from dbcore.recipes.base import Noised
@@ -168,7 +168,7 @@ def test_classifier_and_checkpointing():
     cfg = vit_tiny()
     torch.manual_seed(0)
     plain = ViTClassifier(cfg)
-    ckpt = ViTClassifier(cfg, activation_checkpointing=True)
+    ckpt = checkpoint_layers(ViTClassifier(cfg), chunks=4)
     ckpt.load_state_dict(plain.state_dict())
     assert len(plain.layers) == cfg.depth
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))

@@ -107,6 +107,8 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
 @click.option("--e2e", is_flag=True, help="train the end-to-end baseline of the same architecture")
 @click.option("--activation-checkpointing", is_flag=True,
               help="checkpoint every layer (of each block, or with --e2e of the baseline)")
+@click.option("--checkpoint-chunks", type=click.IntRange(min=1), default=None,
+              help="override [train] checkpoint_chunks: slices of the batch each layer recomputes over")
 @click.option("--paper-shared", is_flag=True,
               help="for comparison only: the paper's layout (shared embeddings and head, one "
               "optimizer, a random block per step)")
@@ -123,8 +125,9 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
 @click.option("--gpus-per-block", type=float, default=None, help="with --ray: override [train] ray_gpus")
 @click.option("--memory-per-block", type=float, default=None, help="with --ray: GiB, override ray_memory_gb")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def train(config, store_path, run, block, e2e, activation_checkpointing, paper_shared, steps, mode, backend,
-          prelude_run, use_ray, address, cpus_per_block, gpus_per_block, memory_per_block, quiet):
+def train(config, store_path, run, block, e2e, activation_checkpointing, checkpoint_chunks, paper_shared,
+          steps, mode, backend, prelude_run, use_ray, address, cpus_per_block, gpus_per_block,
+          memory_per_block, quiet):
     """Train every block in turn (one in memory at a time), one block, or the --e2e baseline."""
     from dbcore import config as config_mod
     from dbcore.train import train_run
@@ -136,6 +139,10 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, paper_s
         cfg.train.mode = mode
     if backend is not None:
         cfg.train.backend = backend
+    if checkpoint_chunks is not None:
+        if not activation_checkpointing:
+            raise _Fail("--checkpoint-chunks needs --activation-checkpointing")
+        cfg.train.checkpoint_chunks = checkpoint_chunks
     if prelude_run is not None:
         if not hasattr(cfg.model, "frozen_prelude"):
             raise _Fail(f"--freeze-prelude: recipe {cfg.recipe!r} has no prelude (looped only)")
@@ -277,12 +284,15 @@ def bench() -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--allocator", type=click.Choice(["tight", "default"]), default="tight", show_default=True,
               help="CPU: tight = live tensor bytes (fixed mmap threshold); default = glibc as is")
+@click.option("--checkpoint-chunks", type=click.IntRange(min=1), default=None,
+              help="override [train] checkpoint_chunks of the checkpointed runs")
 @click.option("--json", "as_json", is_flag=True)
-def bench_memory(config, batch_size, device, allocator, as_json):
+def bench_memory(config, batch_size, device, allocator, checkpoint_chunks, as_json):
     """Peak training memory: end-to-end, with activation checkpointing, and each block."""
     from dbcore.memory import measure_all
 
-    result = _run_safely(measure_all, config, batch_size=batch_size, device=device, allocator=allocator)
+    result = _run_safely(measure_all, config, batch_size=batch_size, device=device, allocator=allocator,
+                         checkpoint_chunks=checkpoint_chunks)
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -50,6 +50,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32 (master weights fp32)
+    checkpoint_chunks: int = 1  # with activation checkpointing: recompute each layer over this many
+    # slices of the batch, dividing a recomputed layer's working set by about as many (layers.checkpointed)
     compile: bool = False  # torch.compile the model (nn.Module.compile: parameter names unchanged)
     ray_cpus: float = 1.0  # `--ray`: CPUs each block's task asks for
     ray_gpus: float = 0.0  # `--ray`: GPUs each block's task asks for
@@ -64,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.checkpoint_chunks < 1:
+            raise ValueError(f"checkpoint_chunks must be >= 1, got {self.checkpoint_chunks}")
         if min(self.ray_cpus, self.ray_gpus, self.ray_memory_gb) < 0:
             raise ValueError("ray_cpus, ray_gpus and ray_memory_gb must be >= 0")
 

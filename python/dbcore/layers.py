@@ -412,13 +412,54 @@ class PreLNLayer(nn.Module):
         return h + self.mlp(self.norm2(h)), kv
 
 
-def checkpoint_layers(model: nn.Module) -> nn.Module:
-    """Activation checkpointing inside a block: each layer of `model.layers` keeps only its input
-    for backward and recomputes the rest (`forward`, `forward_rows` and, for decoding layers,
-    `step`), in training with gradients on; elsewhere the layers run as before. Parameter names do
-    not change, so checkpoints are the same with or without it."""
+def _is_batched(v: object, n: int) -> bool:
+    """Whether an argument of a layer has the batch as its first dimension: activations (N, ..),
+    conditioning (N, d) and per-sample masks (N, 1, T, T); a (T, T) bool mask and positions (T,)
+    are shared by the whole batch."""
+    return (isinstance(v, torch.Tensor) and v.dim() >= 2 and len(v) == n
+            and not (v.dtype == torch.bool and v.dim() == 2))
+
+
+def _cat_outputs(outs: list) -> object:
+    """Join per-slice outputs (tensors, or tuples of them as `step` returns) along the batch."""
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs)
+    return type(outs[0])(_cat_outputs(list(parts)) for parts in zip(*outs, strict=True))
+
+
+def checkpointed(fn, *args, chunks: int = 1, **kwargs):
+    """fn(*args, **kwargs) keeping only its inputs for backward, which recomputes the rest.
+
+    With `chunks` > 1 the batch (first dimension of args[0]) is cut into that many slices, each
+    checkpointed alone: backward recomputes one slice at a time, so the working set of a
+    recomputed layer (its activations and their gradients) falls by about `chunks`. Layers are
+    per-sample maps, so values and gradients are those of the whole batch up to rounding."""
     from torch.utils.checkpoint import checkpoint
 
+    n = len(args[0])
+    chunks = min(chunks, n)
+    if chunks <= 1:
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    sizes = [len(part) for part in torch.arange(n).tensor_split(chunks)]
+
+    def sliced(v: object) -> list:
+        return list(v.split(sizes)) if _is_batched(v, n) else [v] * chunks
+
+    arg_parts = [sliced(a) for a in args]
+    kwarg_parts = {k: sliced(v) for k, v in kwargs.items()}
+    outs = [checkpoint(fn, *(p[i] for p in arg_parts), use_reentrant=False,
+                       **{k: p[i] for k, p in kwarg_parts.items()}) for i in range(chunks)]
+    return _cat_outputs(outs)
+
+
+def checkpoint_layers(model: nn.Module, chunks: int = 1) -> nn.Module:
+    """Activation checkpointing of every layer of `model.layers` (a block or a whole baseline):
+    each keeps only its input for backward and recomputes the rest (`forward`, `forward_rows`
+    and, for decoding layers, `step`), over `chunks` slices of the batch (`checkpointed`), in
+    training with gradients on; elsewhere the layers run as before. Parameter names do not
+    change, so checkpoints are the same with or without it."""
+    if chunks < 1:
+        raise ValueError(f"checkpoint chunks must be >= 1, got {chunks}")
     for layer in model.layers:
         for name in ("forward", "forward_rows", "step"):
             method = getattr(layer, name, None)
@@ -427,7 +468,7 @@ def checkpoint_layers(model: nn.Module) -> nn.Module:
 
             def run(*args, _method=method, _layer=layer, **kwargs):
                 if _layer.training and torch.is_grad_enabled():
-                    return checkpoint(_method, *args, use_reentrant=False, **kwargs)
+                    return checkpointed(_method, *args, chunks=chunks, **kwargs)
                 return _method(*args, **kwargs)
 
             setattr(layer, name, run)

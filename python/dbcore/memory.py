@@ -113,11 +113,12 @@ class _SavedBytes:
         return sum(self.seen.values())
 
 
-def _build(kind: str, recipe: Recipe, frozen: Frozen) -> nn.Module:
-    if kind.startswith("e2e"):
-        return recipe.build_e2e(frozen, activation_checkpointing=(kind == "e2e_checkpointed"))
-    block = recipe.build_block(_block_of(kind), frozen)
-    return checkpoint_layers(block) if kind.endswith("_checkpointed") else block
+def _build(kind: str, recipe: Recipe, frozen: Frozen, chunks: int) -> nn.Module:
+    """The model of a configuration kind; "_checkpointed" ones by `checkpoint_layers`, as the
+    trainer does for blocks and baseline alike."""
+    block = _block_of(kind)
+    model = recipe.build_e2e(frozen) if block is None else recipe.build_block(block, frozen)
+    return checkpoint_layers(model, chunks) if kind.endswith("_checkpointed") else model
 
 
 def _block_of(kind: str) -> int | None:
@@ -138,8 +139,10 @@ def _set_allocator(allocator: str) -> None:
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: is this glibc?")
 
 
-def worker(config_path: str, kind: str, batch_size: int, device: str, allocator: str = "tight") -> dict:
-    """Run in a fresh process: peak bytes above baseline, step time, params, saved activations."""
+def worker(config_path: str, kind: str, batch_size: int, device: str, allocator: str = "tight",
+           chunks: int = 1) -> dict:
+    """Run in a fresh process: peak bytes above baseline, step time, params, saved activations;
+    `chunks`: the checkpointed kinds' `checkpoint_chunks`."""
     _set_allocator(allocator)
     cfg = config_mod.load(config_path)
     recipe = for_config(cfg)
@@ -147,7 +150,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
     dev = torch.device(device)
     _warm_up(cfg, dev)
     frozen = recipe.example_frozen()
-    model = _build(kind, recipe, frozen)
+    model = _build(kind, recipe, frozen, chunks)
     frozen = {k: v.to(dev) for k, v in frozen.items()}
     batch = recipe.example_batch(batch_size, frozen, dev)
     block = _block_of(kind)
@@ -199,9 +202,9 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
             "params": params, "param_bytes": params * 4, "saved_activation_bytes": saved.total()}
 
 
-def _spawn(config_path: str, kind: str, batch_size: int, device: str, allocator: str) -> dict:
+def _spawn(config_path: str, kind: str, batch_size: int, device: str, allocator: str, chunks: int) -> dict:
     cmd = [sys.executable, "-m", "dbcore.memory", str(config_path), kind, str(batch_size), device,
-           allocator]
+           allocator, str(chunks)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory worker {kind} failed:\n{out.stderr[-2000:]}")
@@ -209,15 +212,17 @@ def _spawn(config_path: str, kind: str, batch_size: int, device: str, allocator:
 
 
 def measure_all(
-    config_path: str | Path, batch_size: int | None = None, device: str = "cpu", allocator: str = "tight"
+    config_path: str | Path, batch_size: int | None = None, device: str = "cpu", allocator: str = "tight",
+    checkpoint_chunks: int | None = None,
 ) -> dict:
     cfg = config_mod.load(config_path)
     _check_allocator(allocator)  # here, before any worker starts
     m = cfg.model
     bs = batch_size or cfg.train.batch_size
+    chunks = checkpoint_chunks or cfg.train.checkpoint_chunks
     kinds = ["e2e", "e2e_checkpointed", *[f"block{b}" for b in range(m.num_blocks)],
              *[f"block{b}_checkpointed" for b in range(m.num_blocks)]]
-    runs = {k: _spawn(str(config_path), k, bs, device, allocator) for k in kinds}
+    runs = {k: _spawn(str(config_path), k, bs, device, allocator, chunks) for k in kinds}
     e2e, blocks = runs["e2e"], [runs[f"block{b}"] for b in range(m.num_blocks)]
     checkpointed = [runs[f"block{b}_checkpointed"] for b in range(m.num_blocks)]
     # analytic model, METHOD.md section 5: 4P (weights, gradients, two Adam moments) + A (bytes
@@ -232,6 +237,7 @@ def measure_all(
         "device": device,
         "allocator": allocator if device == "cpu" else "cuda caching allocator",
         "batch_size": bs,
+        "checkpoint_chunks": chunks,
         "precision": e2e["precision"],
         "num_blocks": B,
         "depth": L,
@@ -242,6 +248,8 @@ def measure_all(
         "e2e_params": e2e["params"],
         "block_params": [r["params"] for r in blocks],
         "max_block_over_e2e_per_block": max(r["peak_bytes"] for r in blocks) / (e2e["peak_bytes"] / B),
+        "max_checkpointed_block_over_checkpointed_e2e_per_block": (
+            max(r["peak_bytes"] for r in checkpointed) / (runs["e2e_checkpointed"]["peak_bytes"] / B)),
         "analytic_bytes": {
             "e2e": model_bytes(e2e, e2e["saved_activation_bytes"]),  # (4P + A) L
             "checkpointed": model_bytes(e2e, e2e["saved_activation_bytes"] / L),  # 4PL + A
@@ -252,5 +260,5 @@ def measure_all(
 
 
 if __name__ == "__main__":
-    cfg_path, kind, bs, dev, alloc = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    print(json.dumps(worker(cfg_path, kind, bs, dev, alloc)))
+    cfg_path, kind, bs, dev, alloc, chunks = sys.argv[1:7]
+    print(json.dumps(worker(cfg_path, kind, int(bs), dev, alloc, int(chunks))))

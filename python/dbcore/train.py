@@ -55,7 +55,8 @@ def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: 
                 chain: tuple[torch.Tensor, torch.Tensor] | None = None,
                 activation_checkpointing: bool = False) -> dict:
     """Train network block `block` alone. `chain`: (z, sigma) states handed by earlier blocks;
-    `activation_checkpointing`: every layer of the block recomputes its activations in backward."""
+    `activation_checkpointing`: every layer of the block recomputes its activations in backward,
+    over `[train] checkpoint_chunks` slices of the batch."""
     t = cfg.train
     recipe = for_config(cfg)
     device = resolve_device(t.device)
@@ -66,7 +67,7 @@ def train_block(cfg: Config, store_path: Path, run: Path, block: int, progress: 
     torch.manual_seed(t.seed * 1009 + block)
     model = recipe.build_block(block, frozen).to(device)
     if activation_checkpointing:
-        checkpoint_layers(model)
+        checkpoint_layers(model, t.checkpoint_chunks)
     frozen = {k: v.to(device) for k, v in frozen.items()}
     req = recipe.noise_request(recipe.target_shape(frozen))
     # with the CUDA kernels the device draws the Gaussians itself: the stream ships only uniforms
@@ -113,7 +114,9 @@ def train_e2e(cfg: Config, store_path: Path, run: Path, progress: bool = True,
     s = store.open(store_path)
     frozen = read_frozen(s, recipe)
     torch.manual_seed(t.seed)
-    model = recipe.build_e2e(frozen, activation_checkpointing).to(device)
+    model = recipe.build_e2e(frozen).to(device)
+    if activation_checkpointing:  # the same mechanism as the blocks', so memory compares like with like
+        checkpoint_layers(model, t.checkpoint_chunks)
     frozen = {k: v.to(device) for k, v in frozen.items()}
     key, seed = e2e_noise_key(cfg), noise_seed(s)
     noise = None

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dbcore import layout, rng
 from dbcore.data import INDEX
@@ -235,7 +234,7 @@ class ARBlock(nn.Module):
 class ARBaseline(nn.Module):
     """Standard next-token transformer: tokens and positions, causal pre-LN layers, LN, head."""
 
-    def __init__(self, cfg: ARConfig, vocab: torch.Tensor, activation_checkpointing: bool = False) -> None:
+    def __init__(self, cfg: ARConfig, vocab: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer(layout.VOCAB, vocab.clone().long())
         self.embed = TokenEmbedding(len(vocab), cfg.seq_len, cfg.dim, cfg.positions)
@@ -244,17 +243,13 @@ class ARBaseline(nn.Module):
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=LN_EPS)
         self.head = nn.Linear(cfg.dim, len(vocab))
-        self.activation_checkpointing = activation_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, T) -> next-token logits (N, T, V): row i predicts x_{i+1}."""
         h = self.embed(x)
         mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
         for layer in self.layers:
-            if self.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, mask, use_reentrant=False)
-            else:
-                h = layer(h, mask)
+            h = layer(h, mask)  # (N, T, d)
         return self.head(self.norm(h))
 
     def extend(self, x_new: torch.Tensor, start: int, caches: Caches | None) -> tuple[torch.Tensor, Caches]:
@@ -314,8 +309,8 @@ class ARRecipe(Recipe):
         m = self.model_cfg
         return ARBlock(m, layers_in_block(m, block), frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING])
 
-    def build_e2e(self, frozen, activation_checkpointing=False):
-        return ARBaseline(self.model_cfg, frozen[layout.VOCAB], activation_checkpointing)
+    def build_e2e(self, frozen):
+        return ARBaseline(self.model_cfg, frozen[layout.VOCAB])
 
     def block_loss(self, block, batch, noised, w, backend="torch"):
         x = batch[layout.TOKENS].long()

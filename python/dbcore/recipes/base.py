@@ -122,8 +122,9 @@ class Recipe(ABC):
         """Block `block` alone, owning every trainable parameter it uses."""
 
     @abstractmethod
-    def build_e2e(self, frozen: Frozen, activation_checkpointing: bool = False) -> nn.Module:
-        """The end-to-end baseline of the same depth and width."""
+    def build_e2e(self, frozen: Frozen) -> nn.Module:
+        """The end-to-end baseline of the same depth and width; its transformer layers are
+        `layers` (activation checkpointing: `dbcore.layers.checkpoint_layers`)."""
 
     @abstractmethod
     def block_loss(self, block: nn.Module, batch: Batch, noised: Noised, w: torch.Tensor,

@@ -76,8 +76,8 @@ class DiTRecipe(Recipe):
     def build_block(self, block, frozen):
         return DiTBlock(self.model_cfg, block)
 
-    def build_e2e(self, frozen, activation_checkpointing=False):
-        return DiTModel(self.model_cfg, activation_checkpointing)
+    def build_e2e(self, frozen):
+        return DiTModel(self.model_cfg)
 
     def _loss(self, model: nn.Module, batch: Batch, noised: Noised, w: torch.Tensor, backend: str
               ) -> torch.Tensor:

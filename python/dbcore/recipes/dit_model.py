@@ -170,10 +170,10 @@ class DiTFinal(nn.Module):
 class DiTBackbone(nn.Module):
     """The raw network F of a DiT denoiser with `num_layers` adaLN-Zero layers."""
 
-    def __init__(self, cfg: DiTConfig, num_layers: int, activation_checkpointing: bool = False) -> None:
+    def __init__(self, cfg: DiTConfig, num_layers: int) -> None:
         super().__init__()
         d, p = cfg.dim, cfg.patch_size
-        self.cfg, self.activation_checkpointing = cfg, activation_checkpointing
+        self.cfg = cfg
         self.patch_embed = nn.Conv2d(cfg.channels, d, p, stride=p)
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the flattened patch
@@ -196,10 +196,7 @@ class DiTBackbone(nn.Module):
         h = h + self.pos_embed.to(h.dtype)  # (N, T, d)
         c = self.noise_embed(c_noise) + self.label_embed(labels)  # (N, d)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, c, use_reentrant=False)  # (N, T, d)
-            else:
-                h = layer(h, c)  # (N, T, d)
+            h = layer(h, c)  # (N, T, d)
         if torch.is_grad_enabled() and self.training:
             # recomputed in backward: the modulated copy of h (N, T, d) is not kept for the Linear,
             # which would otherwise cost each block as much as a layer's residual stream
@@ -212,10 +209,10 @@ class DiTBackbone(nn.Module):
 class DiTDenoiser(nn.Module):
     """EDM-preconditioned DiT with `num_layers` layers: D(z, sigma, label) = c_skip z + c_out F."""
 
-    def __init__(self, cfg: DiTConfig, num_layers: int, activation_checkpointing: bool = False) -> None:
+    def __init__(self, cfg: DiTConfig, num_layers: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.denoiser = EDMPrecond(DiTBackbone(cfg, num_layers, activation_checkpointing))
+        self.denoiser = EDMPrecond(DiTBackbone(cfg, num_layers))
 
     @property
     def backbone(self) -> DiTBackbone:
@@ -248,13 +245,13 @@ class DiTDenoiser(nn.Module):
 class DiTBlock(DiTDenoiser):
     """One DiffusionBlock: the denoiser of the noise range of `block_index`, with its share of layers."""
 
-    def __init__(self, cfg: DiTConfig, block_index: int, activation_checkpointing: bool = False) -> None:
-        super().__init__(cfg, layers_in_block(cfg, block_index), activation_checkpointing)
+    def __init__(self, cfg: DiTConfig, block_index: int) -> None:
+        super().__init__(cfg, layers_in_block(cfg, block_index))
         self.block_index = block_index
 
 
 class DiTModel(DiTDenoiser):
     """End-to-end baseline: all `cfg.depth` layers, trained over the whole noise range."""
 
-    def __init__(self, cfg: DiTConfig, activation_checkpointing: bool = False) -> None:
-        super().__init__(cfg, cfg.depth, activation_checkpointing)
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__(cfg, cfg.depth)

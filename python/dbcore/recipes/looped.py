@@ -435,7 +435,7 @@ class LoopedRecipe(Recipe):
         m = self.model_cfg
         return self._with_prelude(LoopedDenoiser(m, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING]))
 
-    def build_e2e(self, frozen, activation_checkpointing=False):
+    def build_e2e(self, frozen):
         m = self.model_cfg
         return self._with_prelude(LoopedBPTT(m, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING]))
 

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dbcore import layout, rng
 from dbcore.data import UNIFORMS
@@ -95,10 +94,8 @@ def mask_tokens(x: torch.Tensor, t: torch.Tensor, u: torch.Tensor, eps: float) -
 class MaskedDenoiser(nn.Module):
     """A block (or the whole baseline): x_t (N, T) ids with MASK, t (N,) -> logits (N, T, V)."""
 
-    def __init__(self, cfg: MDLMConfig, num_layers: int, vocab: torch.Tensor,
-                 activation_checkpointing: bool = False) -> None:
+    def __init__(self, cfg: MDLMConfig, num_layers: int, vocab: torch.Tensor) -> None:
         super().__init__()
-        self.activation_checkpointing = activation_checkpointing
         d, v = cfg.dim, len(vocab)
         self.register_buffer(layout.VOCAB, vocab.clone().long())  # frozen: carried by the checkpoint
         self.embed = TokenEmbedding(v + 1, cfg.seq_len, d, cfg.positions)  # row V = MASK
@@ -113,10 +110,7 @@ class MaskedDenoiser(nn.Module):
         h = self.embed(torch.where(x_t == MASK, len(self.vocab), x_t))  # (N, T, d)
         c = self.time(t)  # (N, d)
         for layer in self.layers:  # bidirectional
-            if self.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, c, use_reentrant=False)
-            else:
-                h = layer(h, c)
+            h = layer(h, c)  # (N, T, d)
         return self.final(h, c)  # (N, T, V)
 
 
@@ -186,9 +180,9 @@ class MDLMRecipe(Recipe):
     def build_block(self, block, frozen):
         return MaskedDenoiser(self.model_cfg, layers_in_block(self.model_cfg, block), frozen[layout.VOCAB])
 
-    def build_e2e(self, frozen, activation_checkpointing=False):
+    def build_e2e(self, frozen):
         m = self.model_cfg
-        return MaskedDenoiser(m, m.depth, frozen[layout.VOCAB], activation_checkpointing)
+        return MaskedDenoiser(m, m.depth, frozen[layout.VOCAB])
 
     def _loss(self, model: MaskedDenoiser, batch: Batch, noised: Noised, w: torch.Tensor) -> torch.Tensor:
         x = batch[layout.TOKENS].long()

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dbcore import layout
 from dbcore.data import INDEX
@@ -229,10 +228,10 @@ class ViTBlock(nn.Module):
 class ViTClassifier(nn.Module):
     """End-to-end baseline: the same depth L and width d, plain pre-LN layers, CLS token, CE."""
 
-    def __init__(self, cfg: ViTConfig, activation_checkpointing: bool = False) -> None:
+    def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         d = cfg.dim
-        self.cfg, self.activation_checkpointing = cfg, activation_checkpointing
+        self.cfg = cfg
         self.patch_embed = nn.Conv2d(cfg.channels, d, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, d) * POS_INIT_STD)
@@ -246,15 +245,10 @@ class ViTClassifier(nn.Module):
         """x (N, C, H, W) in [0, 1] -> logits (N, V)."""
         h_x = self.patch_embed(_normalize(x)).flatten(2).transpose(1, 2)  # (N, T, d)
         h = torch.cat([self.cls_token.expand(len(x), -1, -1), h_x], dim=1) + self.pos_embed
-        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         *body, last = self.layers
         for layer in body:
-            h = checkpoint(layer, h, use_reentrant=False) if checkpointed else layer(h)
-        # the logits read the CLS row alone: the last layer computes only that row (N, 1, d)
-        if checkpointed:
-            h = checkpoint(last.forward_rows, h, CLS, use_reentrant=False)
-        else:
-            h = last.forward_rows(h, CLS)
+            h = layer(h)  # (N, T, d)
+        h = last.forward_rows(h, CLS)  # the logits read the CLS row alone: (N, 1, d)
         return self.head(self.norm(h[:, 0]))
 
 
@@ -331,8 +325,8 @@ class ViTRecipe(Recipe):
     def build_block(self, block, frozen):
         return ViTBlock(self.model_cfg, block, frozen[layout.TARGET_EMBEDDING])
 
-    def build_e2e(self, frozen, activation_checkpointing=False):
-        return ViTClassifier(self.model_cfg, activation_checkpointing)
+    def build_e2e(self, frozen):
+        return ViTClassifier(self.model_cfg)
 
     def block_loss(self, block, batch, noised, w, backend="torch"):
         _, logits = block(images_to_float(batch[layout.IMAGES]), noised.z, noised.sigma)  # (N, V)
