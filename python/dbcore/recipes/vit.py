@@ -153,6 +153,12 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - PIXEL_MEAN) / PIXEL_STD
 
 
+def patch_tokens(patch_embed: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) in [0, 1] -> patch tokens (N, T, d). A temporary: no local name keeps the
+    convolution's output alive beside the sequence built from it."""
+    return patch_embed(_normalize(x)).flatten(2).transpose(1, 2)
+
+
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1], on the images' device."""
     return images.permute(0, 3, 1, 2).float().div_(255.0)
@@ -183,9 +189,8 @@ class ViTBackbone(nn.Module):
 
     def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """c_in*z (N, d), c_noise (N,), x (N, C, H, W) in [0, 1] -> F (N, d)."""
-        h_x = self.patch_embed(_normalize(x)).flatten(2).transpose(1, 2)  # (N, T, d)
         h_z = self.z_embed(z_in)[:, None]  # (N, 1, d) at the CLS position
-        h = torch.cat([h_z, h_x], dim=1) + self.pos_embed  # (N, T+1, d)
+        h = torch.cat([h_z, patch_tokens(self.patch_embed, x)], dim=1) + self.pos_embed  # (N, T+1, d)
         if self.modulation is None:
             c = self.noise_embed(c_noise)  # (N, d)
             mods, final = [c] * len(self.layers), c
@@ -243,8 +248,8 @@ class ViTClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) in [0, 1] -> logits (N, V)."""
-        h_x = self.patch_embed(_normalize(x)).flatten(2).transpose(1, 2)  # (N, T, d)
-        h = torch.cat([self.cls_token.expand(len(x), -1, -1), h_x], dim=1) + self.pos_embed
+        cls = self.cls_token.expand(len(x), -1, -1)  # (N, 1, d)
+        h = torch.cat([cls, patch_tokens(self.patch_embed, x)], dim=1) + self.pos_embed  # (N, T+1, d)
         *body, last = self.layers
         for layer in body:
             h = layer(h)  # (N, T, d)
