@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=None, help="override [train] batch_size")
     ap.add_argument("--no-memory", action="store_true", help="step times only")
+    ap.add_argument("--checkpoint-chunks", type=int, default=None,
+                    help="override [train] checkpoint_chunks of the checkpointed memory runs")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak for the step's precision: model FLOPs utilisation of the "
                          "baseline's step (ViT)")
@@ -115,11 +117,13 @@ def main() -> None:
     targets: dict = {}
     if not args.no_memory:
         target = args.memory_target or (1.15 if cfg.recipe == "dit" else 1.3)
-        result["memory"] = measure_all(args.config, bs, args.device, allocator="tight")
+        result["memory"] = measure_all(args.config, bs, args.device, allocator="tight",
+                                       checkpoint_chunks=args.checkpoint_chunks)
         targets["max_block_peak_over_e2e_per_block"] = {
             "measured": result["memory"]["max_block_over_e2e_per_block"], "target": target}
         if device.type == "cpu":
-            result["memory_default_allocator"] = measure_all(args.config, bs, allocator="default")
+            result["memory_default_allocator"] = measure_all(args.config, bs, allocator="default",
+                                                             checkpoint_chunks=args.checkpoint_chunks)
             default = result["memory_default_allocator"]["max_block_over_e2e_per_block"]
             targets["max_block_peak_over_e2e_per_block_default_allocator"] = {"measured": default,
                                                                                "target": None}

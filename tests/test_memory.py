@@ -22,9 +22,10 @@ batch_size = 256
 def test_bench_memory_measures_every_configuration(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text(TOML)
-    out = CliRunner().invoke(main, ["bench", "memory", str(cfg), "--json"])
+    out = CliRunner().invoke(main, ["bench", "memory", str(cfg), "--timed-steps", "0", "--json"])
     assert out.exit_code == 0, out.output
     r = json.loads(out.output)
+    assert all(p["step_seconds"] is None for p in r["measured_parts"].values())  # memory only
     assert r["num_blocks"] == 2 and len(r["block_peak_bytes"]) == 2
     assert r["e2e_peak_bytes"] > 0 and all(b > 0 for b in r["block_peak_bytes"])
     # a block holds half the layers: its saved activations are well under the whole model's
@@ -58,4 +59,5 @@ def test_checkpoint_chunks_shrink_what_a_checkpointed_block_recomputes(tmp_path)
     cfg.write_text(TOML)
     one, four = (_spawn(str(cfg), "block0_checkpointed", 256, "cpu", "tight", c) for c in (1, 4))
     assert four["saved_activation_bytes"] == one["saved_activation_bytes"]
+    assert four["step_seconds"] > 0 and one["step_seconds"] > 0
     assert four["peak_bytes"] < 0.8 * one["peak_bytes"], (four["peak_bytes"], one["peak_bytes"])

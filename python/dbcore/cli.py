@@ -286,13 +286,16 @@ def bench() -> None:
               help="CPU: tight = live tensor bytes (fixed mmap threshold); default = glibc as is")
 @click.option("--checkpoint-chunks", type=click.IntRange(min=1), default=None,
               help="override [train] checkpoint_chunks of the checkpointed runs")
+@click.option("--timed-steps", type=click.IntRange(min=0), default=None,
+              help="steps timed after the measured ones (0: memory only; default dbcore.memory.TIMED_STEPS)")
 @click.option("--json", "as_json", is_flag=True)
-def bench_memory(config, batch_size, device, allocator, checkpoint_chunks, as_json):
+def bench_memory(config, batch_size, device, allocator, checkpoint_chunks, timed_steps, as_json):
     """Peak training memory: end-to-end, with activation checkpointing, and each block."""
-    from dbcore.memory import measure_all
+    from dbcore.memory import TIMED_STEPS, measure_all
 
     result = _run_safely(measure_all, config, batch_size=batch_size, device=device, allocator=allocator,
-                         checkpoint_chunks=checkpoint_chunks)
+                         checkpoint_chunks=checkpoint_chunks,
+                         timed_steps=TIMED_STEPS if timed_steps is None else timed_steps)
     if as_json:
         click.echo(json.dumps(result))
     else:

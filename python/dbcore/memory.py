@@ -140,9 +140,10 @@ def _set_allocator(allocator: str) -> None:
 
 
 def worker(config_path: str, kind: str, batch_size: int, device: str, allocator: str = "tight",
-           chunks: int = 1) -> dict:
-    """Run in a fresh process: peak bytes above baseline, step time, params, saved activations;
-    `chunks`: the checkpointed kinds' `checkpoint_chunks`."""
+           chunks: int = 1, timed_steps: int = TIMED_STEPS) -> dict:
+    """Run in a fresh process: peak bytes above baseline, median step time of `timed_steps` more
+    steps (None for 0), params, saved activations; `chunks`: the checkpointed kinds'
+    `checkpoint_chunks`."""
     _set_allocator(allocator)
     cfg = config_mod.load(config_path)
     recipe = for_config(cfg)
@@ -185,7 +186,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
     else:
         peak = _rss_bytes("VmHWM") - base
     times = []
-    for _ in range(TIMED_STEPS):
+    for _ in range(timed_steps):
         t0 = time.perf_counter()
         step()
         if dev.type == "cuda":
@@ -198,13 +199,14 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
     del out
     params = sum(p.numel() for p in model.parameters())
     return {"kind": kind, "precision": precision_of(cfg.train.precision, dev), "peak_bytes": int(peak),
-            "step_seconds": sorted(times)[len(times) // 2],
+            "step_seconds": sorted(times)[len(times) // 2] if times else None,
             "params": params, "param_bytes": params * 4, "saved_activation_bytes": saved.total()}
 
 
-def _spawn(config_path: str, kind: str, batch_size: int, device: str, allocator: str, chunks: int) -> dict:
+def _spawn(config_path: str, kind: str, batch_size: int, device: str, allocator: str, chunks: int,
+           timed_steps: int = TIMED_STEPS) -> dict:
     cmd = [sys.executable, "-m", "dbcore.memory", str(config_path), kind, str(batch_size), device,
-           allocator, str(chunks)]
+           allocator, str(chunks), str(timed_steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory worker {kind} failed:\n{out.stderr[-2000:]}")
@@ -213,8 +215,11 @@ def _spawn(config_path: str, kind: str, batch_size: int, device: str, allocator:
 
 def measure_all(
     config_path: str | Path, batch_size: int | None = None, device: str = "cpu", allocator: str = "tight",
-    checkpoint_chunks: int | None = None,
+    checkpoint_chunks: int | None = None, timed_steps: int = TIMED_STEPS,
 ) -> dict:
+    """Every configuration's peak (end-to-end, each block, each with activation checkpointing over
+    `checkpoint_chunks` slices, default the config's), beside the analytic model; `timed_steps`
+    more steps time each one (0: memory only, for models too slow to time here)."""
     cfg = config_mod.load(config_path)
     _check_allocator(allocator)  # here, before any worker starts
     m = cfg.model
@@ -222,7 +227,7 @@ def measure_all(
     chunks = checkpoint_chunks or cfg.train.checkpoint_chunks
     kinds = ["e2e", "e2e_checkpointed", *[f"block{b}" for b in range(m.num_blocks)],
              *[f"block{b}_checkpointed" for b in range(m.num_blocks)]]
-    runs = {k: _spawn(str(config_path), k, bs, device, allocator, chunks) for k in kinds}
+    runs = {k: _spawn(str(config_path), k, bs, device, allocator, chunks, timed_steps) for k in kinds}
     e2e, blocks = runs["e2e"], [runs[f"block{b}"] for b in range(m.num_blocks)]
     checkpointed = [runs[f"block{b}_checkpointed"] for b in range(m.num_blocks)]
     # analytic model, METHOD.md section 5: 4P (weights, gradients, two Adam moments) + A (bytes
@@ -260,5 +265,5 @@ def measure_all(
 
 
 if __name__ == "__main__":
-    cfg_path, kind, bs, dev, alloc, chunks = sys.argv[1:7]
-    print(json.dumps(worker(cfg_path, kind, int(bs), dev, alloc, int(chunks))))
+    cfg_path, kind, bs, dev, alloc, chunks, timed = sys.argv[1:8]
+    print(json.dumps(worker(cfg_path, kind, int(bs), dev, alloc, int(chunks), int(timed))))
