@@ -6,6 +6,7 @@ from dbcore import config as config_mod
 from dbcore.edm import add_noise, precond
 from dbcore.layers import AdaLNLayer, checkpoint_layers
 from dbcore.loss import sample_weights, weighted_ce
+from dbcore.memory import _SavedBytes
 from dbcore.recipes import for_config, vit
 from dbcore.recipes.base import Noised
 from dbcore.recipes.vit import (
@@ -13,8 +14,10 @@ from dbcore.recipes.vit import (
     ViTClassifier,
     ViTConfig,
     block_layers,
+    images_to_float,
     layers_in_block,
     make_target_embedding,
+    patch_tokens,
     vit_cifar,
     vit_mnist,
     vit_tiny,
@@ -179,3 +182,22 @@ def test_classifier_and_checkpointing():
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert plain(x).shape == (6, 10)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_patch_tokens_from_uint8_images_keep_the_images_not_a_float_copy():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 4, stride=4)
+    images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    tokens = {}
+    for name, x in (("float", images_to_float(images)), ("uint8", images)):
+        saved = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            out = patch_tokens(conv, x)
+        grads = torch.autograd.grad(out.square().sum(), list(conv.parameters()))
+        tokens[name] = (out, grads, saved.total())
+    (f_out, f_grads, f_saved), (u_out, u_grads, u_saved) = tokens["float"], tokens["uint8"]
+    assert u_out.shape == (5, 16, 16) and torch.allclose(u_out, f_out)
+    assert all(torch.allclose(a, b) for a, b in zip(u_grads, f_grads, strict=True))
+    assert u_saved <= images.numel() < f_saved  # the uint8 images (1 byte a pixel), not 4 bytes a pixel
+    with torch.no_grad():
+        assert torch.allclose(patch_tokens(conv, images), f_out)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dbcore import layout
 from dbcore.data import INDEX
@@ -154,9 +155,18 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def patch_tokens(patch_embed: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """x (N, C, H, W) in [0, 1] -> patch tokens (N, T, d). A temporary: no local name keeps the
-    convolution's output alive beside the sequence built from it."""
-    return patch_embed(_normalize(x)).flatten(2).transpose(1, 2)
+    """x (N, C, H, W) in [0, 1], or uint8 images (N, H, W, C) -> patch tokens (N, T, d).
+
+    From uint8 images with gradients on, backward rebuilds the normalised float copy that the
+    convolution reads instead of keeping it (4 bytes a pixel; the images are kept anyway). Called
+    as a temporary: no local name keeps the convolution's output alive beside the sequence."""
+    if x.dtype != torch.uint8:
+        return patch_embed(_normalize(x)).flatten(2).transpose(1, 2)
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return patch_embed(_normalize(images_to_float(images))).flatten(2).transpose(1, 2)
+
+    return checkpoint(embed, x, use_reentrant=False) if torch.is_grad_enabled() else embed(x)
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
@@ -188,7 +198,7 @@ class ViTBackbone(nn.Module):
         self.final = AdaLNFinal(d, d, single)  # F, zero-initialised: a fresh block has D = c_skip * z
 
     def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """c_in*z (N, d), c_noise (N,), x (N, C, H, W) in [0, 1] -> F (N, d)."""
+        """c_in*z (N, d), c_noise (N,), x (N, C, H, W) in [0, 1] or uint8 (N, H, W, C) -> F (N, d)."""
         h_z = self.z_embed(z_in)[:, None]  # (N, 1, d) at the CLS position
         h = torch.cat([h_z, patch_tokens(self.patch_embed, x)], dim=1) + self.pos_embed  # (N, T+1, d)
         if self.modulation is None:
@@ -225,7 +235,8 @@ class ViTBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, C, H, W) in [0, 1], z (N, d), sigma (N,) or scalar -> D (N, d), logits (N, V)."""
+        """x (N, C, H, W) in [0, 1] or uint8 (N, H, W, C), z (N, d), sigma (N,) or scalar ->
+        D (N, d), logits (N, V)."""
         d_hat = self.denoiser(z, sigma, x)  # D = c_skip*z + c_out*F, (N, d)
         return d_hat, self.head(d_hat)
 
@@ -247,7 +258,7 @@ class ViTClassifier(nn.Module):
         self.head = nn.Linear(d, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) in [0, 1] -> logits (N, V)."""
+        """x (N, C, H, W) in [0, 1] or uint8 (N, H, W, C) -> logits (N, V)."""
         cls = self.cls_token.expand(len(x), -1, -1)  # (N, 1, d)
         h = torch.cat([cls, patch_tokens(self.patch_embed, x)], dim=1) + self.pos_embed  # (N, T+1, d)
         *body, last = self.layers
@@ -334,11 +345,11 @@ class ViTRecipe(Recipe):
         return ViTClassifier(self.model_cfg)
 
     def block_loss(self, block, batch, noised, w, backend="torch"):
-        _, logits = block(images_to_float(batch[layout.IMAGES]), noised.z, noised.sigma)  # (N, V)
+        _, logits = block(batch[layout.IMAGES], noised.z, noised.sigma)  # (N, V)
         return block_loss_ce(logits, batch[layout.LABELS], w, backend=backend)
 
     def e2e_loss(self, model, batch, noised, w, backend="torch"):
-        return F.cross_entropy(model(images_to_float(batch[layout.IMAGES])), batch[layout.LABELS])
+        return F.cross_entropy(model(batch[layout.IMAGES]), batch[layout.LABELS])
 
     def example_frozen(self, seed=0):
         m = self.model_cfg
