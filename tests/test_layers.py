@@ -202,6 +202,12 @@ def test_checkpointed_slices_of_the_batch_give_the_whole_batch_values_and_gradie
     full_out, (full_k, _) = pre.step(h, None)
     out, (k, _) = checkpointed(pre.step, h, None, chunks=chunks)
     assert torch.allclose(out, full_out, atol=1e-6) and torch.allclose(k, full_k, atol=1e-6)
+    # after a cached prefix (keys, values), which is sliced with the batch
+    past = (torch.randn(n, 2, 3, d // 2), torch.randn(n, 2, 3, d // 2))
+    pos = torch.arange(3, 3 + t)
+    full_out, _ = pre.step(h, past, pos)
+    out, (k, v) = checkpointed(pre.step, h, past, pos, chunks=chunks)
+    assert torch.allclose(out, full_out, atol=1e-6) and k.shape == (n, 2, t, d // 2)
 
 
 def test_checkpoint_layers_keeps_only_each_layers_input():

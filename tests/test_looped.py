@@ -377,3 +377,30 @@ def test_freeze_prelude_is_refused_for_other_recipes_and_unfinished_runs(tmp_pat
     vit.write_text('[model]\nrecipe = "vit"\ndim = 32\ndepth = 2\nheads = 2\nnum_blocks = 2\n')
     r = _train_cli(runner, vit, store, tmp_path / "y", "--freeze-prelude", str(tmp_path))
     assert r.exit_code == 1 and "looped only" in r.output
+
+
+@pytest.mark.parametrize("kind", ["blocks", "e2e"])
+def test_checkpointed_layers_over_batch_slices_give_the_same_gradients(tmp_path, kind):
+    """Activation checkpointing over 3 slices of the batch, through the decoding path (`step`
+    with cached prefixes) that training runs: the plain model's gradients."""
+    from dbcore.layers import checkpoint_layers
+    from dbcore.memory import _noised, training_loss
+
+    cfg = config_mod.load(_cfg(tmp_path))
+    recipe = LoopedRecipe(cfg)
+    frozen = recipe.example_frozen()
+    batch = recipe.example_batch(5, frozen, torch.device("cpu"))
+    block = 0 if kind == "blocks" else None
+    noised = _noised(recipe, batch, frozen, block)
+    grads = []
+    for chunks in (None, 3):
+        torch.manual_seed(0)
+        model = recipe.build_block(0, frozen) if kind == "blocks" else recipe.build_e2e(frozen)
+        if chunks:
+            checkpoint_layers(model, chunks)
+        torch.manual_seed(1)
+        training_loss(recipe, model.train(), batch, frozen, block, noised).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)

@@ -443,6 +443,8 @@ def checkpointed(fn, *args, chunks: int = 1, **kwargs):
     sizes = [len(part) for part in torch.arange(n).tensor_split(chunks)]
 
     def sliced(v: object) -> list:
+        if isinstance(v, tuple | list):  # a decoding cache (keys, values): slice each part
+            return [type(v)(parts) for parts in zip(*(sliced(e) for e in v), strict=True)]
         return list(v.split(sizes)) if _is_batched(v, n) else [v] * chunks
 
     arg_parts = [sliced(a) for a in args]
