@@ -440,7 +440,7 @@ def checkpointed(fn, *args, chunks: int = 1, **kwargs):
     chunks = min(chunks, n)
     if chunks <= 1:
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    sizes = [len(part) for part in torch.arange(n).tensor_split(chunks)]
+    sizes = [n // chunks + (i < n % chunks) for i in range(chunks)]  # as even as n allows
 
     def sliced(v: object) -> list:
         if isinstance(v, tuple | list):  # a decoding cache (keys, values): slice each part
