@@ -25,7 +25,7 @@ def _plain_layer(layer: AdaLNLayer, h: torch.Tensor, c: torch.Tensor) -> torch.T
 def _saved_bytes(fn) -> int:
     """Bytes of the distinct tensors autograd saves for backward while fn runs."""
     saved = _SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+    with saved.hooks():
         fn()
     return saved.total()
 

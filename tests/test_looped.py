@@ -15,6 +15,8 @@ from dbcore import config as config_mod
 from dbcore.cache import write_cache
 from dbcore.cli import main
 from dbcore.evaluate import evaluate, sample_text_run
+from dbcore.layers import checkpoint_layers
+from dbcore.memory import _noised, training_loss
 from dbcore.recipes.base import Noised
 from dbcore.recipes.looped import (
     LoopedBPTT,
@@ -383,9 +385,6 @@ def test_freeze_prelude_is_refused_for_other_recipes_and_unfinished_runs(tmp_pat
 def test_checkpointed_layers_over_batch_slices_give_the_same_gradients(tmp_path, kind):
     """Activation checkpointing over 3 slices of the batch, through the decoding path (`step`
     with cached prefixes) that training runs: the plain model's gradients."""
-    from dbcore.layers import checkpoint_layers
-    from dbcore.memory import _noised, training_loss
-
     cfg = config_mod.load(_cfg(tmp_path))
     recipe = LoopedRecipe(cfg)
     frozen = recipe.example_frozen()

@@ -191,7 +191,7 @@ def test_patch_tokens_from_uint8_images_keep_the_images_not_a_float_copy():
     tokens = {}
     for name, x in (("float", images_to_float(images)), ("uint8", images)):
         saved = _SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        with saved.hooks():
             out = patch_tokens(conv, x)
         grads = torch.autograd.grad(out.square().sum(), list(conv.parameters()))
         tokens[name] = (out, grads, saved.total())

@@ -112,6 +112,10 @@ class _SavedBytes:
     def total(self) -> int:
         return sum(self.seen.values())
 
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """The context in which every tensor autograd saves is counted."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
 
 def _build(kind: str, recipe: Recipe, frozen: Frozen, chunks: int) -> nn.Module:
     """The model of a configuration kind; "_checkpointed" ones by `checkpoint_layers`, as the
@@ -193,8 +197,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     saved = _SavedBytes()
-    hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
-    with hooks, autocast_for(cfg.train.precision, dev):
+    with saved.hooks(), autocast_for(cfg.train.precision, dev):
         out = training_loss(recipe, model, batch, frozen, block, noised)
     del out
     params = sum(p.numel() for p in model.parameters())

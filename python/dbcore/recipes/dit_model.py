@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dbcore.edm import EDMPrecond
-from dbcore.layers import LN_EPS, AdaLNLayer, NoiseEmbedder, norm_modulate
+from dbcore.layers import LN_EPS, AdaLNLayer, NoiseEmbedder, checkpointed, norm_modulate
 from dbcore.partition import CONFIG_SIGMA_DISTS
 from dbcore.recipes.vit import block_layers, layers_in_block
 
@@ -200,7 +199,7 @@ class DiTBackbone(nn.Module):
         if torch.is_grad_enabled() and self.training:
             # recomputed in backward: the modulated copy of h (N, T, d) is not kept for the Linear,
             # which would otherwise cost each block as much as a layer's residual stream
-            out = checkpoint(self.final, h, c, use_reentrant=False)  # (N, T, p*p*C)
+            out = checkpointed(self.final, h, c)  # (N, T, p*p*C)
         else:
             out = self.final(h, c)  # (N, T, p*p*C)
         return unpatchify(out, cfg.patch_size, cfg.channels, cfg.image_size, cfg.image_size)  # (N, C, H, W)

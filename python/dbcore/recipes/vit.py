@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dbcore import layout
 from dbcore.data import INDEX
@@ -35,6 +34,7 @@ from dbcore.layers import (
     NoiseEmbedder,
     PreLNLayer,
     SharedModulation,
+    checkpointed,
 )
 from dbcore.noise import mix_targets
 from dbcore.partition import CONFIG_SIGMA_DISTS
@@ -166,7 +166,7 @@ def patch_tokens(patch_embed: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     def embed(images: torch.Tensor) -> torch.Tensor:
         return patch_embed(_normalize(images_to_float(images))).flatten(2).transpose(1, 2)
 
-    return checkpoint(embed, x, use_reentrant=False) if torch.is_grad_enabled() else embed(x)
+    return checkpointed(embed, x) if torch.is_grad_enabled() else embed(x)
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
