@@ -1,9 +1,10 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from dbcore.cli import main
-from dbcore.memory import _spawn
+from dbcore.memory import _spawn, measure_all
 
 TOML = """
 [model]
@@ -51,6 +52,15 @@ def test_bench_memory_rejects_an_unknown_allocator(tmp_path):
     cfg.write_text(TOML)
     out = CliRunner().invoke(main, ["bench", "memory", str(cfg), "--allocator", "jemalloc"])
     assert out.exit_code != 0 and "jemalloc" in out.output
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("checkpoint_chunks", 0), ("timed_steps", -1)])
+def test_measure_all_refuses_a_bad_count_before_any_worker_starts(tmp_path, field, value):
+    """0 slices or a batch of 0 is refused, not replaced by the config's value."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(TOML)
+    with pytest.raises(ValueError, match=f"{field} must be >= "):
+        measure_all(cfg, **{field: value})
 
 
 def test_checkpoint_chunks_shrink_what_a_checkpointed_block_recomputes(tmp_path):

@@ -280,7 +280,7 @@ def bench() -> None:
 
 @bench.command("memory")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--batch-size", type=int, default=None, help="override [train] batch_size")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="override [train] batch_size")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--allocator", type=click.Choice(["tight", "default"]), default="tight", show_default=True,
               help="CPU: tight = live tensor bytes (fixed mmap threshold); default = glibc as is")

@@ -225,9 +225,13 @@ def measure_all(
     more steps time each one (0: memory only, for models too slow to time here)."""
     cfg = config_mod.load(config_path)
     _check_allocator(allocator)  # here, before any worker starts
+    for name, value, least in (("batch_size", batch_size, 1), ("checkpoint_chunks", checkpoint_chunks, 1),
+                               ("timed_steps", timed_steps, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     m = cfg.model
-    bs = batch_size or cfg.train.batch_size
-    chunks = checkpoint_chunks or cfg.train.checkpoint_chunks
+    bs = cfg.train.batch_size if batch_size is None else batch_size
+    chunks = cfg.train.checkpoint_chunks if checkpoint_chunks is None else checkpoint_chunks
     kinds = ["e2e", "e2e_checkpointed", *[f"block{b}" for b in range(m.num_blocks)],
              *[f"block{b}_checkpointed" for b in range(m.num_blocks)]]
     runs = {k: _spawn(str(config_path), k, bs, device, allocator, chunks, timed_steps) for k in kinds}
