@@ -40,3 +40,22 @@ def test_bad_json_is_a_clear_error(tmp_path):
     base.with_suffix(".json").write_text("{not json")
     with pytest.raises(checkpoint.CheckpointError, match="not valid JSON"):
         checkpoint.load_meta(base)
+
+
+def test_weights_of_another_model_are_named_not_loaded(tmp_path):
+    """A checkpoint written by another model (renamed or resized weights), at evaluation or on
+    resuming: an error that names the weights, and the model is left as it was."""
+    from dbcore.loop import _resume, _save
+
+    old = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    _save(tmp_path / "block0", old, torch.optim.AdamW(old.parameters()), {"step": 3, "stream": {}})
+    new = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2), torch.nn.Linear(2, 2))
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    with pytest.raises(checkpoint.CheckpointError, match=r"resuming.*missing 2\.bias, 2\.weight; "
+                       r"found vs expected shape 0\.bias \(8,\) vs \(6,\), 0\.weight"):
+        _resume(tmp_path / "block0", new, torch.optim.AdamW(new.parameters()), None, None)
+    tensors, _ = checkpoint.load(tmp_path / "block0", prefix="model.")
+    with pytest.raises(checkpoint.CheckpointError, match=r"unexpected 1\.bias, 1\.weight$"):
+        checkpoint.load_into(torch.nn.Sequential(torch.nn.Linear(4, 8)), tensors, "here")
+    assert all(torch.equal(before[k], v) for k, v in new.state_dict().items())
+    checkpoint.load_into(old, tensors, "here")  # the model that wrote it loads it

@@ -25,6 +25,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not match its metadata."""
 
 
+def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """`model.load_state_dict(tensors)`, or a CheckpointError naming the weights that differ
+    (missing, unexpected or of another shape), for a checkpoint written by another model."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(tensors))
+    unexpected = sorted(set(tensors) - set(want))
+    resized = [f"{k} {tuple(tensors[k].shape)} vs {tuple(want[k].shape)}"
+               for k in sorted(set(want) & set(tensors)) if tensors[k].shape != want[k].shape]
+    if missing or unexpected or resized:
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+        parts = [f"{what} {listed(names)}" for what, names in (
+            ("missing", missing), ("unexpected", unexpected), ("found vs expected shape", resized)) if names]
+        raise CheckpointError(f"{where}: its weights do not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(tensors)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -201,10 +201,7 @@ def reference_classifier(
     if checkpoint.exists(base):
         tensors, meta = checkpoint.load(base)
         net = RefNet(meta["channels"], meta["image_size"], meta["num_classes"], meta["feature_dim"])
-        try:
-            net.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise checkpoint.CheckpointError(f"checkpoint {base}: does not fit RefNet ({exc})") from None
+        checkpoint.load_into(net, tensors, f"checkpoint {base} (RefNet)")
         return net.eval(), meta
     images, labels, valid_images, valid_labels = make_data()
     start = time.perf_counter()

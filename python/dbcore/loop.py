@@ -88,7 +88,8 @@ def _resume(base: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: Ba
     if not checkpoint.exists(base):
         return 0
     tensors, meta = checkpoint.load(base)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    checkpoint.load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                         f"checkpoint {base} (resuming)")
     _load_optim(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["param_groups"])
     stream.load_state_dict(meta["stream"])
     if ledger is not None and "compute" in meta:

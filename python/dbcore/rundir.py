@@ -123,12 +123,7 @@ def load_model(run: Path, name: str, model: nn.Module, require_done: bool = True
     _check_recipe(run, name, meta, recipe)
     if require_done and not meta.get("done"):
         raise RunError(f"run {run}: {name} has not finished training (step {meta.get('step')})")
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise RunError(f"run {run}: checkpoint {name} does not fit the run's recipe and config ({first})"
-                       ) from None
+    checkpoint.load_into(model, tensors, f"run {run}: checkpoint {name}")
     return model.eval()
 
 
