@@ -4,7 +4,9 @@ import torch.nn.functional as F
 
 from dbcore.layers import (
     LN_EPS,
+    AdaLNFinal,
     AdaLNLayer,
+    NoiseEmbedder,
     PreLNLayer,
     _GatedResidual,
     _NormModulate,
@@ -73,19 +75,19 @@ def test_gated_layer_saves_no_more_than_a_plain_layer_plus_the_modulation():
     assert extra < per_token / 2, extra / per_token
 
 
-def test_adaln_single_gives_every_layer_its_modulation_from_one_small_network():
-    import pytest
-
-    from dbcore.layers import SharedModulation
+def test_adaln_single_projects_a_rank_r_noise_embedding_in_every_layer():
     from dbcore.recipes.vit import ViTBlock, ViTConfig
 
-    mod = SharedModulation(dim=8, num_layers=3, gate_init=1.0, rank=4)
-    layers, final = mod(torch.tensor([0.1, -0.5]))
-    assert len(layers) == 3 and all(m.shape == (2, 48) for m in layers) and final.shape == (2, 16)
-    for m in layers:  # zero-initialised: shift/scale 0, gates = gate_init, at any noise level
-        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)
-        assert torch.all(gate1 == 1) and torch.all(gate2 == 1) and torch.all(shift1 == 0)
-    assert torch.all(final == 0)
+    layer = AdaLNLayer(8, 2, 2.0, gate_init=1.0, cond_dim=4)
+    final = AdaLNFinal(8, 8, cond_dim=4)
+    c = NoiseEmbedder(4, hidden=False)(torch.tensor([0.1, -0.5]))
+    assert c.shape == (2, 4)
+    mod = layer.modulation(c)
+    assert mod.shape == (2, 48) and final.modulation(c).shape == (2, 16)
+    # zero-initialised: shift/scale 0, gates = gate_init, at any noise level
+    shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+    assert torch.all(gate1 == 1) and torch.all(gate2 == 1) and torch.all(shift1 == 0)
+    assert torch.all(final.modulation(c) == 0)
     emb = torch.nn.functional.normalize(torch.randn(10, 32), dim=-1)
     blocks = {c: ViTBlock(ViTConfig(dim=32, depth=4, heads=2, num_blocks=2, conditioning=c), 0, emb)
               for c in ("adaln", "adaln-single")}

@@ -190,10 +190,11 @@ def norm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
     return modulate(F.layer_norm(h, (h.shape[-1],), eps=eps), shift, scale)
 
 
-def modulation_projection(dim: int, gate_init: float) -> nn.Sequential:
-    """c (.., d) -> shift, scale, gate of attention and MLP (.., 6d): SiLU then a zero-initialised
-    Linear whose gate biases are gate_init, so gate = gate_init at any noise level at first."""
-    proj = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+def modulation_projection(dim: int, gate_init: float, cond_dim: int | None = None) -> nn.Sequential:
+    """c (.., cond_dim, default d) -> shift, scale, gate of attention and MLP (.., 6d): SiLU then a
+    zero-initialised Linear whose gate biases are gate_init, so gate = gate_init at any noise level
+    at first."""
+    proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
     nn.init.zeros_(proj[1].weight)
     nn.init.zeros_(proj[1].bias)
     with torch.no_grad():
@@ -202,46 +203,8 @@ def modulation_projection(dim: int, gate_init: float) -> nn.Sequential:
     return proj
 
 
-class ModulationOffset(nn.Module):
-    """adaLN-single (PixArt-alpha): a layer's own offset (parts * d parameters) added to its slice
-    of the modulation that the block computes once for all its layers, instead of a projection."""
-
-    def __init__(self, dim: int, parts: int = 6) -> None:
-        super().__init__()
-        self.offset = nn.Parameter(torch.zeros(parts * dim))
-
-    def forward(self, mod: torch.Tensor) -> torch.Tensor:
-        return mod + self.offset
-
-
-CONDITIONINGS = ("adaln", "adaln-single")  # a projection per layer, or one network per block
-MODULATION_RANK = 16  # adaln-single: the width of that network (benches/results/params_vit.json)
-
-
-class SharedModulation(nn.Module):
-    """adaln-single: c_noise (N,) -> sinusoidal -> Linear(freq, r) -> SiLU -> Linear(r, 6d * L + 2d):
-    every layer's shift/scale/gate and the final layer's shift/scale from one small network
-    (O(r d L) parameters instead of 6 d^2 per layer); zero-initialised, gates start at gate_init."""
-
-    def __init__(self, dim: int, num_layers: int, gate_init: float = 0.0, rank: int = MODULATION_RANK,
-                 freq_dim: int = NOISE_FREQ_DIM) -> None:
-        super().__init__()
-        self.dim, self.num_layers, self.freq_dim = dim, num_layers, freq_dim
-        self.hidden = nn.Linear(freq_dim, rank)
-        self.out = nn.Linear(rank, (6 * num_layers + 2) * dim)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-        with torch.no_grad():
-            gates = self.out.bias[: 6 * num_layers * dim].view(num_layers, 6, dim)
-            gates[:, 2] = gate_init
-            gates[:, 5] = gate_init
-
-    def forward(self, c_noise: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """c_noise (N,) -> each layer's modulation (N, 6d) and the final layer's (N, 2d)."""
-        emb = sinusoidal_embedding(NOISE_SCALE * c_noise, self.freq_dim).to(self.hidden.weight.dtype)
-        mod = self.out(F.silu(self.hidden(emb)))  # (N, (6L + 2) d)
-        d = self.dim
-        return list(mod[:, : 6 * self.num_layers * d].split(6 * d, dim=-1)), mod[:, 6 * self.num_layers * d :]
+CONDITIONINGS = ("adaln", "adaln-single")  # a noise embedding of width d, or of width r
+MODULATION_RANK = 16  # adaln-single: the embedding's width r (benches/results/params_vit.json)
 
 
 class AdaLNLayer(nn.Module):
@@ -249,18 +212,16 @@ class AdaLNLayer(nn.Module):
 
     The modulation projection is zero-initialised. gate_init = 0 is DiT's adaLN-Zero (a fresh layer
     is the identity); gate_init = 1 starts it as a plain pre-LN layer, independent of the noise level.
-    With `shared_modulation` (adaLN-single) the layer takes its block's modulation (.., 6d) as c
-    and adds its own `ModulationOffset`.
+    c has width `cond_dim` (default d): adaln-single passes the block's rank-r noise embedding.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, gate_init: float = 0.0,
-                 rope: bool = False, shared_modulation: bool = False) -> None:
+                 rope: bool = False, cond_dim: int | None = None) -> None:
         super().__init__()
         self.eps = LN_EPS
         self.attn = Attention(dim, heads, rope)
         self.mlp = Mlp(dim, mlp_ratio)
-        self.modulation = ModulationOffset(dim) if shared_modulation else modulation_projection(
-            dim, gate_init)
+        self.modulation = modulation_projection(dim, gate_init, cond_dim)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None,
                 pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -333,21 +294,18 @@ class AdaLNLayer(nn.Module):
 
 
 class AdaLNFinal(nn.Module):
-    """Final LN with noise-dependent shift/scale, then Linear d -> out (all zero-initialised).
-    With `shared_modulation`, c is the block's (N, 2d) modulation plus this layer's offset."""
+    """Final LN with noise-dependent shift/scale, then Linear d -> out (all zero-initialised);
+    c has width `cond_dim` (default d), as `AdaLNLayer`'s."""
 
-    def __init__(self, dim: int, out_dim: int, shared_modulation: bool = False) -> None:
+    def __init__(self, dim: int, out_dim: int, cond_dim: int | None = None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
         self.linear = nn.Linear(dim, out_dim)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
-        if shared_modulation:
-            self.modulation = ModulationOffset(dim, parts=2)
-        else:
-            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-            nn.init.zeros_(self.modulation[1].weight)
-            nn.init.zeros_(self.modulation[1].bias)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 2 * dim))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """h (N, d) or (N, T, d), c (N, d) or (N, T, d) -> (N, out) or (N, T, out)."""
@@ -368,12 +326,14 @@ def sinusoidal_embedding(
 
 
 class NoiseEmbedder(nn.Module):
-    """c_noise (N,) -> sinusoidal(NOISE_SCALE * c_noise) -> MLP -> (N, d)."""
+    """c_noise (N,) -> sinusoidal(NOISE_SCALE * c_noise) -> MLP -> (N, d); with `hidden` False one
+    Linear instead of the MLP (adaln-single's rank-r embedding, which every layer projects)."""
 
-    def __init__(self, dim: int, freq_dim: int = NOISE_FREQ_DIM) -> None:
+    def __init__(self, dim: int, freq_dim: int = NOISE_FREQ_DIM, hidden: bool = True) -> None:
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = (nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)) if hidden
+                    else nn.Sequential(nn.Linear(freq_dim, dim)))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         emb = sinusoidal_embedding(NOISE_SCALE * c_noise, self.freq_dim)

@@ -33,7 +33,6 @@ from dbcore.layers import (
     AdaLNLayer,
     NoiseEmbedder,
     PreLNLayer,
-    SharedModulation,
     checkpointed,
 )
 from dbcore.noise import mix_targets
@@ -68,8 +67,8 @@ class ViTConfig:
     target_scale: float = 1.0  # norm of the rows of E
     gate_init: float = 0.0  # adaLN gates at initialisation: 0 = DiT's adaLN-Zero, 1 = a plain pre-LN layer
     sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
-    conditioning: str = "adaln"  # "adaln-single": one modulation network per block (dbcore.layers)
-    modulation_rank: int = MODULATION_RANK  # adaln-single: the width of that network
+    conditioning: str = "adaln"  # "adaln-single": a noise embedding of width modulation_rank, not dim
+    modulation_rank: int = MODULATION_RANK  # adaln-single: that width r
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -186,31 +185,25 @@ class ViTBackbone(nn.Module):
         # Zero-initialised weight: at high sigma c_in * z is pure noise (unit Gaussian entries), and
         # a default-initialised projection would put a random token at the readout position.
         nn.init.zeros_(self.z_embed.weight)
+        # adaln: a noise embedding c (N, d) that every layer projects to its modulation; adaln-single:
+        # c of width r, so each projection has 6d(r + 1) parameters instead of 6d(d + 1)
         single = cfg.conditioning == "adaln-single"
-        # adaln: a noise embedding c that every layer projects; adaln-single: one small network
-        # gives every layer's modulation (dbcore.layers.SharedModulation)
-        self.noise_embed = None if single else NoiseEmbedder(d)
-        self.modulation = (SharedModulation(d, num_layers, cfg.gate_init, cfg.modulation_rank) if single
-                           else None)
+        cond = cfg.modulation_rank if single else d
+        self.noise_embed = NoiseEmbedder(cond, hidden=not single)
         self.layers = nn.ModuleList(
-            AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init, shared_modulation=single)
-            for _ in range(num_layers))
-        self.final = AdaLNFinal(d, d, single)  # F, zero-initialised: a fresh block has D = c_skip * z
+            AdaLNLayer(d, cfg.heads, cfg.mlp_ratio, cfg.gate_init, cond_dim=cond) for _ in range(num_layers))
+        self.final = AdaLNFinal(d, d, cond)  # F, zero-initialised: a fresh block has D = c_skip * z
 
     def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """c_in*z (N, d), c_noise (N,), x (N, C, H, W) in [0, 1] or uint8 (N, H, W, C) -> F (N, d)."""
         h_z = self.z_embed(z_in)[:, None]  # (N, 1, d) at the CLS position
         h = torch.cat([h_z, patch_tokens(self.patch_embed, x)], dim=1) + self.pos_embed  # (N, T+1, d)
-        if self.modulation is None:
-            c = self.noise_embed(c_noise)  # (N, d)
-            mods, final = [c] * len(self.layers), c
-        else:
-            mods, final = self.modulation(c_noise)  # L x (N, 6d), (N, 2d)
+        c = self.noise_embed(c_noise)  # (N, d) or (N, r)
         *body, last = self.layers
-        for layer, mod in zip(body, mods[:-1], strict=True):
-            h = layer(h, mod)
-        h = last.forward_rows(h, mods[-1], CLS)  # (N, 1, d): F is read at the CLS row alone
-        return self.final(h[:, 0], final)  # (N, d)
+        for layer in body:
+            h = layer(h, c)
+        h = last.forward_rows(h, c, CLS)  # (N, 1, d): F is read at the CLS row alone
+        return self.final(h[:, 0], c)  # (N, d)
 
 
 class ViTBlock(nn.Module):
