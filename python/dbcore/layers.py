@@ -225,8 +225,9 @@ class AdaLNLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None,
                 pos: torch.Tensor | None = None) -> torch.Tensor:
-        """h (N, T, d); c per sample (N, d), per token (N, T, d) or per segment (N, S, d): S equal
-        runs of T/S tokens (modulated once per segment); mask and pos see `Attention.mix`."""
+        """h (N, T, d); c per sample (N, d), per token (N, T, d) or per segment (N, S, d) (d: the
+        layer's cond_dim): S equal runs of T/S tokens (modulated once per segment); mask and pos
+        see `Attention.mix`."""
         mod = self.modulation(c)  # (N, 6d), (N, T, 6d) or (N, S, 6d)
         if mod.dim() == 3 and mod.shape[1] != h.shape[1]:
             return self._segmented(h, mod, mask, pos)
@@ -308,7 +309,7 @@ class AdaLNFinal(nn.Module):
         nn.init.zeros_(self.modulation[1].bias)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """h (N, d) or (N, T, d), c (N, d) or (N, T, d) -> (N, out) or (N, T, out)."""
+        """h (N, d) or (N, T, d), c (N, cond_dim) or (N, T, cond_dim) -> (N, out) or (N, T, out)."""
         shift, scale = self.modulation(c).chunk(2, dim=-1)
         if h.dim() == 3:
             shift, scale = _per_token(shift), _per_token(scale)
