@@ -229,3 +229,22 @@ def test_checkpoint_layers_keeps_only_each_layers_input():
         assert _saved_bytes(lambda m=model: m(h)) == 2 * h.numel() * 4  # the two layers' inputs
     with pytest.raises(ValueError, match="chunks"):
         checkpoint_layers(Stack(), 0)
+
+
+@pytest.mark.parametrize("conditioning", ["adaln", "adaln-single"])
+def test_a_checkpointed_vit_layer_keeps_its_input_and_nothing_per_layer_of_the_conditioning(conditioning):
+    """Each layer projects the block's one noise embedding inside its checkpointed forward: a layer
+    more costs one (N, T, d) input, no (N, 6d) modulation of its own."""
+    from dbcore.recipes.vit import ViTBlock, ViTConfig
+
+    n, d = 8, 32
+    emb = F.normalize(torch.randn(10, d), dim=-1)
+    x, z, sigma = torch.rand(n, 1, 8, 8), torch.randn(n, d), torch.full((n,), 0.5)
+    saved = {}
+    for depth in (2, 4):
+        cfg = ViTConfig(image_size=8, patch_size=2, dim=d, depth=depth, heads=2, num_blocks=1,
+                        conditioning=conditioning, modulation_rank=4)
+        block = checkpoint_layers(ViTBlock(cfg, 0, emb), chunks=2)
+        saved[depth] = _saved_bytes(lambda b=block: b(x, z, sigma)[1])
+    tokens = (8 // 2) ** 2 + 1  # patches and the noisy target's token
+    assert saved[4] - saved[2] == 2 * n * tokens * d * 4
