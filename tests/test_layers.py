@@ -231,6 +231,27 @@ def test_checkpoint_layers_keeps_only_each_layers_input():
         checkpoint_layers(Stack(), 0)
 
 
+def test_consecutive_checkpointed_layers_pass_slices_not_the_joined_batch():
+    """The second layer takes the first one's slice outputs: in backward each slice's gradient goes
+    from one layer to the other, and the joined output (which the caller sees) gets none."""
+    layers = [PreLNLayer(16, 2, 2.0) for _ in range(2)]
+    h = torch.randn(12, 5, 16, requires_grad=True)
+    seen = []
+    mid = checkpointed(layers[0], h, chunks=4)
+    mid.register_hook(lambda g: seen.append(g))
+    out = checkpointed(layers[1], mid, chunks=4)
+    want = _grads(layers[1](layers[0](h)), [h, *layers[0].parameters()])
+    got = _grads(out, [h, *layers[0].parameters()])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert seen == []
+    # sliced differently, the next layer splits the joined batch as any other input
+    mid = checkpointed(layers[0], h, chunks=4)
+    mid.register_hook(lambda g: seen.append(g))
+    _grads(checkpointed(layers[1], mid, chunks=3), [h])
+    assert len(seen) == 1
+
+
 @pytest.mark.parametrize("conditioning", ["adaln", "adaln-single"])
 def test_a_checkpointed_vit_layer_keeps_its_input_and_nothing_per_layer_of_the_conditioning(conditioning):
     """Each layer projects the block's one noise embedding inside its checkpointed forward: a layer

@@ -388,6 +388,9 @@ def _cat_outputs(outs: list) -> object:
     return type(outs[0])(_cat_outputs(list(parts)) for parts in zip(*outs, strict=True))
 
 
+_SLICES = "_dbcore_checkpointed_slices"  # the per-slice outputs a joined output was made of
+
+
 def checkpointed(fn, *args, chunks: int = 1, **kwargs):
     """fn(*args, **kwargs) keeping only its inputs for backward, which recomputes the rest.
 
@@ -409,10 +412,19 @@ def checkpointed(fn, *args, chunks: int = 1, **kwargs):
         return list(v.split(sizes)) if _is_batched(v, n) else [v] * chunks
 
     arg_parts = [sliced(a) for a in args]
+    joined_from = getattr(args[0], _SLICES, None)
+    if joined_from is not None and [len(p) for p in joined_from] == sizes:
+        # args[0] is the previous checkpointed layer's output: take its slices themselves, so that
+        # in backward each slice's gradient goes straight to the layer below and is freed there,
+        # instead of all slices' gradients being joined into one more (N, ..) tensor in between
+        arg_parts[0] = list(joined_from)
     kwarg_parts = {k: sliced(v) for k, v in kwargs.items()}
     outs = [checkpoint(fn, *(p[i] for p in arg_parts), use_reentrant=False,
                        **{k: p[i] for k, p in kwarg_parts.items()}) for i in range(chunks)]
-    return _cat_outputs(outs)
+    joined = _cat_outputs(outs)
+    if isinstance(joined, torch.Tensor):
+        setattr(joined, _SLICES, tuple(outs))
+    return joined
 
 
 def checkpoint_layers(model: nn.Module, chunks: int = 1) -> nn.Module:
