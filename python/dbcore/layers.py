@@ -409,15 +409,15 @@ def checkpointed(fn, *args, chunks: int = 1, **kwargs):
     def sliced(v: object) -> list:
         if isinstance(v, tuple | list):  # a decoding cache (keys, values): slice each part
             return [type(v)(parts) for parts in zip(*(sliced(e) for e in v), strict=True)]
+        joined_from = getattr(v, _SLICES, None)
+        if joined_from is not None and [len(p) for p in joined_from] == sizes:
+            # a checkpointed layer's output, cut alike: its slices themselves, so that in backward
+            # each slice's gradient goes straight to that layer and is freed there, instead of all
+            # slices' gradients being joined into one more (N, ..) tensor in between
+            return list(joined_from)
         return list(v.split(sizes)) if _is_batched(v, n) else [v] * chunks
 
     arg_parts = [sliced(a) for a in args]
-    joined_from = getattr(args[0], _SLICES, None)
-    if joined_from is not None and [len(p) for p in joined_from] == sizes:
-        # args[0] is the previous checkpointed layer's output: take its slices themselves, so that
-        # in backward each slice's gradient goes straight to the layer below and is freed there,
-        # instead of all slices' gradients being joined into one more (N, ..) tensor in between
-        arg_parts[0] = list(joined_from)
     kwarg_parts = {k: sliced(v) for k, v in kwargs.items()}
     outs = [checkpoint(fn, *(p[i] for p in arg_parts), use_reentrant=False,
                        **{k: p[i] for k, p in kwarg_parts.items()}) for i in range(chunks)]
