@@ -22,6 +22,9 @@ from pathlib import Path
 from dbcore.memory import measure_all
 
 DEPTH_LINE = re.compile(r"^depth\s*=\s*\d+", re.MULTILINE)
+RATIOS = ("max_block_over_e2e_per_block", "max_checkpointed_block_over_checkpointed_e2e_per_block")
+KEPT = ("num_blocks", "e2e_peak_bytes", "checkpointed_peak_bytes", "block_peak_bytes",
+        "block_checkpointed_peak_bytes", "e2e_params", "block_params", *RATIOS)  # of measure_all's
 
 
 def with_depth(text: str, depth: int) -> str:
@@ -46,21 +49,9 @@ def main() -> None:
             path = Path(tmp) / f"depth{depth}.toml"
             path.write_text(with_depth(text, depth))
             r = measure_all(path, checkpoint_chunks=args.checkpoint_chunks, timed_steps=0)
-            rows.append({
-                "depth": depth, "num_blocks": r["num_blocks"],
-                "layers_per_block": depth / r["num_blocks"],
-                "e2e_peak_bytes": r["e2e_peak_bytes"],
-                "checkpointed_peak_bytes": r["checkpointed_peak_bytes"],
-                "block_peak_bytes": r["block_peak_bytes"],
-                "block_checkpointed_peak_bytes": r["block_checkpointed_peak_bytes"],
-                "e2e_params": r["e2e_params"], "block_params": r["block_params"],
-                "max_block_over_e2e_per_block": r["max_block_over_e2e_per_block"],
-                "max_checkpointed_block_over_checkpointed_e2e_per_block":
-                    r["max_checkpointed_block_over_checkpointed_e2e_per_block"],
-            })
-            print(json.dumps({k: rows[-1][k] for k in ("depth", "max_block_over_e2e_per_block",
-                                                       "max_checkpointed_block_over_checkpointed_e2e_per_block")}),
-                  flush=True)
+            rows.append({"depth": depth, "layers_per_block": depth / r["num_blocks"],
+                         **{k: r[k] for k in KEPT}})
+            print(json.dumps({k: rows[-1][k] for k in ("depth", *RATIOS)}), flush=True)
     out = {"config": str(args.config), "checkpoint_chunks": r["checkpoint_chunks"], "device": r["device"],
            "allocator": r["allocator"], "batch_size": r["batch_size"], "rows": rows}
     args.json.write_text(json.dumps(out, indent=2) + "\n")
