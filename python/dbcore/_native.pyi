@@ -70,11 +70,15 @@ STREAM_DEFAULT_THREADS: int
 
 @final
 class NativeStream:
-    """Batch reader over one complete store (rust/src/stream.rs); `dbcore.data.BatchStream` wraps it."""
+    """Batch reader over one store (rust/src/stream/); `dbcore.data.BatchStream` wraps it.
+
+    `path`: an open `NativeStore` (streamed as it was opened, nothing reopened), or the path or
+    s3:// URL of a complete store to open.
+    """
 
     def __new__(
         cls,
-        path: str | PathLike[str],
+        path: NativeStore | str | PathLike[str],
         arrays: list[str],
         draws: list[bool],
         batch_size: int,

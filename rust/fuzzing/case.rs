@@ -6,7 +6,7 @@
 //! A case passes when nothing panics and every read either succeeds or fails with an error that
 //! names the store, the corrupted array and, for corrupted chunk or shard bytes, the chunk.
 //! Reads that succeed must agree with each other, and with the written values wherever the
-//! corruption is detectable (zstd chunks carry a checksum, raw chunks none: see store.rs).
+//! corruption is detectable (zstd chunks carry a checksum, raw chunks none: see store/raw.rs).
 
 #![allow(dead_code)] // each driver uses part of it
 

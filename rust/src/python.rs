@@ -288,7 +288,18 @@ impl NativeStore {
     }
 }
 
-/// A batch stream over one store (`dbcore.data.BatchStream` wraps it; see rust/src/stream.rs).
+/// The store a `NativeStream` reads: an open `NativeStore`, streamed as it was opened (complete
+/// or not, as its opener required; the group is not opened again, its open arrays are shared), or
+/// the path or s3:// URL of a store to open (a complete one).
+#[derive(FromPyObject)]
+enum StoreArg<'py> {
+    #[pyo3(annotation = "NativeStore")]
+    Store(Bound<'py, NativeStore>),
+    #[pyo3(annotation = "str | os.PathLike")]
+    Path(PathBuf),
+}
+
+/// A batch stream over one store (`dbcore.data.BatchStream` wraps it; see rust/src/stream/).
 #[pyclass(frozen, module = "dbcore._native")]
 struct NativeStream {
     inner: std::sync::Mutex<stream::Stream>,
@@ -351,7 +362,7 @@ impl NativeStream {
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        path: PathBuf,
+        path: StoreArg<'_>,
         arrays: Vec<String>,
         draws: Vec<bool>,
         batch_size: usize,
@@ -397,10 +408,17 @@ impl NativeStream {
             }),
         };
         let noise = spec.noise;
-        let location = location(path)?;
-        let s = py
-            .detach(|| stream::Stream::open(location, spec))
-            .map_err(to_py)?;
+        let s = match path {
+            StoreArg::Store(store) => {
+                let store = Arc::clone(&store.get().inner);
+                py.detach(|| stream::Stream::new(store, spec))
+            }
+            StoreArg::Path(path) => {
+                let location = location(path)?;
+                py.detach(|| stream::Stream::open(location, spec))
+            }
+        }
+        .map_err(to_py)?;
         Ok(NativeStream {
             inner: std::sync::Mutex::new(s),
             noise,
