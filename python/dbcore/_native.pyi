@@ -23,7 +23,7 @@ __all__ = [
 FORMAT_VERSION: int
 
 class NativeError(Exception):
-    """Raised with args `(kind, message)`; `dbcore.store` turns it into a `StoreError`."""
+    """Raised with args `(kind, message)`; `dbcore.data.store` turns it into a `StoreError`."""
 
 @final
 class NativeStore:
@@ -70,7 +70,7 @@ STREAM_DEFAULT_THREADS: int
 
 @final
 class NativeStream:
-    """Batch reader over one store (rust/src/stream/); `dbcore.data.BatchStream` wraps it.
+    """Batch reader over one store (rust/src/stream/); `dbcore.data.stream.BatchStream` wraps it.
 
     `path`: an open `NativeStore` (streamed as it was opened, nothing reopened), or the path or
     s3:// URL of a complete store to open.
@@ -89,6 +89,7 @@ class NativeStream:
         drop_last: bool = False,
         chunk_rows: int | None = None,
         window_chunks: int | None = None,
+        window_bytes: int | None = None,
         threads: int | None = None,
         prefetch: int = 4,
         worker: int = 0,

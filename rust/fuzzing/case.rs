@@ -1053,6 +1053,7 @@ impl Run<'_> {
             drop_last: c.drop_last,
             chunk_rows: None,
             window_chunks: c.window_chunks,
+            window_bytes: None,
             threads: Some(2),
             prefetch: c.prefetch,
             worker: 0,

@@ -343,7 +343,7 @@ type BatchTuple<'py> = (
     usize,
     Bound<'py, numpy::PyArray1<u64>>,
     Vec<Bound<'py, numpy::PyArray1<u8>>>,
-    Option<Bound<'py, numpy::PyArray1<f64>>>,
+    Option<Bound<'py, numpy::PyArray1<u8>>>,
     Option<Bound<'py, numpy::PyArray1<f64>>>,
 );
 
@@ -357,8 +357,8 @@ impl NativeStream {
 impl NativeStream {
     #[new]
     #[pyo3(signature = (path, arrays, draws, batch_size, shuffle="chunks", seed=0, rank=0,
-        world_size=1, drop_last=false, chunk_rows=None, window_chunks=None, threads=None,
-        prefetch=4, worker=0, num_workers=1, noise=None))]
+        world_size=1, drop_last=false, chunk_rows=None, window_chunks=None, window_bytes=None,
+        threads=None, prefetch=4, worker=0, num_workers=1, noise=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -373,6 +373,7 @@ impl NativeStream {
         drop_last: bool,
         chunk_rows: Option<u64>,
         window_chunks: Option<u64>,
+        window_bytes: Option<u64>,
         threads: Option<usize>,
         prefetch: usize,
         worker: usize,
@@ -396,6 +397,7 @@ impl NativeStream {
             drop_last,
             chunk_rows,
             window_chunks,
+            window_bytes,
             threads,
             prefetch,
             worker,
@@ -471,8 +473,9 @@ impl NativeStream {
     }
 
     /// The next batch `(epoch, position, indices, [bytes per array], eps, uniforms)`, or None at
-    /// the end of the epoch. With online noise, `eps` is the flat (B * gaussians) float64 array
-    /// (None when gaussians == 0 or without noise), `uniforms` the flat (B * uniforms) one (None
+    /// the end of the epoch. With online noise, `eps` holds the flat (B * gaussians) float64
+    /// values as native-endian bytes in a pooled buffer (view them as float64; None when
+    /// gaussians == 0 or without noise), drawn for this batch alone, `uniforms` the flat (B * uniforms) one (None
     /// when uniforms == 0 or without noise). Waits without the GIL.
     fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchTuple<'py>>> {
         let (b, pool) = py.detach(|| {
@@ -494,7 +497,9 @@ impl NativeStream {
             b.position,
             numpy::PyArray1::from_vec(py, b.indices),
             arrays,
-            (gaussians > 0).then(|| numpy::PyArray1::from_vec(py, b.eps)),
+            (gaussians > 0)
+                .then(|| pooled_array(py, b.eps, &pool))
+                .transpose()?,
             (uniforms > 0).then(|| numpy::PyArray1::from_vec(py, b.uniforms)),
         )))
     }

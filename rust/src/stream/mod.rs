@@ -52,6 +52,29 @@ pub const WINDOW_MIN_ROWS: u64 = 4096;
 /// ... unless a window's decoded rows (all arrays) would exceed this many bytes (never < 1 chunk).
 pub const WINDOW_MAX_BYTES: u64 = 128 << 20;
 
+/// The window (in whole chunks) that `bytes` of decoded rows hold: refused when it holds less than
+/// one chunk or one global batch.
+fn window_of_bytes(
+    bytes: u64,
+    row_bytes: u64,
+    chunk_rows: u64,
+    spec: &Spec,
+    p: &impl std::fmt::Display,
+) -> Result<u64> {
+    let rows = bytes / row_bytes;
+    let global = (spec.batch_size * spec.world_size) as u64;
+    let need = chunk_rows.max(global);
+    if rows < need {
+        return Err(Error::Invalid(format!(
+            "{p}: a shuffle window of {bytes} bytes holds {rows} rows of {row_bytes} bytes, fewer \
+             than one {} ({need} rows, {} bytes)",
+            if need == chunk_rows { "chunk" } else { "batch" },
+            need * row_bytes
+        )));
+    }
+    Ok(rows / chunk_rows)
+}
+
 /// Tests only: the decode thread of this epoch panics.
 #[cfg(test)]
 const PANICKING_EPOCH: u64 = u64::MAX - 1;
@@ -74,7 +97,10 @@ pub struct Spec {
     pub drop_last: bool,
     /// Shuffle unit in rows (default: the read unit of the array with the largest rows).
     pub chunk_rows: Option<u64>,
+    /// Shuffle window in chunks; or (when None) as many whole chunks as `window_bytes` of decoded
+    /// rows hold; or (both None) the default window.
     pub window_chunks: Option<u64>,
+    pub window_bytes: Option<u64>,
     pub threads: Option<usize>,
     pub prefetch: usize,
     pub worker: usize,
@@ -88,8 +114,9 @@ pub struct Batch {
     pub position: usize,
     pub indices: Vec<u64>,
     pub arrays: Vec<Vec<u8>>,
-    /// Online noise: `gaussians` per sample, row-major (empty without noise or with 0).
-    pub eps: Vec<f64>,
+    /// Online noise: `gaussians` f64 per sample, row-major, as native-endian bytes in a pooled
+    /// buffer (empty without noise or with 0).
+    pub eps: Vec<u8>,
     /// Online noise: `uniforms` per sample, row-major (empty without noise or with 0).
     pub uniforms: Vec<f64>,
 }
@@ -237,11 +264,15 @@ impl Stream {
             .map(|h| h.row_bytes() as u64)
             .sum::<u64>()
             .max(1);
-        let window_chunks = spec.window_chunks.unwrap_or_else(|| {
-            let want = (WINDOW_MIN_CHUNKS * chunk_rows).max(WINDOW_MIN_ROWS);
-            let cap = (WINDOW_MAX_BYTES / row_bytes).max(chunk_rows);
-            want.min(cap).div_ceil(chunk_rows).max(1)
-        });
+        let window_chunks = match (spec.window_chunks, spec.window_bytes) {
+            (Some(w), _) => w,
+            (None, Some(bytes)) => window_of_bytes(bytes, row_bytes, chunk_rows, &spec, &p)?,
+            (None, None) => {
+                let want = (WINDOW_MIN_CHUNKS * chunk_rows).max(WINDOW_MIN_ROWS);
+                let cap = (WINDOW_MAX_BYTES / row_bytes).max(chunk_rows);
+                want.min(cap).div_ceil(chunk_rows).max(1)
+            }
+        };
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         let threads = spec
             .threads
@@ -400,11 +431,13 @@ impl Stream {
         });
     }
 
-    /// The next batch of the running epoch; None at its end (or when none was started).
+    /// The next batch of the running epoch; None at its end (or when none was started). Its
+    /// online noise is drawn here, for this batch alone, into pooled buffers: noise memory is
+    /// bounded by the batches the consumer holds, whatever the window or the noise width.
     pub fn next_batch(&mut self) -> Option<Result<Batch>> {
         let r = self.running.as_ref()?;
         match r.rx.as_ref()?.recv() {
-            Ok(b) => Some(b),
+            Ok(b) => Some(b.map(|b| add_noise(&self.ctx, b))),
             Err(_) => {
                 self.running = None;
                 None
@@ -468,10 +501,7 @@ fn decode_batches(
     // Batches being filled, in order, with their [start, end) into seq.
     let mut open: VecDeque<(usize, usize, Batch)> = VecDeque::new();
     let mut next = 0; // the next batch to allocate
-    let send = |done: Vec<Batch>| -> bool {
-        let done = add_noise(&ctx, epoch, done);
-        done.into_iter().all(|b| tx.send(Ok(b)).is_ok())
-    };
+    let send = |done: Vec<Batch>| -> bool { done.into_iter().all(|b| tx.send(Ok(b)).is_ok()) };
     for (start, end) in segments {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -549,12 +579,40 @@ mod tests {
             drop_last: false,
             chunk_rows: None,
             window_chunks: Some(2),
+            window_bytes: None,
             threads: Some(2),
             prefetch: 2,
             worker: 0,
             num_workers: 1,
             noise: None,
         }
+    }
+
+    #[test]
+    fn a_window_in_bytes_holds_whole_chunks_and_at_least_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.zarr");
+        let s = Store::create(&path, Map::new(), false).unwrap();
+        let spec_x = ArraySpec {
+            shape: vec![100, 2],
+            dtype: DType::Int32,
+            chunk_rows: 4,
+            shard_rows: None,
+            compression: Compression::Zstd(1),
+        };
+        let x = s.create_array("x", &spec_x).unwrap();
+        x.write_rows(0, &[0u8; 100 * 8]).unwrap();
+        s.finalize().unwrap();
+        let mut sp = spec(&[("x", false)], 8);
+        sp.window_chunks = None;
+        sp.window_bytes = Some(8 * 23); // 23 rows of 8 bytes: 5 whole chunks of 4 rows
+        assert_eq!(Stream::open(&path, sp.clone()).unwrap().window_chunks, 5);
+        sp.window_bytes = Some(8 * 7); // fewer rows than one batch of 8
+        let err = Stream::open(&path, sp).err().unwrap().to_string();
+        assert!(
+            err.contains("fewer than one batch (8 rows, 64 bytes)"),
+            "{err}"
+        );
     }
 
     #[test]

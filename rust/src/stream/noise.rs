@@ -1,5 +1,5 @@
 //! Online noise of a batch: per sample, the counter-based Gaussians and uniforms of
-//! draw = epoch (`philox`), filled on the stream's decode threads.
+//! draw = epoch (`philox`), drawn when the consumer takes the batch (never for a whole window).
 
 use rayon::prelude::*;
 
@@ -17,32 +17,44 @@ pub struct NoiseSpec {
     pub uniforms: usize,
 }
 
-/// Online noise of each batch (Gaussians and uniforms of draw = epoch), batches in parallel.
-pub(super) fn add_noise(ctx: &Ctx, epoch: u64, mut done: Vec<Batch>) -> Vec<Batch> {
-    let Some(ns) = ctx.spec.noise else {
-        return done;
-    };
-    let draw = epoch as u32;
-    ctx.pool
-        .install(|| done.par_iter_mut().for_each(|b| fill_noise(&ns, draw, b)));
-    done
-}
+const F64_BYTES: usize = std::mem::size_of::<f64>();
 
-/// The online noise of one batch: `eps` (B * gaussians) and `uniforms` (B * uniforms).
-fn fill_noise(ns: &NoiseSpec, draw: u32, b: &mut Batch) {
-    let n = b.indices.len();
-    b.eps = vec![0.0f64; n * ns.gaussians];
+/// The online noise of one batch (Gaussians and uniforms of draw = epoch), its rows in parallel
+/// on the stream's pool; `eps` goes into a buffer of the stream's pool, reused once the consumer
+/// drops the batch.
+pub(super) fn add_noise(ctx: &Ctx, mut b: Batch) -> Batch {
+    let Some(ns) = ctx.spec.noise else {
+        return b;
+    };
+    let (n, draw) = (b.indices.len(), b.epoch as u32);
     b.uniforms = vec![0.0f64; n * ns.uniforms];
-    if ns.gaussians > 0 {
-        for (row, &s) in b.eps.chunks_mut(ns.gaussians).zip(&b.indices) {
-            philox::gaussian_into(s as u32, ns.seed, ns.block, draw, row);
+    b.eps = ctx.buffers.take(n * ns.gaussians * F64_BYTES);
+    ctx.pool.install(|| {
+        if ns.gaussians > 0 {
+            let row_bytes = ns.gaussians * F64_BYTES;
+            b.eps
+                .par_chunks_mut(row_bytes)
+                .zip(b.indices.par_iter())
+                .for_each_init(
+                    || vec![0.0f64; ns.gaussians],
+                    |row, (out, &s)| {
+                        philox::gaussian_into(s as u32, ns.seed, ns.block, draw, row);
+                        for (dst, v) in out.chunks_exact_mut(F64_BYTES).zip(row.iter()) {
+                            dst.copy_from_slice(&v.to_ne_bytes());
+                        }
+                    },
+                );
         }
-    }
-    if ns.uniforms > 0 {
-        for (row, &s) in b.uniforms.chunks_mut(ns.uniforms).zip(&b.indices) {
-            philox::uniforms_into(s as u32, ns.seed, ns.block, draw, row);
+        if ns.uniforms > 0 {
+            b.uniforms
+                .par_chunks_mut(ns.uniforms)
+                .zip(b.indices.par_iter())
+                .for_each(|(row, &s)| {
+                    philox::uniforms_into(s as u32, ns.seed, ns.block, draw, row)
+                });
         }
-    }
+    });
+    b
 }
 
 #[cfg(test)]
@@ -90,12 +102,17 @@ mod tests {
                 while let Some(b) = st.next_batch() {
                     let b = b.unwrap();
                     let m = b.indices.len();
-                    assert_eq!((b.eps.len(), b.uniforms.len()), (m * g, m * u));
+                    let eps: Vec<f64> = b
+                        .eps
+                        .chunks_exact(F64_BYTES)
+                        .map(|c| f64::from_ne_bytes(c.try_into().unwrap()))
+                        .collect();
+                    assert_eq!((eps.len(), b.uniforms.len()), (m * g, m * u));
                     for (i, &r) in b.indices.iter().enumerate() {
                         let r = r as u32;
                         let mut eg = vec![0.0; g];
                         philox::gaussian_into(r, seed, block, draw, &mut eg);
-                        assert_eq!(&b.eps[i * g..(i + 1) * g], &eg[..]);
+                        assert_eq!(&eps[i * g..(i + 1) * g], &eg[..]);
                         let row = &b.uniforms[i * u..(i + 1) * u];
                         let mut eu = vec![0.0; u];
                         philox::uniforms_into(r, seed, block, draw, &mut eu);
