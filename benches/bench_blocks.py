@@ -1,6 +1,6 @@
 """Memory and step time of one block against the end-to-end model (issue targets, METHOD.md 5).
 
-Memory: `dbcore.memory.measure_all` (a fresh process per configuration, peak above baseline),
+Memory: `dbcore.runs.memory.measure_all` (a fresh process per configuration, peak above baseline),
 with the tight allocator (live tensor bytes, the figure held to the target) and with glibc's
 default (what a process gets as is, free heap space included).
 Step time: the end-to-end model and every block built in this one process, their training steps
@@ -25,10 +25,11 @@ import torch
 
 from dbcore import __version__
 from dbcore import config as config_mod
-from dbcore.flops import BACKWARD_FACTOR, layer_flops, linear_flops, score_flops
-from dbcore.loop import autocast_for, make_optimizer, precision_of, prepare_device
-from dbcore.memory import _noised, measure_all, training_loss
+from dbcore.method.flops import BACKWARD_FACTOR, layer_flops, linear_flops, score_flops
 from dbcore.recipes import for_config
+from dbcore.runs.loop import make_optimizer, prepare_device
+from dbcore.runs.memory import _noised, measure_all, training_loss
+from dbcore.runs.step import autocast_for, precision_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +78,7 @@ def interleaved_step_times(cfg, batch_size: int, rounds: int, device: torch.devi
 
 
 def vit_e2e_step_flops(m, batch_size: int) -> float:
-    """FLOPs of one training step of the ViT baseline (`dbcore.flops` conventions): patch
+    """FLOPs of one training step of the ViT baseline (`dbcore.method.flops` conventions): patch
     embedding, L - 1 full layers, the last layer's keys and values of every row and the rest for
     the CLS row alone (`forward_rows`), the head; backward BACKWARD_FACTOR times the forward."""
     t = m.num_patches + 1

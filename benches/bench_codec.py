@@ -32,8 +32,9 @@ import numcodecs
 import numpy as np
 import zarr
 
-from dbcore import store
-from dbcore.data import INDEX, BatchStream
+from dbcore.data import store
+from dbcore.data.stream import BatchStream
+from dbcore.method.batch import INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist" / "train.npz"

@@ -3,7 +3,7 @@ class accuracy over CFG scales and sampler steps, in one process on the same dat
 
     python benches/bench_dit.py --config configs/dit_mnist.toml --data mnist
 Writes benches/results/<name>.json and .md. FID is the Frechet distance in the features of the
-project's reference classifier (`dbcore.fid`), not comparable with Inception FID.
+project's reference classifier (`dbcore.metrics.fid`), not comparable with Inception FID.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 
 from dbcore import __version__
 from dbcore import config as config_mod
-from dbcore.cache import write_cache
-from dbcore.evaluate import evaluate
-from dbcore.sources import load_source
-from dbcore.train import train_run
+from dbcore.data.cache import write_cache
+from dbcore.data.sources import load_source
+from dbcore.runs.evaluate import evaluate
+from dbcore.runs.train import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {
@@ -86,7 +86,7 @@ def write(args, cfg, rows, timing) -> None:
     lines = [f"# DiT on {args.data}: DiffusionBlocks (B={cfg.model.num_blocks}) vs end-to-end, "
              f"{cfg.train.steps} steps each (`{meta['command']}`)", "",
              "FID: Frechet distance in the features of the project's reference classifier "
-             "(`dbcore.fid`), not comparable with Inception FID. Floor: real training images.", "",
+             "(`dbcore.metrics.fid`), not comparable with Inception FID. Floor: real training images.", "",
              "| CFG scale | sampler steps | sampler | DB FID | e2e FID | DB class acc | e2e class acc "
              "| floor |",
              "|---|---|---|---|---|---|---|---|"]

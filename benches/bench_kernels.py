@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from dbcore import __version__, rng
-from dbcore.edm import SIGMA_DATA
+from dbcore import __version__
 from dbcore.kernels import block_loss_ce, block_loss_mse, noise_and_input
 from dbcore.kernels._cupy import cupy_available, import_cupy
 from dbcore.kernels.reference import ce_per_sample, mse_per_sample
-from dbcore.loss import sample_weights
-from dbcore.partition import block_range, cdf
+from dbcore.method import rng
+from dbcore.method.edm import SIGMA_DATA
+from dbcore.method.loss import sample_weights
+from dbcore.method.partition import block_range, cdf
 
 OUT = Path(__file__).resolve().parent / "results" / "kernels.json"
 SEED, BLOCK, DRAW = 1234, 1, 0

@@ -3,7 +3,7 @@
 Caches the training text, trains every block and the `--e2e` baseline with the same steps (two
 processes side by side), evaluates both by `dbcore eval --json` on the held-out text (BPC), samples
 texts from both and scores them with an independent judge (a Kneser-Ney character 5-gram fit on the
-training text, `dbcore.judge`): judge BPC, distinct-4-gram ratio, and decoding speed (characters/s).
+training text, `dbcore.metrics.judge`): judge BPC, distinct-4-gram ratio, and decoding speed (characters/s).
 
     python benches/bench_lm.py configs/mdlm_shakespeare.toml --workdir /tmp/mdlm \\
         --json benches/results/mdlm_shakespeare.json --md benches/results/mdlm_shakespeare.md
@@ -63,8 +63,8 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
     from dbcore import config as config_mod
-    from dbcore.evaluate import sample_text_run
-    from dbcore.judge import KneserNey, judge_samples
+    from dbcore.metrics.judge import KneserNey, judge_samples
+    from dbcore.runs.evaluate import sample_text_run
 
     cfg = config_mod.load(args.config)
     args.length = args.length or cfg.model.seq_len

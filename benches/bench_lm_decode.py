@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dbcore.evaluate import evaluate
+from dbcore.runs.evaluate import evaluate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "shakespeare"
 

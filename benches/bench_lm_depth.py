@@ -57,8 +57,8 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
     from dbcore import config as config_mod
-    from dbcore.evaluate import sample_text_run
-    from dbcore.judge import KneserNey, judge_samples, ratio_interval
+    from dbcore.metrics.judge import KneserNey, judge_samples, ratio_interval
+    from dbcore.runs.evaluate import sample_text_run
 
     cfg = config_mod.load(args.config)
     args.workdir.mkdir(parents=True, exist_ok=True)

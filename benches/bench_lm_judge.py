@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
 
-    from dbcore.evaluate import load_run, sample_text_run
-    from dbcore.judge import KneserNey, judge_samples, ratio_interval
+    from dbcore.metrics.judge import KneserNey, judge_samples, ratio_interval
+    from dbcore.runs.evaluate import load_run, sample_text_run
 
     judge = KneserNey.fit(Path(args.train_text).read_text(encoding="utf-8"))
     result: dict = {"command": " ".join(["python benches/bench_lm_judge.py", *sys.argv[1:]]),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dbcore.evaluate import sample_text_run
+from dbcore.runs.evaluate import sample_text_run
 
 
 def main() -> None:

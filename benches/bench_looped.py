@@ -84,7 +84,7 @@ def evaluate(run: Path, data: str, windows: int, k: int | None = None, sampler: 
 
 
 def memory(config: str, workdir: Path) -> dict:
-    """Peak training memory of one step (`dbcore.memory.measure_all`, fresh processes, tight
+    """Peak training memory of one step (`dbcore.runs.memory.measure_all`, fresh processes, tight
     allocator): the denoiser's single core pass against BPTT through k iterations. The baseline's
     example step draws r from its uniforms, so the config is measured with a mean of 8k
     iterations, making r >= k (checked): the peak of a step with full truncated back-propagation."""
@@ -92,8 +92,8 @@ def memory(config: str, workdir: Path) -> dict:
     import torch
 
     from dbcore import config as config_mod
-    from dbcore.memory import _noised, measure_all
     from dbcore.recipes import for_config
+    from dbcore.runs.memory import _noised, measure_all
 
     text = Path(config).read_text()
     table = tomllib.loads(text)["model"]

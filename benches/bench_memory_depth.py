@@ -19,7 +19,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from dbcore.memory import measure_all
+from dbcore.runs.memory import measure_all
 
 DEPTH_LINE = re.compile(r"^depth\s*=\s*\d+", re.MULTILINE)
 RATIOS = ("max_block_over_e2e_per_block", "max_checkpointed_block_over_checkpointed_e2e_per_block")

@@ -23,10 +23,10 @@ import torch
 
 from dbcore import __version__
 from dbcore import config as config_mod
-from dbcore.cache import write_cache
-from dbcore.evaluate import evaluate
-from dbcore.sources import load_source
-from dbcore.train import train_run
+from dbcore.data.cache import write_cache
+from dbcore.data.sources import load_source
+from dbcore.runs.evaluate import evaluate
+from dbcore.runs.train import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {

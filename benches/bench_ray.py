@@ -43,8 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from dbcore import checkpoint
     from dbcore import config as config_mod
+    from dbcore.runs import checkpoint
 
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from dbcore import store
+from dbcore.data import store
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist" / "train.npz"

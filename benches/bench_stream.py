@@ -30,10 +30,12 @@ import torch
 import zarr
 
 from dbcore import config as config_mod
-from dbcore import layout, store
-from dbcore.data import INDEX, BatchStream
-from dbcore.noise import block_noise
-from dbcore.partition import block_sigma_law
+from dbcore.data import store
+from dbcore.data.stream import BatchStream
+from dbcore.method import layout
+from dbcore.method.batch import INDEX
+from dbcore.method.noise import block_noise
+from dbcore.method.partition import block_sigma_law
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist" / "train.npz"
@@ -59,8 +61,8 @@ def rate(samples: int, nbytes: int, secs: float, batches: int | None = None) -> 
 
 
 def mnist_store(work: Path) -> Path:
-    from dbcore.cache import write_cache
-    from dbcore.sources import load_source
+    from dbcore.data.cache import write_cache
+    from dbcore.data.sources import load_source
 
     out = work / "mnist_k4.zarr"
     try:

@@ -50,6 +50,6 @@ def interrupted_at_step(monkeypatch):
 @pytest.fixture
 def interrupted_at_write(monkeypatch):
     """`with interrupted_at_write(n): write_cache(...)`: the n-th block written to a store crashes."""
-    from dbcore import store
+    from dbcore.data import store
 
     return _interrupted_at(monkeypatch, store.ArrayWriter, "write")

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from dbcore import api, layout, store
-from dbcore.config import ConfigError
-from dbcore.rundir import RunError
-from dbcore.sources import Source, SourceError, load_source
-from dbcore.store import StoreError
+from dbcore import api
+from dbcore.data import store
+from dbcore.data.sources import Source, load_source
+from dbcore.data.store import StoreError
+from dbcore.errors import ConfigError, RunError, SourceError
+from dbcore.method import layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,7 +77,7 @@ def test_config_from_a_dict_and_from_toml_agree(tmp_path):
 
 
 def test_generator_of_batches_caches_the_same_store_as_the_source(tmp_path, monkeypatch):
-    from dbcore import cache as cache_mod
+    from dbcore.data import cache as cache_mod
 
     cfg = api.config(VIT)
     src = load_source("digits:train")
@@ -196,6 +197,11 @@ def test_vit_cache_train_evaluate_through_the_api(tmp_path):
     assert e2e["name"] == "e2e"
     with pytest.raises(ValueError, match="steps must be >= 1"):
         api.train(cfg, store_path, tmp_path / "x", steps=0)
+    with pytest.raises(StoreError, match="shuffle window of .* fewer than one"):
+        api.train(cfg, store_path, tmp_path / "x", shuffle_window_mb=0.001)
+    with pytest.raises(ConfigError, match="shuffle_window_mb must be >= 0"):
+        api.train(cfg, store_path, tmp_path / "x", shuffle_window_mb=-1)
+    assert cfg.train.shuffle_window_mb == 0  # the overrides are the call's alone
 
     r = api.evaluate(tmp_path / "db", "digits:valid", decode="product")
     assert r["kind"] == "blocks" and r["num_samples"] == 360 and 0 <= r["accuracy"] <= 1

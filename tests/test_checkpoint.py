@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dbcore import checkpoint
+from dbcore.runs import checkpoint
 
 
 def test_roundtrip_and_prefix(tmp_path):
@@ -45,7 +45,7 @@ def test_bad_json_is_a_clear_error(tmp_path):
 def test_weights_of_another_model_are_named_not_loaded(tmp_path):
     """A checkpoint written by another model (renamed or resized weights), at evaluation or on
     resuming: an error that names the weights, and the model is left as it was."""
-    from dbcore.loop import _resume, _save
+    from dbcore.runs.loop import _resume, _save
 
     old = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
     _save(tmp_path / "block0", old, torch.optim.AdamW(old.parameters()), {"step": 3, "stream": {}})

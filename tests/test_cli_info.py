@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dbcore import store
 from dbcore.cli import main
+from dbcore.data import store
 
 
 @pytest.fixture

@@ -7,17 +7,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dbcore import checkpoint, fid, layout, store
 from dbcore import config as config_mod
-from dbcore.cache import write_cache
 from dbcore.cli import main
-from dbcore.edm import denoise
-from dbcore.loss import sample_weights
+from dbcore.data import store
+from dbcore.data.cache import write_cache
+from dbcore.data.sources import load_source
+from dbcore.method import layout
+from dbcore.method.batch import Noised
+from dbcore.method.edm import denoise
+from dbcore.method.loss import sample_weights
+from dbcore.metrics import fid
 from dbcore.recipes import for_config
-from dbcore.recipes.base import Noised
 from dbcore.recipes.dit import images_to_target, target_to_images
-from dbcore.sources import load_source
-from dbcore.train import train_run
+from dbcore.runs import checkpoint
+from dbcore.runs.train import train_run
 
 TOML = """
 [model]
@@ -97,7 +100,7 @@ def test_targets_round_trip_and_loss_is_weighted_mse_of_d():
 
 
 def test_class_drop_rate_follows_the_uniform(trained, tmp_path):
-    from dbcore import rng
+    from dbcore.method import rng
 
     u = rng.uniforms_of(torch.arange(20000), 2, 0, 0, 0)[:, 1]
     assert float((u < trained.model.class_drop).float().mean()) == pytest.approx(0.1, abs=0.01)
@@ -131,7 +134,7 @@ def test_train_sample_eval_report(trained, tmp_path):
 
 
 def test_same_seed_same_samples_and_blocks_loaded_once(trained, tmp_path):
-    from dbcore.report import sample_run
+    from dbcore.runs.report import sample_run
 
     a, _, _ = sample_run(tmp_path / "db", num=10, num_steps=4, seed=3)
     b, _, _ = sample_run(tmp_path / "db", num=10, num_steps=4, seed=3)
@@ -185,8 +188,9 @@ def test_cached_noise_trains_like_online(tmp_path, cfg_path):
 def test_stream_noise_equals_the_device_path(tmp_path, cfg_path):
     """The Gaussians the stream ships and those the noise kernel draws (its reference here) agree:
     with `gaussians=0` the batch carries only uniforms and `block_noise` draws eps itself."""
-    from dbcore.data import EPS, BatchStream
-    from dbcore.noise import block_noise
+    from dbcore.data.stream import BatchStream
+    from dbcore.method.batch import EPS
+    from dbcore.method.noise import block_noise
 
     cfg = config_mod.load(cfg_path)
     write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)

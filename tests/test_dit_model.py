@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from dbcore.edm import precond
-from dbcore.layers import AdaLNLayer, checkpoint_layers
-from dbcore.loss import sample_weights, weighted_mse
-from dbcore.recipes.dit_model import (
+from dbcore.method.edm import precond
+from dbcore.method.loss import sample_weights, weighted_mse
+from dbcore.method.partition import layers_in_block
+from dbcore.models.dit import (
     DiTBlock,
     DiTConfig,
     DiTModel,
@@ -15,7 +15,7 @@ from dbcore.recipes.dit_model import (
     patchify,
     unpatchify,
 )
-from dbcore.recipes.vit import layers_in_block
+from dbcore.models.layers import AdaLNLayer, checkpoint_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,14 +3,14 @@ import math
 import pytest
 import torch
 
-from dbcore.edm import SIGMA_DATA, loss_weight, precond
-from dbcore.loss import denoise
+from dbcore.method.edm import SIGMA_DATA, loss_weight, precond
+from dbcore.method.loss import denoise
 
 SIGMAS = torch.tensor([0.002, 0.05, 0.5, 1.0, 10.0, 80.0], dtype=torch.float64)
 
 
 def test_constants():
-    from dbcore import edm
+    from dbcore.method import edm
 
     assert (edm.P_MEAN, edm.P_STD, edm.SIGMA_MIN, edm.SIGMA_MAX, edm.SIGMA_DATA) == (
         -1.2, 1.2, 0.002, 80.0, 0.5,

@@ -6,8 +6,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from dbcore import fid
-from dbcore.checkpoint import CheckpointError
+from dbcore.errors import CheckpointError
+from dbcore.metrics import fid
+from dbcore.runs import reference
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 
@@ -105,7 +106,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
         calls.append(1)
         return _digits()
 
-    net, meta = fid.reference_classifier("digits-test", make_data, cache_dir=tmp_path, epochs=1)
+    net, meta = reference.reference_classifier("digits-test", make_data, cache_dir=tmp_path, epochs=1)
     assert calls == [1] and meta["epochs"] == 1 and meta["seed"] == 0
     assert meta["train_source_sha256"] == "digits-test" and 0.5 < meta["valid_accuracy"] <= 1
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -115,7 +116,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
         raise AssertionError("retrained despite the cache")
 
     monkeypatch.setattr(fid, "train_reference", no_training)
-    net2, meta2 = fid.reference_classifier("digits-test", make_data, cache_dir=tmp_path, epochs=1)
+    net2, meta2 = reference.reference_classifier("digits-test", make_data, cache_dir=tmp_path, epochs=1)
     assert calls == [1] and meta2 == meta and not net2.training
     s1, s2 = net.state_dict(), net2.state_dict()
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
@@ -125,7 +126,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     data[-1] ^= 0xFF
     st.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256"):
-        fid.reference_classifier("digits-test", make_data, cache_dir=tmp_path, epochs=1)
+        reference.reference_classifier("digits-test", make_data, cache_dir=tmp_path, epochs=1)
 
 
 def test_cache_key_and_default_dir(tmp_path, monkeypatch):
@@ -134,7 +135,7 @@ def test_cache_key_and_default_dir(tmp_path, monkeypatch):
     assert len({k, fid.cache_key("b", 0, 1, 128, 128), fid.cache_key("a", 1, 1, 128, 128),
                 fid.cache_key("a", 0, 2, 128, 128)}) == 4
     monkeypatch.setenv("DBCORE_CACHE_DIR", str(tmp_path))
-    assert fid._default_cache_dir() == tmp_path
+    assert reference._default_cache_dir() == tmp_path
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dbcore import checkpoint, store
+from dbcore.data import store
+from dbcore.runs import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/vit_digits.toml")

@@ -1,4 +1,4 @@
-"""Tests of the Kneser-Ney character judge (dbcore.judge)."""
+"""Tests of the Kneser-Ney character judge (dbcore.metrics.judge)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dbcore.judge import (
+from dbcore.metrics.judge import (
     DEFAULT_ORDER,
     KN_DISCOUNT,
     KneserNey,

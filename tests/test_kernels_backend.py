@@ -8,8 +8,8 @@ import torch
 import dbcore.kernels as K
 from dbcore.kernels import reference
 from dbcore.kernels._cupy import cupy_available
-from dbcore.loss import denoise, sample_weights, weighted_ce, weighted_mse
-from dbcore.partition import block_range
+from dbcore.method.loss import denoise, sample_weights, weighted_ce, weighted_mse
+from dbcore.method.partition import block_range
 
 
 def test_resolve_backend():
@@ -36,7 +36,7 @@ def test_package_imports_without_cupy():
 
 
 def test_noise_torch_path_matches_rng():
-    from dbcore import rng
+    from dbcore.method import rng
 
     lo, hi = block_range(1, 3)
     y = torch.randn(5, 2, 8)

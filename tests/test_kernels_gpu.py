@@ -7,8 +7,8 @@ import torch
 
 import dbcore.kernels as K
 from dbcore.kernels._cupy import cupy_available
-from dbcore.loss import sample_weights
-from dbcore.partition import block_range
+from dbcore.method.loss import sample_weights
+from dbcore.method.partition import block_range
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dbcore import rng
-from dbcore.edm import P_MEAN, P_STD, SIGMA_DATA
 from dbcore.kernels import reference
 from dbcore.kernels.host import HostCompilerMissing, host_library
-from dbcore.partition import block_range, sample_sigma
+from dbcore.method import rng
+from dbcore.method.edm import P_MEAN, P_STD, SIGMA_DATA
+from dbcore.method.partition import block_range, sample_sigma
 
 
 @pytest.fixture(scope="module")

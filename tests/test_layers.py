@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dbcore.layers import (
+from dbcore.models.layers import (
     LN_EPS,
     AdaLNFinal,
     AdaLNLayer,
@@ -14,7 +14,7 @@ from dbcore.layers import (
     checkpointed,
     modulate,
 )
-from dbcore.memory import _SavedBytes
+from dbcore.runs.memory import _SavedBytes
 
 
 def _plain_layer(layer: AdaLNLayer, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

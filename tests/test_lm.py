@@ -7,19 +7,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dbcore import checkpoint, layout
 from dbcore import config as config_mod
-from dbcore.cache import write_cache
 from dbcore.cli import main
-from dbcore.edm import SIGMA_MAX
-from dbcore.evaluate import evaluate, sample_text_run
+from dbcore.data.cache import write_cache
+from dbcore.data.sources import load_source
+from dbcore.data.text import load_text
+from dbcore.method import layout
+from dbcore.method.edm import SIGMA_MAX
+from dbcore.method.options import Options
+from dbcore.models.ancestral import LevelNoise
+from dbcore.models.layers import make_target_embedding
+from dbcore.models.vocab import Vocabulary
 from dbcore.recipes import for_config
-from dbcore.recipes.ancestral import LevelNoise
 from dbcore.recipes.arlm import ARBaseline, ARBlock, _level_probs, ar_mask, arlm_tiny
 from dbcore.recipes.mdlm import MASK, elbo_weight, mask_probability, time_slice
-from dbcore.recipes.vit import make_target_embedding
-from dbcore.sources import load_source
-from dbcore.train import train_run
+from dbcore.runs import checkpoint
+from dbcore.runs.evaluate import evaluate, sample_text_run
+from dbcore.runs.train import train_run
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
@@ -153,7 +157,7 @@ def test_ar_baseline_kv_cache_equals_its_causal_forward(positions):
 
 
 def test_adaln_per_segment_equals_per_token_conditioning():
-    from dbcore.layers import AdaLNLayer
+    from dbcore.models.layers import AdaLNLayer
 
     torch.manual_seed(0)
     layer = AdaLNLayer(16, 2, gate_init=1.0)
@@ -186,8 +190,8 @@ def test_mdlm_slices_cover_time_with_block0_highest():
 def test_mdlm_noise_draws_t_in_the_block_slice_and_masks_at_its_rate(tmp_path):
     cfg = config_mod.load(_cfg(tmp_path, "mdlm", "stratified = true"))
     recipe = for_config(cfg)
-    from dbcore import rng
-    from dbcore.data import INDEX, UNIFORMS
+    from dbcore.method import rng
+    from dbcore.method.batch import INDEX, UNIFORMS
 
     n, t = 512, cfg.model.seq_len
     x = torch.randint(0, 20, (n, t))
@@ -302,13 +306,13 @@ def test_mdlm_elbo_of_a_uniform_predictor_is_log2_v(tmp_path, text):
     blocks = [recipe.build_block(b, frozen) for b in range(2)]
     expect = (1 - 2 * cfg.model.mask_eps) * math.log2(len(vocab))
     for load_block, e2e in ((lambda b: blocks[b], None), (None, recipe.build_e2e(frozen))):
-        r = recipe.evaluate(load_block, e2e, f"text:{text}", {})
+        r = recipe.evaluate(load_block, e2e, load_text(f"text:{text}", Vocabulary.from_text(TEXT)), Options())
         assert abs(r["bpc"] - expect) < 4 * r["bpc_stderr"] + 1e-3, (r["bpc"], expect, r["bpc_stderr"])
         assert sum(p["bpc"] for p in r["per_block"]) == pytest.approx(r["bpc"], abs=1e-4)
 
 
 def test_rotary_attention_depends_on_relative_positions_only():
-    from dbcore.layers import Attention
+    from dbcore.models.layers import Attention
 
     torch.manual_seed(0)
     attn = Attention(16, 2, rope=True)
@@ -319,7 +323,7 @@ def test_rotary_attention_depends_on_relative_positions_only():
 
 
 def test_ar_token_mixing_keeps_labels_mixes_a_share_and_is_reproducible():
-    from dbcore.noise import mix_token_targets
+    from dbcore.method.noise import mix_token_targets
 
     emb = make_target_embedding(11, 8, 0)
     x = torch.randint(0, 11, (64, 16))
@@ -350,8 +354,8 @@ def test_ar_ancestral_likelihood_is_the_distribution_generation_samples(tmp_path
     ids = torch.tensor([[int((vocab == ord(ch)).nonzero()) for ch in TEXT[:16]]])  # (1, 16)
     p, _ = recipe.ancestral_probs(lambda b: blocks[b], ids, 3, draws=256)
     expect = p[0, len(prompt)]  # (V,): token 9 given the true prefix
-    texts = recipe.sample_text(lambda b: blocks[b], None, {"num": 8000, "length": len(prompt) + 1,
-                                                          "prompt": prompt, "seed": 1})
+    texts = recipe.sample_text(lambda b: blocks[b], None, Options(num=8000, length=len(prompt) + 1,
+                                                                  prompt=prompt, seed=1))
     seen = torch.tensor([int((vocab == ord(t[-1])).nonzero()) for t in texts])
     freq = torch.bincount(seen, minlength=len(vocab)).double() / len(texts)
     noise = LevelNoise(torch.arange(1), (16, 32), 0, 2, 0, 64, len(vocab), torch.device("cpu"))

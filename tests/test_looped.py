@@ -10,14 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dbcore import checkpoint
 from dbcore import config as config_mod
-from dbcore.cache import write_cache
 from dbcore.cli import main
-from dbcore.evaluate import evaluate, sample_text_run
-from dbcore.layers import checkpoint_layers
-from dbcore.memory import _noised, training_loss
-from dbcore.recipes.base import Noised
+from dbcore.data.cache import write_cache
+from dbcore.data.sources import load_source
+from dbcore.method.batch import Noised
+from dbcore.method.options import Options
+from dbcore.models.layers import checkpoint_layers, make_target_embedding
 from dbcore.recipes.looped import (
     LoopedBPTT,
     LoopedConfig,
@@ -30,9 +29,10 @@ from dbcore.recipes.looped import (
     poisson_lognormal,
     run_iterations,
 )
-from dbcore.recipes.vit import make_target_embedding
-from dbcore.sources import load_source
-from dbcore.train import train_run
+from dbcore.runs import checkpoint
+from dbcore.runs.evaluate import evaluate, sample_text_run
+from dbcore.runs.memory import _noised, training_loss
+from dbcore.runs.train import train_run
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
@@ -150,7 +150,7 @@ def test_denoiser_training_pass_equals_the_joint_masked_forward():
         e, _ = model.context(x[:, :-1])
         _, logits = model.denoise(z, sigma, e, model.context_caches(e))
         # the joint forward, by hand: rows [context; noisy], context causal, noisy i -> context <= i, itself
-        from dbcore.edm import SIGMA_DATA, precond
+        from dbcore.method.edm import SIGMA_DATA, precond
 
         p = precond(sigma.view(-1, 1, 1), SIGMA_DATA)
         noisy = model.adapter(torch.cat([p.c_in * z, e], -1)) + model.noise_embed(p.c_noise.view(-1))[:, None]
@@ -182,7 +182,8 @@ def test_ancestral_likelihood_is_the_distribution_generation_samples():
         expect = ancestral_probs(model, x, 3, torch.arange(1), 0, draws=64)[0, prompt - 1]  # (V,) of x_7
         first = ancestral_probs(model, x, 1, torch.arange(1), 0, draws=64)[0, prompt - 1]  # level 0 alone
         rows = x[:, :prompt].repeat(6000, 1)
-        out = generate(model, rows, prompt + 1, 3, {}, torch.Generator().manual_seed(1), sampler="ancestral")
+        out = generate(model, rows, prompt + 1, 3, Options(), torch.Generator().manual_seed(1),
+                       sampler="ancestral")
     freq = torch.bincount(out[:, -1], minlength=11).double() / len(out)
 
     def tv(a, b):
@@ -240,10 +241,12 @@ def test_cache_train_eval_sample_and_the_compute_ledger(tmp_path, text):
                                            "coda": [12, 12]}
     core = e2e["compute"]["passes"]["core"]
     assert core[0] > core[1] >= 12 and core[1] <= 2 * 12  # r iterations forward, min(r, k) backward
-    from dbcore.flops import BACKWARD_FACTOR
-    from dbcore.recipes.base import read_store_frozen
+    from dbcore.data import store as store_mod
+    from dbcore.data.frozen import read_frozen
+    from dbcore.method.flops import BACKWARD_FACTOR
 
-    per_pass = LoopedRecipe(cfg).pass_flops(16, read_store_frozen(tmp_path / "c.zarr"))
+    recipe = LoopedRecipe(cfg)
+    per_pass = recipe.pass_flops(16, read_frozen(store_mod.open(tmp_path / "c.zarr"), recipe.frozen_arrays))
     for run in (blocks, e2e):  # every pass of every module at its forward FLOPs, backward at 2x
         c = run["compute"]
         expect = sum((f + BACKWARD_FACTOR * b) * per_pass[name] for name, (f, b) in c["passes"].items())
@@ -305,8 +308,9 @@ def _train_cli(runner, cfg_path, store, out, *extra):
 
 def test_frozen_prelude_caches_its_activations_once_and_trains_core_and_coda_from_them(tmp_path, text,
                                                                                         monkeypatch):
-    from dbcore import store as store_mod
-    from dbcore.recipes import looped_prelude
+    from dbcore.data import store as store_mod
+    from dbcore.recipes.looped import PRELUDE_KEYS, PRELUDE_OUT
+    from dbcore.runs import frozen_module
 
     cfg_path = _cfg(tmp_path)
     runner = CliRunner()
@@ -315,16 +319,16 @@ def test_frozen_prelude_caches_its_activations_once_and_trains_core_and_coda_fro
     assert r.exit_code == 0, r.output
     assert _train_cli(runner, cfg_path, store, tmp_path / "prelude").exit_code == 0
     prelude, _ = checkpoint.load(tmp_path / "prelude/block0", prefix="model.")
-    fp = looped_prelude.fingerprint(looped_prelude.prelude_tensors(prelude))
+    fp = frozen_module.fingerprint(frozen_module.module_tensors(prelude, PRELUDE_KEYS))
 
     real_write = store_mod.ArrayWriter.write  # a crash while the activations are written
 
     def crash(self, start, rows):
-        if self.name == looped_prelude.PRELUDE_OUT and start > 0:
+        if self.name == PRELUDE_OUT and start > 0:
             raise KeyboardInterrupt
         return real_write(self, start, rows)
 
-    monkeypatch.setattr(looped_prelude, "ROWS_PER_PASS", 32)
+    monkeypatch.setattr(frozen_module, "ROWS_PER_PASS", 32)
     monkeypatch.setattr(store_mod.ArrayWriter, "write", crash)
     with pytest.raises(KeyboardInterrupt):
         cfg = config_mod.load(cfg_path)
@@ -352,7 +356,8 @@ def test_frozen_prelude_caches_its_activations_once_and_trains_core_and_coda_fro
     torch.testing.assert_close(torch.from_numpy(acts.read("prelude_out", slice(0, 4))).float(), e,
                                atol=2e-2, rtol=2e-3)  # float16 in the store
     trained, _ = checkpoint.load(tmp_path / "frozen0/block0", prefix="model.")
-    assert all(torch.equal(trained[k], v) for k, v in looped_prelude.prelude_tensors(prelude).items())
+    frozen = frozen_module.module_tensors(prelude, PRELUDE_KEYS)
+    assert all(torch.equal(trained[k], v) for k, v in frozen.items())
     assert not torch.equal(trained["core.0.attn.qkv.weight"], prelude["core.0.attn.qkv.weight"])
     r = runner.invoke(main, ["eval", str(tmp_path / "frozen0"), "--data", f"text:{text}", "--json",
                              "--num-samples", "4", "--chains", "2"])

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dbcore.edm import loss_weight
-from dbcore.loss import denoise, sample_weights, weighted_ce, weighted_mse
+from dbcore.method.edm import loss_weight
+from dbcore.method.loss import denoise, sample_weights, weighted_ce, weighted_mse
 
 
 def test_weights_modes():

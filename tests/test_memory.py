@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from dbcore.cli import main
-from dbcore.memory import _spawn, measure_all
+from dbcore.runs.memory import _spawn, measure_all
 
 TOML = """
 [model]

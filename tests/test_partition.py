@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from dbcore.edm import SIGMA_MAX, SIGMA_MIN
-from dbcore.partition import (
+from dbcore.method.edm import SIGMA_MAX, SIGMA_MIN
+from dbcore.method.partition import (
     SIGMA_DISTS,
     block_of_sigma,
     block_range,
@@ -132,7 +132,7 @@ def test_too_few_steps():
 
 
 def test_loguniform_first_policy_only_changes_block_zero():
-    from dbcore.partition import block_sigma_law, sample_sigma_for_block
+    from dbcore.method.partition import block_sigma_law, sample_sigma_for_block
 
     assert [block_sigma_law("loguniform-first", b, 3)[2] for b in range(3)] == [
         "loguniform",
@@ -149,7 +149,7 @@ def test_loguniform_first_policy_only_changes_block_zero():
 
 
 def test_top_policies_train_where_the_one_step_per_block_sampler_queries():
-    from dbcore.partition import block_sigma_law, sample_sigma_for_block
+    from dbcore.method.partition import block_sigma_law, sample_sigma_for_block
 
     u = torch.rand(500, dtype=torch.float64)
     levels = [s.sigma for s in euler_schedule(4, 4)]  # block b's one step starts at levels[b]

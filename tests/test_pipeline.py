@@ -6,15 +6,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dbcore import checkpoint, layout, store
 from dbcore import config as config_mod
-from dbcore.cache import write_cache
 from dbcore.cli import main
-from dbcore.evaluate import evaluate
-from dbcore.noise import noised_targets
+from dbcore.data import store
+from dbcore.data.cache import write_cache
+from dbcore.data.sources import load_source
+from dbcore.method import layout
+from dbcore.method.noise import noised_targets
 from dbcore.recipes import for_config
-from dbcore.sources import load_source
-from dbcore.train import RunError, train_run
+from dbcore.runs import checkpoint
+from dbcore.runs.evaluate import evaluate
+from dbcore.runs.train import RunError, train_run
 
 TOML = """
 [model]
@@ -69,7 +71,7 @@ def test_resume_from_mid_run_checkpoint(tmp_path, cfg_path, interrupted_at_step)
     write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "full", block=0, progress=False)
 
-    from dbcore import train as train_mod
+    from dbcore.runs import train as train_mod
 
     with interrupted_at_step(8):  # after the step-5 checkpoint, before the end
         train_mod.train_run(cfg, tmp_path / "c.zarr", tmp_path / "crash", block=0, progress=False)
@@ -95,7 +97,7 @@ def test_cached_noise_equals_online_noise(tmp_path, cfg_path):
 
 
 def test_top_sigma_law_reaches_the_cache_at_the_samplers_levels(tmp_path, cfg_path):
-    from dbcore.partition import euler_schedule
+    from dbcore.method.partition import euler_schedule
 
     cfg = config_mod.load(cfg_path)
     cfg.model.sigma_dist = "top"
@@ -190,8 +192,8 @@ def test_cli_cache_train_eval_and_clean_errors(tmp_path, cfg_path):
 
 
 def test_target_mixing_keeps_labels_and_is_reproducible():
-    from dbcore.noise import mix_targets
-    from dbcore.recipes.vit import make_target_embedding
+    from dbcore.method.noise import mix_targets
+    from dbcore.models.layers import make_target_embedding
 
     emb = make_target_embedding(10, 16, 0)
     labels = torch.arange(1000) % 10
@@ -226,7 +228,7 @@ def test_target_embedding_from_a_file(tmp_path, cfg_path):
 
 
 def test_paper_shared_mode_ties_modules_trains_and_evaluates(tmp_path, cfg_path):
-    from dbcore.paper_shared import SharedBlocks, block_of_step
+    from dbcore.runs.paper_shared import SharedBlocks, block_of_step
 
     cfg = config_mod.load(cfg_path)
     write_cache(cfg, load_source("digits:train"), tmp_path / "c.zarr", progress=False)
@@ -288,8 +290,8 @@ def test_bf16_training_keeps_fp32_checkpoints_and_learns(tmp_path, cfg_path):
 def test_batches_to_the_cpu_are_the_streamed_arrays():
     import numpy as np
 
-    from dbcore.data import INDEX
-    from dbcore.loop import to_device
+    from dbcore.method.batch import INDEX
+    from dbcore.runs.loop import to_device
 
     batch = {"tokens": np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2], INDEX: np.arange(3)}
     out = to_device(batch, ("tokens",), torch.device("cpu"))

@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dbcore import checkpoint
 from dbcore import config as config_mod
-from dbcore.cache import write_cache
 from dbcore.cli import main
-from dbcore.sources import load_source
-from dbcore.train import train_run
+from dbcore.data.cache import write_cache
+from dbcore.data.sources import load_source
+from dbcore.runs import checkpoint
+from dbcore.runs.train import train_run
 
 ray = pytest.importorskip("ray")
 
@@ -122,7 +122,7 @@ def test_a_killed_worker_loses_only_the_steps_since_its_checkpoint(local_ray, tm
     import threading
     import time
 
-    from dbcore.distributed import train_blocks_on_ray
+    from dbcore.runs.distributed import train_blocks_on_ray
 
     cfg_path = tmp_path / "long.toml"
     cfg_path.write_text(TOML.replace("steps = 12", "steps = 400").replace("checkpoint_every = 5",
@@ -161,7 +161,7 @@ def _files(root):
 
 @pytest.fixture
 def small_units(monkeypatch):
-    from dbcore import cache as cache_mod
+    from dbcore.data import cache as cache_mod
 
     monkeypatch.setattr(cache_mod, "WRITE_TARGET_BYTES", 1)  # a write unit per shard or chunk
     monkeypatch.setattr(cache_mod, "ROWS_PER_WRITE", 256)  # 6 chunks per noise array of digits:train
@@ -183,8 +183,8 @@ def test_cache_on_ray_writes_the_bytes_of_a_single_process_cache(local_ray, smal
 
 def test_cache_on_ray_resumes_an_interrupted_cache(local_ray, small_units, tmp_path, monkeypatch,
                                                    interrupted_at_write):
-    from dbcore import cache as cache_mod
-    from dbcore import distributed
+    from dbcore.data import cache as cache_mod
+    from dbcore.runs import distributed
 
     cfg_path = tmp_path / "tiny.toml"
     cfg_path.write_text(TOML)
@@ -207,7 +207,7 @@ def test_cache_on_ray_resumes_an_interrupted_cache(local_ray, small_units, tmp_p
 
 
 def test_split_units_keeps_order_and_balances_rows():
-    from dbcore.distributed import split_units
+    from dbcore.runs.distributed import split_units
 
     units = [("a", i * 10, i * 10 + 10) for i in range(9)] + [("b", 0, 5)]
     runs = split_units(units, 3)

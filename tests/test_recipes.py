@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from dbcore import config as config_mod
-from dbcore import rundir
-from dbcore.edm import EDMPrecond, precond
-from dbcore.loop import make_optimizer
+from dbcore.method.edm import EDMPrecond, precond
 from dbcore.recipes import REGISTRY, for_config, recipe_class
 from dbcore.recipes.base import Recipe, decayed_parameters
+from dbcore.runs import rundir
+from dbcore.runs.loop import make_optimizer
 
 
 def _cfg(recipe="vit", **model):
@@ -37,7 +37,7 @@ def test_every_registered_recipe_builds_blocks_that_share_nothing(name):
     assert not ptrs[0] & ptrs[1]
     assert len(b0.layers) == len(b1.layers) == m.depth // m.num_blocks
     batch = recipe.example_batch(4, frozen, torch.device("cpu"))
-    from dbcore.memory import _noised, training_loss
+    from dbcore.runs.memory import _noised, training_loss
 
     for block, b in zip((b0, b1), ids, strict=True):
         loss = training_loss(recipe, block, batch, frozen, b, _noised(recipe, batch, frozen, b))
@@ -123,8 +123,8 @@ def test_run_directory_errors(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_recipe_trains_under_bf16_autocast_with_fp32_master_weights(name):
-    from dbcore.loop import autocast_for
-    from dbcore.memory import _noised, training_loss
+    from dbcore.runs.memory import _noised, training_loss
+    from dbcore.runs.step import autocast_for
 
     recipe = for_config(_cfg(name))
     frozen = recipe.example_frozen()
@@ -142,7 +142,7 @@ def test_every_recipe_trains_under_bf16_autocast_with_fp32_master_weights(name):
 
 
 def test_precision_is_checked_and_fp32_runs_without_autocast():
-    from dbcore.loop import autocast_for
+    from dbcore.runs.step import autocast_for
 
     with pytest.raises(config_mod.ConfigError, match="precision"):
         config_mod.from_dict({"model": {"recipe": "vit"}, "train": {"precision": "fp16"}}, "x.toml")

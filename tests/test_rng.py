@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dbcore.rng import (
+from dbcore.method.rng import (
     MIX_GROUP,
     SIGMA_GROUP,
     check_request,

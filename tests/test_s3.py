@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dbcore import remote, store
 from dbcore.cli import main
-from dbcore.data import INDEX, BatchStream
+from dbcore.data import store
+from dbcore.data.stream import BatchStream
+from dbcore.method.batch import INDEX
+from dbcore.runs import mirror
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -154,20 +156,20 @@ def test_cache_train_eval_on_s3_equal_local_disk(s3, tmp_path):
 def test_a_checkpoint_is_uploaded_tensors_first_and_json_last(s3, tmp_path, monkeypatch):
     import torch
 
-    from dbcore import checkpoint
+    from dbcore.runs import checkpoint
 
     order = []
-    real = remote.Mirror._put
+    real = mirror.Mirror._put
 
     def spy(self, path, rel):
         order.append(rel)
         return real(self, path, rel)
 
-    monkeypatch.setattr(remote.Mirror, "_put", spy)
-    with remote.local_run(f"{s3}/ckpt") as local:
+    monkeypatch.setattr(mirror.Mirror, "_put", spy)
+    with mirror.local_run(f"{s3}/ckpt") as local:
         checkpoint.save(local / "m", {"w": torch.ones(3)}, {"step": 1})
     assert order == ["m.safetensors", "m.json"]
-    with remote.local_run(f"{s3}/ckpt") as local:  # a fresh mirror reads it back
+    with mirror.local_run(f"{s3}/ckpt") as local:  # a fresh mirror reads it back
         tensors, meta = checkpoint.load(local / "m")
     assert torch.equal(tensors["w"], torch.ones(3)) and meta["step"] == 1
 
@@ -190,10 +192,10 @@ def test_ray_trains_blocks_from_and_into_s3(s3, tmp_path):
     ray = pytest.importorskip("ray")
     import torch
 
-    from dbcore import checkpoint
     from dbcore import config as config_mod
-    from dbcore.distributed import train_blocks_on_ray
-    from dbcore.train import train_run
+    from dbcore.runs import checkpoint
+    from dbcore.runs.distributed import train_blocks_on_ray
+    from dbcore.runs.train import train_run
 
     cfg_path = tmp_path / "tiny.toml"
     cfg_path.write_text(TOML)
@@ -210,7 +212,7 @@ def test_ray_trains_blocks_from_and_into_s3(s3, tmp_path):
         ray.shutdown()
     assert [r["name"] for r in results] == ["block0", "block1"]
     train_run(cfg, f"{s3}/ray.zarr", tmp_path / "serial", progress=False)
-    with remote.local_run(f"{s3}/ray_run") as run:
+    with mirror.local_run(f"{s3}/ray_run") as run:
         for b in range(2):
             a, _ = checkpoint.load(run / f"block{b}", prefix="model.")
             s, _ = checkpoint.load(tmp_path / f"serial/block{b}", prefix="model.")

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from dbcore import config as config_mod
-from dbcore.edm import SIGMA_MAX, SIGMA_MIN
-from dbcore.partition import euler_schedule
+from dbcore.method.edm import SIGMA_MAX, SIGMA_MIN
+from dbcore.method.partition import euler_schedule
+from dbcore.method.sampler import initial_noise, level_before, run_chain
+from dbcore.models.layers import make_target_embedding
 from dbcore.recipes import for_config
-from dbcore.recipes.vit import ViTBlock, make_target_embedding
-from dbcore.sampler import initial_noise, level_before, run_chain
+from dbcore.recipes.vit import ViTBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,14 +146,16 @@ def test_product_decode_sums_every_steps_log_softmax():
     def load(b):
         return FixedLogits(EMB, per_block[b])
 
-    last = RECIPE.evaluate(load, None, "digits:valid", {"num_steps": 2, "decode": "last"})
-    prod = RECIPE.evaluate(load, None, "digits:valid", {"num_steps": 2, "decode": "product"})
-    from dbcore.sources import load_source
+    from dbcore.data.sources import load_source
+    from dbcore.method.options import Options
 
-    labels = torch.from_numpy(load_source("digits:valid").labels)
+    valid = load_source("digits:valid")
+    last = RECIPE.evaluate(load, None, valid, Options(steps=2, decode="last"))
+    prod = RECIPE.evaluate(load, None, valid, Options(steps=2, decode="product"))
+    labels = torch.from_numpy(valid.labels)
     assert last["accuracy"] == pytest.approx(float((labels == 5).float().mean()))
     assert prod["accuracy"] == pytest.approx(float((labels == 3).float().mean()))
     assert [b["accuracy_last"] for b in prod["per_block"]] == pytest.approx(
         [float((labels == 3).float().mean()), float((labels == 5).float().mean())], abs=1e-6)
     with pytest.raises(ValueError, match="decode"):
-        RECIPE.evaluate(load, None, "digits:valid", {"decode": "vote"})
+        RECIPE.evaluate(load, None, valid, Options(decode="vote"))

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from dbcore.sources import SourceError, load_source
+from dbcore.data.sources import load_source
+from dbcore.errors import SourceError
 
 
 def test_digits_splits_partition_the_dataset():

@@ -1,4 +1,4 @@
-"""dbcore.store: round trips, gathers, streamed writes, layouts (uses the installed wheel)."""
+"""dbcore.data.store: round trips, gathers, streamed writes, layouts (uses the installed wheel)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from dbcore import store
+from dbcore.data import store
 
 DTYPES = ["uint8", "int32", "int64", "float16", "float32"]
 

@@ -1,4 +1,4 @@
-"""dbcore.store: every failure is a StoreError naming the store, the array and the problem."""
+"""dbcore.data.store: every failure is a StoreError naming the store, the array and the problem."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dbcore import store
+from dbcore.data import store
 
 
 def _complete(path: Path, shards: int = 0, compression: str | None = "zstd") -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dbcore import store
+from dbcore.data import store
 
 zarr = pytest.importorskip("zarr")
 from zarr.codecs import ZstdCodec  # noqa: E402

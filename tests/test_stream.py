@@ -1,4 +1,4 @@
-"""dbcore.data.BatchStream: order, sharding, workers, resume, noise, faults, concurrency, fork."""
+"""dbcore.data.stream.BatchStream: order, sharding, workers, resume, noise, faults, concurrency, fork."""
 
 import multiprocessing as mp
 import threading
@@ -8,9 +8,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dbcore import _native, layout, rng, store
-from dbcore.data import EPS, INDEX, UNIFORMS, BatchStream
-from dbcore.noise import block_noise
+from dbcore import _native
+from dbcore.data import store
+from dbcore.data.stream import BatchStream
+from dbcore.method import layout, rng
+from dbcore.method.batch import EPS, INDEX, UNIFORMS
+from dbcore.method.noise import block_noise
 from dbcore.recipes import for_config
 
 N = 1000
@@ -182,8 +185,8 @@ def test_bad_noise_request(path):
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     from dbcore import config as config_mod
-    from dbcore.cache import write_cache
-    from dbcore.sources import load_source
+    from dbcore.data.cache import write_cache
+    from dbcore.data.sources import load_source
 
     d = tmp_path_factory.mktemp("cache")
     (d / "t.toml").write_text("[model]\nimage_size = 8\nchannels = 1\npatch_size = 4\ndim = 32\ndepth = 2\n"
@@ -383,3 +386,45 @@ def test_uncompressed_maps_survive_epochs_and_overwrite(tmp_path):
     s.finalize()
     for b in bs:
         np.testing.assert_array_equal(b["x"], X4[b[INDEX]])
+
+
+def _rss_anon() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon")
+
+
+def test_online_noise_is_drawn_per_batch_not_per_window(tmp_path):
+    """A wide noise request over a large shuffle window holds the noise of the batches taken, not
+    of the window: 16,384 rows x 8,192 Gaussians would be 1 GiB of float64 for the window."""
+    s = store.create(tmp_path / "w.zarr")
+    s.write_array("y", np.arange(16384, dtype=np.int64), chunks=4096)
+    s.finalize()
+    stream = BatchStream(tmp_path / "w.zarr", ["y"], 64, noise=(0, 1, 8192, 1), prefetch=2)
+    assert stream.plan["window_chunks"] * stream.plan["chunk_rows"] >= 16384  # one window: every row
+    before = _rss_anon()
+    held = []
+    for batch in stream:
+        held.append(batch)
+        if len(held) == 4:
+            break
+    grown = _rss_anon() - before
+    assert grown < 96 * 2**20, f"{grown / 2**20:.0f} MiB for 4 batches of 4 MiB of noise"
+    for batch in held:  # the values are the generator's (Rust's libm and torch agree to 1e-14)
+        expect = rng.gaussian(torch.from_numpy(batch[INDEX]), 8192, 0, 1, 0).numpy()
+        np.testing.assert_allclose(batch[EPS], expect, rtol=1e-14, atol=1e-14)
+
+
+def test_a_shuffle_window_in_bytes(path):
+    s = store.open(path)
+    row_bytes = 6 * 4 + 8  # x float32 (6,), y int64
+    default = BatchStream(s, ["x", "y"], 8).plan
+    chunk = default["chunk_rows"]
+    assert default["window_bytes"] == default["window_chunks"] * chunk * row_bytes
+    plan = BatchStream(s, ["x", "y"], 8, window_bytes=row_bytes * (2 * chunk + 1)).plan
+    assert plan["window_chunks"] == 2 and plan["window_bytes"] == 2 * chunk * row_bytes
+    with pytest.raises(store.StoreError, match="fewer than one batch"):
+        BatchStream(s, ["x", "y"], 4 * chunk, window_bytes=row_bytes * 3 * chunk)
+    with pytest.raises(ValueError, match="at most the memory available"):
+        BatchStream(s, ["x", "y"], 8, window_bytes=2**62)

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
-from dbcore import cache as cache_mod
 from dbcore import config as config_mod
-from dbcore import layout, store
-from dbcore.cache import LEDGER, write_cache
-from dbcore.sources import load_source
+from dbcore.data import cache as cache_mod
+from dbcore.data import store
+from dbcore.data.cache import LEDGER, write_cache
+from dbcore.data.sources import load_source
+from dbcore.method import layout
 
 TOML = (
     "[model]\nimage_size = 8\nchannels = 1\npatch_size = 4\ndim = 32\ndepth = 2\nheads = 2\n"

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dbcore.text as text_mod
-from dbcore.sources import SourceError
-from dbcore.text import TextSource, Vocabulary, Windows, load_text
+import dbcore.data.text as text_mod
+from dbcore.data.text import TextSource, Windows, load_text
+from dbcore.errors import SourceError
+from dbcore.models.vocab import Vocabulary
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/datasets/shakespeare"
 SAMPLE = "To be, or not to be: that is the question.\nWhether 'tis nobler — in the mind — to suffer\n"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dbcore.data import INDEX
-from dbcore.loop import to_device
+from dbcore.method.batch import INDEX
+from dbcore.runs.loop import to_device
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 

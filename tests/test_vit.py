@@ -3,12 +3,11 @@ import torch
 from sklearn.datasets import load_digits
 
 from dbcore import config as config_mod
-from dbcore.edm import add_noise, precond
-from dbcore.layers import AdaLNLayer, checkpoint_layers
-from dbcore.loss import sample_weights, weighted_ce
-from dbcore.memory import _SavedBytes
+from dbcore.method.batch import Noised
+from dbcore.method.edm import add_noise, precond
+from dbcore.method.loss import sample_weights, weighted_ce
+from dbcore.models.layers import AdaLNLayer, checkpoint_layers
 from dbcore.recipes import for_config, vit
-from dbcore.recipes.base import Noised
 from dbcore.recipes.vit import (
     ViTBlock,
     ViTClassifier,
@@ -22,6 +21,7 @@ from dbcore.recipes.vit import (
     vit_mnist,
     vit_tiny,
 )
+from dbcore.runs.memory import _SavedBytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

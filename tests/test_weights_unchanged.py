@@ -112,9 +112,8 @@ def to_toml(tables: dict) -> str:
     lines = []
     for table, values in tables.items():
         lines.append(f"[{table}]")
-        lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
-                  for k, v in values.items()]
-    return "\n".join(lines).replace("'", '"') + "\n"
+        lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 @pytest.mark.parametrize("recipe", sorted(CONFIGS))

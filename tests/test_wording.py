@@ -6,10 +6,10 @@ import pytest
 from click.testing import CliRunner
 
 from dbcore import config as config_mod
-from dbcore import store
-from dbcore.cache import write_cache
 from dbcore.cli import main
-from dbcore.sources import load_source
+from dbcore.data import store
+from dbcore.data.cache import write_cache
+from dbcore.data.sources import load_source
 from dbcore.wording import arg, cli_wording
 
 TOML = """

@@ -24,7 +24,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -32,10 +32,12 @@ from typing import Any, Literal
 import numpy as np
 
 from dbcore import config as config_mod
-from dbcore import remote
 from dbcore.config import Config
-from dbcore.sources import Source, SourceError, load_source
-from dbcore.text import TextSource
+from dbcore.data.location import is_url, parse_location
+from dbcore.data.sources import Source, load_source
+from dbcore.data.text import TextSource
+from dbcore.errors import SourceError
+from dbcore.wording import arg
 
 __all__ = ["cache", "config", "evaluate", "sample_images", "sample_text", "train"]
 
@@ -68,11 +70,13 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
     tasks (default: one per CPU) on the cluster at `address` (default: a local instance), from a
     source spec that every worker can load.
     """
-    from dbcore.cache import write_cache
+    from dbcore.data.cache import write_cache
 
-    out = remote.location(out)
+    if (address is not None or tasks is not None) and not ray:
+        raise ValueError(f"{arg('address')} and {arg('tasks')} need {arg('ray')}")
+    out = parse_location(out)
     if ray:
-        from dbcore.distributed import cache_on_ray
+        from dbcore.runs.distributed import cache_on_ray
 
         if not isinstance(data, str):
             raise TypeError(f"cache(ray=True) needs a source spec that every worker can load, "
@@ -87,31 +91,54 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
 
 
 def train(cfg: Config, store: PathLike, out: PathLike, *, block: int | None = None, e2e: bool = False,
-          steps: int | None = None, activation_checkpointing: bool = False,
-          progress: bool = False, ray: bool = False, address: str | None = None) -> list[dict]:
+          steps: int | None = None, mode: str | None = None, backend: str | None = None,
+          activation_checkpointing: bool = False, checkpoint_chunks: int | None = None,
+          frozen_prelude: PathLike | None = None, shuffle_window_mb: float | None = None,
+          paper_shared: bool = False, progress: bool = False,
+          ray: bool = False, address: str | None = None, cpus_per_block: float | None = None,
+          gpus_per_block: float | None = None, memory_per_block: float | None = None,
+          echo: Callable[[dict], None] | None = None) -> list[dict]:
     """Train every block of `cfg` in turn from `store` into the run directory `out`, or one `block`
-    (0 = highest noise), or with `e2e` the end-to-end baseline. `steps` overrides [train] steps for
-    this call only (`cfg` is never changed). Returns one result dict per model trained; an
-    interrupted run resumes where it stopped when called again. `ray`: every unfinished block a
-    Ray task on the cluster at `address` (default: a local instance), as `dbcore train --ray`."""
-    from dbcore.train import train_run
+    (0 = highest noise), or with `e2e` the end-to-end baseline, or (`paper_shared`, for comparison
+    only) the paper's shared layout. Returns one result dict per model trained; an interrupted run
+    resumes where it stopped when called again.
 
-    cfg = copy.deepcopy(cfg)
-    if steps is not None:
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, found {steps}")
-        cfg.train.steps = steps
+    Overrides of the config for this call only (`cfg` is never changed), checked as its TOML is:
+    `steps`, `mode`, `backend`, `checkpoint_chunks` (with `activation_checkpointing`: each layer
+    recomputed over that many slices of the batch), `frozen_prelude` (looped: a finished run whose
+    prelude is frozen), `shuffle_window_mb` (the stream's shuffle window in MiB of decoded rows).
+    `ray`: every unfinished block a Ray task on the cluster at `address` (default: a local
+    instance) asking for `cpus_per_block`, `gpus_per_block` and `memory_per_block` GiB (default:
+    the config's); `echo` gets each block's result as it ends."""
+    from dbcore.runs.train import train_run
+
+    if steps is not None and steps < 1:
+        raise ValueError(f"{arg('steps')} must be >= 1, found {steps}")
+    if checkpoint_chunks is not None and not activation_checkpointing:
+        raise ValueError(f"{arg('checkpoint_chunks')} needs {arg('activation_checkpointing')}")
+    if frozen_prelude is not None and not hasattr(cfg.model, "frozen_prelude"):
+        raise ValueError(f"{arg('frozen_prelude')}: recipe {cfg.recipe!r} has no prelude (looped only)")
+    if ray and (e2e or paper_shared):
+        raise ValueError(f"{arg('ray')} trains the blocks; train the baseline ({arg('e2e')}) and "
+                         f"{arg('paper_shared')} without it")
+    if address is not None and not ray:
+        raise ValueError(f"{arg('address')} needs {arg('ray')}")
+    prelude = None if frozen_prelude is None else str(Path(frozen_prelude).resolve())
+    cfg = config_mod.with_overrides(
+        cfg, where="train", model={"frozen_prelude": prelude},
+        train={"steps": steps, "mode": mode, "backend": backend, "checkpoint_chunks": checkpoint_chunks,
+               "shuffle_window_mb": shuffle_window_mb,
+               "ray_cpus": cpus_per_block, "ray_gpus": gpus_per_block, "ray_memory_gb": memory_per_block})
     if ray:
-        from dbcore.distributed import train_blocks_on_ray
+        from dbcore.runs.distributed import train_blocks_on_ray
 
-        if e2e:
-            raise ValueError("train(ray=True) trains the blocks; the baseline (e2e=True) runs without Ray")
         blocks = None if block is None else [block]
-        return train_blocks_on_ray(cfg, remote.location(store), remote.location(out), blocks,
-                                   address=address, progress=progress, echo=lambda result: None,
+        return train_blocks_on_ray(cfg, parse_location(store), parse_location(out), blocks,
+                                   address=address, progress=progress, echo=echo or (lambda result: None),
                                    activation_checkpointing=activation_checkpointing)
-    return train_run(cfg, remote.location(store), remote.location(out), block=block, e2e=e2e,
-                     activation_checkpointing=activation_checkpointing, progress=progress)
+    return train_run(cfg, parse_location(store), parse_location(out), block=block, e2e=e2e,
+                     activation_checkpointing=activation_checkpointing, progress=progress,
+                     paper_shared=paper_shared)
 
 
 def evaluate(run: PathLike, data: Any, *, steps: int | None = None, num_samples: int | None = None,
@@ -124,9 +151,9 @@ def evaluate(run: PathLike, data: Any, *, steps: int | None = None, num_samples:
     or LM windows; `decode`: "last" or "product" (classifier). Other options go to the recipe:
     `cfg_scale`, `sampler` ("euler" or "heun"), `eval_chains` (AR and looped LMs).
     """
-    from dbcore.evaluate import evaluate as evaluate_run
+    from dbcore.runs.evaluate import evaluate as evaluate_run
 
-    run = remote.location(run)
+    run = parse_location(run)
     if isinstance(data, str):
         return evaluate_run(run, data, steps, decode, num_samples=num_samples, **options)
     with _opened(data, *_scratch_beside(run)) as source:
@@ -150,10 +177,10 @@ def sample_images(run: PathLike, *, num: int = 16, label: int | None = None,
     With `label`, every sample is of that class; without, classes cycle 0..K-1 (grouped by class,
     num // K of each, when num is a multiple of K). Defaults come from the run's config and seed.
     """
-    from dbcore.report import sample_run
+    from dbcore.runs.report import sample_run
 
     _check_num(num)
-    images, _, _ = sample_run(remote.location(run), num, label, cfg_scale, steps, seed, sampler)
+    images, _, _ = sample_run(parse_location(run), num, label, cfg_scale, steps, seed, sampler)
     return images
 
 
@@ -162,10 +189,10 @@ def sample_text(run: PathLike, *, num: int = 1, length: int | None = None, promp
     """`num` texts of a language-model run, as `dbcore sample`: `length` characters each, prompt
     included (default: the config's seq_len). Options: `steps`, `seed`, `temperature`, `top_k`,
     `greedy`, and recipe-specific ones."""
-    from dbcore.evaluate import sample_text_run
+    from dbcore.runs.evaluate import sample_text_run
 
     _check_num(num)
-    return sample_text_run(remote.location(run), {"num": num, "length": length, "prompt": prompt, **options})
+    return sample_text_run(parse_location(run), {"num": num, "length": length, "prompt": prompt, **options})
 
 
 def _check_num(num: int) -> None:
@@ -197,7 +224,7 @@ def _scratch(parent: Path, name: str, what: str) -> Path:
 def _scratch_beside(where: str | Path) -> tuple[Path, str]:
     """(folder, name) for scratch files of a store or run: beside a local one, in the temporary
     folder for an s3:// one."""
-    if remote.is_url(where):
+    if is_url(where):
         return Path(tempfile.gettempdir()), "dbcore-" + hashlib.sha256(str(where).encode()).hexdigest()[:12]
     return Path(where).parent, Path(where).name
 

@@ -32,20 +32,17 @@ class _Location(click.ParamType):
         return "PATH|s3://BUCKET/PREFIX"
 
     def convert(self, value, param, ctx):
-        from dbcore.remote import location
+        from dbcore.data.location import parse_location
 
-        return location(value) if isinstance(value, str) else value
+        return parse_location(value) if isinstance(value, str) else value
 
 
 LOCATION = _Location()
 
 
 def _user_errors():
-    from dbcore.checkpoint import CheckpointError
-    from dbcore.config import ConfigError
-    from dbcore.rundir import RunError
-    from dbcore.sources import SourceError
-    from dbcore.store import StoreError
+    from dbcore.data.store import StoreError
+    from dbcore.errors import CheckpointError, ConfigError, RunError, SourceError
 
     return (ConfigError, SourceError, StoreError, RunError, CheckpointError, FileExistsError, ValueError)
 
@@ -79,23 +76,14 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
     """Write inputs, targets, target embedding and schedule (and noised targets) to a store."""
     import numpy as np
 
-    from dbcore import config as config_mod
-    from dbcore.cache import write_cache
-    from dbcore.sources import load_source
+    from dbcore import api
+    from dbcore.data import store
 
-    if (address or tasks is not None) and not use_ray:
-        raise _Fail("--address and --tasks need --ray")
-    cfg = _run_safely(config_mod.load, config)
+    cfg = _run_safely(api.config, config)
     emb = _run_safely(np.load, emb_path, allow_pickle=False) if emb_path else None
-    if use_ray:
-        from dbcore.distributed import cache_on_ray
-
-        s = _run_safely(cache_on_ray, cfg, source, out, noise=noise, draws=draws, seed=seed,
-                        overwrite=overwrite, target_embedding=emb, address=address, tasks=tasks)
-    else:
-        s = _run_safely(write_cache, cfg, _run_safely(load_source, source), out, noise=noise, draws=draws,
-                        seed=seed, overwrite=overwrite, target_embedding=emb)
-    n = s.attrs["source"]["num_samples"]
+    _run_safely(api.cache, cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
+                progress=True, target_embedding=emb, ray=use_ray, address=address, tasks=tasks)
+    n = _run_safely(store.open, out).attrs["source"]["num_samples"]
     click.echo(f"cached {n} samples of {source} into {out} (noise: {noise})")
 
 
@@ -119,6 +107,8 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
 @click.option("--freeze-prelude", "prelude_run", default=None,
               type=click.Path(file_okay=False, path_type=Path),
               help="looped: freeze the prelude of this finished run; its outputs are cached in the store")
+@click.option("--shuffle-window-mb", type=float, default=None,
+              help="override [train] shuffle_window_mb: the shuffle window in MiB of decoded rows")
 @click.option("--ray", "use_ray", is_flag=True, help="every block a Ray task (unfinished blocks only)")
 @click.option("--address", default=None, help="with --ray: a running Ray cluster (default: start one here)")
 @click.option("--cpus-per-block", type=float, default=None, help="with --ray: override [train] ray_cpus")
@@ -126,49 +116,22 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
 @click.option("--memory-per-block", type=float, default=None, help="with --ray: GiB, override ray_memory_gb")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train(config, store_path, run, block, e2e, activation_checkpointing, checkpoint_chunks, paper_shared,
-          steps, mode, backend, prelude_run, use_ray, address, cpus_per_block, gpus_per_block,
-          memory_per_block, quiet):
+          steps, mode, backend, prelude_run, shuffle_window_mb, use_ray, address, cpus_per_block,
+          gpus_per_block, memory_per_block, quiet):
     """Train every block in turn (one in memory at a time), one block, or the --e2e baseline."""
-    from dbcore import config as config_mod
-    from dbcore.train import train_run
+    from dbcore import api
 
-    cfg = _run_safely(config_mod.load, config)
-    if steps is not None:
-        cfg.train.steps = steps
-    if mode is not None:
-        cfg.train.mode = mode
-    if backend is not None:
-        cfg.train.backend = backend
-    if checkpoint_chunks is not None:
-        if not activation_checkpointing:
-            raise _Fail("--checkpoint-chunks needs --activation-checkpointing")
-        cfg.train.checkpoint_chunks = checkpoint_chunks
-    if prelude_run is not None:
-        if not hasattr(cfg.model, "frozen_prelude"):
-            raise _Fail(f"--freeze-prelude: recipe {cfg.recipe!r} has no prelude (looped only)")
-        cfg.model.frozen_prelude = str(prelude_run.resolve())
-    if use_ray:
-        from dbcore.distributed import train_blocks_on_ray
-
-        if e2e or paper_shared:
-            raise _Fail("--ray trains the blocks; train --e2e and --paper-shared without it")
-        for key, value in (("ray_cpus", cpus_per_block), ("ray_gpus", gpus_per_block),
-                           ("ray_memory_gb", memory_per_block)):
-            if value is not None:
-                setattr(cfg.train, key, value)
-        _run_safely(cfg.train.__post_init__)
-        blocks = None if block is None else [block]
-        _run_safely(train_blocks_on_ray, cfg, store_path, run, blocks, address, progress=not quiet,
-                    echo=lambda r: click.echo(json.dumps(r)),
-                    activation_checkpointing=activation_checkpointing)
-        return
-    elif address is not None:
-        raise _Fail("--address needs --ray")
-    results = _run_safely(train_run, cfg, store_path, run, block=block, e2e=e2e,
-                          activation_checkpointing=activation_checkpointing, progress=not quiet,
-                          paper_shared=paper_shared)
-    for r in results:
-        click.echo(json.dumps(r))
+    cfg = _run_safely(api.config, config)
+    results = _run_safely(
+        api.train, cfg, store_path, run, block=block, e2e=e2e, steps=steps, mode=mode, backend=backend,
+        activation_checkpointing=activation_checkpointing, checkpoint_chunks=checkpoint_chunks,
+        frozen_prelude=prelude_run, shuffle_window_mb=shuffle_window_mb, paper_shared=paper_shared,
+        progress=not quiet, ray=use_ray,
+        address=address, cpus_per_block=cpus_per_block, gpus_per_block=gpus_per_block,
+        memory_per_block=memory_per_block, echo=lambda r: click.echo(json.dumps(r)))
+    if not use_ray:  # Ray's results were echoed as each block ended
+        for r in results:
+            click.echo(json.dumps(r))
 
 
 @main.command("eval")
@@ -188,9 +151,9 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, checkpo
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, as_json):
     """The recipe's report of a DiffusionBlocks or end-to-end run (accuracy; FID and class accuracy; BPC)."""
-    from dbcore.evaluate import evaluate
+    from dbcore import api
 
-    result = _run_safely(evaluate, run, source, steps, decode, num_samples=num_samples,
+    result = _run_safely(api.evaluate, run, source, steps=steps, decode=decode, num_samples=num_samples,
                          cfg_scale=cfg_scale, sampler=sampler, eval_chains=chains)
     if as_json:
         click.echo(json.dumps(result))
@@ -224,14 +187,14 @@ def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, 
     """Samples of a generating run, one block in memory at a time: a PNG grid (DiT) or texts (LMs)."""
     import numpy as np
 
-    from dbcore.evaluate import load_run
     from dbcore.recipes import for_config
+    from dbcore.runs.evaluate import load_run
 
     if num is not None and num < 1:
         raise _Fail(f"--num must be >= 1, got {num}")
     _, cfg = _run_safely(load_run, run)
     if _run_safely(for_config, cfg).source_kind == "text":
-        from dbcore.evaluate import sample_text_run
+        from dbcore.runs.evaluate import sample_text_run
 
         options = {"num": num or 1, "length": length, "prompt": prompt, "steps": steps, "seed": seed,
                    "temperature": temperature, "top_k": top_k, "greedy": greedy or None, "sampler": sampler}
@@ -246,7 +209,7 @@ def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, 
         return
     if out is None:
         raise _Fail("--out PNG is required for images")
-    from dbcore.report import sample_run, save_grid
+    from dbcore.runs.report import sample_run, save_grid
 
     images, labels, rows = _run_safely(sample_run, run, num or 100, class_, cfg_scale, steps, seed, sampler)
     save_grid(images, rows, out)
@@ -264,7 +227,7 @@ def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, 
 @click.option("--num", type=int, default=100, show_default=True, help="samples in a generator's grid")
 def report(run, baseline, out, num):
     """PNGs to look at: loss curves of every block (and the baseline), samples of a generator."""
-    from dbcore.report import report as write_report
+    from dbcore.runs.report import report as write_report
 
     if out is None and isinstance(run, str):
         raise _Fail("--out FOLDER is required for an s3:// run")
@@ -287,15 +250,26 @@ def bench() -> None:
 @click.option("--checkpoint-chunks", type=click.IntRange(min=1), default=None,
               help="override [train] checkpoint_chunks of the checkpointed runs")
 @click.option("--timed-steps", type=click.IntRange(min=0), default=None,
-              help="steps timed after the measured ones (0: memory only; default dbcore.memory.TIMED_STEPS)")
+              help="steps timed after the measured ones (0: memory only; default runs.memory.TIMED_STEPS)")
+@click.option("--store", "store_path", type=LOCATION, default=None,
+              help="also the process: a short real `train` of the baseline and each block over this store")
+@click.option("--process-steps", type=click.IntRange(min=1), default=None,
+              help="with --store: steps of each short train (default runs.process_memory.PROCESS_STEPS)")
 @click.option("--json", "as_json", is_flag=True)
-def bench_memory(config, batch_size, device, allocator, checkpoint_chunks, timed_steps, as_json):
+def bench_memory(config, batch_size, device, allocator, checkpoint_chunks, timed_steps, store_path,
+                 process_steps, as_json):
     """Peak training memory: end-to-end, with activation checkpointing, and each block."""
-    from dbcore.memory import TIMED_STEPS, measure_all
+    from dbcore.runs.memory import TIMED_STEPS, measure_all
+    from dbcore.runs.process_memory import PROCESS_STEPS, measure_process
 
+    if process_steps is not None and store_path is None:
+        raise _Fail("--process-steps needs --store")
     result = _run_safely(measure_all, config, batch_size=batch_size, device=device, allocator=allocator,
                          checkpoint_chunks=checkpoint_chunks,
                          timed_steps=TIMED_STEPS if timed_steps is None else timed_steps)
+    if store_path is not None:
+        result["process"] = _run_safely(measure_process, config, store_path, result["num_blocks"],
+                                        process_steps or PROCESS_STEPS)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -330,7 +304,7 @@ def _size(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 def info(store_path, as_json):
     """Arrays (shape, dtype, chunks, codecs, bytes), attributes and state of a store."""
-    from dbcore import store
+    from dbcore.data import store
 
     s = _run_safely(store.open, store_path, require_complete=False)
     arrays = {name: _run_safely(s.info, name).to_dict() for name in _run_safely(s.arrays)}

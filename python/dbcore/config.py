@@ -18,14 +18,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from dbcore.errors import ConfigError
 from dbcore.recipes import REGISTRY, recipe_class
 
 PRECISIONS = ("auto", "bf16", "fp32")
 CACHED_NOISE_FIELDS = ("num_blocks", "gamma", "sigma_dist")  # what cached noised targets depend on
-
-
-class ConfigError(ValueError):
-    """A configuration file that cannot be used as it is."""
 
 
 @dataclass
@@ -38,13 +35,13 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     seed: int = 0
-    weight: str = "none"  # loss weight mode, see dbcore.loss.WEIGHT_MODES
+    weight: str = "none"  # loss weight mode, see dbcore.method.loss.WEIGHT_MODES
     weight_clamp: float = 100.0
     mode: Literal["independent", "sequential"] = "independent"
     sequential_fraction: float = 0.5  # share of each batch taken from the chain states
     mix_fraction: float = 0.0  # share of each batch with mixed target rows, see noise.mix_targets
     inference_steps: int = 0  # Euler steps at evaluation; 0 means one per block
-    decode: str = "last"  # the prediction: "last" step's logits or "product", see dbcore.sampler
+    decode: str = "last"  # the prediction: "last" step's logits or "product", see dbcore.method.sampler
     checkpoint_every: int = 200
     backend: str = "auto"  # noise and loss kernels: auto | torch | cupy
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
@@ -52,13 +49,15 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32 (master weights fp32)
     checkpoint_chunks: int = 1  # with activation checkpointing: recompute each layer over this many
     # slices of the batch, dividing a recomputed layer's working set by about as many (layers.checkpointed)
+    shuffle_window_mb: float = 0.0  # the stream's shuffle window in MiB of decoded rows (whole
+    # chunks, at least one batch); 0: at least 4 chunks and 4096 rows, at most 128 MiB (data.stream)
     compile: bool = False  # torch.compile the model (nn.Module.compile: parameter names unchanged)
     ray_cpus: float = 1.0  # `--ray`: CPUs each block's task asks for
     ray_gpus: float = 0.0  # `--ray`: GPUs each block's task asks for
     ray_memory_gb: float = 0.0  # `--ray`: memory each block's task reserves; 0 = no reservation
 
     def __post_init__(self) -> None:
-        from dbcore.sampler import DECODES
+        from dbcore.method.sampler import DECODES
 
         if self.decay not in ("matrices", "all"):
             raise ValueError(f"decay must be 'matrices' or 'all', got {self.decay!r}")
@@ -68,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.checkpoint_chunks < 1:
             raise ValueError(f"checkpoint_chunks must be >= 1, got {self.checkpoint_chunks}")
+        if self.shuffle_window_mb < 0:
+            raise ValueError(f"shuffle_window_mb must be >= 0, got {self.shuffle_window_mb}")
         if min(self.ray_cpus, self.ray_gpus, self.ray_memory_gb) < 0:
             raise ValueError("ray_cpus, ray_gpus and ray_memory_gb must be >= 0")
 
@@ -88,6 +89,11 @@ class Config:
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the whole model table (recorded in checkpoints)."""
         return _sha256_json(self.to_dict()["model"])
+
+    def window_bytes(self) -> int | None:
+        """`[train] shuffle_window_mb` in bytes; None for the stream's default window."""
+        mb = self.train.shuffle_window_mb
+        return int(mb * 2**20) if mb > 0 else None
 
     def cache_fields(self, noise_cached: bool) -> dict[str, Any]:
         """The [model] values a cache depends on: the recipe's `cache_fields`, and the schedule
@@ -130,6 +136,23 @@ def from_dict(data: dict[str, Any], where: str = "<config>") -> Config:
         train=_build(TrainConfig, dict(data.get("train", {})), f"{where} [train]"),
         source_path=where,
     )
+
+
+def with_overrides(cfg: Config, where: str = "overrides", **tables: dict[str, Any]) -> Config:
+    """A copy of `cfg` with some values of its tables replaced (`train={...}`, `model={...}`;
+    None values are skipped), checked as the TOML's are: an unknown key or a bad value is a
+    ConfigError naming the table and the key. `cfg` itself is never changed."""
+    extra = sorted(set(tables) - {"model", "train"})
+    if extra:
+        raise ConfigError(f"{where}: unknown table(s) {extra}; expected model and train")
+    changed = {}
+    for table, values in tables.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            current = getattr(cfg, table)
+            changed[table] = _build(type(current), {**dataclasses.asdict(current), **values},
+                                    f"{where} [{table}]")
+    return dataclasses.replace(cfg, **changed) if changed else cfg
 
 
 def load(path: str | Path) -> Config:

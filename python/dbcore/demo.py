@@ -12,11 +12,11 @@ from pathlib import Path
 import click
 
 from dbcore import config as config_mod
-from dbcore.cache import write_cache
-from dbcore.evaluate import evaluate
-from dbcore.sources import load_source
-from dbcore.store import open as open_store
-from dbcore.train import train_run
+from dbcore.data.cache import write_cache
+from dbcore.data.sources import load_source
+from dbcore.data.store import open as open_store
+from dbcore.runs.evaluate import evaluate
+from dbcore.runs.train import train_run
 
 
 @click.command()

@@ -25,15 +25,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from dbcore import layout, remote, store
 from dbcore.config import Config
-from dbcore.data import INDEX
-from dbcore.noise import noised_targets
-from dbcore.partition import block_range, block_sigma_law, boundaries
+from dbcore.data import store
+from dbcore.data.location import Location, parse_location
+from dbcore.data.sources import Source, source_sha256
+from dbcore.method import layout
+from dbcore.method.batch import INDEX
+from dbcore.method.noise import noised_targets
+from dbcore.method.partition import block_range, block_sigma_law, boundaries
 from dbcore.progress import bar as progress_bar
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Recipe
-from dbcore.sources import Source, source_sha256
 from dbcore.wording import arg
 
 ROWS_PER_WRITE = 4096  # rows per chunk of the noised targets
@@ -57,7 +59,7 @@ def schedule_attrs(cfg: Config) -> dict:
 def write_cache(
     cfg: Config,
     source: Source,
-    out: remote.Location,
+    out: Location,
     noise: Literal["online", "cached"] = "online",
     draws: int = 1,
     seed: int = 0,
@@ -72,7 +74,7 @@ def write_cache(
     as you mean training to see them).
     """
     plan = plan_cache(cfg, source, noise, draws, seed, target_embedding)
-    out = remote.location(out)
+    out = parse_location(out)
     with store.writer_lock(out):  # a second `cache` of the same store is refused
         s, done = open_for_writing(out, plan.attrs, overwrite)
         units = pending_units(s, plan.jobs, done)
@@ -153,7 +155,7 @@ def _slicer(rows: np.ndarray) -> Callable[[int, int], np.ndarray]:
 Done = set[tuple[str, int]]  # (array, first row) of the finished write units
 
 
-def open_for_writing(out: remote.Location, attrs: dict, overwrite: bool) -> tuple[store.Store, Done]:
+def open_for_writing(out: Location, attrs: dict, overwrite: bool) -> tuple[store.Store, Done]:
     """A fresh store, or the interrupted one at `out` (same inputs) and its finished write units."""
     if overwrite or not store.exists(out):
         return store.create(out, attrs=attrs, overwrite=overwrite), set()

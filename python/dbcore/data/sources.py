@@ -1,5 +1,5 @@
 """Data sources: labelled images, `digits` (scikit-learn's, the embedded default) and `npz:PATH`;
-and text, `text:PATH` (UTF-8, a character vocabulary, streamed: `dbcore.text`).
+and text, `text:PATH` (UTF-8, a character vocabulary, streamed: `dbcore.data.text`).
 
 Specs: `digits`, `digits:train`, `digits:valid` (a fixed 80/20 split in source order) and
 `npz:PATH` with arrays `images` uint8 (N, H, W) or (N, H, W, C) and `labels` integer (N,).
@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from dbcore.errors import SourceError
+
 DIGITS_TRAIN_FRACTION = 0.8
-
-
-class SourceError(ValueError):
-    """A data source that cannot be read as labelled images."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +84,10 @@ def source_sha256(source: Any) -> str:
 
 
 def load_source(spec: str) -> Any:
-    """Load a source by its spec (see the module docstring): a `Source` or a `dbcore.text.TextSource`."""
+    """Load a source by its spec (see the module docstring): a `Source` or a `dbcore.data.text.TextSource`."""
     kind, _, arg = spec.partition(":")
     if kind == "text" and arg:
-        from dbcore.text import load_text
+        from dbcore.data.text import load_text
 
         return load_text(spec)
     if kind == "digits":

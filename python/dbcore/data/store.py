@@ -49,7 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from dbcore import _native, remote
+from dbcore import _native
+from dbcore.data.location import is_url, parse_location
 
 DTYPES = (
     "bool",
@@ -219,12 +220,17 @@ class Store:
 
     def __init__(self, native: _native.NativeStore) -> None:
         self._native = native
-        self.path: Path | str = remote.location(native.path)  # an s3:// store: its URL
+        self.path: Path | str = parse_location(native.path)  # an s3:// store: its URL
         self._writers: list[ArrayWriter] = []
+
+    @property
+    def native(self) -> _native.NativeStore:
+        """The extension's handle of the open store, which a stream shares (no second open)."""
+        return self._native
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
-        return f"<dbcore.store.Store {str(self.path)!r} ({state}, arrays: {self.arrays()})>"
+        return f"<dbcore.data.store.Store {str(self.path)!r} ({state}, arrays: {self.arrays()})>"
 
     def _all_attrs(self) -> dict[str, Any]:
         return json.loads(self._native.attrs_json())
@@ -399,7 +405,7 @@ def writer_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the right to write store `path` for the block's lifetime (an exclusive `flock` on
     `.NAME.lock` beside it, released by the OS if the process dies); a second writer is refused.
     Object stores have no such lock: two writers of one s3:// store are not detected."""
-    if remote.is_url(path):
+    if is_url(path):
         yield
         return
     path = Path(path)

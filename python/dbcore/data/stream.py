@@ -1,4 +1,4 @@
-"""Streaming mini-batches out of a store, the work done in Rust (`rust/src/stream.rs`).
+"""Streaming mini-batches out of a store, the work done in Rust (`rust/src/stream/`).
 
     s = BatchStream("cache.zarr", ["images", "labels"], batch_size=128, seed=0)
     for batch in s:             # one epoch per iteration; dicts of numpy arrays + "index"
@@ -10,7 +10,9 @@ ranks or workers. `shuffle=True` ("chunks") shuffles the chunks, cuts them into 
 `window_chunks` chunks and shuffles the samples of each window: by default a window holds at
 least 4 chunks and 4096 rows, at most 128 MiB of decoded rows of the streamed arrays (never less
 than one chunk), a function of the store and the arrays only; see `window_chunks` / `chunk_rows`
-(the chunk is the read unit of the streamed array with the largest rows). `shuffle="exact"` is one
+(the chunk is the read unit of the streamed array with the largest rows). `window_bytes` sizes the
+window in bytes of decoded rows instead (whole chunks; refused below one chunk or one global batch,
+or above the memory available); `plan` reports the window in use. `shuffle="exact"` is one
 uniform permutation of all samples (each batch then decodes from everywhere: slower on big
 stores); `shuffle=False` reads in order.
 
@@ -32,14 +34,15 @@ epoch and count the batches you consumed to resume (`load_state_dict({"epoch": e
 Online noise: `noise=(seed, block, gaussians, uniforms)` adds, per sample and with draw = epoch,
 `gaussians` standard normals (`"eps"`, (B, gaussians) float64, when gaussians > 0) and `uniforms`
 uniforms in (0, 1) (`"uniforms"`, (B, uniforms) float64, when uniforms > 0) from the Rust Philox,
-equal to `dbcore.rng.gaussian` / `dbcore.rng.uniforms_of` of the batch's indices (the counter
-layout is `dbcore.rng`'s contract). Column 0 of `"uniforms"` is the uniform that picks sigma;
+equal to `dbcore.method.rng.gaussian` / `dbcore.method.rng.uniforms_of` of the batch's indices (the counter
+layout is `dbcore.method.rng`'s contract). Column 0 of `"uniforms"` is the uniform that picks sigma;
 columns 4..6 are target mixing's uniforms. Either count may be 0 (e.g. a trainer that draws the
-Gaussians on the GPU asks only for uniforms).
+Gaussians on the GPU asks only for uniforms). They are drawn when the batch is taken, for it alone,
+into buffers reused once it is dropped: noise memory does not grow with the window or the width.
 
 Noised targets of block b (`for_block`): with a cached store the epoch's draw `epoch % K` of
 `noised_z_b{b}` / `noised_sigma_b{b}`; with an online store the Gaussians and uniforms of draw =
-epoch, which `noised_targets` maps to (z, sigma) like `dbcore.noise.noised_targets`.
+epoch, which `noised_targets` maps to (z, sigma) like `dbcore.method.noise.noised_targets`.
 """
 
 from __future__ import annotations
@@ -52,14 +55,35 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from dbcore import _native, layout, remote, rng
-from dbcore import store as store_mod
-from dbcore.store import _native_errors
+from dbcore import _native
+from dbcore.data import store as store_mod
+from dbcore.data.location import parse_location
+from dbcore.data.store import _native_errors
+from dbcore.method import layout, rng
+from dbcore.method.batch import EPS, INDEX, UNIFORMS
+from dbcore.wording import arg
 
-INDEX = "index"  # the batch key holding the sample indices (int64)
-EPS = "eps"  # online noise: (B, gaussians) float64 standard normals
-UNIFORMS = "uniforms"  # online noise: (B, uniforms) float64 uniforms in (0, 1); column 0 picks sigma
 STREAM_MAX_THREADS: int = _native.STREAM_MAX_THREADS
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable; all of it where unknown)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_window_bytes(window_bytes: int) -> None:
+    """Refuse a shuffle window that is not positive or larger than the memory available (one line;
+    one below a chunk or a batch is refused when the stream opens, knowing the rows' size)."""
+    free = available_memory()
+    if not 0 < window_bytes <= free:
+        raise ValueError(f"{arg('shuffle_window_mb', round(window_bytes / 2**20, 3))}: the shuffle window "
+                         f"must be more than 0 and at most the memory available ({free / 2**20:.0f} MiB)")
 
 
 def _shuffle_name(shuffle: bool | str) -> str:
@@ -83,7 +107,7 @@ class BatchStream(IterableDataset):
 
     def __init__(
         self,
-        store_path: str | os.PathLike[str],
+        store: store_mod.Store | str | os.PathLike[str],
         arrays: Sequence[str],
         batch_size: int,
         shuffle: bool | str = True,
@@ -95,13 +119,17 @@ class BatchStream(IterableDataset):
         draw: Sequence[str] = (),
         noise: tuple[int, int, int, int] | None = None,
         window_chunks: int | None = None,
+        window_bytes: int | None = None,
         chunk_rows: int | None = None,
         threads: int | None = None,
         prefetch: int = 4,
         epoch: int = 0,
     ) -> None:
         super().__init__()
-        self.store_path = remote.location(store_path)
+        if isinstance(store, store_mod.Store):  # streamed through the open handle in this process
+            self.store_path, self._store, self._store_pid = store.path, store, os.getpid()
+        else:
+            self.store_path, self._store, self._store_pid = parse_location(store), None, 0
         self.arrays = list(arrays)
         unknown = set(draw) - set(self.arrays)
         if unknown:
@@ -121,8 +149,10 @@ class BatchStream(IterableDataset):
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle = _shuffle_name(shuffle)
         self.drop_last, self.noise = drop_last, noise
-        self.window_chunks, self.chunk_rows, self.threads, self.prefetch = (
-            window_chunks, chunk_rows, threads, prefetch)
+        if window_bytes is not None:
+            check_window_bytes(window_bytes)
+        self.window_chunks, self.window_bytes, self.chunk_rows, self.threads, self.prefetch = (
+            window_chunks, window_bytes, chunk_rows, threads, prefetch)
         self.epoch, self.position = int(epoch), 0
         self._native: _native.NativeStream | None = None
         self._key: tuple[int, int, int] | None = None  # (pid, worker, num_workers) of _native
@@ -136,9 +166,10 @@ class BatchStream(IterableDataset):
             return self._native
         with _native_errors():
             native = _native.NativeStream(
-                os.fspath(self.store_path), self.arrays, self.draw, self.batch_size, self.shuffle,
+                self._store_arg(), self.arrays, self.draw, self.batch_size, self.shuffle,
                 self.seed, self.rank, self.world_size, self.drop_last, self.chunk_rows,
-                self.window_chunks, self.threads, self.prefetch, worker, num_workers, self.noise,
+                self.window_chunks, self.window_bytes, self.threads, self.prefetch, worker, num_workers,
+                self.noise,
             )
         if self._native is not None and self._key is not None and self._key[0] == key[0]:
             self._native.stop()
@@ -146,9 +177,16 @@ class BatchStream(IterableDataset):
         self._outputs = [(name, tuple(shape), np.dtype(dt)) for name, shape, dt in native.outputs()]
         return native
 
+    def _store_arg(self) -> _native.NativeStore | str:
+        """The open store's native handle in the process that opened it; elsewhere (a forked or
+        spawned worker) the store's location, opened afresh there."""
+        if self._store is not None and self._store_pid == os.getpid():
+            return self._store.native
+        return os.fspath(self.store_path)
+
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()
-        d["_native"], d["_key"] = None, None
+        d["_native"], d["_key"], d["_store"] = None, None, None
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
@@ -177,9 +215,12 @@ class BatchStream(IterableDataset):
 
     @property
     def plan(self) -> dict[str, int]:
-        """The shuffle unit (`chunk_rows`), window (`window_chunks`) and decode `threads` in use."""
+        """The shuffle unit (`chunk_rows`), window (`window_chunks`, and its decoded `window_bytes`)
+        and decode `threads` in use."""
         h = self._handle()
-        return {"chunk_rows": h.chunk_rows, "window_chunks": h.window_chunks, "threads": h.threads}
+        row_bytes = sum(int(np.prod(shape)) * dt.itemsize for _, shape, dt in self._outputs)
+        return {"chunk_rows": h.chunk_rows, "window_chunks": h.window_chunks,
+                "window_bytes": h.window_chunks * h.chunk_rows * row_bytes, "threads": h.threads}
 
     def order(self, epoch: int) -> np.ndarray:
         """The global sample order of `epoch` (before sharding)."""
@@ -210,7 +251,7 @@ class BatchStream(IterableDataset):
                for (name, shape, dt), buf in zip(self._outputs, bufs, strict=True)}
         out[INDEX] = idx.astype(np.int64)
         if eps is not None:
-            out[EPS] = eps.reshape(m, self.noise[2])
+            out[EPS] = eps.view(np.float64).reshape(m, self.noise[2])
         if uni is not None:
             out[UNIFORMS] = uni.reshape(m, self.noise[3])
         return out
@@ -245,27 +286,27 @@ class BatchStream(IterableDataset):
     # ------------------------------------------------------------------ a block's noised targets
 
     @classmethod
-    def for_block(cls, store_path: str | os.PathLike[str], block: int, batch_size: int,
+    def for_block(cls, store: store_mod.Store | str | os.PathLike[str], block: int, batch_size: int,
                   arrays: Sequence[str] = (layout.IMAGES, layout.LABELS), gaussians: int | None = None,
                   uniforms: int = 1, **kw: Any) -> BatchStream:
         """Stream `arrays` plus block `block`'s noise: the cached draw `epoch % K` (`noised_z_b{b}`,
         `noised_sigma_b{b}`) or, for an online store, `gaussians` normals (None: the target
         embedding's width) per sample; in both cases `uniforms` uniforms per sample (uniform 0
         picks sigma online; others serve the recipe, e.g. a class drop), seeded by the store's
-        noise seed. `dbcore.noise.block_noise` turns a batch into (z, sigma)."""
-        s = store_mod.open(store_path)
+        noise seed. `dbcore.method.noise.block_noise` turns a batch into (z, sigma)."""
+        s = store if isinstance(store, store_mod.Store) else store_mod.open(store)
         noise = s.attrs.get("noise", {})
         names = list(arrays)
         if noise.get("draws"):
             z, sig = layout.noised_z(block), layout.noised_sigma(block)
             extra = (int(noise.get("seed", 0)), block, 0, uniforms) if uniforms else None
-            return cls(store_path, [*names, z, sig], batch_size, draw=[z, sig], noise=extra, **kw)
+            return cls(s, [*names, z, sig], batch_size, draw=[z, sig], noise=extra, **kw)
         if gaussians is None:
             if layout.TARGET_EMBEDDING not in s.arrays():
-                raise ValueError(f"{store_path}: no {layout.TARGET_EMBEDDING!r} array to size the "
+                raise ValueError(f"{s.path}: no {layout.TARGET_EMBEDDING!r} array to size the "
                                  "Gaussians by: pass gaussians=")
             gaussians = s.info(layout.TARGET_EMBEDDING).shape[1]
-        return cls(store_path, names, batch_size,
+        return cls(s, names, batch_size,
                    noise=(int(noise.get("seed", 0)), block, gaussians, uniforms), **kw)
 
 

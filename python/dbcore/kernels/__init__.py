@@ -90,7 +90,7 @@ def block_loss_mse(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """w_i * mean((D_i - y_i)^2), D = c_skip*z + c_out*raw, averaged over samples for "mean"
-    (equal to `dbcore.loss.weighted_mse(denoise(z, raw, sigma), y, w)`). sigma is a constant."""
+    (equal to `dbcore.method.loss.weighted_mse(denoise(z, raw, sigma), y, w)`). sigma is a constant."""
     if sigma.requires_grad:
         raise ValueError("block_loss_mse treats sigma as a constant; pass sigma.detach()")
     if resolve_backend(backend, z.device) == "torch":
@@ -110,7 +110,7 @@ def block_loss_ce(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """w_i * CE(logits_i, label_i) for logits (N, V), labels (N,), w (N,), averaged for "mean"
-    (equal to `dbcore.loss.weighted_ce`); label -100 is ignored (loss 0, still counted in N)."""
+    (equal to `dbcore.method.loss.weighted_ce`); label -100 is ignored (loss 0, still counted in N)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
     if resolve_backend(backend, logits.device) == "torch":

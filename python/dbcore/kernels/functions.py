@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from dbcore.edm import P_MEAN, P_STD, SIGMA_DATA
 from dbcore.kernels._cupy import MAX_GRID_Y, THREADS, launch, suffix, torch_stream
 from dbcore.kernels.reference import dist_params
+from dbcore.method.edm import P_MEAN, P_STD, SIGMA_DATA
 
 _NATIVE = (torch.float32, torch.bfloat16)
 

@@ -7,10 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dbcore import rng
-from dbcore.edm import add_noise, precond
-from dbcore.loss import denoise
-from dbcore.partition import SIGMA_DISTS, cdf, sample_sigma_in_range
+from dbcore.method import rng
+from dbcore.method.edm import add_noise, precond
+from dbcore.method.loss import denoise
+from dbcore.method.partition import SIGMA_DISTS, cdf, sample_sigma_in_range
 
 DIST_CODES: dict[str, int] = {"lognormal": 0, "loguniform": 1}  # enum of cuda/dbcore_math.cuh
 

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dbcore.edm import denoise, loss_weight
+from dbcore.method.edm import denoise, loss_weight
 
 __all__ = ["WEIGHT_MODES", "denoise", "sample_weights", "weighted_ce", "weighted_mse"]
 

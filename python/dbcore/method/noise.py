@@ -6,7 +6,7 @@ One path, three sources of the same counter-based draws keyed by (seed, sample, 
 - online: the Gaussians and uniforms the Rust stream ships with each batch (draw = epoch);
 - device: the CUDA noise kernel draws eps and sigma on the GPU (`dbcore.kernels.noise_and_input`),
   so the stream ships only the uniforms the device does not make.
-All three give the same values; z is formed by `dbcore.edm.add_noise` (the kernel's CUDA twin).
+All three give the same values; z is formed by `dbcore.method.edm.add_noise` (the kernel's CUDA twin).
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dbcore import layout, rng
-from dbcore.data import EPS, INDEX, UNIFORMS
-from dbcore.edm import add_noise
 from dbcore.kernels import noise_and_input
-from dbcore.partition import sample_sigma_in_range
-from dbcore.recipes.base import Noised
-
-SigmaLaw = tuple[float, float, str]  # (lo, hi, in-block distribution), see partition.block_sigma_law
+from dbcore.method import layout, rng
+from dbcore.method.batch import EPS, INDEX, UNIFORMS, Noised, SigmaLaw
+from dbcore.method.edm import add_noise
+from dbcore.method.partition import sample_sigma_in_range
 
 
 def noised_targets(

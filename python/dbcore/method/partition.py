@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from dbcore.edm import P_MEAN, P_STD, SIGMA_MAX, SIGMA_MIN
+from dbcore.method.edm import P_MEAN, P_STD, SIGMA_MAX, SIGMA_MIN
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -95,7 +96,7 @@ def sample_sigma_loguniform(u: torch.Tensor, lo: float, hi: float) -> torch.Tens
 def sample_sigma_for_block(
     u: torch.Tensor, block: int, num_blocks: int, gamma: float = 0.05, dist: str = "lognormal"
 ) -> torch.Tensor:
-    """Sigmas (float64) of network block `block` from uniforms u (`dbcore.rng.uniform_for_sigma`).
+    """Sigmas (float64) of network block `block` from uniforms u (`dbcore.method.rng.uniform_for_sigma`).
 
     lognormal: the training log-normal truncated to the widened range (the paper).
     loguniform: uniform in log sigma over the widened range (more mass at the range's ends).
@@ -164,3 +165,32 @@ def euler_schedule(num_blocks: int, num_steps: int) -> list[Step]:
         Step((2 * i + 1) * num_blocks // (2 * num_steps), grid[i], grid[i + 1])
         for i in range(num_steps)
     ]
+
+
+# ----------------------------------------------------------------------------- layers per block
+
+
+def block_layers(cfg: Any) -> list[int]:
+    """Layers of each block in network order; they always sum to depth (no layer is dropped)."""
+    if cfg.num_blocks < 1 or cfg.depth < 1:
+        raise ValueError(f"need depth >= 1 and num_blocks >= 1, got {cfg.depth}, {cfg.num_blocks}")
+    if cfg.layer_split is None:
+        if cfg.depth % cfg.num_blocks:
+            raise ValueError(
+                f"depth {cfg.depth} is not divisible by num_blocks {cfg.num_blocks}; "
+                "give layer_split explicitly"
+            )
+        return [cfg.depth // cfg.num_blocks] * cfg.num_blocks
+    split = list(cfg.layer_split)
+    if len(split) != cfg.num_blocks or sum(split) != cfg.depth or min(split) < 1:
+        raise ValueError(
+            f"layer_split {split} must have num_blocks={cfg.num_blocks} entries >= 1 "
+            f"summing to depth={cfg.depth}"
+        )
+    return split
+
+
+def layers_in_block(cfg: Any, block: int) -> int:
+    if not 0 <= block < cfg.num_blocks:
+        raise ValueError(f"block {block} is outside 0..{cfg.num_blocks - 1}")
+    return block_layers(cfg)[block]

@@ -16,7 +16,7 @@ Layout (the contract, shared by all three implementations):
   comes from group j = SIGMA_GROUP - k // 4 (counting down from 0xFFFFFFFF), output k % 4, with
   the same u = (x + 0.5) * 2^-32.
 - Uniform 0 (group SIGMA_GROUP, output 0) is the uniform that picks sigma (`uniform_for_sigma`).
-- The uniforms of target mixing (`dbcore.train`, `mix_fraction`) use group j = MIX_GROUP
+- The uniforms of target mixing (`dbcore.runs.train`, `mix_fraction`) use group j = MIX_GROUP
   (0xFFFFFFFE), outputs 0..2: they are uniforms 4..6 of the same counter. A recipe that mixes
   targets must therefore not request more than 4 uniforms for anything else.
 - Gaussian groups count up from 0, uniform groups down from 2^32 - 1; a request where they would

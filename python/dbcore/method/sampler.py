@@ -1,6 +1,6 @@
 """Euler (or Heun) sampler over the blocks, one block in memory at a time (METHOD.md section 6).
 
-Blocks run in network order 0..B-1 (high to low noise) over `dbcore.partition.euler_schedule`:
+Blocks run in network order 0..B-1 (high to low noise) over `dbcore.method.partition.euler_schedule`:
 block b is loaded, takes all of its steps on every batch, and is released before block b+1 loads.
 Step: `z <- z + (s_next - s) * (z - D_hat) / s` with D_hat in target space from the recipe's
 `denoise_step` (softmax(logits) @ E for a discrete target, the guided D for a generator).
@@ -11,7 +11,7 @@ at 20 steps), where the correction amplifies the denoiser's error; it diverged o
 An end-to-end denoiser samples with the same code as one block
 (`num_blocks=1`).
 
-Initial noise: `z = sigma_max * eps`, eps from `dbcore.rng.gaussian` keyed by (seed, sample index,
+Initial noise: `z = sigma_max * eps`, eps from `dbcore.method.rng.gaussian` keyed by (seed, sample index,
 block = B, draw = 0). Block id B belongs to no network block (those are 0..B-1), so the initial
 noise never coincides with training noise drawn for a block.
 """
@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dbcore import rng
-from dbcore.edm import SIGMA_MAX
-from dbcore.partition import euler_schedule
+from dbcore.method import rng
+from dbcore.method.edm import SIGMA_MAX
+from dbcore.method.partition import euler_schedule
 
 LoadBlock = Callable[[int], nn.Module]
 # observe(block, rows, step, readout): called after every step with the recipe's readout

@@ -8,7 +8,7 @@ reference network, seed or FID_VERSION); compare them only within this project.
 
 Images enter every function as float (N, C, H, W) in [-1, 1] (the generator's target space); real
 uint8 images map by x / 127.5 - 1 (`images_to_tensor`). A trained network is cached as safetensors +
-JSON under a key of its training source, seed and settings (`reference_classifier`), never pickled.
+JSON under a key of its training source, seed and settings (`dbcore.runs.reference`), never pickled.
 """
 
 from __future__ import annotations
@@ -16,20 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import time
 import warnings
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from dbcore import checkpoint
 
 FID_VERSION = 1  # bump when the network, its training or the statistics change
 CONV_WIDTHS = (32, 64, 128)
@@ -162,11 +155,6 @@ def auto_epochs(num_train: int, batch_size: int) -> int:
     return max(MIN_EPOCHS, math.ceil(MIN_STEPS / math.ceil(num_train / batch_size)))
 
 
-def _default_cache_dir() -> Path:
-    env = os.environ.get("DBCORE_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "dbcore" / "fid"
-
-
 def cache_key(
     train_source_sha256: str, seed: int, epochs: int | None, batch_size: int, feature_dim: int
 ) -> str:
@@ -177,46 +165,6 @@ def cache_key(
         batch_size=batch_size, lr=LR, weight_decay=WEIGHT_DECAY,
     )
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def reference_classifier(
-    train_source_sha256: str,
-    make_data: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
-    cache_dir: Path | None = None,
-    seed: int = 0,
-    epochs: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    feature_dim: int = 128,
-    threads: int | None = None,
-) -> tuple[RefNet, dict[str, Any]]:
-    """The reference RefNet for a training source, loaded from the cache or trained once and cached.
-
-    make_data() -> (train images, train labels, valid images, valid labels), uint8 images; it is called
-    only on a cache miss. A cached pair whose tensors do not match their recorded sha256 raises
-    `dbcore.checkpoint.CheckpointError` (delete the pair to retrain). Returns the network in eval mode
-    and its metadata (valid accuracy, seed, epochs, source sha, sizes).
-    """
-    key = cache_key(train_source_sha256, seed, epochs, batch_size, feature_dim)
-    base = Path(cache_dir if cache_dir is not None else _default_cache_dir()) / f"refnet-{key}"
-    if checkpoint.exists(base):
-        tensors, meta = checkpoint.load(base)
-        net = RefNet(meta["channels"], meta["image_size"], meta["num_classes"], meta["feature_dim"])
-        checkpoint.load_into(net, tensors, f"checkpoint {base} (RefNet)")
-        return net.eval(), meta
-    images, labels, valid_images, valid_labels = make_data()
-    start = time.perf_counter()
-    net, acc = train_reference(
-        images, labels, valid_images, valid_labels, seed=seed, epochs=epochs, batch_size=batch_size,
-        threads=threads, feature_dim=feature_dim,
-    )
-    meta = dict(
-        net.sizes, key=key, fid_version=FID_VERSION, train_source_sha256=train_source_sha256, seed=seed,
-        epochs=epochs if epochs is not None else auto_epochs(len(images), batch_size), batch_size=batch_size,
-        valid_accuracy=acc, train_seconds=time.perf_counter() - start,
-        num_train=len(images), num_valid=len(valid_images),
-    )
-    sha = checkpoint.save(base, net.state_dict(), meta)
-    return net, {**meta, "sha256": sha}
 
 
 def _batched_features(net: nn.Module, images: torch.Tensor, batch_size: int, head: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dbcore import rng
+from dbcore.method import rng
 
 TINY = 1e-30  # floor of a probability before its log
 CANDIDATES = 8  # candidate tokens per forward of `level_probs` (batched along N)

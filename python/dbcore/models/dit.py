@@ -2,7 +2,7 @@
 
 A block denoises an image y in [-1, 1] over its own noise range: the raw network F sees the patches of
 `c_in * z` and is conditioned on c = noise embedding + class embedding through adaLN-Zero layers;
-`D = c_skip*z + c_out*F` (`dbcore.edm.EDMPrecond`). Each block owns every trainable parameter it uses
+`D = c_skip*z + c_out*F` (`dbcore.method.edm.EDMPrecond`). Each block owns every trainable parameter it uses
 (patch embedding, noise and label embedders, layers, final layer), so blocks train apart. Positions
 are fixed 2-D sin-cos tables (a non-persistent buffer, as in DiT), not parameters.
 
@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dbcore.edm import EDMPrecond
-from dbcore.layers import LN_EPS, AdaLNLayer, NoiseEmbedder, checkpointed, norm_modulate
-from dbcore.partition import CONFIG_SIGMA_DISTS
-from dbcore.recipes.vit import block_layers, layers_in_block
+from dbcore.method.edm import EDMPrecond
+from dbcore.method.partition import CONFIG_SIGMA_DISTS, block_layers, layers_in_block
+from dbcore.models.layers import LN_EPS, AdaLNLayer, NoiseEmbedder, checkpointed, norm_modulate
 
 LABEL_INIT_STD = 0.02  # DiT's init of the label table (default of `label_init_std`) and of the noise MLP
 POS_MAX_PERIOD = 10_000.0
@@ -42,7 +41,7 @@ class DiTConfig:
     num_blocks: int = 2
     layer_split: list[int] | None = None  # layers per block, network order; None = depth / B each
     gamma: float = 0.05  # overlap of the block ranges (METHOD.md 3)
-    sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
+    sigma_dist: str = "lognormal"  # in-block sigma law: method.partition.CONFIG_SIGMA_DISTS
     class_drop: float = 0.1  # probability that training replaces the class by the null class
     gate_init: float = 0.0  # adaLN gates at initialisation: 0 = DiT's adaLN-Zero
     label_init_std: float = LABEL_INIT_STD  # class table init; 1.0 starts it on the noise embedding's scale

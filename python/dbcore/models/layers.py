@@ -448,3 +448,12 @@ def checkpoint_layers(model: nn.Module, chunks: int = 1) -> nn.Module:
 
             setattr(layer, name, run)
     return model
+
+
+def make_target_embedding(
+    num_classes: int, dim: int, seed: int, scale: float = 1.0
+) -> torch.Tensor:
+    """Frozen class embedding E (V, d) float32: seeded Gaussian rows scaled to norm `scale`."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
+    return (scale * e / e.norm(dim=1, keepdim=True)).float()

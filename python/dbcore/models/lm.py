@@ -16,21 +16,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from dbcore import layout
-from dbcore.data import INDEX
-from dbcore.layers import KV
-from dbcore.recipes.base import Frozen
-from dbcore.recipes.vit import block_layers, make_target_embedding
-from dbcore.sources import SourceError
-from dbcore.text import TextSource, Vocabulary, load_text
+from dbcore.errors import SourceError
+from dbcore.method import layout
+from dbcore.method.batch import INDEX, Frozen
+from dbcore.method.options import Options
+from dbcore.method.partition import block_layers
+from dbcore.models.layers import KV, make_target_embedding
+from dbcore.models.vocab import Vocabulary
 from dbcore.wording import arg
 
 POS_INIT_STD = 0.02  # learned positions and token embeddings, as GPT-2 / nanoGPT
 EVAL_BATCH = 64  # windows per forward pass in evaluation
 
 
-def check_text_source(source: Any, recipe: str) -> TextSource:
-    if not isinstance(source, TextSource):
+def check_text_source(source: Any, recipe: str) -> Any:
+    if not hasattr(source, "windows"):
         raise SourceError(f"source {source.spec}: recipe {recipe!r} needs a text source (text:PATH)")
     return source
 
@@ -80,24 +80,23 @@ def example_token_batch(seq_len: int, batch_size: int, frozen: Frozen, device: t
     return {layout.TOKENS: tokens.to(device, torch.int32), INDEX: torch.arange(batch_size, device=device)}
 
 
-def prompt_rows(options: dict, vocab: Vocabulary, seq_len: int, device: torch.device
+def prompt_rows(options: Options, vocab: Vocabulary, seq_len: int, device: torch.device
                 ) -> tuple[torch.Tensor, int, torch.Generator]:
     """Where a next-token LM's generation starts: the prompt (default a newline) as `num` rows
     (N, P) on `device`, the length to grow them to (longer than the prompt, at most seq_len) and
     the sampling generator seeded from the options."""
-    prompt = encode_prompt(options.get("prompt") or "\n", vocab)
-    length = options.get("length") or seq_len
+    prompt = encode_prompt(options.prompt or "\n", vocab)
+    length = options.length or seq_len
     if not len(prompt) < length <= seq_len:
         raise ValueError(f"{arg('length', length)} must be in {len(prompt) + 1}..seq_len {seq_len} "
                          f"(the prompt has {len(prompt)} characters)")
-    g = torch.Generator().manual_seed(int(options.get("seed") or 0))
-    return prompt.to(device).expand(options["num"], -1).clone(), length, g
+    g = torch.Generator().manual_seed(int(options.seed or 0))
+    return prompt.to(device).expand(options.num, -1).clone(), length, g
 
 
-def eval_windows(data: str, vocab: Vocabulary, seq_len: int, limit: int | None) -> torch.Tensor:
-    """Non-overlapping windows (N, T) int64 of text `data` through the run's vocabulary."""
-    src = load_text(data, vocab)
-    rows = src.windows(seq_len)
+def eval_windows(source: Any, seq_len: int, limit: int | None) -> torch.Tensor:
+    """Non-overlapping windows (N, T) int64 of a text source (read through the run's vocabulary)."""
+    rows = source.windows(seq_len)
     n = len(rows) if not limit else min(limit, len(rows))
     return torch.from_numpy(rows[0:n]).long()
 
@@ -120,22 +119,22 @@ def repeated(caches: list[KV], times: int) -> list[KV]:
     return [(k.repeat(times, 1, 1, 1), v.repeat(times, 1, 1, 1)) for k, v in caches]
 
 
-def pick(logits: torch.Tensor, options: dict, g: torch.Generator) -> torch.Tensor:
+def pick(logits: torch.Tensor, options: Options, g: torch.Generator) -> torch.Tensor:
     """Tokens (N,) from logits (N, V): greedy, or sampled with temperature and top-k (`dbcore sample`'s
     --greedy, --temperature, --top-k)."""
-    if options.get("greedy"):
+    if options.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / float(options.get("temperature") or 1.0)
-    k = options.get("top_k")
+    logits = logits.float() / float(options.temperature or 1.0)
+    k = options.top_k
     if k:
         kth = logits.topk(min(int(k), logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     return torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g)[:, 0].to(logits.device)
 
 
-def chosen_sampler(options: dict, configured: str, samplers: tuple[str, ...], who: str) -> str:
+def chosen_sampler(options: Options, configured: str, samplers: tuple[str, ...], who: str) -> str:
     """The sampler of an eval or sample call: the option given, else the config's; one of `samplers`."""
-    sampler = options.get("sampler") or configured
+    sampler = options.sampler or configured
     if sampler not in samplers:
         raise ValueError(f"{arg('sampler', sampler)}: {who} samples with one of {samplers}")
     return sampler

@@ -4,7 +4,7 @@ A block sees 2T positions: the T clean tokens of a window (its own token table) 
 targets z_i = E[x_i] + sigma * eps_i (E frozen, unit-norm rows, in the store; one sigma per
 sequence). Mask (`ar_mask`): clean row r sees clean columns <= r; noisy row T+i sees clean columns
 < i and itself, no other noisy position. Noisy i takes position i, the position of the token it
-predicts. D_i = c_skip z_i + c_out F_i (`dbcore.edm.EDMPrecond`), a learned head reads logits over
+predicts. D_i = c_skip z_i + c_out F_i (`dbcore.method.edm.EDMPrecond`), a learned head reads logits over
 the vocabulary from D_i, CE against x_i, weighted per sample by the run's `[train] weight`.
 
 The clean rows are conditioned on a learned constant, not on sigma (per-token adaLN: the noisy
@@ -35,15 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbcore import layout, rng
-from dbcore.data import INDEX
-from dbcore.edm import SIGMA_DATA, SIGMA_MAX, EDMPrecond, precond
-from dbcore.layers import KV, LN_EPS, AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
-from dbcore.noise import mix_token_targets
-from dbcore.partition import CONFIG_SIGMA_DISTS, euler_schedule
-from dbcore.recipes.ancestral import TINY, LevelNoise, level_probs, nats_of
-from dbcore.recipes.base import NoiseRequest, Recipe
-from dbcore.recipes.lm import (
+from dbcore.method import layout, rng
+from dbcore.method.batch import INDEX, NoiseRequest
+from dbcore.method.edm import SIGMA_DATA, SIGMA_MAX, EDMPrecond, precond
+from dbcore.method.noise import mix_token_targets
+from dbcore.method.options import Options
+from dbcore.method.partition import CONFIG_SIGMA_DISTS, euler_schedule, layers_in_block
+from dbcore.method.sampler import DECODES, run_chain
+from dbcore.models.ancestral import TINY, LevelNoise, level_probs, nats_of
+from dbcore.models.layers import KV, LN_EPS, AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
+from dbcore.models.lm import (
     EVAL_BATCH,
     TextModelConfig,
     TokenEmbedding,
@@ -59,8 +60,7 @@ from dbcore.recipes.lm import (
     token_target_arrays,
     vocab_of,
 )
-from dbcore.recipes.vit import layers_in_block
-from dbcore.sampler import DECODES, run_chain
+from dbcore.recipes.base import Recipe
 from dbcore.wording import arg
 
 Caches = list[KV]  # one (keys, values) of the clean prefix per layer of a block
@@ -72,7 +72,7 @@ class ARConfig(TextModelConfig):
     """Model table of an AR LM run: the shared language-model keys and the noise and decoding's."""
 
     gamma: float = 0.05  # overlap of the block ranges (METHOD.md 3)
-    sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
+    sigma_dist: str = "lognormal"  # in-block sigma law: method.partition.CONFIG_SIGMA_DISTS
     target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12: unit norm, or scaled)
     sigma_data: float = SIGMA_DATA  # c_skip/c_out/c_in's data std (METHOD.md 12: or E's per-coordinate std)
     sample_steps: int = 4  # Euler steps per token in all, allotted to blocks (the paper's 4)
@@ -266,7 +266,7 @@ class ARBaseline(nn.Module):
 
 
 
-def sampler_of(options: dict, cfg: ARConfig) -> str:
+def sampler_of(options: Options, cfg: ARConfig) -> str:
     return chosen_sampler(options, cfg.sampler, SAMPLERS, "the AR LM")
 
 
@@ -336,7 +336,7 @@ class ARRecipe(Recipe):
 
     # ------------------------------------------------------------------ teacher-forced BPC
 
-    def evaluate(self, load_block, e2e, data, options):
+    def evaluate(self, load_block, e2e, source, options):
         """bpc over positions 1..T-1 of non-overlapping windows of `data`: the baseline's causal
         forward, or generation's own likelihood of the true token given the true prefix, per
         sampler (`_euler_nats`, `_ancestral_nats`); `bpc_stderr` over windows; `per_block`: the
@@ -344,13 +344,13 @@ class ARRecipe(Recipe):
         m = self.model_cfg
         t0 = time.perf_counter()
         sampler = sampler_of(options, m)
-        steps = options.get("num_steps") or m.sample_steps
-        decode = options.get("decode") or m.decode
-        num_chains = options.get("eval_chains") or m.eval_chains
-        draws = options.get("eval_draws") or m.eval_draws
+        steps = options.steps or m.sample_steps
+        decode = options.decode or m.decode
+        num_chains = options.eval_chains or m.eval_chains
+        draws = options.eval_draws or m.eval_draws
         if e2e is not None:
             vocab = vocab_of({layout.VOCAB: e2e.vocab})
-            x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
+            x = eval_windows(source, m.seq_len, options.num_samples)
             with torch.no_grad():
                 logits = torch.cat([e2e(xb.to(next(e2e.parameters()).device)).float().cpu()
                                     for xb in x.split(EVAL_BATCH)])[:, :-1]  # predicts x_1..x_{T-1}
@@ -361,7 +361,7 @@ class ARRecipe(Recipe):
             first = load_block(0)
             vocab = vocab_of({layout.VOCAB: first.vocab})
             del first
-            x = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
+            x = eval_windows(source, m.seq_len, options.num_samples)
             if sampler == "ancestral":
                 no_product(options)
                 decode = num_chains = None
@@ -456,7 +456,7 @@ class ARRecipe(Recipe):
 
     # ------------------------------------------------------------------ generation
 
-    def sample_text(self, load_block: Any, e2e: nn.Module | None, options: dict) -> list[str]:
+    def sample_text(self, load_block: Any, e2e: nn.Module | None, options: Options) -> list[str]:
         """`num` texts of `length` characters (prompt included, at most seq_len; the prompt
         defaults to a newline): per new token, the chain over the blocks from sigma_max (Euler or
         token-ancestral, `sampler`) with the clean prefix in every block's KV cache; greedy or
@@ -483,11 +483,11 @@ class ARRecipe(Recipe):
                 x = self._generate(models, x, length, options, g, sampler)
         return [vocab.decode(row.cpu().numpy()) for row in x]
 
-    def _generate(self, blocks: list[ARBlock], x: torch.Tensor, length: int, options: dict,
+    def _generate(self, blocks: list[ARBlock], x: torch.Tensor, length: int, options: Options,
                   g: torch.Generator, sampler: str) -> torch.Tensor:
         m = self.model_cfg
-        steps = euler_schedule(m.num_blocks, options.get("steps") or m.sample_steps)
-        decode = options.get("decode") or m.decode
+        steps = euler_schedule(m.num_blocks, options.steps or m.sample_steps)
+        decode = options.decode or m.decode
         caches = [b.denoiser.backbone.extend(x, 0, None) for b in blocks]
         pending: list[torch.Tensor | None] = [None] * len(blocks)  # the last token, until a block caches it
         while x.shape[1] < length:
@@ -513,8 +513,8 @@ class ARRecipe(Recipe):
         return x
 
 
-def no_product(options: dict) -> None:
-    if options.get("decode") == "product":
+def no_product(options: Options) -> None:
+    if options.decode == "product":
         raise ValueError(f"{arg('decode', 'product')}: the ancestral sampler reads the last level's "
                          "logits only")
 

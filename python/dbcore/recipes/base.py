@@ -21,30 +21,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from dbcore.edm import SIGMA_MAX, SIGMA_MIN
-from dbcore.loss import sample_weights
-from dbcore.partition import block_sigma_law
-
-Batch = dict[str, torch.Tensor]
-Frozen = dict[str, torch.Tensor]  # non-trainable arrays of the store a model needs (e.g. E)
+from dbcore.method.batch import Batch, Frozen, Noised, NoiseRequest
+from dbcore.method.edm import SIGMA_MAX, SIGMA_MIN
+from dbcore.method.loss import sample_weights
+from dbcore.method.noise import block_noise
+from dbcore.method.options import Options
+from dbcore.method.partition import block_sigma_law
 
 
 @dataclass(frozen=True)
-class NoiseRequest:
-    """Counter-based draws per sample: `gaussians` standard normals (the target's elements) and
-    `uniforms` uniforms, of which uniform 0 always picks sigma (`dbcore.rng`)."""
+class FrozenModule:
+    """Modules of a finished run that a recipe trains beside, frozen: their outputs are cached once
+    in a sub-store of the training store as array `output`, streamed instead of recomputed."""
 
-    gaussians: int
-    uniforms: int = 1
-
-
-@dataclass
-class Noised:
-    """One batch's noise for a block: z = y + sigma * eps (N, ...), sigma (N,), uniforms (N, U)."""
-
-    z: torch.Tensor
-    sigma: torch.Tensor
-    uniforms: torch.Tensor | None = None
+    run: str  # the finished run (its baseline's checkpoint, or block 0's)
+    prefixes: tuple[str, ...]  # the frozen modules' parameter names begin with one of these
+    output: str  # the array of their outputs in the sub-store
+    option: str  # the config key that names the run (for messages)
 
 
 class Recipe(ABC):
@@ -60,6 +53,7 @@ class Recipe(ABC):
     source_kind: ClassVar[str] = "images"  # what `dbcore cache --data` reads: images or text
     cached_noise: ClassVar[bool] = True  # False: noise is drawn online only (`--noise cached` refused)
     chain_training: ClassVar[bool] = True  # False: `[train] mode = "sequential"` refused
+    fid_reference: ClassVar[bool] = False  # True: `evaluate` needs `options.reference`
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg  # dbcore.config.Config
@@ -79,7 +73,7 @@ class Recipe(ABC):
         """Draws per sample, given the store's per-sample target shape."""
 
     def sigma_law(self, block: int) -> tuple[float, float, str]:
-        """(lo, hi, in-block distribution) of block `block` (`dbcore.partition.block_sigma_law`)."""
+        """(lo, hi, in-block distribution) of block `block` (`dbcore.method.partition.block_sigma_law`)."""
         m = self.model_cfg
         return block_sigma_law(m.sigma_dist, block, m.num_blocks, m.gamma)
 
@@ -90,10 +84,8 @@ class Recipe(ABC):
     def noise(self, batch: dict[str, np.ndarray], y: torch.Tensor, block: int, draw: int,
               law: tuple[float, float, str], seed: int, backend: str = "torch") -> Noised:
         """The noise of a streamed batch (numpy arrays as the stream ships them) with clean
-        targets y: z = y + sigma * eps (`dbcore.noise.block_noise`) unless the recipe corrupts its
+        targets y: z = y + sigma * eps (`dbcore.method.noise.block_noise`) unless the recipe corrupts its
         targets otherwise (masking). `block` is the generator's block id, `law` the level's law."""
-        from dbcore.noise import block_noise  # noise imports this module
-
         return block_noise(batch, y, block, draw, law, seed, backend)
 
     def loss_weights(self, noised: Noised) -> torch.Tensor:
@@ -124,7 +116,7 @@ class Recipe(ABC):
     @abstractmethod
     def build_e2e(self, frozen: Frozen) -> nn.Module:
         """The end-to-end baseline of the same depth and width; its transformer layers are
-        `layers` (activation checkpointing: `dbcore.layers.checkpoint_layers`)."""
+        `layers` (activation checkpointing: `dbcore.models.layers.checkpoint_layers`)."""
 
     @abstractmethod
     def block_loss(self, block: nn.Module, batch: Batch, noised: Noised, w: torch.Tensor,
@@ -139,14 +131,23 @@ class Recipe(ABC):
 
     e2e_noise: ClassVar[bool] = False  # True: the baseline draws noise over all sigma (or uniforms)
 
-    def training_store(self, store_path: Any, run: Any, name: str) -> Any:
-        """The store that training of checkpoint `name` of `run` streams from: `store_path` unless
-        the recipe derives one from it (a frozen module's cached activations)."""
-        return store_path
+    def frozen_module(self) -> FrozenModule | None:
+        """Modules of another finished run that training keeps frozen, streaming their cached
+        outputs instead of running them (`dbcore.runs.frozen_module`); None: the recipe has none."""
+        return None
+
+    def freeze(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the frozen modules' weights (names as in the model): every model built afterwards
+        holds them and does not train them."""
+        raise NotImplementedError(f"recipe {self.name!r} freezes no module")
+
+    def frozen_outputs(self, model: nn.Module, rows: Batch) -> torch.Tensor:
+        """The frozen modules' outputs (N, ...) of `model` for rows of the streamed arrays, no grad."""
+        raise NotImplementedError(f"recipe {self.name!r} freezes no module")
 
     def step_passes(self, kind: str, noised: Noised | None) -> dict[str, tuple[int, int]] | None:
         """(forward, backward) passes of each module in one training step of `kind` ("block" or
-        "e2e"), for the run's compute ledger (`dbcore.flops.Ledger`); None: the recipe keeps none."""
+        "e2e"), for the run's compute ledger (`dbcore.method.flops.Ledger`); None: the recipe keeps none."""
         return None
 
     def pass_flops(self, batch_size: int, frozen: Frozen) -> dict[str, float]:
@@ -166,10 +167,10 @@ class Recipe(ABC):
 
     @abstractmethod
     def denoise_step(self, block: nn.Module, cond: Batch, z: torch.Tensor, sigma: torch.Tensor,
-                     options: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     options: Options) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(D_hat in target space (N, ...), a readout such as logits or None) at level sigma (N,)."""
 
-    def sample(self, load_block: Any, e2e: nn.Module | None, labels: torch.Tensor, options: dict
+    def sample(self, load_block: Any, e2e: nn.Module | None, labels: torch.Tensor, options: Options
                ) -> torch.Tensor:
         """A generating recipe's samples in target space for conditions `labels` (`dbcore sample`)."""
         raise NotImplementedError(f"recipe {self.name!r} does not generate samples")
@@ -179,10 +180,10 @@ class Recipe(ABC):
         raise NotImplementedError(f"recipe {self.name!r} does not generate images")
 
     @abstractmethod
-    def evaluate(self, load_block: Any, e2e: nn.Module | None, data: str, options: dict) -> dict:
-        """The JSON-able report of `dbcore eval` on source `data`: of the chain of blocks that
-        `load_block(b)` returns (one at a time, `dbcore.sampler.run_chain`), or of the end-to-end
-        model `e2e` when given. options: num_steps, decode and recipe-specific ones."""
+    def evaluate(self, load_block: Any, e2e: nn.Module | None, source: Any, options: Options) -> dict:
+        """The JSON-able report of `dbcore eval` on a loaded source (labelled images, or a text
+        read through the run's vocabulary): of the chain of blocks that `load_block(b)` returns
+        (one at a time, `dbcore.method.sampler.run_chain`), or of the end-to-end model `e2e`."""
 
 
 def decayed_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -199,21 +200,3 @@ def decayed_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
         seen.add(id(p))
         (decay if id(p) in decay_ids else rest).append(p)
     return decay, rest
-
-
-def read_store_frozen(path: Any) -> dict[str, np.ndarray]:
-    """Every frozen array a recipe may need (vocabulary, target embedding) that store `path` holds."""
-    from dbcore import layout, store  # store imports the native module: only when used
-
-    s = store.open(path)
-    return {name: s.read(name) for name in (layout.VOCAB, layout.TARGET_EMBEDDING) if name in s.arrays()}
-
-
-def read_frozen(s: Any, recipe: Recipe) -> Frozen:
-    """The frozen arrays of store `s` that the recipe's models need (e.g. the target embedding E
-    as float32, a vocabulary's code points as int64)."""
-    out = {}
-    for name in recipe.frozen_arrays:
-        t = torch.from_numpy(s.read(name))
-        out[name] = t.float() if t.is_floating_point() else t.long()
-    return out

@@ -18,13 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from dbcore import fid, layout, store
 from dbcore.kernels import block_loss_mse
-from dbcore.recipes.base import Batch, Noised, NoiseRequest, Recipe
-from dbcore.recipes.dit_model import DiTBlock, DiTConfig, DiTModel, drop_labels
-from dbcore.recipes.vit import check_image_source, example_image_batch
-from dbcore.sampler import initial_noise, run_chain
-from dbcore.sources import load_source
+from dbcore.method import layout
+from dbcore.method.batch import Batch, Noised, NoiseRequest
+from dbcore.method.options import Options
+from dbcore.method.sampler import initial_noise, run_chain
+from dbcore.metrics import fid
+from dbcore.models.dit import DiTBlock, DiTConfig, DiTModel, drop_labels
+from dbcore.models.images import check_image_source, example_image_batch
+from dbcore.recipes.base import Recipe
 
 SAMPLE_BATCH = 500
 DEFAULT_EVAL_SAMPLES = 2000
@@ -52,6 +54,7 @@ class DiTRecipe(Recipe):
     frozen_arrays = ()
     cache_fields = ("image_size", "channels", "num_classes")
     generates = True
+    fid_reference = True
     e2e_noise = True
 
     # ------------------------------------------------------------------ cache and noise
@@ -106,7 +109,7 @@ class DiTRecipe(Recipe):
         return target_to_images(x)
 
     def denoise_step(self, block, cond, z, sigma, options):
-        scale = float(options.get("cfg_scale", 1.0))
+        scale = 1.0 if options.cfg_scale is None else options.cfg_scale
         labels = cond[layout.LABELS]
         if scale == 1.0:
             return block(z, sigma, labels), None
@@ -125,17 +128,18 @@ class DiTRecipe(Recipe):
         n = len(labels)
         z0 = initial_noise(torch.arange(n), self.target_shape({}), num_blocks, seed)
         return run_chain(self, load_block, {layout.LABELS: labels}, z0, num_blocks, num_steps,
-                         batch_size=SAMPLE_BATCH, options={"cfg_scale": cfg_scale}, heun=sampler == "heun")
+                         batch_size=SAMPLE_BATCH, options=Options(cfg_scale=cfg_scale),
+                         heun=sampler == "heun")
 
-    def sampling(self, options: dict) -> tuple[int, float, int, str]:
+    def sampling(self, options: Options) -> tuple[int, float, int, str]:
         """(steps, cfg_scale, seed, sampler): the options given, else the run's config."""
         m, t = self.model_cfg, self.cfg.train
-        return (options.get("num_steps") or m.sample_steps,
-                m.cfg_scale if options.get("cfg_scale") is None else options["cfg_scale"],
-                t.seed if options.get("seed") is None else options["seed"],
-                options.get("sampler") or m.sampler)
+        return (options.steps or m.sample_steps,
+                m.cfg_scale if options.cfg_scale is None else options.cfg_scale,
+                t.seed if options.seed is None else options.seed,
+                options.sampler or m.sampler)
 
-    def sample(self, load_block: Any, e2e: nn.Module | None, labels: torch.Tensor, options: dict
+    def sample(self, load_block: Any, e2e: nn.Module | None, labels: torch.Tensor, options: Options
                ) -> torch.Tensor:
         """`dbcore sample`: samples of a run (blocks through `load_block`, or the baseline)."""
         m = self.model_cfg
@@ -144,16 +148,18 @@ class DiTRecipe(Recipe):
             return self.generate(lambda b: e2e, 1, labels, steps, scale, seed, sampler)
         return self.generate(load_block, m.num_blocks, labels, steps, scale, seed, sampler)
 
-    def evaluate(self, load_block, e2e, data, options):
+    def evaluate(self, load_block, e2e, source, options):
         """fid (Frechet distance in the features of the project's reference classifier, NOT
         comparable with Inception FID), class_accuracy of the generated samples against their
-        class, and the floor: the FID of as many real training images against `data`."""
+        class, and the floor: the FID of as many real training images against `source`."""
         m = self.model_cfg
         t0 = time.perf_counter()
-        source = load_source(data)
         check_image_source(source, m.image_size, m.channels, m.num_classes)
-        net, ref_meta, train_images = self._reference(options)
-        n = int(options.get("num_samples") or DEFAULT_EVAL_SAMPLES)
+        if options.reference is None:
+            raise ValueError("DiT evaluation needs the FID reference network (dbcore.runs.reference)")
+        ref = options.reference
+        net, ref_meta, train_images = ref.net, ref.meta, ref.train_images
+        n = int(options.num_samples or DEFAULT_EVAL_SAMPLES)
         labels = torch.arange(n) % m.num_classes
         samples = self.sample(load_block, e2e, labels, options)  # (n, C, H, W)
         steps, scale, _, sampler = self.sampling(options)
@@ -176,19 +182,3 @@ class DiTRecipe(Recipe):
             "reference": {k: ref_meta[k] for k in ("valid_accuracy", "key") if k in ref_meta},
             "seconds": round(time.perf_counter() - t0, 3),
         }
-
-    def _reference(self, options: dict) -> tuple[Any, dict, np.ndarray]:
-        """The reference classifier, trained once on the run's training store and cached."""
-        path = options.get("store")
-        if not path:
-            raise ValueError("DiT evaluation needs the run's training store (run.json 'store')")
-        s = store.open(path)
-        images, labels = s.read(layout.IMAGES), s.read(layout.LABELS)
-        valid = load_source(options.get("reference_valid") or options["data"])
-
-        def make_data():
-            return images, labels, valid.images, valid.labels
-
-        sha = s.attrs.get("source", {}).get("sha256", "")
-        net, meta = fid.reference_classifier(sha, make_data, seed=0)
-        return net.eval(), meta, images

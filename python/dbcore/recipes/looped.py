@@ -34,23 +34,23 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbcore import layout, remote, rng
-from dbcore.data import EPS, INDEX, UNIFORMS
-from dbcore.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, precond
-from dbcore.flops import layer_flops, linear_flops, score_flops
-from dbcore.layers import KV, LN_EPS, NoiseEmbedder, PreLNLayer
-from dbcore.noise import mix_token_targets
-from dbcore.partition import SIGMA_DISTS, euler_schedule
-from dbcore.recipes.ancestral import LevelNoise, Readout, level_probs, nats_of
-from dbcore.recipes.base import Noised, NoiseRequest, Recipe, read_store_frozen
-from dbcore.recipes.lm import (
+from dbcore.errors import RunError
+from dbcore.method import layout, rng
+from dbcore.method.batch import EPS, INDEX, UNIFORMS, Noised, NoiseRequest
+from dbcore.method.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, precond
+from dbcore.method.flops import layer_flops, linear_flops, score_flops
+from dbcore.method.noise import mix_token_targets
+from dbcore.method.options import Options
+from dbcore.method.partition import SIGMA_DISTS, euler_schedule
+from dbcore.models.ancestral import LevelNoise, Readout, level_probs, nats_of
+from dbcore.models.layers import KV, LN_EPS, NoiseEmbedder, PreLNLayer
+from dbcore.models.lm import (
     EVAL_BATCH,
     TextModelConfig,
     TokenEmbedding,
@@ -66,21 +66,16 @@ from dbcore.recipes.lm import (
     token_target_arrays,
     vocab_of,
 )
-from dbcore.recipes.looped_prelude import (
-    PRELUDE_OUT,
-    activation_store,
-    check_resumed_run,
-    fingerprint,
-    load_prelude,
-)
-from dbcore.rundir import RunError
-from dbcore.wording import arg
+from dbcore.recipes.base import FrozenModule, Recipe
 
 Caches = list[KV]  # one (keys, values) per layer of a stack
 ContextCaches = tuple[Caches, Caches]  # the denoiser's context rows in the core and in the coda
 HUGINN_SIGMA = 0.5  # std of ln(rate) of the Poisson-lognormal iteration count (Huginn)
 BASELINE_LAW = (1.0, 1.0, "loguniform")  # the baseline's "noise": unit eps alone, its initial state
 SAMPLERS = ("euler", "ancestral")  # the denoiser's steps, see run_iterations
+
+PRELUDE_OUT = "prelude_out"  # (N, T-1, d) float16: a frozen prelude's output of x_0..x_{T-2}
+PRELUDE_KEYS = ("embed.", "prelude.")  # the frozen modules' parameter names
 
 
 @dataclass
@@ -351,20 +346,19 @@ class LoopedRecipe(Recipe):
         if self.model_cfg.frozen_prelude:  # the core and coda train from the cached activations
             self.stream_arrays = (layout.TOKENS, PRELUDE_OUT)
 
-    def training_store(self, store_path, run, name):
-        """With a frozen prelude: its activations' sub-store of `store_path` (written once)."""
+    def frozen_module(self):
+        """With `frozen_prelude`: the token table and prelude of that finished looped run."""
         m = self.model_cfg
         if not m.frozen_prelude:
-            return store_path
-        if remote.is_url(store_path):  # its sub-store is renamed into place: a local folder
-            raise RunError(f"{store_path}: {arg('frozen_prelude')} caches the prelude's outputs in a "
-                           "local store; copy the store to local disk first")
-        prelude = load_prelude(Path(m.frozen_prelude))
-        fp = fingerprint(prelude)
-        check_resumed_run(Path(run), name, fp)
-        self.prelude_state = prelude
-        model = self.build_e2e({k: torch.from_numpy(v) for k, v in read_store_frozen(store_path).items()})
-        return activation_store(Path(store_path), model, fp, Path(m.frozen_prelude))
+            return None
+        return FrozenModule(m.frozen_prelude, PRELUDE_KEYS, PRELUDE_OUT, "frozen_prelude")
+
+    def freeze(self, tensors):
+        self.prelude_state = tensors
+
+    def frozen_outputs(self, model, rows):
+        """e (N, T-1, d) float16: the prelude's output of x_0..x_{T-2}."""
+        return model.context(rows[layout.TOKENS][:, :-1].long())[0].to(torch.float16)
 
     def _with_prelude(self, model: LoopedLM) -> LoopedLM:
         """The model with the frozen prelude's weights loaded and excluded from training."""
@@ -381,7 +375,7 @@ class LoopedRecipe(Recipe):
             module.requires_grad_(False)
         return model
 
-    def _sampler(self, options: dict) -> str:
+    def _sampler(self, options: Options) -> str:
         """The denoiser's sampler of an eval or sample call: the option given, else the config's."""
         return chosen_sampler(options, self.model_cfg.sampler, SAMPLERS, "a looped run")
 
@@ -508,7 +502,7 @@ class LoopedRecipe(Recipe):
 
     # ------------------------------------------------------------------ evaluation and generation
 
-    def evaluate(self, load_block, e2e, data, options):
+    def evaluate(self, load_block, e2e, source, options):
         """bpc over positions 1..T-1 of non-overlapping windows of `data` after K iterations
         (`num_steps`, default the config's `iterations`): the denoiser's token-ancestral chain
         exactly over its token draws (`ancestral_probs`, `eval_draws` noise draws per level and
@@ -516,14 +510,14 @@ class LoopedRecipe(Recipe):
         of the true token averaged over `eval_chains` initial states."""
         m, seed = self.model_cfg, self.cfg.train.seed
         t0 = time.perf_counter()
-        iterations = options.get("num_steps") or m.iterations
-        num_chains = options.get("eval_chains") or m.eval_chains
-        draws = options.get("eval_draws") or m.eval_draws
+        iterations = options.steps or m.iterations
+        num_chains = options.eval_chains or m.eval_chains
+        draws = options.eval_draws or m.eval_draws
         sampler = self._sampler(options) if e2e is None else None
         model = e2e if e2e is not None else load_block(0)
         model.eval()
         device = next(model.parameters()).device
-        x = eval_windows(data, vocab_of({layout.VOCAB: model.vocab}), m.seq_len, options.get("num_samples"))
+        x = eval_windows(source, m.seq_len, options.num_samples)
         n, t = x.shape
         exact = sampler == "ancestral"
         chains = torch.zeros(1 if exact else num_chains, n, t - 1)  # log p(x_{i+1}) of each chain
@@ -560,7 +554,7 @@ class LoopedRecipe(Recipe):
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
-    def sample_text(self, load_block: Any, e2e: nn.Module | None, options: dict) -> list[str]:
+    def sample_text(self, load_block: Any, e2e: nn.Module | None, options: Options) -> list[str]:
         """`num` texts of `length` characters (prompt included, at most seq_len; the prompt
         defaults to a newline): per new token K iterations (`steps`, default `iterations`) over
         the prefix's KV caches (the baseline's: one per iteration; the denoiser's: its context
@@ -571,12 +565,12 @@ class LoopedRecipe(Recipe):
         vocab = vocab_of({layout.VOCAB: model.vocab})
         x, length, g = prompt_rows(options, vocab, m.seq_len, next(model.parameters()).device)  # (N, P)
         with torch.no_grad():
-            x = generate(model, x, length, options.get("steps") or m.iterations, options, g, m.init_std,
+            x = generate(model, x, length, options.steps or m.iterations, options, g, m.init_std,
                          self._sampler(options))
         return [vocab.decode(row.cpu().numpy()) for row in x]
 
 
-def generate(model: LoopedLM, x: torch.Tensor, length: int, iterations: int, options: dict,
+def generate(model: LoopedLM, x: torch.Tensor, length: int, iterations: int, options: Options,
              g: torch.Generator, init_std: float = 1.0, sampler: str = "euler") -> torch.Tensor:
     """Tokens x (N, P) grown to `length`: the prompt's rows run their K iterations in one pass,
     then each new token is one row through the prelude and K iterations, every stack KV-cached."""

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbcore import layout, rng
-from dbcore.data import UNIFORMS
-from dbcore.layers import AdaLNFinal, AdaLNLayer, NoiseEmbedder
-from dbcore.recipes.base import Batch, Noised, NoiseRequest, Recipe
-from dbcore.recipes.lm import (
+from dbcore.method import layout, rng
+from dbcore.method.batch import UNIFORMS, Batch, Noised, NoiseRequest
+from dbcore.method.options import Options
+from dbcore.method.partition import layers_in_block
+from dbcore.models.layers import AdaLNFinal, AdaLNLayer, NoiseEmbedder
+from dbcore.models.lm import (
     EVAL_BATCH,
     TextModelConfig,
     TokenEmbedding,
@@ -43,7 +44,7 @@ from dbcore.recipes.lm import (
     text_arrays,
     vocab_of,
 )
-from dbcore.recipes.vit import layers_in_block
+from dbcore.recipes.base import Recipe
 from dbcore.wording import arg
 
 EVAL_SEED = 0x5EED  # counter-based draws of the BPC estimator, apart from any training seed
@@ -123,8 +124,8 @@ def masked_nats(model: MaskedDenoiser, x: torch.Tensor, x_t: torch.Tensor, t: to
 
 
 
-def no_sampler(options: dict) -> None:
-    if options.get("sampler") is not None:
+def no_sampler(options: Options) -> None:
+    if options.sampler is not None:
         raise ValueError(f"{arg('sampler', options['sampler'])}: the masked-diffusion LM unmasks "
                          "ancestrally; no sampler applies")
 
@@ -210,18 +211,15 @@ class MDLMRecipe(Recipe):
 
     # ------------------------------------------------------------------ evaluation: BPC by the ELBO
 
-    def evaluate(self, load_block, e2e, data, options):
-        """bpc: the ELBO (nats per character / ln 2) on non-overlapping windows of `data`, Monte
+    def evaluate(self, load_block, e2e, source, options):
+        """bpc: the ELBO (nats per character / ln 2) on non-overlapping windows of `source`, Monte
         Carlo over t with `eval_draws` stratified draws in each block's slice; `bpc_stderr` over
         windows; `per_block`: each slice's share. Blocks and baseline see the same t and masks."""
         m = self.model_cfg
         t0 = time.perf_counter()
         no_sampler(options)
         models = (lambda b: e2e) if e2e is not None else load_block
-        first = models(0)
-        vocab = vocab_of({layout.VOCAB: first.vocab})
-        x_all = eval_windows(data, vocab, m.seq_len, options.get("num_samples"))
-        del first
+        x_all = eval_windows(source, m.seq_len, options.num_samples)
         n, seq = x_all.shape
         nats = torch.zeros(n, dtype=torch.float64)  # per window, summed over the slices
         per_block = []
@@ -257,25 +255,25 @@ class MDLMRecipe(Recipe):
 
     # ------------------------------------------------------------------ sampling: ancestral unmasking
 
-    def sample_text(self, load_block: Any, e2e: nn.Module | None, options: dict) -> list[str]:
+    def sample_text(self, load_block: Any, e2e: nn.Module | None, options: Options) -> list[str]:
         """`num` texts of `length` characters (prompt included, at most seq_len): ancestral
         unmasking over `steps` steps from t = 1 to 0, allotted equally to blocks; a masked token is
         revealed from t to s with probability (alpha_s - alpha_t) / (1 - alpha_t), all at the end, as
         drawn by `pick` (temperature, top-k) or the likeliest token (greedy)."""
         m = self.model_cfg
         no_sampler(options)
-        steps = options.get("steps") or m.sample_steps
+        steps = options.steps or m.sample_steps
         if steps % m.num_blocks:
             raise ValueError(f"{arg('steps', steps)} must be a multiple of num_blocks {m.num_blocks}")
-        num, length = options["num"], options.get("length") or m.seq_len
+        num, length = options.num, options.length or m.seq_len
         models = (lambda b: e2e) if e2e is not None else load_block
         first = models(0)
         vocab = vocab_of({layout.VOCAB: first.vocab})
-        prompt = encode_prompt(options.get("prompt") or "", vocab)
+        prompt = encode_prompt(options.prompt or "", vocab)
         if not 0 < length <= m.seq_len or len(prompt) > length:
             raise ValueError(f"{arg('length', length)} must be in 1..seq_len {m.seq_len} and cover the "
                              f"prompt ({len(prompt)} characters)")
-        g = torch.Generator().manual_seed(int(options.get("seed") or 0))
+        g = torch.Generator().manual_seed(int(options.seed or 0))
         x = torch.full((num, length), MASK, dtype=torch.long)
         x[:, : len(prompt)] = prompt
         grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)

@@ -15,18 +15,21 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbcore import layout
-from dbcore.data import INDEX
-from dbcore.edm import EDMPrecond
 from dbcore.kernels import block_loss_ce
-from dbcore.layers import (
+from dbcore.method import layout
+from dbcore.method.batch import INDEX, NoiseRequest
+from dbcore.method.edm import EDMPrecond
+from dbcore.method.noise import mix_targets
+from dbcore.method.partition import CONFIG_SIGMA_DISTS, block_layers, layers_in_block
+from dbcore.method.sampler import DECODES, initial_noise, run_chain
+from dbcore.models.images import check_image_source, example_image_batch
+from dbcore.models.layers import (
     CONDITIONINGS,
     MODULATION_RANK,
     AdaLNFinal,
@@ -34,12 +37,9 @@ from dbcore.layers import (
     NoiseEmbedder,
     PreLNLayer,
     checkpointed,
+    make_target_embedding,
 )
-from dbcore.noise import mix_targets
-from dbcore.partition import CONFIG_SIGMA_DISTS
-from dbcore.recipes.base import NoiseRequest, Recipe
-from dbcore.sampler import DECODES, initial_noise, run_chain
-from dbcore.sources import load_source
+from dbcore.recipes.base import Recipe
 
 EVAL_BATCH = 512
 
@@ -66,7 +66,7 @@ class ViTConfig:
     gamma: float = 0.05  # overlap of the block ranges (METHOD.md 3)
     target_scale: float = 1.0  # norm of the rows of E
     gate_init: float = 0.0  # adaLN gates at initialisation: 0 = DiT's adaLN-Zero, 1 = a plain pre-LN layer
-    sigma_dist: str = "lognormal"  # in-block sigma distribution, see dbcore.partition.CONFIG_SIGMA_DISTS
+    sigma_dist: str = "lognormal"  # in-block sigma law: method.partition.CONFIG_SIGMA_DISTS
     conditioning: str = "adaln"  # "adaln-single": a noise embedding of width modulation_rank, not dim
     modulation_rank: int = MODULATION_RANK  # adaln-single: that width r
 
@@ -94,32 +94,6 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def block_layers(cfg: ViTConfig) -> list[int]:
-    """Layers of each block in network order; they always sum to depth (no layer is dropped)."""
-    if cfg.num_blocks < 1 or cfg.depth < 1:
-        raise ValueError(f"need depth >= 1 and num_blocks >= 1, got {cfg.depth}, {cfg.num_blocks}")
-    if cfg.layer_split is None:
-        if cfg.depth % cfg.num_blocks:
-            raise ValueError(
-                f"depth {cfg.depth} is not divisible by num_blocks {cfg.num_blocks}; "
-                "give layer_split explicitly"
-            )
-        return [cfg.depth // cfg.num_blocks] * cfg.num_blocks
-    split = list(cfg.layer_split)
-    if len(split) != cfg.num_blocks or sum(split) != cfg.depth or min(split) < 1:
-        raise ValueError(
-            f"layer_split {split} must have num_blocks={cfg.num_blocks} entries >= 1 "
-            f"summing to depth={cfg.depth}"
-        )
-    return split
-
-
-def layers_in_block(cfg: ViTConfig, block: int) -> int:
-    if not 0 <= block < cfg.num_blocks:
-        raise ValueError(f"block {block} is outside 0..{cfg.num_blocks - 1}")
-    return block_layers(cfg)[block]
-
-
 def vit_tiny(**overrides) -> ViTConfig:
     """sklearn digits, 8x8x1: 16 patches of 2x2, 4 layers of width 64, B = 2."""
     return dataclasses.replace(ViTConfig(), **overrides)
@@ -138,15 +112,6 @@ def vit_cifar(**overrides) -> ViTConfig:
         num_blocks=3,
     )
     return dataclasses.replace(cfg, **overrides)
-
-
-def make_target_embedding(
-    num_classes: int, dim: int, seed: int, scale: float = 1.0
-) -> torch.Tensor:
-    """Frozen class embedding E (V, d) float32: seeded Gaussian rows scaled to norm `scale`."""
-    g = torch.Generator().manual_seed(seed)
-    e = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
-    return (scale * e / e.norm(dim=1, keepdim=True)).float()
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -271,27 +236,6 @@ def _checked_embedding(rows: np.ndarray, num_classes: int, dim: int) -> torch.Te
     return torch.from_numpy(rows.astype(np.float32))
 
 
-def check_image_source(source: Any, image_size: int, channels: int, num_classes: int) -> None:
-    """Refuse a source whose images or labels do not fit the config (one clear line)."""
-    if not hasattr(source, "images"):
-        raise ValueError(f"source {source.spec}: an image recipe needs labelled images (digits or npz:PATH)")
-    _, h, w, c = source.images.shape
-    if (h, w, c) != (image_size, image_size, channels):
-        raise ValueError(f"source {source.spec}: images are {h}x{w}x{c}, the config expects "
-                         f"{image_size}x{image_size}x{channels}")
-    if source.num_classes > num_classes:
-        raise ValueError(f"source {source.spec}: label {source.num_classes - 1} >= num_classes {num_classes}")
-
-
-def example_image_batch(m: Any, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """A seeded random batch of uint8 images and labels shaped by an image recipe's config `m`."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size, m.image_size, m.image_size, m.channels), generator=g)
-    labels = torch.randint(0, m.num_classes, (batch_size,), generator=g)
-    return {layout.IMAGES: images.to(device, torch.uint8), layout.LABELS: labels.to(device),
-            INDEX: torch.arange(batch_size, device=device)}
-
-
 class ViTRecipe(Recipe):
     """ViT classifier: discrete target E[label], CE on the head's logits, Euler over softmax @ E."""
 
@@ -356,11 +300,10 @@ class ViTRecipe(Recipe):
         d_hat = torch.softmax(logits.float(), dim=-1) @ block.target_embedding.float()  # (N, d)
         return d_hat, logits
 
-    def evaluate(self, load_block, e2e, data, options):
+    def evaluate(self, load_block, e2e, source, options):
         """accuracy and loss (CE of the prediction's scores); along a chain, `per_block`: the
         accuracy of each block's last logits and of the running product of beliefs."""
         m, t = self.model_cfg, self.cfg.train
-        source = load_source(data)
         check_image_source(source, m.image_size, m.channels, m.num_classes)
         images, labels = torch.from_numpy(source.images), torch.from_numpy(source.labels)
         t0 = time.perf_counter()
@@ -370,8 +313,8 @@ class ViTRecipe(Recipe):
             with torch.no_grad():
                 scores = torch.cat([e2e(images_to_float(xb)) for xb in images.split(EVAL_BATCH)]).float()
         else:
-            steps = options.get("num_steps") or t.inference_steps or m.num_blocks
-            decode = options.get("decode") or t.decode
+            steps = options.steps or t.inference_steps or m.num_blocks
+            decode = options.decode or t.decode
             if decode not in DECODES:
                 raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
             n = len(labels)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
-from dbcore import rundir, store
 from dbcore.config import Config
+from dbcore.data import store
+from dbcore.data.frozen import read_frozen
+from dbcore.errors import RunError
+from dbcore.method.sampler import initial_noise, level_before, run_chain
 from dbcore.recipes import for_config
-from dbcore.recipes.base import read_frozen
-from dbcore.rundir import RunError, load_trained_block
-from dbcore.sampler import initial_noise, level_before, run_chain
+from dbcore.runs import rundir
+from dbcore.runs.rundir import load_trained_block
 
 
 def fingerprint(run: Path, upto_block: int) -> str:
@@ -33,9 +35,10 @@ def fingerprint(run: Path, upto_block: int) -> str:
 
 
 def chain_states_for(
-    cfg: Config, store_path: Path, run: Path, block: int
+    cfg: Config, cache: store.Store, run: Path, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (N, ...), sigma (N,)) handed to `block` by the trained earlier blocks, cached in the run."""
+    """(z (N, ...), sigma (N,)) handed to `block` by the trained earlier blocks, cached in the run;
+    `cache`: the run's open cache store."""
     fp = fingerprint(run, block)
     path = rundir.chain_path(run, block)
     if path.exists():
@@ -48,8 +51,7 @@ def chain_states_for(
         return torch.from_numpy(s.read("z", slice(None))), torch.from_numpy(s.read("sigma", slice(None)))
     recipe = for_config(cfg)
     m, t = cfg.model, cfg.train
-    cache = store.open(store_path)
-    frozen = read_frozen(cache, recipe)
+    frozen = read_frozen(cache, recipe.frozen_arrays)
     cond = {k: torch.from_numpy(cache.read(k)) for k in recipe.cond_arrays}
     n = len(next(iter(cond.values())))
     steps = t.inference_steps or m.num_blocks

@@ -18,11 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dbcore import remote
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not match its metadata."""
+from dbcore.errors import CheckpointError
+from dbcore.runs import mirror
 
 
 def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -86,7 +83,7 @@ def save(base: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
         raise CheckpointError(f"checkpoint {base}: could not be written ({exc}); the previous one is "
                               "kept and training resumes from it once there is space") from None
     _replace_atomically(js_tmp, js)  # the JSON last: a checkpoint exists once it names its tensors
-    remote.published(st, js)  # the same order in a mirrored s3:// run
+    mirror.published(st, js)  # the same order in a mirrored s3:// run
     return digest
 
 

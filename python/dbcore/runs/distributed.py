@@ -20,9 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dbcore import cache, checkpoint, remote, rundir, store
 from dbcore.config import Config, from_dict
-from dbcore.rundir import RunError
+from dbcore.data import cache, store
+from dbcore.data.location import is_url, parse_location
+from dbcore.errors import RunError
+from dbcore.runs import checkpoint, mirror, rundir
 from dbcore.wording import arg
 
 MAX_RETRIES = 3
@@ -68,16 +70,16 @@ def _raise_cause(ray: Any, ref: Any) -> Any:
 
 def _absolute(location: str | Path) -> str:
     """A store or run as every node names it: an s3:// URL, or an absolute path."""
-    return location if remote.is_url(location) else str(Path(location).resolve())
+    return location if is_url(location) else str(Path(location).resolve())
 
 
 def _train_one(cfg_dict: dict, where: str, store_path: str, run: str, block: int, progress: bool,
                activation_checkpointing: bool) -> dict:
     """The task: one block, as `dbcore train --block` would train it."""
-    from dbcore.train import train_run
+    from dbcore.runs.train import train_run
 
     cfg = from_dict(cfg_dict, where)
-    return train_run(cfg, remote.location(store_path), remote.location(run), block=block, progress=progress,
+    return train_run(cfg, parse_location(store_path), parse_location(run), block=block, progress=progress,
                      activation_checkpointing=activation_checkpointing)[0]
 
 
@@ -88,7 +90,7 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
     (finished blocks report `{"name", "skipped": "finished"}`). `echo` reports each block as it
     ends; `progress`: the tasks' progress lines (forwarded to this process by Ray)."""
     ray = import_ray()
-    from dbcore.train import check_store
+    from dbcore.runs.train import check_store
 
     if cfg.train.mode == "sequential":
         raise RunError("--ray trains blocks independently; [train] mode = \"sequential\" needs them in order")
@@ -97,7 +99,7 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
     bad = [b for b in blocks if not 0 <= b < cfg.model.num_blocks]
     if bad:
         raise RunError(f"{arg('block', bad[0])} is outside 0..{cfg.model.num_blocks - 1}")
-    with remote.local_run(run) as local:  # an s3:// run: its mirror here; the tasks mirror it too
+    with mirror.local_run(run) as local:  # an s3:// run: its mirror here; the tasks mirror it too
         rundir.write_run_json(local, cfg.to_dict(), store_path, "blocks")  # before any task: one writer
         results = {b: {"name": rundir.block_name(b), "skipped": "finished"} for b in blocks
                    if finished(local, b)}
@@ -133,14 +135,14 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
 def _cache_units(cfg_dict: dict, where: str, spec: str, noise: str, draws: int, seed: int,
                  target_embedding: Any, out: str, attrs: dict, units: list[cache.Unit]) -> list[cache.Unit]:
     """The task: write `units` of the store at `out`, from the source loaded by its spec."""
-    from dbcore.sources import load_source
+    from dbcore.data.sources import load_source
 
     plan = cache.plan_cache(from_dict(cfg_dict, where), load_source(spec), noise, draws, seed,
                             target_embedding)
     if plan.attrs != attrs:  # another file at the same path, another package version...
         raise store.StoreError(f"{out}: a Ray worker sees other cache inputs than the command: "
                                f"{attrs.get('source')} there, {plan.attrs.get('source')} here")
-    s = store.open(remote.location(out), require_complete=False)
+    s = store.open(parse_location(out), require_complete=False)
     cache.write_units(s, plan.jobs, units)
     return units
 
@@ -172,13 +174,13 @@ def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws
     """`cache.write_cache` of the source `spec` by Ray tasks (default: one per CPU of the cluster);
     see the module docs."""
     ray = import_ray()
+    from dbcore.data.sources import load_source
     from dbcore.progress import bar as progress_bar
-    from dbcore.sources import load_source
 
     if tasks is not None and tasks < 1:
         raise ValueError(f"{arg('tasks', tasks)} must be >= 1")
     plan = cache.plan_cache(cfg, load_source(spec), noise, draws, seed, target_embedding)
-    out = remote.location(out)
+    out = parse_location(out)
     with store.writer_lock(out):
         s, done = cache.open_for_writing(out, plan.attrs, overwrite)
         units = cache.pending_units(s, plan.jobs, done)

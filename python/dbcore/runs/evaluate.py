@@ -7,17 +7,26 @@ classifier, FID and class accuracy for a generator).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from dbcore import remote, rundir
 from dbcore.config import Config, from_dict
+from dbcore.data.sources import load_source
+from dbcore.data.text import load_text
+from dbcore.method import layout
+from dbcore.method.batch import Frozen
+from dbcore.method.options import Options
+from dbcore.models.lm import vocab_of
 from dbcore.recipes import for_config
-from dbcore.recipes.base import Frozen, Recipe
+from dbcore.recipes.base import Recipe
+from dbcore.runs import mirror, rundir
+from dbcore.runs.reference import fid_reference
 
 
-@remote.mirrored("run")
+@mirror.mirrored("run")
 def load_run(run: Path) -> tuple[dict, Config]:
     info = rundir.read_run_json(run)
     return info, from_dict(info["config"], str(Path(run) / "run.json"))
@@ -26,7 +35,7 @@ def load_run(run: Path) -> tuple[dict, Config]:
 def block_loader(run: Path, kind: str, recipe: Recipe):
     """load_block(b) for the sampler: a block of a "blocks" run, or of the paper-shared model."""
     if kind == "paper-shared":
-        from dbcore.paper_shared import load_shared
+        from dbcore.runs.paper_shared import load_shared
 
         shared = load_shared(run, recipe)
         return lambda b: shared.blocks[b]
@@ -41,15 +50,31 @@ def load_e2e(run: Path, recipe: Recipe) -> nn.Module:
     return rundir.load_model(run, rundir.E2E, recipe.build_e2e(frozen), recipe=recipe.name)
 
 
-@remote.mirrored("run")
+@mirror.mirrored("run")
 def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | None = None,
-             **options) -> dict:
-    """One JSON-able dict: the recipe's report of the run on `data`, with the run's kind."""
+             reference_valid: str | None = None, **options) -> dict:
+    """One JSON-able dict: the recipe's report of the run on source `data`, with the run's kind.
+    `options`: the fields of `Options` (steps in all are `num_steps`); `reference_valid`: the
+    held-out source a generator's FID reference network is checked on (default: `data`)."""
     info, cfg = load_run(run)
     recipe = for_config(cfg)
-    opts = {"num_steps": num_steps, "decode": decode, "store": info.get("store"), "data": data, **options}
-    report = recipe.evaluate(*_models(run, info["kind"], recipe), data, opts)
+    opts = Options.of({"steps": num_steps, "decode": decode, **options})
+    if recipe.fid_reference:
+        if not info.get("store"):
+            raise ValueError("DiT evaluation needs the run's training store (run.json 'store')")
+        opts = dataclasses.replace(opts, reference=fid_reference(info["store"], reference_valid or data))
+    source = _source(run, info["kind"], recipe, data)
+    report = recipe.evaluate(*_models(run, info["kind"], recipe), source, opts)
     return {"kind": info["kind"], "recipe": cfg.recipe, "data": data, **report}
+
+
+def _source(run: Path, kind: str, recipe: Recipe, data: str) -> Any:
+    """Source `data` as the recipe reads it: labelled images, or a text through the run's vocabulary."""
+    if recipe.source_kind != "text":
+        return load_source(data)
+    name = rundir.E2E if kind == "e2e" else rundir.SHARED if kind == "paper-shared" else rundir.block_name(0)
+    frozen = rundir.frozen_from_checkpoint(run, name, (layout.VOCAB,), recipe=recipe.name)
+    return load_text(data, vocab_of(frozen))
 
 
 def _models(run: Path, kind: str, recipe: Recipe) -> tuple:
@@ -59,7 +84,7 @@ def _models(run: Path, kind: str, recipe: Recipe) -> tuple:
     return block_loader(run, kind, recipe), None
 
 
-@remote.mirrored("run")
+@mirror.mirrored("run")
 def sample_text_run(run: Path, options: dict) -> list[str]:
     """Texts of a language-model run (`Recipe.sample_text`), one block in memory at a time.
     options: num, length, prompt, steps, temperature, top_k, seed (recipe-specific ones too)."""
@@ -67,5 +92,5 @@ def sample_text_run(run: Path, options: dict) -> list[str]:
     recipe = for_config(cfg)
     if recipe.source_kind != "text":
         raise rundir.RunError(f"run {run}: recipe {cfg.recipe!r} does not generate text")
-    opts = {"seed": cfg.train.seed, **{k: v for k, v in options.items() if v is not None}}
+    opts = Options.of({"seed": cfg.train.seed, **{k: v for k, v in options.items() if v is not None}})
     return recipe.sample_text(*_models(run, info["kind"], recipe), opts)

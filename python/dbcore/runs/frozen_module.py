@@ -1,13 +1,14 @@
-"""A frozen prelude for the looped LM (`dbcore train ... --freeze-prelude RUN`): its outputs for
-every training window are written once into the store, and the core and coda train from them.
+"""Training beside a frozen module (`Recipe.frozen_module`, e.g. the looped LM's prelude with
+`dbcore train ... --freeze-prelude RUN`): the module's outputs for every training row are written
+once into the store, and training streams them instead of running the module.
 
-The activations live in a sub-store of the training store, `STORE/prelude_<fingerprint[:16]>`: a
-complete dbcore store of its own (the tokens, the frozen arrays, the attributes and `prelude_out`
-(N, T-1, d) float16) whose `frozen_prelude` attribute names the fingerprint of the prelude weights
-that made it (sha256 of the token table and prelude layers of the run's finished checkpoint). It
+The outputs live in a sub-store of the training store, `STORE/prelude_<fingerprint[:16]>`: a
+complete dbcore store of its own (the streamed input arrays, the recipe's frozen arrays, the
+attributes, and the outputs) whose `frozen_prelude` attribute names the fingerprint of the frozen
+weights that made it (sha256 of the frozen modules' tensors in the run's finished checkpoint). It
 is written under a temporary name and renamed when complete, so a crash leaves no store that looks
-finished; a leftover temporary is removed on the next attempt. A run that trained on one prelude
-refuses to resume on another.
+finished; a leftover temporary is removed on the next attempt. A run that trained on one frozen
+module refuses to resume on another.
 """
 
 from __future__ import annotations
@@ -16,21 +17,23 @@ import hashlib
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dbcore import checkpoint, layout, rundir, store
-from dbcore.rundir import RunError
+from dbcore.data import store
+from dbcore.data.frozen import read_frozen
+from dbcore.data.location import is_url
+from dbcore.errors import RunError
+from dbcore.recipes.base import FrozenModule, Recipe
+from dbcore.runs import checkpoint, rundir
 from dbcore.wording import arg
 
-PRELUDE_OUT = "prelude_out"  # (N, T-1, d) float16: the frozen prelude's output of x_0..x_{T-2}
-PRELUDE_KEYS = ("embed.", "prelude.")  # the frozen modules' parameter names
 ROWS_PER_PASS = 256
+STORE_ATTR = "frozen_prelude"  # the sub-store's attribute naming the weights that made it
 
 
-def prelude_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The token table and prelude layers of a model's state (names as in the model)."""
-    return {k: v for k, v in tensors.items() if k.startswith(PRELUDE_KEYS)}
+def module_tensors(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The frozen modules' tensors of a model's state (names as in the model)."""
+    return {k: v for k, v in tensors.items() if k.startswith(prefixes)}
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -43,60 +46,84 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def load_prelude(run: Path) -> dict[str, torch.Tensor]:
-    """The prelude of a finished looped run (its block or its baseline checkpoint)."""
+def load_module(spec: FrozenModule, recipe: str) -> dict[str, torch.Tensor]:
+    """The frozen modules of a finished run of `recipe` (its baseline's checkpoint or block 0's)."""
+    run = Path(spec.run)
     info = rundir.read_run_json(run)
-    if info["config"]["model"].get("recipe") != "looped":
-        raise RunError(f"--freeze-prelude {run}: not a looped run (recipe "
-                       f"{info['config']['model'].get('recipe')!r})")
+    found = info["config"]["model"].get("recipe")
+    if found != recipe:
+        raise RunError(f"{arg(spec.option)} {run}: not a {recipe} run (recipe {found!r})")
     name = rundir.E2E if info["kind"] == "e2e" else rundir.block_name(0)
     rundir.done_meta(run, name)
     tensors, _ = checkpoint.load(rundir.checkpoint_base(run, name), prefix="model.")
-    return prelude_tensors(tensors)
+    return module_tensors(tensors, spec.prefixes)
 
 
-def check_resumed_run(run: Path, name: str, fp: str) -> None:
-    """Refuse to resume checkpoint `name` of `run` if it trained on another prelude."""
+def check_resumed_run(run: Path, name: str, fp: str, spec: FrozenModule) -> None:
+    """Refuse to resume checkpoint `name` of `run` if it trained beside other frozen weights."""
     base = rundir.checkpoint_base(run, name)
     if not checkpoint.exists(base):
         return
     tensors, _ = checkpoint.load(base, prefix="model.")
-    found = fingerprint(prelude_tensors(tensors))
+    found = fingerprint(module_tensors(tensors, spec.prefixes))
     if found != fp:
         raise RunError(f"run {run}: {name} was trained on the frozen prelude {found[:16]}, "
-                       f"{arg('frozen_prelude')} gives {fp[:16]}; use a new {arg('out')}")
+                       f"{arg(spec.option)} gives {fp[:16]}; use a new {arg('out')}")
 
 
-def activation_store(source: Path, model: torch.nn.Module, fp: str, run: Path) -> Path:
-    """The sub-store of `source` holding the prelude's outputs under fingerprint `fp` (written if
-    missing); `model` is a looped model whose prelude holds the frozen weights."""
-    path = Path(source) / f"prelude_{fp[:16]}"
+def training_store(recipe: Recipe, s: store.Store, run: Path, name: str) -> store.Store:
+    """The store that checkpoint `name` of `run` trains from: `s`, or with a frozen module the
+    sub-store of its outputs (written once). The recipe is given the frozen weights."""
+    spec = recipe.frozen_module()
+    if spec is None:
+        return s
+    if is_url(s.path):  # the sub-store is renamed into place: a local folder
+        raise RunError(f"{s.path}: {arg(spec.option)} caches the prelude's outputs in a "
+                       "local store; copy the store to local disk first")
+    tensors = load_module(spec, recipe.name)
+    fp = fingerprint(tensors)
+    check_resumed_run(Path(run), name, fp, spec)
+    recipe.freeze(tensors)
+    return _output_store(recipe, s, fp, spec)
+
+
+def _output_store(recipe: Recipe, src: store.Store, fp: str, spec: FrozenModule) -> store.Store:
+    """The sub-store of `src` holding the frozen modules' outputs under fingerprint `fp`."""
+    path = Path(src.path) / f"prelude_{fp[:16]}"
     if path.exists():
         s = store.open(path, require_complete=False)
-        made_by = s.attrs.get("frozen_prelude", {}).get("fingerprint")
+        made_by = s.attrs.get(STORE_ATTR, {}).get("fingerprint")
         if not s.complete or made_by != fp:
             raise RunError(f"{path}: holds activations of prelude {str(made_by)[:16]}, not {fp[:16]} "
                            "(or is incomplete); remove it")
-        return path
+        return s
     tmp = path.with_name(path.name + ".partial")
     if tmp.exists():  # what a crash left behind
         shutil.rmtree(tmp)
-    src = store.open(source)
-    attrs = {**src.attrs, "frozen_prelude": {"fingerprint": fp, "run": str(Path(run).resolve()),
-                                             "source": str(Path(source).resolve())}}
+    attrs = {**src.attrs, STORE_ATTR: {"fingerprint": fp, "run": str(Path(spec.run).resolve()),
+                                       "source": str(Path(src.path).resolve())}}
     dst = store.create(tmp, attrs)
-    for name in (layout.VOCAB, layout.TARGET_EMBEDDING):
+    for name in recipe.frozen_arrays:
         dst.write_array(name, src.read(name))
-    n, t = src.info(layout.TOKENS).shape
-    d = model.embed.table.embedding_dim
-    model.eval()
-    with dst.array_writer(layout.TOKENS, (n, t), np.int32) as tokens, \
-            dst.array_writer(PRELUDE_OUT, (n, t - 1, d), np.float16) as out, torch.no_grad():
-        for start in range(0, n, ROWS_PER_PASS):
-            rows = src.read(layout.TOKENS, slice(start, min(n, start + ROWS_PER_PASS)))
-            tokens.write(start, rows)
-            e, _ = model.context(torch.from_numpy(rows[:, :-1]).long())  # (rows, T-1, d)
-            out.write(start, e.to(torch.float16).numpy())
+    model = recipe.build_e2e(read_frozen(src, recipe.frozen_arrays)).eval()
+    inputs = [a for a in recipe.stream_arrays if a != spec.output]
+    n = src.info(inputs[0]).shape[0]
+    writers: dict[str, store.ArrayWriter] = {}
+    try:
+        with torch.no_grad():
+            for start in range(0, n, ROWS_PER_PASS):
+                rows = {a: src.read(a, slice(start, min(n, start + ROWS_PER_PASS))) for a in inputs}
+                out = recipe.frozen_outputs(model, {a: torch.from_numpy(r) for a, r in rows.items()}).numpy()
+                if not writers:
+                    for a in inputs:
+                        writers[a] = dst.array_writer(a, src.info(a).shape, rows[a].dtype)
+                    writers[spec.output] = dst.array_writer(spec.output, (n, *out.shape[1:]), out.dtype)
+                for a in inputs:
+                    writers[a].write(start, rows[a])
+                writers[spec.output].write(start, out)
+    finally:
+        for w in writers.values():
+            w.close()
     dst.finalize()
     tmp.rename(path)
-    return path
+    return store.open(path)

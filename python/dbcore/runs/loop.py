@@ -7,7 +7,7 @@ Losses are summed on the device and read once per logging window: no host sync p
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -17,15 +17,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dbcore import checkpoint, rundir, store
 from dbcore.config import Config
-from dbcore.data import INDEX, BatchStream
-from dbcore.flops import Ledger
+from dbcore.data import store
+from dbcore.data.stream import BatchStream
+from dbcore.method.batch import INDEX, Batch
+from dbcore.method.flops import Ledger
 from dbcore.progress import bar as progress_bar
-from dbcore.recipes.base import Batch, decayed_parameters
+from dbcore.recipes.base import decayed_parameters
+from dbcore.runs import checkpoint, rundir
+from dbcore.runs.step import NumpyBatch, update
 
 LOG_EVERY = 25
-NumpyBatch = dict[str, np.ndarray]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,20 +112,6 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, **fused)
 
 
-def precision_of(precision: str, device: torch.device) -> str:
-    """The forward's precision that `[train] precision` gives on `device`: "bf16" for "bf16", and
-    for "auto" on CUDA; "fp32" otherwise."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast where `precision_of` says bf16 (master weights, gradients and optimizer state
-    stay fp32); no autocast otherwise."""
-    if precision_of(precision, device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def prepare_device(model: nn.Module, cfg: Config) -> torch.device:
     """TF32 matmuls on CUDA (unless precision = "fp32"), and `torch.compile` when asked; the
     model's device."""
@@ -152,7 +140,7 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], to
     `ledger`: the compute that `step_loss` books per step, kept in checkpoints and metrics."""
     t = cfg.train
     base = rundir.checkpoint_base(run, name)
-    device = prepare_device(model, cfg)
+    prepare_device(model, cfg)
     opt = make_optimizer(model, cfg)
     start = _resume(base, model, opt, stream, ledger)
     meta = {"name": name, "recipe": cfg.recipe, "total_steps": t.steps,
@@ -169,13 +157,7 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], to
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        with autocast_for(t.precision, device):
-            loss = step_loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
+        loss = update(model, opt, functools.partial(step_loss, batch), t.precision, t.grad_clip)
         loss_sum, loss_count = loss_sum.to(loss.device) + loss.detach().float(), loss_count + 1
         bar.update(1)
         done = step + 1

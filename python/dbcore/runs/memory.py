@@ -31,13 +31,21 @@ import torch
 import torch.nn as nn
 
 from dbcore import config as config_mod
-from dbcore import rng
-from dbcore.data import INDEX, UNIFORMS
-from dbcore.layers import checkpoint_layers
-from dbcore.loop import autocast_for, precision_of
-from dbcore.loss import sample_weights
+from dbcore.method.batch import INDEX, Batch, Frozen, Noised
+from dbcore.models.layers import checkpoint_layers
 from dbcore.recipes import for_config
-from dbcore.recipes.base import Batch, Frozen, Noised, Recipe
+from dbcore.recipes.base import Recipe
+from dbcore.runs.step import (
+    autocast_for,
+    block_noised,
+    block_step_loss,
+    drawn_here,
+    e2e_noise_key,
+    e2e_noised,
+    e2e_step_loss,
+    precision_of,
+    update,
+)
 
 MEASURED_STEPS = 3
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -57,23 +65,23 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
-def _noised(recipe: Recipe, batch: Batch, frozen: Frozen, block: int | None) -> Noised:
-    """Block `block`'s noise (the baseline's whole range for block None) from the generator, draw 0."""
-    y = recipe.targets(batch, frozen)
-    law = recipe.e2e_law() if block is None else recipe.sigma_law(block)
-    key = 0 if block is None else block
-    idx = batch[INDEX].cpu()
-    uniforms = rng.uniforms_of(idx, recipe.noise_request(tuple(y.shape[1:])).uniforms, 0, key, 0)
-    return recipe.noise({INDEX: idx.numpy(), UNIFORMS: uniforms.numpy()}, y, key, 0, law, 0)
+def _noised(recipe: Recipe, batch: Batch, frozen: Frozen, block: int | None) -> Noised | None:
+    """Block `block`'s noise (the baseline's for block None) from the generator, seed 0, draw 0,
+    as training draws it (`dbcore.runs.step`)."""
+    key = e2e_noise_key(recipe.model_cfg.num_blocks) if block is None else block
+    uniforms = recipe.noise_request(recipe.target_shape(frozen)).uniforms
+    drawn = drawn_here(batch[INDEX].cpu().numpy(), uniforms, 0, key, 0)
+    if block is None:
+        return e2e_noised(recipe, drawn, batch, frozen, key, 0, 0, "torch")
+    return block_noised(recipe, drawn, batch, frozen, block, 0, 0, "torch")
 
 
 def training_loss(recipe: Recipe, model: nn.Module, batch: Batch, frozen: Frozen, block: int | None,
                   noised: Noised | None) -> torch.Tensor:
-    """The recipe's own loss of a block (or of the baseline, block None), unit weights."""
+    """The recipe's loss of a block (or of the baseline, block None), as a training step takes it."""
     if block is None:
-        w = None if noised is None else sample_weights(noised.sigma, "none")
-        return recipe.e2e_loss(model, batch, noised, w)
-    return recipe.block_loss(model, batch, noised, sample_weights(noised.sigma, "none"))
+        return e2e_step_loss(recipe, model, batch, noised, "torch")
+    return block_step_loss(recipe, model, batch, noised, "torch")
 
 
 def _warm_up(cfg, dev: torch.device) -> None:
@@ -174,13 +182,9 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step() -> torch.Tensor:
-        with autocast_for(cfg.train.precision, dev):  # as the trainer runs: bf16 on CUDA by default
-            loss = training_loss(recipe, model, batch, frozen, block, noised)
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        opt.step()
-        return loss
+    def step() -> torch.Tensor:  # as the trainer runs it: bf16 on CUDA by default
+        return update(model, opt, lambda: training_loss(recipe, model, batch, frozen, block, noised),
+                      cfg.train.precision, cfg.train.grad_clip)
 
     for _ in range(MEASURED_STEPS):
         step()
@@ -208,7 +212,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
 
 def _spawn(config_path: str, kind: str, batch_size: int, device: str, allocator: str, chunks: int,
            timed_steps: int = TIMED_STEPS) -> dict:
-    cmd = [sys.executable, "-m", "dbcore.memory", str(config_path), kind, str(batch_size), device,
+    cmd = [sys.executable, "-m", "dbcore.runs.memory", str(config_path), kind, str(batch_size), device,
            allocator, str(chunks), str(timed_steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:

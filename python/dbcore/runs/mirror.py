@@ -10,7 +10,7 @@ object). On download the metrics objects are joined into the mirror's `metrics.j
 
 Credentials, region and endpoint come from the standard AWS environment variables (including
 `AWS_ENDPOINT_URL`), through s3fs: `pip install 'dbcore[s3]'`. Stores at `s3://` are read and
-written by the Rust store directly (`dbcore.store`).
+written by the Rust store directly (`dbcore.data.store`).
 """
 
 from __future__ import annotations
@@ -24,33 +24,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-S3_EXTRA = "pip install 'dbcore[s3]'"
-METRICS_PREFIX = "metrics/"  # in the bucket: metrics/NAME.jsonl per model
+from dbcore.data.location import is_url
+from dbcore.errors import RunError
 
-Location = str | Path  # a store or run: an s3:// URL or a local path
+S3_EXTRA = "pip install 'dbcore[s3]'"
+METRICS = "metrics.jsonl"  # a run's metrics; in the bucket, one object per model:
+METRICS_PREFIX = "metrics/"  # metrics/NAME.jsonl
+
 _active: dict[Path, Mirror] = {}  # local mirror -> its run, while a command works in it
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _error(message: str) -> Exception:
-    from dbcore.rundir import RunError  # rundir reports to this module: imported late
-
     return RunError(message)
 
 
 def _metrics(local: Path) -> Path:
-    from dbcore.rundir import METRICS
-
     return local / METRICS
-
-
-def is_url(location: Any) -> bool:
-    return isinstance(location, str) and location.startswith("s3://")
-
-
-def location(where: str | os.PathLike[str]) -> str | Path:
-    """A store or run argument: an `s3://` URL stays a string, anything else is a Path."""
-    return where if is_url(where) else Path(where)
 
 
 def _filesystem() -> Any:

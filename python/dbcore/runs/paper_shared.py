@@ -13,19 +13,21 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from dbcore import checkpoint, rng, rundir, store
 from dbcore.config import Config
-from dbcore.data import INDEX, BatchStream
+from dbcore.data import store
+from dbcore.data.frozen import read_frozen
+from dbcore.data.stream import BatchStream
+from dbcore.errors import RunError
 from dbcore.kernels import resolve_backend
-from dbcore.loop import noise_seed, resolve_device, to_device, train_loop
-from dbcore.noise import noised_targets
+from dbcore.method.batch import INDEX, Frozen
 from dbcore.recipes import for_config
-from dbcore.recipes.base import Frozen, Noised, Recipe, read_frozen
-from dbcore.rundir import RunError
+from dbcore.recipes.base import Recipe
+from dbcore.runs import checkpoint, rundir
+from dbcore.runs.loop import noise_seed, resolve_device, to_device, train_loop
+from dbcore.runs.step import NumpyBatch, block_noised, block_step_loss, drawn_here
 
 
 def _tie_all_but_layers(first: nn.Module, other: nn.Module, layers: nn.Module) -> None:
@@ -58,7 +60,8 @@ def block_of_step(step: int, seed: int, num_blocks: int) -> int:
     return int(torch.randint(num_blocks, (1,), generator=g))
 
 
-def train_paper_shared(cfg: Config, store_path: Path, run: Path, progress: bool = True) -> dict:
+def train_paper_shared(cfg: Config, s: store.Store, run: Path, progress: bool = True) -> dict:
+    """Train the shared layout from the open cache store `s` (checked by the caller)."""
     m, t = cfg.model, cfg.train
     recipe = for_config(cfg)
     if type(recipe).noise is not Recipe.noise:
@@ -66,32 +69,27 @@ def train_paper_shared(cfg: Config, store_path: Path, run: Path, progress: bool 
                        "z = y + sigma * eps")
     device = resolve_device(t.device)
     backend = resolve_backend(t.backend, device)
-    s = store.open(store_path)
-    frozen = read_frozen(s, recipe)
+    frozen = read_frozen(s, recipe.frozen_arrays)
     torch.manual_seed(t.seed)
     model = SharedBlocks(recipe, frozen).to(device)
     frozen = {k: v.to(device) for k, v in frozen.items()}
     loop_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, steps=t.steps * m.num_blocks))
     seed = noise_seed(s)
-    stream = BatchStream(store_path, list(recipe.stream_arrays), t.batch_size, seed=t.seed, drop_last=True)
+    stream = BatchStream(s, list(recipe.stream_arrays), t.batch_size, seed=t.seed, drop_last=True,
+                         window_bytes=cfg.window_bytes())
     step_counter = {"step": 0}
     req = recipe.noise_request(recipe.target_shape(frozen))
 
-    def step_loss(b_np: dict[str, np.ndarray]) -> torch.Tensor:
+    def step_loss(raw: NumpyBatch) -> torch.Tensor:
         b = block_of_step(step_counter["step"], t.seed, m.num_blocks)
         step_counter["step"] += 1
-        batch = to_device(b_np, recipe.stream_arrays, device)
+        batch = to_device(raw, recipe.stream_arrays, device)
         draw = stream.epoch
-        y = recipe.targets(batch, frozen)
-        # the generator's noise of (seed, sample, block, draw = epoch), as online training draws it
-        idx = batch[INDEX].cpu()
-        z, sigma = noised_targets(y, idx, seed, b, draw, recipe.sigma_law(b), backend)
-        uniforms = rng.uniforms_of(idx, req.uniforms, seed, b, draw).to(device)  # as the stream's
-        noised = Noised(z, sigma, uniforms)
-        y_train = recipe.train_targets(y, batch, frozen, b, draw)
-        if y_train is not y:
-            noised.z = noised.z + (y_train - y)
-        return recipe.block_loss(model.blocks[b], batch, noised, recipe.loss_weights(noised), backend)
+        # the generator's noise of (seed, sample, block b, draw = epoch), as online training draws
+        # it: the uniforms here (the stream cannot know b), eps and sigma by `Recipe.noise`
+        drawn = drawn_here(raw[INDEX], req.uniforms, seed, b, draw)
+        noised = block_noised(recipe, drawn, batch, frozen, b, draw, seed, backend)
+        return block_step_loss(recipe, model.blocks[b], batch, noised, backend)
 
     base = rundir.checkpoint_base(run, rundir.SHARED)
     if checkpoint.exists(base):

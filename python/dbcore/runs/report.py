@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dbcore import remote, rundir
-from dbcore.evaluate import block_loader, load_e2e, load_run
+from dbcore.method.options import Options
 from dbcore.recipes import for_config
+from dbcore.runs import mirror, rundir
+from dbcore.runs.evaluate import block_loader, load_e2e, load_run
 from dbcore.wording import arg
 
 
@@ -44,7 +45,7 @@ def save_grid(images: np.ndarray, rows: int, out: Path) -> None:
     plt.imsave(out, grid[..., 0] if grid.shape[2] == 1 else grid, cmap=cmap, vmin=0, vmax=255)
 
 
-@remote.mirrored("run")
+@mirror.mirrored("run")
 def sample_run(run: Path, num: int = 100, class_: int | None = None, cfg_scale: float | None = None,
                num_steps: int | None = None, seed: int | None = None, sampler: str | None = None
                ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -62,7 +63,7 @@ def sample_run(run: Path, num: int = 100, class_: int | None = None, cfg_scale: 
     else:
         labels, rows = torch.arange(num) % k, k
         labels = labels.view(-1, k).T.reshape(-1) if num % k == 0 else labels
-    opts = {"num_steps": num_steps, "cfg_scale": cfg_scale, "seed": seed, "sampler": sampler}
+    opts = Options.of({"steps": num_steps, "cfg_scale": cfg_scale, "seed": seed, "sampler": sampler})
     if info["kind"] == "e2e":
         x = recipe.sample(None, load_e2e(run, recipe), labels, opts)
     else:
@@ -91,8 +92,8 @@ def plot_losses(runs: list[Path], out: Path) -> None:
     plt.close(fig)
 
 
-@remote.mirrored("run")
-@remote.mirrored("baseline")
+@mirror.mirrored("run")
+@mirror.mirrored("baseline")
 def report(run: Path, out_dir: Path, baseline: Path | None = None, num: int = 100) -> list[Path]:
     """Write `losses.png` (and `samples.png` for a generating recipe) into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
     RUN/chain/block{b}.zarr        states that trained blocks < b hand to block b (sequential mode)
     RUN/metrics.jsonl              one JSON line per logged step
 
-A run at `s3://bucket/prefix` is worked on in a local mirror (`dbcore.remote`).
+A run at `s3://bucket/prefix` is worked on in a local mirror (`dbcore.runs.mirror`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from dbcore import checkpoint, remote
+from dbcore.data.location import is_url
+from dbcore.errors import RunError
+from dbcore.runs import checkpoint, mirror
+from dbcore.runs.mirror import METRICS
 from dbcore.wording import arg
 
 KINDS = ("blocks", "e2e", "paper-shared")
-METRICS = "metrics.jsonl"
 E2E = "e2e"
 SHARED = "shared"
-
-
-class RunError(RuntimeError):
-    """A run directory, store or config that do not fit together."""
 
 
 def block_name(block: int) -> str:
@@ -51,7 +49,7 @@ def log_metrics(run: Path, record: dict) -> None:
     except OSError as exc:  # a full disk: say so in one line; the checkpoints are untouched
         raise RunError(f"run {run}: could not append to {path.name} ({exc})") from None
     if "name" in record:
-        remote.metrics_logged(run, record["name"])
+        mirror.metrics_logged(run, record["name"])
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -67,7 +65,7 @@ def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) ->
         raise ValueError(f"run kind must be one of {KINDS}, got {kind!r}")
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    store = store_path if remote.is_url(store_path) else str(Path(store_path).resolve())
+    store = store_path if is_url(store_path) else str(Path(store_path).resolve())
     info = {"kind": kind, "store": store, "config": config_dict}
     path = run / "run.json"
     if path.is_file():
@@ -79,13 +77,14 @@ def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) ->
     tmp = path.with_name("run.json.tmp")
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(path)
-    remote.published(path)
+    mirror.published(path)
 
 
 def _same_config(old: Any, new: dict) -> bool:
     """Whether a run's recorded config is `new`, keys that a later version added (at their
     defaults) aside: a run trained before an upgrade still resumes."""
-    from dbcore.config import ConfigError, from_dict
+    from dbcore.config import from_dict
+    from dbcore.errors import ConfigError
 
     if old == new:
         return True

@@ -1,0 +1,1 @@
+"""Data: sources (images, text), the Zarr v3 store (Rust), the batch stream (Rust), the cache writer."""

@@ -1,0 +1,73 @@
+"""`dbcore bench memory --store STORE`: what a user's `dbcore train` process holds.
+
+For the end-to-end baseline and each block, a short real `train` over the real store runs in a
+child process (`--steps`, a fresh run directory); its anonymous resident memory (RssAnon: heap,
+tensors, buffers; not the mapped store or libraries) is sampled every `POLL_S` seconds and its peak
+kept. The fixed share is the peak of a child that only imports torch and dbcore and opens the
+store; each peak less that share is what training itself holds. CPU only: on CUDA the device's
+memory is the model step's figure (`dbcore.runs.memory`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dbcore.data.location import Location
+
+POLL_S = 0.01
+PROCESS_STEPS = 60
+FIXED_SHARE = "import torch, dbcore.runs.train, dbcore.data.store as s, sys; s.open(sys.argv[1])"
+
+
+def _rss_anon(pid: int) -> int | None:
+    """RssAnon of process `pid` in bytes (None once it has exited)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return 0
+
+
+def peak_rss_anon(cmd: list[str]) -> int:
+    """The peak RssAnon of a child running `cmd`, sampled until it exits; a failure raises with
+    the tail of its output."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _rss_anon(proc.pid) or 0)
+        time.sleep(POLL_S)
+    out = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}):\n{out[-2000:]}")
+    return peak
+
+
+def measure_process(config_path: str | Path, store: Location, num_blocks: int, steps: int = PROCESS_STEPS
+                    ) -> dict:
+    """Peak RssAnon of a short `train` of the baseline and of each block, and the fixed share."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    fixed = peak_rss_anon([sys.executable, "-c", FIXED_SHARE, str(store)])
+    peaks = {}
+    for kind in ["e2e", *[f"block{b}" for b in range(num_blocks)]]:
+        with tempfile.TemporaryDirectory(prefix="dbcore-bench-") as run:
+            which = ["--e2e"] if kind == "e2e" else ["--block", kind.removeprefix("block")]
+            peaks[kind] = peak_rss_anon([sys.executable, "-m", "dbcore.cli", "train", str(config_path),
+                                         "--store", str(store), "--out", run, "--steps", str(steps),
+                                         "--quiet", *which])
+    blocks = [peaks[f"block{b}"] for b in range(num_blocks)]
+    beyond = max(blocks) - fixed
+    return {
+        "steps": steps,
+        "fixed_bytes": fixed,
+        "e2e_peak_bytes": peaks["e2e"],
+        "block_peak_bytes": blocks,
+        "max_block_over_e2e": max(blocks) / peaks["e2e"],
+        "max_block_over_e2e_beyond_fixed": beyond / max(1, peaks["e2e"] - fixed),
+    }
