@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,26 @@ CONFIGS = {  # config -> the source it is cached from
     "arlm_shakespeare": f"text:{DATA / 'shakespeare' / 'train.txt'}",
     "looped_shakespeare": f"text:{DATA / 'shakespeare' / 'train.txt'}",
 }
+VARIANTS = {  # name -> (config, [model] values changed in a copy of it)
+    "arlm_shakespeare_t256_d256": ("arlm_shakespeare", {"seq_len": 256, "stride": 128, "dim": 256,
+                                                        "target_scale": 8.0}),
+}
 KEPT = ("num_blocks", "batch_size", "e2e_peak_bytes", "block_peak_bytes", "max_block_over_e2e_per_block")
+
+
+def variant(name: str, root: Path, scratch: Path) -> Path:
+    """The config `name`: a shipped one, or a copy of one with some [model] lines changed."""
+    if name not in VARIANTS:
+        return root / "configs" / f"{name}.toml"
+    base, values = VARIANTS[name]
+    text = (root / "configs" / f"{base}.toml").read_text()
+    for key, value in values.items():
+        text, n = re.subn(rf"^{key}\s*=\s*[^#\n]*", f"{key} = {value} ", text, flags=re.MULTILINE)
+        if n != 1:
+            raise ValueError(f"{base}.toml: expected one '{key} =' line, found {n}")
+    out = scratch / f"{name}.toml"
+    out.write_text(text)
+    return out
 
 
 def cached(config: Path, source: str, stores: Path) -> Path:
@@ -43,7 +63,7 @@ def cached(config: Path, source: str, stores: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *VARIANTS])
     ap.add_argument("--steps", type=int, default=PROCESS_STEPS)
     ap.add_argument("--stores", type=Path, default=None, help="folder of cached stores (kept)")
     ap.add_argument("--json", type=Path, required=True)
@@ -54,8 +74,9 @@ def main() -> None:
         stores = args.stores or Path(scratch)
         stores.mkdir(parents=True, exist_ok=True)
         for name in args.configs:
-            config = root / "configs" / f"{name}.toml"
-            store = cached(config, CONFIGS[name], stores)
+            config = variant(name, root, Path(scratch))
+            source = CONFIGS[VARIANTS[name][0] if name in VARIANTS else name]
+            store = cached(config, source, stores)
             step = measure_all(config, timed_steps=0)
             process = measure_process(config, store, step["num_blocks"], args.steps)
             results[name] = {"model_step": {k: step[k] for k in KEPT}, "process": process}
