@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *VARIANTS])
     ap.add_argument("--steps", type=int, default=PROCESS_STEPS)
+    ap.add_argument("--allocators", nargs="+", default=["default"], choices=["default", "tight"])
     ap.add_argument("--stores", type=Path, default=None, help="folder of cached stores (kept)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
@@ -78,12 +79,15 @@ def main() -> None:
             source = CONFIGS[VARIANTS[name][0] if name in VARIANTS else name]
             store = cached(config, source, stores)
             step = measure_all(config, timed_steps=0)
-            process = measure_process(config, store, step["num_blocks"], args.steps)
-            results[name] = {"model_step": {k: step[k] for k in KEPT}, "process": process}
-            print(json.dumps({name: {"model_step_ratio": step["max_block_over_e2e_per_block"],
-                                     **{k: process[k] for k in ("max_block_over_e2e",
-                                                                "max_block_over_e2e_beyond_fixed")}}}),
-                  flush=True)
+            results[name] = {"model_step": {k: step[k] for k in KEPT}}
+            for allocator in args.allocators:
+                process = measure_process(config, store, step["num_blocks"], args.steps, allocator)
+                results[name][f"process_{allocator}"] = process
+                print(json.dumps({name: {"allocator": allocator,
+                                         "model_step_ratio": step["max_block_over_e2e_per_block"],
+                                         **{k: process[k] for k in ("max_block_over_e2e",
+                                                                    "max_block_over_e2e_beyond_fixed")}}}),
+                      flush=True)
     tmp = args.json.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"steps": args.steps, "cpu_count": os.cpu_count(), "configs": results},
                               indent=1))

@@ -71,3 +71,21 @@ def test_checkpoint_chunks_shrink_what_a_checkpointed_block_recomputes(tmp_path)
     assert four["saved_activation_bytes"] == one["saved_activation_bytes"]
     assert four["step_seconds"] > 0 and one["step_seconds"] > 0
     assert four["peak_bytes"] < 0.8 * one["peak_bytes"], (four["peak_bytes"], one["peak_bytes"])
+
+
+def test_the_train_process_is_measured_beside_the_model_step(tmp_path):
+    from dbcore.runs.process_memory import measure_process
+
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(TOML.replace("batch_size = 256", "batch_size = 256\nthreads = 1\ncheckpoint_every = 2"))
+    runner = CliRunner()
+    assert runner.invoke(main, ["cache", str(cfg), "--out", str(tmp_path / "c.zarr")]).exit_code == 0
+    r = measure_process(cfg, tmp_path / "c.zarr", 2, steps=2, allocator="tight")
+    assert r["allocator"] == "tight" and r["steps"] == 2 and len(r["block_peak_bytes"]) == 2
+    # torch imported and the store opened: a share every process pays, below any training run
+    assert 0 < r["fixed_bytes"] < min(r["e2e_peak_bytes"], *r["block_peak_bytes"])
+    assert r["max_block_over_e2e"] == max(r["block_peak_bytes"]) / r["e2e_peak_bytes"]
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        measure_process(cfg, tmp_path / "c.zarr", 2, steps=0)
+    out = runner.invoke(main, ["bench", "memory", str(cfg), "--process-steps", "3"])
+    assert out.exit_code == 1 and "--process-steps needs --store" in out.output

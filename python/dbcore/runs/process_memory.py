@@ -6,10 +6,15 @@ tensors, buffers; not the mapped store or libraries) is sampled every `POLL_S` s
 kept. The fixed share is the peak of a child that only imports torch and dbcore and opens the
 store; each peak less that share is what training itself holds. CPU only: on CUDA the device's
 memory is the model step's figure (`dbcore.runs.memory`).
+
+Allocator: "default" is glibc as a user's process gets it (freed heap may stay resident); "tight"
+runs the children with glibc's mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`), as the
+model step's "tight" does, so that the difference between the two is the allocator's caching.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -20,6 +25,7 @@ from dbcore.data.location import Location
 
 POLL_S = 0.01
 PROCESS_STEPS = 60
+ALLOCATOR_ENV = {"default": {}, "tight": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 FIXED_SHARE = "import torch, dbcore.runs.train, dbcore.data.store as s, sys; s.open(sys.argv[1])"
 
 
@@ -34,10 +40,11 @@ def _rss_anon(pid: int) -> int | None:
     return 0
 
 
-def peak_rss_anon(cmd: list[str]) -> int:
+def peak_rss_anon(cmd: list[str], allocator: str = "default") -> int:
     """The peak RssAnon of a child running `cmd`, sampled until it exits; a failure raises with
     the tail of its output."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, **ALLOCATOR_ENV[allocator]}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, _rss_anon(proc.pid) or 0)
@@ -48,23 +55,26 @@ def peak_rss_anon(cmd: list[str]) -> int:
     return peak
 
 
-def measure_process(config_path: str | Path, store: Location, num_blocks: int, steps: int = PROCESS_STEPS
-                    ) -> dict:
+def measure_process(config_path: str | Path, store: Location, num_blocks: int, steps: int = PROCESS_STEPS,
+                    allocator: str = "default") -> dict:
     """Peak RssAnon of a short `train` of the baseline and of each block, and the fixed share."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    fixed = peak_rss_anon([sys.executable, "-c", FIXED_SHARE, str(store)])
+    if allocator not in ALLOCATOR_ENV:
+        raise ValueError(f"allocator must be one of {sorted(ALLOCATOR_ENV)}, got {allocator!r}")
+    fixed = peak_rss_anon([sys.executable, "-c", FIXED_SHARE, str(store)], allocator)
     peaks = {}
     for kind in ["e2e", *[f"block{b}" for b in range(num_blocks)]]:
         with tempfile.TemporaryDirectory(prefix="dbcore-bench-") as run:
             which = ["--e2e"] if kind == "e2e" else ["--block", kind.removeprefix("block")]
             peaks[kind] = peak_rss_anon([sys.executable, "-m", "dbcore.cli", "train", str(config_path),
                                          "--store", str(store), "--out", run, "--steps", str(steps),
-                                         "--quiet", *which])
+                                         "--quiet", *which], allocator)
     blocks = [peaks[f"block{b}"] for b in range(num_blocks)]
     beyond = max(blocks) - fixed
     return {
         "steps": steps,
+        "allocator": allocator,
         "fixed_bytes": fixed,
         "e2e_peak_bytes": peaks["e2e"],
         "block_peak_bytes": blocks,
