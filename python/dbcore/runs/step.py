@@ -1,8 +1,11 @@
 """One training step, defined once: the loss of a batch (a block's, or the baseline's) and the
 update it makes. Training, the paper-shared comparison and `dbcore bench memory` all run these.
 
-    loss = block_step_loss(recipe, model, raw, batch, frozen, block, draw, seed, backend)
-    update(model, opt, lambda: loss_of_batch(...), precision, grad_clip)
+    def loss():  # under the run's precision, as `update` calls it
+        noised = block_noised(recipe, raw, batch, frozen, block, draw, seed, backend)
+        return block_step_loss(recipe, model, batch, noised, backend)
+
+    update(model, opt, loss, precision, grad_clip)
 """
 
 from __future__ import annotations
