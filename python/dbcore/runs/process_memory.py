@@ -3,8 +3,10 @@
 For the end-to-end baseline and each block, a short real `train` over the real store runs in a
 child process (`--steps`, a fresh run directory); its anonymous resident memory (RssAnon: heap,
 tensors, buffers; not the mapped store or libraries) is sampled every `POLL_S` seconds and its peak
-kept. The fixed share is the peak of a child that only imports torch and dbcore and opens the
-store; each peak less that share is what training itself holds. CPU only: on CUDA the device's
+kept. The fixed share is the peak of a child that imports torch and dbcore, opens the store and
+takes one AdamW step on one parameter: torch loads its optimizer machinery (about 80 MiB of
+compiler modules) on the first step of any process, whatever the model; each peak less that
+share is what training itself holds. CPU only: on CUDA the device's
 memory is the model step's figure (`dbcore.runs.memory`).
 
 Allocator: "default" is glibc as a user's process gets it (freed heap may stay resident); "tight"
@@ -26,7 +28,8 @@ from dbcore.data.location import Location
 POLL_S = 0.01
 PROCESS_STEPS = 60
 ALLOCATOR_ENV = {"default": {}, "tight": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
-FIXED_SHARE = "import torch, dbcore.runs.train, dbcore.data.store as s, sys; s.open(sys.argv[1])"
+FIXED_SHARE = ("import sys, torch, dbcore.runs.train, dbcore.data.store as s; s.open(sys.argv[1]); "
+               "w = torch.zeros(1, requires_grad=True); w.sum().backward(); torch.optim.AdamW([w]).step()")
 
 
 def _rss_anon(pid: int) -> int | None:
