@@ -20,14 +20,12 @@ from dbcore.data.frozen import read_frozen
 from dbcore.data.stream import BatchStream
 from dbcore.recipes import for_config
 from dbcore.runs.loop import make_optimizer, to_device
+from dbcore.runs.process_memory import status_bytes
 from dbcore.runs.step import block_noised, block_step_loss
 
 
 def rss_anon_mib() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) // 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
+    return status_bytes("RssAnon") // 2**20
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from dbcore.method import layout, rng
 from dbcore.method.batch import EPS, INDEX, UNIFORMS
 from dbcore.method.noise import block_noise
 from dbcore.recipes import for_config
+from dbcore.runs.process_memory import status_bytes
 
 N = 1000
 
@@ -388,13 +389,6 @@ def test_uncompressed_maps_survive_epochs_and_overwrite(tmp_path):
         np.testing.assert_array_equal(b["x"], X4[b[INDEX]])
 
 
-def _rss_anon() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon")
-
-
 def test_online_noise_is_drawn_per_batch_not_per_window(tmp_path):
     """A wide noise request over a large shuffle window holds the noise of the batches taken, not
     of the window: 16,384 rows x 8,192 Gaussians would be 1 GiB of float64 for the window."""
@@ -403,13 +397,13 @@ def test_online_noise_is_drawn_per_batch_not_per_window(tmp_path):
     s.finalize()
     stream = BatchStream(tmp_path / "w.zarr", ["y"], 64, noise=(0, 1, 8192, 1), prefetch=2)
     assert stream.plan["window_chunks"] * stream.plan["chunk_rows"] >= 16384  # one window: every row
-    before = _rss_anon()
+    before = status_bytes("RssAnon")
     held = []
     for batch in stream:
         held.append(batch)
         if len(held) == 4:
             break
-    grown = _rss_anon() - before
+    grown = status_bytes("RssAnon") - before
     assert grown < 96 * 2**20, f"{grown / 2**20:.0f} MiB for 4 batches of 4 MiB of noise"
     for batch in held:  # the values are the generator's (Rust's libm and torch agree to 1e-14)
         expect = rng.gaussian(torch.from_numpy(batch[INDEX]), 8192, 0, 1, 0).numpy()

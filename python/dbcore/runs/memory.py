@@ -35,6 +35,7 @@ from dbcore.method.batch import INDEX, Batch, Frozen, Noised
 from dbcore.models.layers import checkpoint_layers
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Recipe
+from dbcore.runs.process_memory import status_bytes
 from dbcore.runs.step import (
     autocast_for,
     block_noised,
@@ -52,13 +53,6 @@ M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 TIGHT_MMAP_THRESHOLD = 64 * 1024
 ALLOCATORS = ("tight", "default")
 TIMED_STEPS = 5
-
-
-def _rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _reset_peak() -> None:
@@ -177,7 +171,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
     else:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        base = _rss_bytes("VmRSS") - model_cpu_bytes
+        base = status_bytes("VmRSS") - model_cpu_bytes
         _reset_peak()
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -192,7 +186,7 @@ def worker(config_path: str, kind: str, batch_size: int, device: str, allocator:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _rss_bytes("VmHWM") - base
+        peak = status_bytes("VmHWM") - base
     times = []
     for _ in range(timed_steps):
         t0 = time.perf_counter()

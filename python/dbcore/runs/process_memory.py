@@ -32,15 +32,13 @@ FIXED_SHARE = ("import sys, torch, dbcore.runs.train, dbcore.data.store as s; s.
                "w = torch.zeros(1, requires_grad=True); w.sum().backward(); torch.optim.AdamW([w]).step()")
 
 
-def _rss_anon(pid: int) -> int | None:
-    """RssAnon of process `pid` in bytes (None once it has exited)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return 0
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory field of a process's `/proc/PID/status` (VmRSS, VmHWM, RssAnon...) in bytes; an
+    OSError once the process is gone, a LookupError while it has no memory (a zombie)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"/proc/{pid}/status has no {field}")
 
 
 def peak_rss_anon(cmd: list[str], allocator: str = "default") -> int:
@@ -50,7 +48,10 @@ def peak_rss_anon(cmd: list[str], allocator: str = "default") -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _rss_anon(proc.pid) or 0)
+        try:
+            peak = max(peak, status_bytes("RssAnon", proc.pid))
+        except (OSError, LookupError):  # exiting, or between two images in exec: no sample
+            pass
         time.sleep(POLL_S)
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode != 0:
