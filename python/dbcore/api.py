@@ -149,7 +149,8 @@ def evaluate(run: PathLike, data: Any, *, steps: int | None = None, num_samples:
     `data`: a source spec, a Source or TextSource, or an iterable of image batches (as for `cache`).
     `steps`: sampler steps in all (default: the run's); `num_samples`: generator samples for FID,
     or LM windows; `decode`: "last" or "product" (classifier). Other options go to the recipe:
-    `cfg_scale`, `sampler` ("euler" or "heun"), `eval_chains` (AR and looped LMs).
+    `cfg_scale`, `sampler` ("euler", "heun" or "ancestral"), `eval_chains` (AR and looped LMs),
+    `exact` (AR and looped LMs, ancestral: every level summed exactly, not stratified).
     """
     from dbcore.runs.evaluate import evaluate as evaluate_run
 

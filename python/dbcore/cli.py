@@ -148,13 +148,16 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, checkpo
 @click.option("--chains", type=click.IntRange(min=1), default=None,
               help="AR (Euler) and looped LMs: initial states per position, readouts averaged "
                    "(default: config)")
+@click.option("--exact", is_flag=True,
+              help="AR and looped LMs, ancestral: sum every level over all its likely tokens (cost "
+                   "grows with the vocabulary) instead of the stratified estimate")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, as_json):
+def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, exact, as_json):
     """The recipe's report of a DiffusionBlocks or end-to-end run (accuracy; FID and class accuracy; BPC)."""
     from dbcore import api
 
     result = _run_safely(api.evaluate, run, source, steps=steps, decode=decode, num_samples=num_samples,
-                         cfg_scale=cfg_scale, sampler=sampler, eval_chains=chains)
+                         cfg_scale=cfg_scale, sampler=sampler, eval_chains=chains, exact=exact or None)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -32,6 +32,9 @@ class Options:
     num_samples: int | None = None  # eval: a generator's samples for FID, or LM windows (None: all)
     eval_chains: int | None = None  # eval of AR (Euler) and looped LMs: initial states per position
     eval_draws: int | None = None  # eval of AR and looped LMs: draws per position
+    exact: bool = False  # eval of AR and looped LMs, ancestral: sum every level's tokens exactly
+    eval_head: int | None = None  # eval of AR and looped LMs, ancestral: likeliest tokens per level
+    eval_tail: int | None = None  # eval of AR and looped LMs, ancestral: tokens drawn per level
     num: int = 1  # sample: texts to write
     length: int | None = None  # sample: tokens per text, prompt included
     prompt: str | None = None  # sample: the beginning of every text

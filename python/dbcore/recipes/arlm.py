@@ -42,7 +42,7 @@ from dbcore.method.noise import mix_token_targets
 from dbcore.method.options import Options
 from dbcore.method.partition import CONFIG_SIGMA_DISTS, euler_schedule, layers_in_block
 from dbcore.method.sampler import DECODES, run_chain
-from dbcore.models.ancestral import TINY, LevelNoise, level_probs, nats_of
+from dbcore.models.ancestral import EXACT, TINY, Estimator, LevelNoise, level_probs, nats_of
 from dbcore.models.layers import KV, LN_EPS, AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
 from dbcore.models.lm import (
     EVAL_BATCH,
@@ -79,6 +79,8 @@ class ARConfig(TextModelConfig):
     decode: str = "last"  # the prediction: the last step's logits or the product of every step's
     eval_chains: int = 8  # BPC, Euler: chains from independent initial noise per position, averaged
     eval_draws: int = 1  # BPC, ancestral: noise draws per level and candidate token (`ancestral_probs`)
+    eval_head: int = 3  # BPC, ancestral: likeliest tokens summed exactly per level (`Estimator`)
+    eval_tail: int = 4  # BPC, ancestral: tokens drawn from the rest per level (`Estimator`)
     sampler: str = "euler"  # per token: the Euler chain (METHOD.md 6) or the token-ancestral one
 
     def __post_init__(self) -> None:
@@ -93,6 +95,7 @@ class ARConfig(TextModelConfig):
         if min(self.eval_chains, self.eval_draws) < 1:
             raise ValueError(f"eval_chains and eval_draws must be >= 1, got {self.eval_chains}, "
                              f"{self.eval_draws}")
+        Estimator(head=self.eval_head, tail=self.eval_tail)  # checks both
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if self.sampler not in SAMPLERS:
@@ -339,8 +342,8 @@ class ARRecipe(Recipe):
     def evaluate(self, load_block, e2e, source, options):
         """bpc over positions 1..T-1 of non-overlapping windows of `data`: the baseline's causal
         forward, or generation's own likelihood of the true token given the true prefix, per
-        sampler (`_euler_nats`, `_ancestral_nats`); `bpc_stderr` over windows; `per_block`: the
-        prediction after each block (its probe)."""
+        sampler (`_euler_nats`, `_ancestral_nats`: the stratified estimate unless `exact`);
+        `bpc_stderr` over windows; `per_block`: the prediction after each block (its probe)."""
         m = self.model_cfg
         t0 = time.perf_counter()
         sampler = sampler_of(options, m)
@@ -348,6 +351,8 @@ class ARRecipe(Recipe):
         decode = options.decode or m.decode
         num_chains = options.eval_chains or m.eval_chains
         draws = options.eval_draws or m.eval_draws
+        estimator = Estimator.of(options, m.eval_head, m.eval_tail)
+        summed: dict = {}
         if e2e is not None:
             vocab = vocab_of({layout.VOCAB: e2e.vocab})
             x = eval_windows(source, m.seq_len, options.num_samples)
@@ -365,7 +370,8 @@ class ARRecipe(Recipe):
             if sampler == "ancestral":
                 no_product(options)
                 decode = num_chains = None
-                nats, per_block = self._ancestral_nats(load_block, x, steps, draws)
+                nats, per_block = self._ancestral_nats(load_block, x, steps, draws, estimator)
+                summed = estimator.describe(len(vocab))
             else:
                 draws = None
                 nats, per_block = self._euler_nats(load_block, x, len(vocab), steps, decode, num_chains)
@@ -381,6 +387,7 @@ class ARRecipe(Recipe):
             "decode": decode,
             "eval_chains": num_chains,
             "eval_draws": draws,
+            **summed,
             "seconds": round(time.perf_counter() - t0, 3),
             "per_block": per_block,
         }
@@ -416,19 +423,19 @@ class ARRecipe(Recipe):
             chains[k] = torch.log_softmax(scores[:, 1:], -1).gather(-1, x[:, 1:, None])[..., 0]
         return -(torch.logsumexp(chains, 0) - math.log(num_chains)), per_block  # (n, T-1)
 
-    def _ancestral_nats(self, load_block: Any, x: torch.Tensor, steps: int, draws: int
-                        ) -> tuple[torch.Tensor, list[dict]]:
+    def _ancestral_nats(self, load_block: Any, x: torch.Tensor, steps: int, draws: int,
+                        estimator: Estimator) -> tuple[torch.Tensor, list[dict]]:
         """-log p(x_i) (n, T-1) of the token-ancestral chain (`ancestral_probs`) and its probes."""
-        p, per_block = self.ancestral_probs(load_block, x, steps, draws)
+        p, per_block = self.ancestral_probs(load_block, x, steps, draws, estimator)
         return nats_of(p[:, 1:], x[:, 1:]), per_block
 
-    def ancestral_probs(self, load_block: Any, x: torch.Tensor, steps: int, draws: int
-                        ) -> tuple[torch.Tensor, list[dict]]:
+    def ancestral_probs(self, load_block: Any, x: torch.Tensor, steps: int, draws: int,
+                        estimator: Estimator = EXACT) -> tuple[torch.Tensor, list[dict]]:
         """Generation's distribution (n, T, V) of token i given the true prefix x_<i under the
-        token-ancestral chain, exact over its token draws (`dbcore.recipes.ancestral`; noisy rows
-        see no other noisy row). Only eps is Monte Carlo (`draws` per level and candidate), so the
-        estimate has none of the Euler chain's log-of-a-mean bias from committed tokens. Probes:
-        BPC after each block."""
+        token-ancestral chain (`dbcore.models.ancestral`; noisy rows see no other noisy row),
+        summed over each level's tokens by `estimator`, with `draws` eps per level and candidate.
+        Unbiased for each probability, so it has none of the Euler chain's log-of-a-mean bias from
+        committed tokens. Probes: BPC after each block."""
         m, seed = self.model_cfg, self.cfg.train.seed
         schedule = euler_schedule(m.num_blocks, steps)
         n, t = x.shape
@@ -446,7 +453,8 @@ class ARRecipe(Recipe):
                         noise = LevelNoise(torch.arange(rows.start, rows.stop), (t, m.dim), seed,
                                            m.num_blocks, i, draws, len(block.vocab), device)
                         prev = None if p is None else p[rows].to(device)
-                        level[rows] = _level_probs(block, x[rows].to(device), s.sigma, noise, prev).cpu()
+                        level[rows] = _level_probs(block, x[rows].to(device), s.sigma, noise, prev,
+                                                   estimator).cpu()
                     p = level
             del block
             assert p is not None
@@ -519,9 +527,9 @@ def no_product(options: Options) -> None:
                          "logits only")
 
 
-def _level_probs(block: ARBlock, x: torch.Tensor, sigma: float, noise: LevelNoise, prev: torch.Tensor | None
-                 ) -> torch.Tensor:
-    """One level of the token-ancestral chain (`dbcore.recipes.ancestral.level_probs`) for
+def _level_probs(block: ARBlock, x: torch.Tensor, sigma: float, noise: LevelNoise, prev: torch.Tensor | None,
+                 estimator: Estimator = EXACT) -> torch.Tensor:
+    """One level of the token-ancestral chain (`dbcore.models.ancestral.level_probs`) for
     windows x (N, T): the clean rows' caches once, every candidate's noisy rows after them."""
     n, t = x.shape
     clean = block.denoiser.backbone.extend(x, 0, None)  # the clean rows' caches, once per window
@@ -531,7 +539,7 @@ def _level_probs(block: ARBlock, x: torch.Tensor, sigma: float, noise: LevelNois
         logits = block.noisy_logits(z.reshape(c * n, t, -1), sigma, repeated(clean, c))
         return torch.softmax(logits.float(), -1).view(c, n, t, -1)
 
-    return level_probs(readout, block.target_embedding, sigma, noise, prev)
+    return level_probs(readout, block.target_embedding, sigma, noise, prev, x, estimator)
 
 
 def arlm_tiny(**overrides: Any) -> ARConfig:

@@ -15,8 +15,8 @@ rows <= i and itself, no other noisy row. Training runs the prelude, the context
 noisy pass of the core and coda at the sampled sigma: no unrolling, no back-propagation through
 time. Inference: K levels from sigma_max (`euler_schedule(1, K)`), Euler steps with
 D_hat = softmax(logits) @ E (METHOD.md 12) or the token-ancestral chain; the last logits predict.
-Since the noisy rows are independent given the context, the ancestral chain's likelihood is exact
-over its token draws (`dbcore.recipes.ancestral`).
+Since the noisy rows are independent given the context, the ancestral chain's likelihood is a sum
+over its token draws, exact or stratified (`dbcore.models.ancestral`).
 
 Baseline (`--e2e`, Huginn's recipe at small scale): a random initial state, r ~ Poisson-lognormal
 iterations around `train_iterations` per step, gradients through the last `backprop_iterations`
@@ -48,7 +48,7 @@ from dbcore.method.flops import layer_flops, linear_flops, score_flops
 from dbcore.method.noise import mix_token_targets
 from dbcore.method.options import Options
 from dbcore.method.partition import SIGMA_DISTS, euler_schedule
-from dbcore.models.ancestral import LevelNoise, Readout, level_probs, nats_of
+from dbcore.models.ancestral import EXACT, Estimator, LevelNoise, Readout, level_probs, nats_of
 from dbcore.models.layers import KV, LN_EPS, NoiseEmbedder, PreLNLayer
 from dbcore.models.lm import (
     EVAL_BATCH,
@@ -95,6 +95,8 @@ class LoopedConfig(TextModelConfig):
     target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12)
     eval_chains: int = 8  # BPC (baseline, Euler): readouts averaged over this many initial states
     eval_draws: int = 1  # BPC (ancestral): noise draws per level and candidate token (`ancestral_probs`)
+    eval_head: int = 3  # BPC (ancestral): likeliest tokens summed exactly per level (`Estimator`)
+    eval_tail: int = 4  # BPC (ancestral): tokens drawn from the rest per level (`Estimator`)
     sampler: str = "euler"  # the denoiser's steps: "euler" (METHOD.md 6) or "ancestral" (run_iterations)
     frozen_prelude: str = ""  # a finished looped run whose prelude is frozen (`--freeze-prelude`)
 
@@ -116,6 +118,7 @@ class LoopedConfig(TextModelConfig):
                self.eval_draws) < 1:
             raise ValueError("iterations, train_iterations, backprop_iterations, eval_chains and eval_draws "
                              "must be >= 1")
+        Estimator(head=self.eval_head, tail=self.eval_tail)  # checks both
         if self.sigma_dist not in SIGMA_DISTS:
             raise ValueError(f"sigma_dist must be one of {SIGMA_DISTS}, got {self.sigma_dist!r}")
         if self.sampler not in SAMPLERS:
@@ -290,11 +293,11 @@ def denoiser_steps(model: LoopedDenoiser, e: torch.Tensor, caches: Any, noise: t
 
 
 def ancestral_probs(model: LoopedDenoiser, x: torch.Tensor, iterations: int, windows: torch.Tensor,
-                    seed: int, draws: int) -> torch.Tensor:
+                    seed: int, draws: int, estimator: Estimator = EXACT) -> torch.Tensor:
     """Generation's distribution (N, T-1, V) of x_{i+1} given x_0..x_i for windows x (N, T) under
-    the token-ancestral chain of K levels, exact over its token draws (`dbcore.recipes.ancestral`):
-    the context caches once per window, every candidate's noisy rows after them. `windows` (N,)
-    key the counter-based eps (`draws` per level and candidate)."""
+    the token-ancestral chain of K levels, each level summed over tokens by `estimator`
+    (`dbcore.models.ancestral`): the context caches once per window, every candidate's noisy rows
+    after them. `windows` (N,) key the counter-based eps (`draws` per level and candidate)."""
     n, t = x.shape
     e, _ = model.context(x[:, :-1])  # (N, T-1, d)
     caches = model.context_caches(e)
@@ -311,7 +314,7 @@ def ancestral_probs(model: LoopedDenoiser, x: torch.Tensor, iterations: int, win
     p = None  # (N, T-1, V): the chain's token distribution so far
     for i, s in enumerate(euler_schedule(1, iterations)):
         noise = LevelNoise(windows, (t - 1, emb.shape[1]), seed, 1, i, draws, len(emb), x.device)
-        p = level_probs(readout_at(s.sigma), emb, s.sigma, noise, p)
+        p = level_probs(readout_at(s.sigma), emb, s.sigma, noise, p, x[:, 1:], estimator)
     assert p is not None
     return p
 
@@ -505,28 +508,29 @@ class LoopedRecipe(Recipe):
     def evaluate(self, load_block, e2e, source, options):
         """bpc over positions 1..T-1 of non-overlapping windows of `data` after K iterations
         (`num_steps`, default the config's `iterations`): the denoiser's token-ancestral chain
-        exactly over its token draws (`ancestral_probs`, `eval_draws` noise draws per level and
-        candidate); else (the baseline, or the denoiser's Euler chain) the readout's probability
+        (`ancestral_probs`, summed stratified unless `exact`, `eval_draws` noise draws per level
+        and candidate); else (the baseline, or the denoiser's Euler chain) the readout's probability
         of the true token averaged over `eval_chains` initial states."""
         m, seed = self.model_cfg, self.cfg.train.seed
         t0 = time.perf_counter()
         iterations = options.steps or m.iterations
         num_chains = options.eval_chains or m.eval_chains
         draws = options.eval_draws or m.eval_draws
+        estimator = Estimator.of(options, m.eval_head, m.eval_tail)
         sampler = self._sampler(options) if e2e is None else None
         model = e2e if e2e is not None else load_block(0)
         model.eval()
         device = next(model.parameters()).device
         x = eval_windows(source, m.seq_len, options.num_samples)
         n, t = x.shape
-        exact = sampler == "ancestral"
-        chains = torch.zeros(1 if exact else num_chains, n, t - 1)  # log p(x_{i+1}) of each chain
+        ancestral = sampler == "ancestral"
+        chains = torch.zeros(1 if ancestral else num_chains, n, t - 1)  # log p(x_{i+1}) of each chain
         with torch.no_grad():
             for start in range(0, n, EVAL_BATCH):
                 xb = x[start:start + EVAL_BATCH].to(device)
                 windows = torch.arange(start, start + len(xb))
-                if exact:
-                    p = ancestral_probs(model, xb, iterations, windows, seed, draws)
+                if ancestral:
+                    p = ancestral_probs(model, xb, iterations, windows, seed, draws, estimator)
                     chains[0, start:start + len(xb)] = -nats_of(p, xb[:, 1:]).cpu()
                     continue
                 e, _ = model.context(xb[:, :-1])
@@ -548,8 +552,9 @@ class LoopedRecipe(Recipe):
             "num_tokens": int(nats.numel()),
             "num_windows": n,
             "iterations": iterations,
-            "eval_chains": None if exact else num_chains,
-            "eval_draws": draws if exact else None,
+            "eval_chains": None if ancestral else num_chains,
+            "eval_draws": draws if ancestral else None,
+            **(estimator.describe(len(model.target_embedding)) if ancestral else {}),
             "sampler": sampler,
             "seconds": round(time.perf_counter() - t0, 3),
         }

@@ -1,0 +1,73 @@
+"""The AR chain's held-out BPC: the stratified estimate beside `eval --exact` and the end-to-end eval.
+
+Two measurements over trained runs of one config (the blocks and the `--e2e` baseline):
+- cost: `eval` of the baseline and the blocks' default (stratified) eval on the whole held-out
+  text, each timed in this process, one after the other (ratio blocks / e2e);
+- error: on the first `--windows` held-out windows, the exact sum (`exact=True`) and the
+  stratified estimate at each `--strata HEAD,TAIL` (readouts per level 1 + HEAD + TAIL), each
+  with its BPC difference from the exact figure and its time.
+
+    python benches/bench_ar_eval.py --blocks RUN --e2e RUN --windows 256 \\
+        --strata 3,4 1,2 0,1 7,8 --json benches/results/arlm_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dbcore import api
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "shakespeare"
+KEEP = ("bpc", "bpc_stderr", "num_windows", "num_tokens", "estimator", "eval_head", "eval_tail", "seconds")
+
+
+def timed(run: Path, data: str, **options) -> dict:
+    t0 = time.perf_counter()
+    r = api.evaluate(run, data, **options)
+    return {**{k: r.get(k) for k in KEEP}, "wall_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--blocks", type=Path, required=True, help="a trained AR DiffusionBlocks run")
+    ap.add_argument("--e2e", type=Path, required=True, help="its end-to-end run (same config)")
+    ap.add_argument("--valid-text", default=str(SHARED / "valid.txt"))
+    ap.add_argument("--windows", type=int, default=256, help="held-out windows of the exact comparison")
+    ap.add_argument("--strata", nargs="+", default=["3,4"], help="HEAD,TAIL settings to compare")
+    ap.add_argument("--skip-full", action="store_true", help="only the comparison with the exact sum")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    data = f"text:{args.valid_text}"
+    out: dict = {"command": "python benches/bench_ar_eval.py " + " ".join(sys.argv[1:]),
+                 "blocks": str(args.blocks), "e2e": str(args.e2e), "data": data}
+    if not args.skip_full:
+        e2e = timed(args.e2e, data)
+        blocks = timed(args.blocks, data, sampler="ancestral")
+        out["full"] = {"e2e": e2e, "blocks": blocks,
+                       "seconds_ratio": round(blocks["seconds"] / e2e["seconds"], 2),
+                       "wall_ratio": round(blocks["wall_seconds"] / e2e["wall_seconds"], 2)}
+        print(json.dumps(out["full"]), flush=True)
+    exact = timed(args.blocks, data, sampler="ancestral", num_samples=args.windows, exact=True)
+    rows = []
+    for setting in args.strata:
+        head, tail = (int(v) for v in setting.split(","))
+        r = timed(args.blocks, data, sampler="ancestral", num_samples=args.windows, eval_head=head,
+                  eval_tail=tail)
+        rows.append({**r, "bpc_minus_exact": round(r["bpc"] - exact["bpc"], 4),
+                     "seconds_vs_exact": round(r["seconds"] / exact["seconds"], 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    out["comparison"] = {"windows": args.windows, "exact": exact, "stratified": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.json.parent, suffix=".tmp", delete=False) as f:
+        json.dump(out, f, indent=2)
+    os.replace(f.name, args.json)
+
+
+if __name__ == "__main__":
+    main()
