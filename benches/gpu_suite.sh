@@ -55,6 +55,8 @@ fi
 step cache_mnist 60 $PY -m dbcore.cli cache configs/vit_mnist.toml --data "npz:$train_npz" --out "$WORK/mnist.zarr" --overwrite
 step train_block 60 $PY -m dbcore.cli train configs/vit_mnist.toml --store "$WORK/mnist.zarr" --out "$WORK/run_block" --block 0 --steps 300 --quiet
 step train_e2e 60 $PY -m dbcore.cli train configs/vit_mnist.toml --store "$WORK/mnist.zarr" --out "$WORK/run_e2e" --e2e --steps 300 --quiet
+# the train process on the device (issue 31): device max allocated + host RssAnon, block vs e2e
+step process_memory_vit_mnist 120 sh -c "$PY -m dbcore.cli bench memory configs/vit_mnist.toml --device cuda --timed-steps 0 --store $WORK/mnist.zarr --process-steps 30 --json > $OUT/process_memory_vit_mnist.json"
 $PY - "$WORK" "$OUT/train_speed.json" "$train_npz" <<'PY'
 import json, sys
 from pathlib import Path

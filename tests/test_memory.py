@@ -89,3 +89,20 @@ def test_the_train_process_is_measured_beside_the_model_step(tmp_path):
         measure_process(cfg, tmp_path / "c.zarr", 2, steps=0)
     out = runner.invoke(main, ["bench", "memory", str(cfg), "--process-steps", "3"])
     assert out.exit_code == 1 and "--process-steps needs --store" in out.output
+
+
+def test_the_device_peak_child_runs_a_module_or_code_as_python_would(tmp_path):
+    """The CUDA path's child wrapper: argv passed on, exit codes kept, the device's peak written
+    (0 here: CUDA never used on this machine's tests)."""
+    from dbcore.runs.process_memory import peak_of
+
+    host, device = peak_of(["-m", "dbcore.cli", "--version"], "default", "cuda")
+    assert host > 0 and device == 0
+    marker = tmp_path / "ran"
+    host, device = peak_of(["-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", str(marker), "ok"],
+                           "default", "cuda")
+    assert marker.read_text() == "ok" and device == 0
+    with pytest.raises(RuntimeError, match="exit 3"):
+        peak_of(["-c", "raise SystemExit(3)"], "default", "cuda")
+    with pytest.raises(RuntimeError, match="No such command"):
+        peak_of(["-m", "dbcore.cli", "no-such-command"], "default", "cuda")

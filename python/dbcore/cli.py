@@ -272,7 +272,7 @@ def bench_memory(config, batch_size, device, allocator, checkpoint_chunks, timed
                          timed_steps=TIMED_STEPS if timed_steps is None else timed_steps)
     if store_path is not None:
         result["process"] = _run_safely(measure_process, config, store_path, result["num_blocks"],
-                                        process_steps or PROCESS_STEPS, allocator)
+                                        process_steps or PROCESS_STEPS, allocator, device.split(":")[0])
     if as_json:
         click.echo(json.dumps(result))
     else:
