@@ -401,10 +401,11 @@ class StoreLockedError(StoreError):
 
 
 @contextmanager
-def writer_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold the right to write store `path` for the block's lifetime (an exclusive `flock` on
-    `.NAME.lock` beside it, released by the OS if the process dies); a second writer is refused.
-    Object stores have no such lock: two writers of one s3:// store are not detected."""
+def writer_lock(path: str | os.PathLike[str], what: str = "store") -> Iterator[None]:
+    """Hold the right to write `path` (a store, or another `what`) for the block's lifetime (an
+    exclusive `flock` on `.NAME.lock` beside it, released by the OS if the process dies); a second
+    writer is refused. Object stores have no such lock: two writers of one s3:// store are not
+    detected."""
     if is_url(path):
         yield
         return
@@ -417,7 +418,7 @@ def writer_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise StoreLockedError(f"{path}: another process (pid {holder}) is writing this store; "
+        raise StoreLockedError(f"{path}: another process (pid {holder}) is writing this {what}; "
                                "wait for it to finish or stop it") from None
     try:
         os.ftruncate(fd, 0)

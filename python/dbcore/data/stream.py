@@ -237,9 +237,18 @@ class BatchStream(IterableDataset):
                 "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in ("seed", "batch_size", "world_size", "shuffle"):
+        """Resume where `state` stood. A position counts global batches (every rank is at the same
+        one), so a state saved by another number of ranks loads if the global batch is the same."""
+        for k in ("seed", "shuffle"):
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(f"state has {k}={state[k]!r}, this stream {getattr(self, k)!r}")
+        if "batch_size" in state:
+            saved = state["batch_size"] * state.get("world_size", 1)
+            if saved != self.batch_size * self.world_size:
+                here = self.batch_size * self.world_size
+                raise ValueError(f"state has a global batch of {saved} ({state['batch_size']} x "
+                                 f"{state.get('world_size', 1)} ranks), this stream {here} "
+                                 f"({self.batch_size} x {self.world_size})")
         self.epoch, self.position = int(state["epoch"]), int(state.get("position", 0))
 
     # ------------------------------------------------------------------ iteration

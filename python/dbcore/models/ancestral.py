@@ -33,6 +33,7 @@ from dbcore.method.options import Options
 TINY = 1e-30  # floor of a probability before its log
 CANDIDATES = 8  # candidate tokens per forward of `level_probs` (batched along N)
 MASS_TOLERANCE = 1e-3  # a row's token mass the exact sum may leave out (BPC errs upward only)
+HEAD, TAIL = 2, 2  # the stratified sum's default strata (benches/bench_ar_eval.py: error and cost)
 Readout = Callable[[torch.Tensor], torch.Tensor]  # noisy rows z (C, N, T, d) -> probs (C, N, T, V)
 
 
@@ -42,8 +43,8 @@ class Estimator:
     token plus `head` likeliest plus `tail` sampled tokens."""
 
     exact: bool = False
-    head: int = 3
-    tail: int = 4
+    head: int = HEAD
+    tail: int = TAIL
 
     def __post_init__(self) -> None:
         if self.head < 0 or self.tail < 0:
@@ -144,7 +145,8 @@ def _strata(prev: torch.Tensor, truth: torch.Tensor, estimator: Estimator, noise
     if estimator.tail:
         cdf = rest.cumsum(-1)  # (N, T, V)
         tail_mass = cdf[..., -1:]  # (N, T, 1)
-        u = noise.uniforms(estimator.tail).to(cdf.dtype) * tail_mass  # (N, T, tail)
+        grid = torch.arange(estimator.tail, device=cdf.device, dtype=cdf.dtype)  # systematic: one
+        u = (grid + noise.uniforms(1).to(cdf.dtype)) / estimator.tail * tail_mass  # uniform, tail points
         drawn = torch.searchsorted(cdf, u, right=True).clamp_max(prev.shape[-1] - 1)  # inverse CDF
         tokens.append(drawn)
         weights.append((tail_mass / estimator.tail).expand_as(u))

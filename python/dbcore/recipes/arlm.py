@@ -42,7 +42,7 @@ from dbcore.method.noise import mix_token_targets
 from dbcore.method.options import Options
 from dbcore.method.partition import CONFIG_SIGMA_DISTS, euler_schedule, layers_in_block
 from dbcore.method.sampler import DECODES, run_chain
-from dbcore.models.ancestral import EXACT, TINY, Estimator, LevelNoise, level_probs, nats_of
+from dbcore.models.ancestral import EXACT, HEAD, TAIL, TINY, Estimator, LevelNoise, level_probs, nats_of
 from dbcore.models.layers import KV, LN_EPS, AdaLNFinal, AdaLNLayer, NoiseEmbedder, PreLNLayer
 from dbcore.models.lm import (
     EVAL_BATCH,
@@ -79,8 +79,8 @@ class ARConfig(TextModelConfig):
     decode: str = "last"  # the prediction: the last step's logits or the product of every step's
     eval_chains: int = 8  # BPC, Euler: chains from independent initial noise per position, averaged
     eval_draws: int = 1  # BPC, ancestral: noise draws per level and candidate token (`ancestral_probs`)
-    eval_head: int = 3  # BPC, ancestral: likeliest tokens summed exactly per level (`Estimator`)
-    eval_tail: int = 4  # BPC, ancestral: tokens drawn from the rest per level (`Estimator`)
+    eval_head: int = HEAD  # BPC, ancestral: likeliest tokens summed exactly per level (`Estimator`)
+    eval_tail: int = TAIL  # BPC, ancestral: tokens drawn from the rest per level (`Estimator`)
     sampler: str = "euler"  # per token: the Euler chain (METHOD.md 6) or the token-ancestral one
 
     def __post_init__(self) -> None:

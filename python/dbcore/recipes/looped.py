@@ -48,7 +48,7 @@ from dbcore.method.flops import layer_flops, linear_flops, score_flops
 from dbcore.method.noise import mix_token_targets
 from dbcore.method.options import Options
 from dbcore.method.partition import SIGMA_DISTS, euler_schedule
-from dbcore.models.ancestral import EXACT, Estimator, LevelNoise, Readout, level_probs, nats_of
+from dbcore.models.ancestral import EXACT, HEAD, TAIL, Estimator, LevelNoise, Readout, level_probs, nats_of
 from dbcore.models.layers import KV, LN_EPS, NoiseEmbedder, PreLNLayer
 from dbcore.models.lm import (
     EVAL_BATCH,
@@ -95,8 +95,8 @@ class LoopedConfig(TextModelConfig):
     target_scale: float = 1.0  # norm of the rows of E (METHOD.md 12)
     eval_chains: int = 8  # BPC (baseline, Euler): readouts averaged over this many initial states
     eval_draws: int = 1  # BPC (ancestral): noise draws per level and candidate token (`ancestral_probs`)
-    eval_head: int = 3  # BPC (ancestral): likeliest tokens summed exactly per level (`Estimator`)
-    eval_tail: int = 4  # BPC (ancestral): tokens drawn from the rest per level (`Estimator`)
+    eval_head: int = HEAD  # BPC (ancestral): likeliest tokens summed exactly per level (`Estimator`)
+    eval_tail: int = TAIL  # BPC (ancestral): tokens drawn from the rest per level (`Estimator`)
     sampler: str = "euler"  # the denoiser's steps: "euler" (METHOD.md 6) or "ancestral" (run_iterations)
     frozen_prelude: str = ""  # a finished looped run whose prelude is frozen (`--freeze-prelude`)
 

@@ -2,7 +2,8 @@
 
 A pure LR schedule of the step, AdamW decaying only weight matrices, clipping, checkpoints with the
 optimizer and the stream position (so an interrupted run resumes bit-identical), metrics lines.
-Losses are summed on the device and read once per logging window: no host sync per step.
+Losses are summed on the device and read once per logging window: no host sync per step. Under
+torchrun the step's loss goes through DDP and rank 0 alone writes (`dbcore.runs.data_parallel`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from dbcore.method.batch import INDEX, Batch
 from dbcore.method.flops import Ledger
 from dbcore.progress import bar as progress_bar
 from dbcore.recipes.base import decayed_parameters
-from dbcore.runs import checkpoint, rundir
+from dbcore.runs import checkpoint, data_parallel, rundir
+from dbcore.runs.data_parallel import ONE, World
 from dbcore.runs.step import NumpyBatch, update
 
 LOG_EVERY = 25
@@ -135,19 +137,29 @@ def _batches(stream: BatchStream) -> Iterator[NumpyBatch]:
 
 
 def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], torch.Tensor], cfg: Config,
-                run: Path, stream: BatchStream, progress: bool, ledger: Ledger | None = None) -> dict:
+               run: Path, stream: BatchStream, progress: bool, ledger: Ledger | None = None,
+               world: World = ONE) -> dict:
     """Shared loop of a block and of the end-to-end model: LR, clipping, checkpoints, metrics.
-    `ledger`: the compute that `step_loss` books per step, kept in checkpoints and metrics."""
+    `ledger`: the compute that `step_loss` books per step, kept in checkpoints and metrics;
+    `world`: the processes training this model data-parallel (rank 0 writes)."""
+    with rundir.writing(run, name, world.writer):
+        return _loop(name, model, step_loss, cfg, run, stream, progress, ledger, world)
+
+
+def _loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], torch.Tensor], cfg: Config,
+          run: Path, stream: BatchStream, progress: bool, ledger: Ledger | None, world: World) -> dict:
     t = cfg.train
     base = rundir.checkpoint_base(run, name)
     prepare_device(model, cfg)
     opt = make_optimizer(model, cfg)
     start = _resume(base, model, opt, stream, ledger)
+    data_parallel.agree(world, start, f"the step {name} resumes from (is the run directory shared?)")
+    loss_of = data_parallel.distributed_loss(model, step_loss, world)
     meta = {"name": name, "recipe": cfg.recipe, "total_steps": t.steps,
             "config_fingerprint": cfg.fingerprint()}
     if start >= t.steps:
         return {"name": name, "resumed_at": start, "steps": 0}
-    bar = progress_bar(t.steps, name, "step", enabled=progress, initial=start)
+    bar = progress_bar(t.steps, name, "step", enabled=progress and world.writer, initial=start)
     t0, wait, loss_sum, loss_count = time.perf_counter(), 0.0, torch.zeros(()), 0
     batches = _batches(stream)
     for step in range(start, t.steps):
@@ -157,19 +169,20 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable[[NumpyBatch], to
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = update(model, opt, functools.partial(step_loss, batch), t.precision, t.grad_clip)
+        loss = update(model, opt, functools.partial(loss_of, batch), t.precision, t.grad_clip)
         loss_sum, loss_count = loss_sum.to(loss.device) + loss.detach().float(), loss_count + 1
         bar.update(1)
         done = step + 1
         if done % LOG_EVERY == 0 or done == t.steps:
             elapsed = time.perf_counter() - t0
-            mean_loss = float(loss_sum) / loss_count  # the only host sync of the loop
+            mean_loss = float(data_parallel.mean_over_ranks(loss_sum, world)) / loss_count  # the one sync
             line = {"name": name, "step": done, "loss": mean_loss, "lr": lr, "elapsed_s": round(elapsed, 3),
                     "data_wait_fraction": round(wait / elapsed, 5)}
-            rundir.log_metrics(run, line if ledger is None else {**line, "compute": ledger.to_json()})
+            if world.writer:
+                rundir.log_metrics(run, line if ledger is None else {**line, "compute": ledger.to_json()})
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             loss_sum, loss_count = torch.zeros((), device=loss.device), 0
-        if done % t.checkpoint_every == 0 or done == t.steps:
+        if world.writer and (done % t.checkpoint_every == 0 or done == t.steps):
             compute = {} if ledger is None else {"compute": ledger.to_json()}
             _save(base, model, opt, {**meta, "step": done, "done": done == t.steps,
                                      "stream": stream.state_dict(), **compute})

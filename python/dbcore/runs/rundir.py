@@ -5,19 +5,23 @@
     RUN/e2e.*, RUN/shared.*        the baseline's / the paper-shared layout's checkpoint
     RUN/chain/block{b}.zarr        states that trained blocks < b hand to block b (sequential mode)
     RUN/metrics.jsonl              one JSON line per logged step
+    RUN/.block{b}.lock, .e2e.lock  held by the process training that checkpoint (`writing`)
 
 A run at `s3://bucket/prefix` is worked on in a local mirror (`dbcore.runs.mirror`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dbcore.data import store
 from dbcore.data.location import is_url
 from dbcore.errors import RunError
 from dbcore.runs import checkpoint, mirror
@@ -57,6 +61,25 @@ def read_metrics(run: Path) -> list[dict]:
     if not path.is_file():
         raise RunError(f"run {run}: no {METRICS} (was it trained?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def writing(run: Path, name: str, writer: bool = True) -> Iterator[None]:
+    """Hold the right to train checkpoint `name` of `run` while the block runs: a second job
+    training it (another `train`, a Ray task, a second torchrun) is refused with one line. Only
+    the writer (rank 0) holds it; a local lock, as the store's."""
+    if not writer:
+        yield
+        return
+    try:
+        lock = store.writer_lock(Path(run) / name, what=f"checkpoint of run {run}")
+        lock.__enter__()
+    except store.StoreLockedError as exc:
+        raise RunError(str(exc)) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) -> None:

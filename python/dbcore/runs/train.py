@@ -7,7 +7,8 @@ Rust stream (`dbcore.data.stream.BatchStream`, prefetched), whose batches' noise
 `Recipe.noise` (cached, online or on the device).
 The run directory's files belong to `dbcore.runs.rundir`. Interrupted runs resume bit-identical: batch
 order is a function of (seed, epoch), noise of (seed, sample, block, draw), the LR of the step, and
-the stream's position is part of the checkpoint.
+the stream's position is part of the checkpoint. Under torchrun every block (or the baseline) is
+trained data-parallel by all the processes (`dbcore.runs.data_parallel`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from dbcore.method.flops import Ledger
 from dbcore.models.layers import checkpoint_layers
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Recipe
-from dbcore.runs import mirror, rundir
+from dbcore.runs import data_parallel, mirror, rundir
 from dbcore.runs.chain import chain_states_for
+from dbcore.runs.data_parallel import ONE, World
 from dbcore.runs.frozen_module import training_store
 from dbcore.runs.loop import noise_seed, resolve_device, to_device, train_loop
 from dbcore.runs.paper_shared import train_paper_shared
@@ -43,7 +45,6 @@ from dbcore.runs.step import (
     e2e_noised,
     e2e_step_loss,
 )
-from dbcore.wording import arg
 
 __all__ = ["RunError", "check_store", "train_block", "train_e2e", "train_run"]
 
@@ -73,15 +74,18 @@ def opened(store_or_path: store.Store | Location) -> store.Store:
 
 
 def train_block(cfg: Config, cache: store.Store | Location, run: Path, block: int, progress: bool = True,
-                chain: Chain | None = None, activation_checkpointing: bool = False) -> dict:
+                chain: Chain | None = None, activation_checkpointing: bool = False,
+                world: World = ONE) -> dict:
     """Train network block `block` alone from the cache store (a handle, or its location).
     `chain`: (z, sigma) states handed by earlier blocks; `activation_checkpointing`: every layer
-    of the block recomputes its activations in backward, over `[train] checkpoint_chunks` slices."""
+    of the block recomputes its activations in backward, over `[train] checkpoint_chunks` slices;
+    `world`: the processes that train it data-parallel."""
     t = cfg.train
     recipe = for_config(cfg)
-    device = resolve_device(t.device)
+    device = resolve_device(data_parallel.device_of(t.device, world))
     backend = resolve_backend(t.backend, device)
-    s = training_store(recipe, opened(cache), run, rundir.block_name(block))
+    with data_parallel.writer_first(world):
+        s = training_store(recipe, opened(cache), run, rundir.block_name(block))
     frozen = read_frozen(s, recipe.frozen_arrays)
     torch.manual_seed(t.seed * 1009 + block)
     model = recipe.build_block(block, frozen).to(device)
@@ -91,9 +95,9 @@ def train_block(cfg: Config, cache: store.Store | Location, run: Path, block: in
     req = recipe.noise_request(recipe.target_shape(frozen))
     # with the CUDA kernels the device draws the Gaussians itself: the stream ships only uniforms
     gaussians = 0 if backend == "cupy" else req.gaussians
-    stream = BatchStream.for_block(s, block, t.batch_size, arrays=recipe.stream_arrays,
+    stream = BatchStream.for_block(s, block, world.local_batch(t.batch_size), arrays=recipe.stream_arrays,
                                    gaussians=gaussians, uniforms=req.uniforms, seed=t.seed, drop_last=True,
-                                   window_bytes=cfg.window_bytes())
+                                   window_bytes=cfg.window_bytes(), rank=world.rank, world_size=world.size)
     seed = noise_seed(s)
     ledger, flops = compute_ledger(recipe, t.batch_size, frozen)
 
@@ -105,17 +109,18 @@ def train_block(cfg: Config, cache: store.Store | Location, run: Path, block: in
             ledger.add(recipe.step_passes("block", noised), flops)
         return block_step_loss(recipe, model, batch, noised, backend)
 
-    return train_loop(rundir.block_name(block), model, step_loss, cfg, run, stream, progress, ledger)
+    return train_loop(rundir.block_name(block), model, step_loss, cfg, run, stream, progress, ledger, world)
 
 
 def train_e2e(cfg: Config, cache: store.Store | Location, run: Path, progress: bool = True,
-              activation_checkpointing: bool = False) -> dict:
+              activation_checkpointing: bool = False, world: World = ONE) -> dict:
     """Train the end-to-end baseline from the cache store (a handle, or its location)."""
     t = cfg.train
     recipe = for_config(cfg)
-    device = resolve_device(t.device)
+    device = resolve_device(data_parallel.device_of(t.device, world))
     backend = resolve_backend(t.backend, device)
-    s = training_store(recipe, opened(cache), run, rundir.E2E)
+    with data_parallel.writer_first(world):
+        s = training_store(recipe, opened(cache), run, rundir.E2E)
     frozen = read_frozen(s, recipe.frozen_arrays)
     torch.manual_seed(t.seed)
     model = recipe.build_e2e(frozen).to(device)
@@ -127,8 +132,9 @@ def train_e2e(cfg: Config, cache: store.Store | Location, run: Path, progress: b
     if recipe.e2e_noise:
         req = recipe.noise_request(recipe.target_shape(frozen))
         noise = (seed, key, 0 if backend == "cupy" else req.gaussians, req.uniforms)
-    stream = BatchStream(s, list(recipe.stream_arrays), t.batch_size, seed=t.seed, drop_last=True,
-                         noise=noise, window_bytes=cfg.window_bytes())
+    stream = BatchStream(s, list(recipe.stream_arrays), world.local_batch(t.batch_size), seed=t.seed,
+                         drop_last=True, noise=noise, window_bytes=cfg.window_bytes(), rank=world.rank,
+                         world_size=world.size)
     ledger, flops = compute_ledger(recipe, t.batch_size, frozen)
 
     def step_loss(raw: NumpyBatch) -> torch.Tensor:
@@ -138,7 +144,7 @@ def train_e2e(cfg: Config, cache: store.Store | Location, run: Path, progress: b
             ledger.add(recipe.step_passes("e2e", noised), flops)
         return e2e_step_loss(recipe, model, batch, noised, backend)
 
-    return train_loop(rundir.E2E, model, step_loss, cfg, run, stream, progress, ledger)
+    return train_loop(rundir.E2E, model, step_loss, cfg, run, stream, progress, ledger, world)
 
 
 def compute_ledger(recipe: Recipe, batch_size: int, frozen: Frozen) -> tuple[Ledger | None, dict[str, float]]:
@@ -156,28 +162,49 @@ def train_run(cfg: Config, store_path: store.Store | Location, run: Path, block:
               paper_shared: bool = False) -> list[dict]:
     """Train every block in turn (one in memory at a time), one block, the end-to-end baseline, or
     (for comparison only) the paper's shared layout (`dbcore.runs.paper_shared`). `store_path`:
-    the cache store, a location or an open handle."""
+    the cache store, a location or an open handle. Under torchrun (WORLD_SIZE > 1) every process
+    calls this and each block, or the baseline, trains data-parallel over them."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    world = data_parallel.world()
+    try:
+        results = _train_run(cfg, store_path, run, block, e2e, activation_checkpointing, progress,
+                             paper_shared, world)
+    except BaseException:
+        data_parallel.finish(world, failed=True)
+        raise
+    data_parallel.finish(world)
+    return results
+
+
+def _train_run(cfg: Config, store_path: store.Store | Location, run: Path, block: int | None, e2e: bool,
+               activation_checkpointing: bool, progress: bool, paper_shared: bool, world: World
+               ) -> list[dict]:
     cache = opened(store_path)  # the one open of the store in this command
     check_store(cfg, cache)
     kind = "e2e" if e2e else "paper-shared" if paper_shared else "blocks"
-    rundir.write_run_json(run, cfg.to_dict(), cache.path, kind)
+    world.local_batch(cfg.train.batch_size)  # on every rank, before any file is written
+    if world.size > 1 and (paper_shared or cfg.train.mode == "sequential"):
+        raise RunError("under torchrun a block or the baseline trains data-parallel; the paper-shared "
+                       "layout and [train] mode = \"sequential\" train in one process")
+    num_blocks = cfg.model.num_blocks
+    if block is not None:
+        data_parallel.check_block(world, block, num_blocks)
+    with data_parallel.writer_first(world):
+        if world.writer:
+            rundir.write_run_json(run, cfg.to_dict(), cache.path, kind)
     if paper_shared:
         return [train_paper_shared(cfg, cache, run, progress)]
     if e2e:
-        return [train_e2e(cfg, cache, run, progress, activation_checkpointing)]
+        return [train_e2e(cfg, cache, run, progress, activation_checkpointing, world)]
     if cfg.train.mode == "sequential" and not for_config(cfg).chain_training:
         raise RunError(f"recipe {cfg.recipe!r} trains its blocks independently only; "
                        "set [train] mode = \"independent\"")
-    num_blocks = cfg.model.num_blocks
     blocks = range(num_blocks) if block is None else [block]
-    if block is not None and not 0 <= block < num_blocks:
-        raise RunError(f"{arg('block', block)} is outside 0..{num_blocks - 1}")
     results = []
     for b in blocks:
         chain = None
         if cfg.train.mode == "sequential" and b > 0:
             chain = chain_states_for(cfg, cache, run, b)
-        results.append(train_block(cfg, cache, run, b, progress, chain, activation_checkpointing))
+        results.append(train_block(cfg, cache, run, b, progress, chain, activation_checkpointing, world))
     return results
