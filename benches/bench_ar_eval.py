@@ -79,6 +79,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=args.json.parent, suffix=".tmp", delete=False) as f:
         json.dump(out, f, indent=2)
+    os.chmod(f.name, 0o644)
     os.replace(f.name, args.json)
 
 

@@ -244,3 +244,24 @@ def test_the_api_caches_and_trains_on_ray(local_ray, tmp_path):
                for r in api.train(cfg, store, tmp_path / "run", ray=True, steps=4))
     with pytest.raises(ValueError, match="baseline"):
         api.train(cfg, store, tmp_path / "e2e", ray=True, e2e=True)
+
+
+def test_a_block_spanning_two_workers_trains_what_one_process_trains(local_ray, setup, tmp_path):
+    """`--workers-per-block 2`: the block's task runs torchrun with 2 processes (gloo), which
+    train it data-parallel at the same global batch."""
+    cfg_path, store = setup
+    r = _train(cfg_path, store, tmp_path / "ray", "--block", "1", "--workers-per-block", "2")
+    assert r.exit_code == 0, r.output
+    (result,) = _lines(r.output)
+    assert result["name"] == "block1" and result["steps"] == 12
+    train_run(config_mod.load(cfg_path), store, tmp_path / "one", block=1, progress=False)
+    a, _ = checkpoint.load(tmp_path / "ray/block1", prefix="model.")
+    b, _ = checkpoint.load(tmp_path / "one/block1", prefix="model.")
+    worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
+    assert worst < 1e-3, worst
+    meta = checkpoint.load_meta(tmp_path / "ray/block1")
+    assert meta["stream"]["world_size"] == 2
+    args = ["train", str(cfg_path), "--store", str(store), "--out", str(tmp_path / "x"),
+            "--workers-per-block", "2"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code != 0 and "--workers-per-block needs --ray (without Ray: torchrun)" in out.output

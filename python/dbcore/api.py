@@ -97,7 +97,7 @@ def train(cfg: Config, store: PathLike, out: PathLike, *, block: int | None = No
           paper_shared: bool = False, progress: bool = False,
           ray: bool = False, address: str | None = None, cpus_per_block: float | None = None,
           gpus_per_block: float | None = None, memory_per_block: float | None = None,
-          echo: Callable[[dict], None] | None = None) -> list[dict]:
+          workers_per_block: int | None = None, echo: Callable[[dict], None] | None = None) -> list[dict]:
     """Train every block of `cfg` in turn from `store` into the run directory `out`, or one `block`
     (0 = highest noise), or with `e2e` the end-to-end baseline, or (`paper_shared`, for comparison
     only) the paper's shared layout. Returns one result dict per model trained; an interrupted run
@@ -108,7 +108,8 @@ def train(cfg: Config, store: PathLike, out: PathLike, *, block: int | None = No
     recomputed over that many slices of the batch), `frozen_prelude` (looped: a finished run whose
     prelude is frozen), `shuffle_window_mb` (the stream's shuffle window in MiB of decoded rows).
     `ray`: every unfinished block a Ray task on the cluster at `address` (default: a local
-    instance) asking for `cpus_per_block`, `gpus_per_block` and `memory_per_block` GiB (default:
+    instance), with `workers_per_block` processes each (data-parallel under torchrun inside the
+    task), each asking for `cpus_per_block`, `gpus_per_block` and `memory_per_block` GiB (default:
     the config's); `echo` gets each block's result as it ends."""
     from dbcore.runs.train import train_run
 
@@ -123,12 +124,17 @@ def train(cfg: Config, store: PathLike, out: PathLike, *, block: int | None = No
                          f"{arg('paper_shared')} without it")
     if address is not None and not ray:
         raise ValueError(f"{arg('address')} needs {arg('ray')}")
+    if workers_per_block is not None and not ray:
+        raise ValueError(f"{arg('workers_per_block')} needs {arg('ray')} (without Ray: torchrun)")
+    if ray and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{arg('ray')} starts its own processes: run it without torchrun")
     prelude = None if frozen_prelude is None else str(Path(frozen_prelude).resolve())
     cfg = config_mod.with_overrides(
         cfg, where="train", model={"frozen_prelude": prelude},
         train={"steps": steps, "mode": mode, "backend": backend, "checkpoint_chunks": checkpoint_chunks,
                "shuffle_window_mb": shuffle_window_mb,
-               "ray_cpus": cpus_per_block, "ray_gpus": gpus_per_block, "ray_memory_gb": memory_per_block})
+               "ray_cpus": cpus_per_block, "ray_gpus": gpus_per_block, "ray_memory_gb": memory_per_block,
+               "ray_workers": workers_per_block})
     if ray:
         from dbcore.runs.distributed import train_blocks_on_ray
 

@@ -114,10 +114,13 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
 @click.option("--cpus-per-block", type=float, default=None, help="with --ray: override [train] ray_cpus")
 @click.option("--gpus-per-block", type=float, default=None, help="with --ray: override [train] ray_gpus")
 @click.option("--memory-per-block", type=float, default=None, help="with --ray: GiB, override ray_memory_gb")
+@click.option("--workers-per-block", type=click.IntRange(min=1), default=None,
+              help="with --ray: processes per block, data-parallel (torchrun in the task); the "
+                   "resources above are per process; override ray_workers")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train(config, store_path, run, block, e2e, activation_checkpointing, checkpoint_chunks, paper_shared,
           steps, mode, backend, prelude_run, shuffle_window_mb, use_ray, address, cpus_per_block,
-          gpus_per_block, memory_per_block, quiet):
+          gpus_per_block, memory_per_block, workers_per_block, quiet):
     """Train every block in turn (one in memory at a time), one block, or the --e2e baseline."""
     from dbcore import api
 
@@ -128,9 +131,10 @@ def train(config, store_path, run, block, e2e, activation_checkpointing, checkpo
         frozen_prelude=prelude_run, shuffle_window_mb=shuffle_window_mb, paper_shared=paper_shared,
         progress=not quiet, ray=use_ray,
         address=address, cpus_per_block=cpus_per_block, gpus_per_block=gpus_per_block,
-        memory_per_block=memory_per_block, echo=lambda r: click.echo(json.dumps(r)))
-    if not use_ray:  # Ray's results were echoed as each block ended
-        for r in results:
+        memory_per_block=memory_per_block, workers_per_block=workers_per_block,
+        echo=lambda r: click.echo(json.dumps(r)))
+    if not use_ray and os.environ.get("RANK", "0") == "0":  # Ray's were echoed as each block ended;
+        for r in results:  # under torchrun rank 0 speaks for all
             click.echo(json.dumps(r))
 
 

@@ -52,9 +52,10 @@ class TrainConfig:
     shuffle_window_mb: float = 0.0  # the stream's shuffle window in MiB of decoded rows (whole
     # chunks, at least one batch); 0: at least 4 chunks and 4096 rows, at most 128 MiB (data.stream)
     compile: bool = False  # torch.compile the model (nn.Module.compile: parameter names unchanged)
-    ray_cpus: float = 1.0  # `--ray`: CPUs each block's task asks for
-    ray_gpus: float = 0.0  # `--ray`: GPUs each block's task asks for
-    ray_memory_gb: float = 0.0  # `--ray`: memory each block's task reserves; 0 = no reservation
+    ray_cpus: float = 1.0  # `--ray`: CPUs each block's worker asks for
+    ray_gpus: float = 0.0  # `--ray`: GPUs each block's worker asks for
+    ray_memory_gb: float = 0.0  # `--ray`: memory each block's worker reserves; 0 = no reservation
+    ray_workers: int = 1  # `--ray`: processes per block, data-parallel under torchrun in its task
 
     def __post_init__(self) -> None:
         from dbcore.method.sampler import DECODES
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"shuffle_window_mb must be >= 0, got {self.shuffle_window_mb}")
         if min(self.ray_cpus, self.ray_gpus, self.ray_memory_gb) < 0:
             raise ValueError("ray_cpus, ray_gpus and ray_memory_gb must be >= 0")
+        if self.ray_workers < 1:
+            raise ValueError(f"ray_workers must be >= 1, got {self.ray_workers}")
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Ray: blocks as tasks (`dbcore train ... --ray`) and a cache written by tasks (`dbcore cache ... --ray`).
 
 Blocks share nothing, so each is one Ray task with the resources its config asks for
-(`[train] ray_cpus`, `ray_gpus`, `ray_memory_gb`), trained by the same `train_run` as on one
-machine, from the same store and into the same run directory (a shared file system). Ray retries a
+(`[train] ray_cpus`, `ray_gpus`, `ray_memory_gb` per worker), trained by the same `train_run` as on
+one machine, from the same store and into the same run directory (a shared file system). With
+`ray_workers` K > 1 the task asks for K workers' resources on one node and runs torchrun there
+(`TORCHRUN_RESTARTS` restarts), whose K processes train the block data-parallel
+(`dbcore.runs.data_parallel`); this module's `__main__` is what each of them runs. Ray retries a
 task whose worker died (`MAX_RETRIES`) and one that failed with a transient I/O error
 (`TRANSIENT_ERRORS`); a retried block resumes from its last checkpoint. The command skips blocks
 whose checkpoints say they are finished, so running it again trains only what is left. Without
@@ -17,6 +20,11 @@ what is left) and finalizes the store once. The bytes equal a single-process cac
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,7 @@ from dbcore.runs import checkpoint, mirror, rundir
 from dbcore.wording import arg
 
 MAX_RETRIES = 3
+TORCHRUN_RESTARTS = 3  # a block's torchrun restarts its workers this often (then the task fails)
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError, InterruptedError)
 RAY_EXTRA = "pip install 'dbcore[ray]'"
 
@@ -75,12 +84,35 @@ def _absolute(location: str | Path) -> str:
 
 def _train_one(cfg_dict: dict, where: str, store_path: str, run: str, block: int, progress: bool,
                activation_checkpointing: bool) -> dict:
-    """The task: one block, as `dbcore train --block` would train it."""
+    """The task: one block, as `dbcore train --block` would train it; with `ray_workers` > 1,
+    by that many processes under torchrun (`_torchrun_block`)."""
     from dbcore.runs.train import train_run
 
     cfg = from_dict(cfg_dict, where)
+    if cfg.train.ray_workers > 1:
+        return _torchrun_block(cfg_dict, where, store_path, run, block, progress, activation_checkpointing)
     return train_run(cfg, parse_location(store_path), parse_location(run), block=block, progress=progress,
                      activation_checkpointing=activation_checkpointing)[0]
+
+
+def _torchrun_block(cfg_dict: dict, where: str, store_path: str, run: str, block: int, progress: bool,
+                    activation_checkpointing: bool) -> dict:
+    """Block `block` trained by `ray_workers` processes that torchrun starts on this node; the
+    result rank 0 writes."""
+    workers = from_dict(cfg_dict, where).train.ray_workers
+    with tempfile.TemporaryDirectory(prefix="dbcore-torchrun-") as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"config": cfg_dict, "where": where, "store": store_path, "run": run,
+                                   "block": block, "progress": progress,
+                                   "activation_checkpointing": activation_checkpointing}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+               f"--max-restarts={TORCHRUN_RESTARTS}", "-m", "dbcore.runs.distributed", str(job)]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        result = job.with_suffix(".result.json")
+        if out.returncode != 0 or not result.is_file():
+            raise RunError(f"block {block}: torchrun with {workers} workers failed (exit {out.returncode}):\n"
+                           f"{out.stdout[-2000:]}")
+        return json.loads(result.read_text())
 
 
 def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[int] | None = None,
@@ -108,10 +140,11 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
         return [results[b] for b in blocks]
     t = cfg.train
     started_here = _start(ray, address)
-    options = {"num_cpus": t.ray_cpus, "num_gpus": t.ray_gpus, "max_retries": MAX_RETRIES,
+    k = t.ray_workers  # one node's worth: torchrun starts the workers beside each other
+    options = {"num_cpus": t.ray_cpus * k, "num_gpus": t.ray_gpus * k, "max_retries": MAX_RETRIES,
                "retry_exceptions": list(TRANSIENT_ERRORS)}
     if t.ray_memory_gb > 0:
-        options["memory"] = int(t.ray_memory_gb * 2**30)
+        options["memory"] = int(t.ray_memory_gb * k * 2**30)
     task = ray.remote(_train_one)
     store_abs, run_abs = _absolute(store_path), _absolute(run)
     pending = {task.options(**options, name=f"dbcore-{rundir.block_name(b)}").remote(  # named in Ray
@@ -209,3 +242,20 @@ def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws
         bar.close()
         cache.finish(s)
     return s
+
+
+def _worker_main(job_path: str) -> None:
+    """One torchrun process of `_torchrun_block`: train the block over the world torchrun made;
+    rank 0 writes the result beside the job."""
+    from dbcore.runs.train import train_run
+
+    job = json.loads(Path(job_path).read_text())
+    cfg = from_dict(job["config"], job["where"])
+    (result,) = train_run(cfg, parse_location(job["store"]), parse_location(job["run"]), block=job["block"],
+                          progress=job["progress"], activation_checkpointing=job["activation_checkpointing"])
+    if os.environ.get("RANK", "0") == "0":
+        Path(job_path).with_suffix(".result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1])

@@ -1,0 +1,109 @@
+"""One block trained data-parallel under torchrun (gloo, CPU) beside one process at the same global batch.
+
+Three runs of block 0 of `--config` (default configs/vit_digits.toml) for `--steps` steps, each a
+fresh command with one thread per process: one process; `--ranks` processes under torchrun; the
+same under torchrun killed after its first checkpoint (every rank's AdamW step `--crash-at` raises,
+tests/helpers/crash_at_step.py), then resumed by one process. Reported: every weight's largest
+difference from the one-process run relative to its tensor's largest value, and the CPU time
+(user + system of the command and all its processes) of each.
+
+    python benches/bench_data_parallel.py --json benches/results/data_parallel_vit_digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dbcore.runs import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+CRASH = ROOT / "tests" / "helpers" / "crash_at_step.py"
+
+
+def command(args: list[str], ranks: int, program: list[str]) -> dict:
+    """Run `python PROGRAM ARGS` (or torchrun with `ranks` processes); its wall and CPU seconds."""
+    launch = [sys.executable] if ranks == 1 else [str(TORCHRUN), "--standalone", f"--nproc-per-node={ranks}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    out = subprocess.run([*launch, *program, *args], capture_output=True, text=True, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"returncode": out.returncode, "wall_seconds": round(time.perf_counter() - t0, 2),
+            "cpu_seconds": round(cpu, 2), "stderr_tail": out.stderr[-400:] if out.returncode else ""}
+
+
+def max_relative_difference(a: Path, b: Path, name: str = "block0") -> float:
+    x, _ = checkpoint.load(a / name, prefix="model.")
+    y, _ = checkpoint.load(b / name, prefix="model.")
+    return max(float((x[k].float() - y[k].float()).abs().max() / x[k].float().abs().max().clamp_min(1e-12))
+               for k in x)
+
+
+def checkpointing_every(toml: str, every: int) -> str:
+    """A config's text with `[train] checkpoint_every = every`."""
+    lines = [ln for ln in toml.splitlines() if not ln.startswith("checkpoint_every")]
+    at = lines.index("[train]") + 1
+    return "\n".join([*lines[:at], f"checkpoint_every = {every}", *lines[at:]]) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "vit_digits.toml"))
+    ap.add_argument("--data", default="digits:train")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--checkpoint-every", type=int, default=50)
+    ap.add_argument("--crash-at", type=int, default=120, help="the AdamW step at which the killed run dies")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dbcore-dp-") as tmp:
+        work = Path(tmp)
+        cfg = work / "config.toml"  # a copy that checkpoints often enough to be killed after one
+        cfg.write_text(checkpointing_every(Path(args.config).read_text(), args.checkpoint_every))
+        store = work / "c.zarr"
+        subprocess.run([sys.executable, "-m", "dbcore", "cache", str(cfg), "--data", args.data, "--out",
+                        str(store)], check=True, capture_output=True)
+        train = ["train", str(cfg), "--store", str(store), "--block", "0", "--steps", str(args.steps),
+                 "--quiet"]
+        dbcore = ["-m", "dbcore"]
+        one = command([*train, "--out", str(work / "one")], 1, dbcore)
+        many = command([*train, "--out", str(work / "many")], args.ranks, dbcore)
+        crash = [str(CRASH), str(args.crash_at)]
+        killed = command([*train, "--out", str(work / "killed")], args.ranks, crash)
+        saved = json.loads((work / "killed" / "block0.json").read_text())
+        resumed = command([*train, "--out", str(work / "killed")], 1, dbcore)
+        for name, r in (("one", one), ("many", many), ("resumed", resumed)):
+            if r["returncode"]:
+                raise SystemExit(f"run {name} failed:\n{r['stderr_tail']}")
+        out = {
+            "command": "python benches/bench_data_parallel.py " + " ".join(sys.argv[1:]),
+            "config": args.config, "block": 0, "steps": args.steps, "ranks": args.ranks,
+            "threads_per_process": 1, "backend": "gloo (CPU)",
+            "one_process": one, "data_parallel": many,
+            "killed": {**killed, "checkpoint_step": saved["step"], "crash_at_step": args.crash_at},
+            "resumed_by_one_process": resumed,
+            "max_relative_weight_difference": {
+                "data_parallel_vs_one": max_relative_difference(work / "one", work / "many"),
+                "killed_and_resumed_vs_one": max_relative_difference(work / "one", work / "killed")},
+            "cpu_ratio": round(many["cpu_seconds"] / one["cpu_seconds"], 3),
+            "wall_ratio": round(many["wall_seconds"] / one["wall_seconds"], 3),
+        }
+    print(json.dumps(out, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.json.parent, suffix=".tmp", delete=False) as f:
+        json.dump(out, f, indent=2)
+    os.chmod(f.name, 0o644)
+    os.replace(f.name, args.json)
+
+
+if __name__ == "__main__":
+    main()
