@@ -4,8 +4,10 @@ Three runs of block 0 of `--config` (default configs/vit_digits.toml) for `--ste
 fresh command with one thread per process: one process; `--ranks` processes under torchrun; the
 same under torchrun killed after its first checkpoint (every rank's AdamW step `--crash-at` raises,
 tests/helpers/crash_at_step.py), then resumed by one process. Reported: every weight's largest
-difference from the one-process run relative to its tensor's largest value, and the CPU time
-(user + system of the command and all its processes) of each.
+difference from the one-process run relative to its tensor's largest value (the worst tensors
+named), the CPU time (user + system of the command and all its processes, start-up included) of
+each, and the training loop's own seconds (`elapsed_s` of its last metrics line; times the ranks,
+since each process runs one thread, for the loop's process-seconds).
 
     python benches/bench_data_parallel.py --json benches/results/data_parallel_vit_digits.json
 """
@@ -41,11 +43,17 @@ def command(args: list[str], ranks: int, program: list[str]) -> dict:
             "cpu_seconds": round(cpu, 2), "stderr_tail": out.stderr[-400:] if out.returncode else ""}
 
 
-def max_relative_difference(a: Path, b: Path, name: str = "block0") -> float:
+def relative_differences(a: Path, b: Path, name: str = "block0") -> dict[str, float]:
+    """Each tensor's largest difference relative to its largest value, the worst first."""
     x, _ = checkpoint.load(a / name, prefix="model.")
     y, _ = checkpoint.load(b / name, prefix="model.")
-    return max(float((x[k].float() - y[k].float()).abs().max() / x[k].float().abs().max().clamp_min(1e-12))
-               for k in x)
+    rel = {k: float((x[k].float() - y[k].float()).abs().max() / x[k].float().abs().max().clamp_min(1e-12))
+           for k in x}
+    return dict(sorted(rel.items(), key=lambda kv: -kv[1]))
+
+
+def loop_seconds(run: Path) -> float:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
 
 
 def checkpointing_every(toml: str, every: int) -> str:
@@ -84,6 +92,8 @@ def main() -> None:
         for name, r in (("one", one), ("many", many), ("resumed", resumed)):
             if r["returncode"]:
                 raise SystemExit(f"run {name} failed:\n{r['stderr_tail']}")
+        diffs = {"data_parallel_vs_one": relative_differences(work / "one", work / "many"),
+                 "killed_and_resumed_vs_one": relative_differences(work / "one", work / "killed")}
         out = {
             "command": "python benches/bench_data_parallel.py " + " ".join(sys.argv[1:]),
             "config": args.config, "block": 0, "steps": args.steps, "ranks": args.ranks,
@@ -91,11 +101,16 @@ def main() -> None:
             "one_process": one, "data_parallel": many,
             "killed": {**killed, "checkpoint_step": saved["step"], "crash_at_step": args.crash_at},
             "resumed_by_one_process": resumed,
-            "max_relative_weight_difference": {
-                "data_parallel_vs_one": max_relative_difference(work / "one", work / "many"),
-                "killed_and_resumed_vs_one": max_relative_difference(work / "one", work / "killed")},
+            "max_relative_weight_difference": {name: max(diff.values()) for name, diff in diffs.items()},
+            "worst_tensors": {name: dict(list(diff.items())[:3]) for name, diff in diffs.items()},
+            "tensors_over_1e-3": {name: [k for k, v in diff.items() if v > 1e-3]
+                                  for name, diff in diffs.items()},
             "cpu_ratio": round(many["cpu_seconds"] / one["cpu_seconds"], 3),
             "wall_ratio": round(many["wall_seconds"] / one["wall_seconds"], 3),
+            "loop_seconds": {"one_process": loop_seconds(work / "one"),
+                             "data_parallel": loop_seconds(work / "many")},
+            "loop_process_seconds_ratio": round(
+                args.ranks * loop_seconds(work / "many") / loop_seconds(work / "one"), 3),
         }
     print(json.dumps(out, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)

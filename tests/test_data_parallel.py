@@ -3,6 +3,7 @@ what one process at the same global batch trains; resume across world sizes; one
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,14 @@ def _run(*args: str, ranks: int = 1, program: tuple[str, ...] = ("-m", "dbcore")
     """`python PROGRAM ARGS`, or under torchrun with `ranks` processes (gloo, one thread each)."""
     launch = [sys.executable] if ranks == 1 else [str(TORCHRUN), "--standalone", f"--nproc-per-node={ranks}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([*launch, *program, *args], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.Popen([*launch, *program, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too: nothing left behind
+        raise
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if check and out.returncode != 0:
         raise AssertionError(f"{program} {args} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return out
@@ -101,6 +109,18 @@ def test_a_run_killed_with_two_processes_resumes_with_one(cached, tmp_path):
     meta = json.loads((tmp_path / "run" / "block0.json").read_text())
     assert meta["step"] == 8 and not meta["done"]  # the first checkpoint, then the crash at step 13
     _run(*args, "--out", str(tmp_path / "run"))  # one process takes it from there
+    _close(_weights(tmp_path / "full", "block0"), _weights(tmp_path / "run", "block0"))
+
+
+def test_a_rank_that_dies_is_restarted_by_torchrun_and_the_job_resumes(cached, tmp_path):
+    """`torchrun --max-restarts 1`: the last rank dies at step 13 in the first attempt, the other
+    fails on its closed connection, torchrun restarts both and they resume from step 8."""
+    cfg, store = cached
+    args = ["train", str(cfg), "--store", str(store), "--block", "0", "--quiet"]
+    _run(*args, "--out", str(tmp_path / "full"))
+    restarted = _run("--max-restarts", "1", str(HERE / "helpers" / "crash_at_step.py"), "13", *args, "--out",
+                     str(tmp_path / "run"), ranks=2, program=())
+    assert "crash at step 13" in restarted.stderr and json.loads(restarted.stdout)["resumed_at"] == 8
     _close(_weights(tmp_path / "full", "block0"), _weights(tmp_path / "run", "block0"))
 
 

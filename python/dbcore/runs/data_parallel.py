@@ -64,8 +64,26 @@ def world() -> World:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(w.local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        backend = "nccl" if cuda else "gloo"
+        store = _attempt_store(size)
+        if store is None:
+            dist.init_process_group(backend, timeout=TIMEOUT)
+        else:
+            dist.init_process_group(backend, store=store, rank=w.rank, world_size=size, timeout=TIMEOUT)
     return w
+
+
+def _attempt_store(size: int) -> dist.Store | None:
+    """Torchrun's agent store under a prefix of this attempt (TORCHELASTIC_RESTART_COUNT), or
+    None outside torchrun. Trap: the agent keeps its store across `--max-restarts`, and a rank of
+    a restarted job could read the address a dead rank of the last attempt left there and fail to
+    connect (seen with gloo); a prefix per attempt keeps the attempts apart."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                          timeout=TIMEOUT)
+    return dist.PrefixStore(f"dbcore/attempt{restart}", agent)
 
 
 def device_of(name: str, w: World) -> str:
