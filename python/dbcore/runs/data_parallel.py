@@ -53,15 +53,16 @@ class World:
 ONE = World()  # a process alone
 
 
-def world() -> World:
+def world(device: str = "auto") -> World:
     """The world torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), or one
-    process; the process group is started here (gloo, or NCCL where CUDA is available)."""
+    process; the process group is started here: NCCL where the run's `[train] device` is CUDA,
+    else gloo."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return ONE
     w = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
+        cuda = _is_cuda(device)
         if cuda:
             torch.cuda.set_device(w.local_rank)
         backend = "nccl" if cuda else "gloo"
@@ -86,8 +87,13 @@ def _attempt_store(size: int) -> dist.Store | None:
     return dist.PrefixStore(f"dbcore/attempt{restart}", agent)
 
 
+def _is_cuda(name: str) -> bool:
+    return name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+
+
 def device_of(name: str, w: World) -> str:
-    """The device of a rank: CUDA device LOCAL_RANK when the run's device is CUDA."""
+    """The device of a rank: CUDA device LOCAL_RANK when the run's device is `cuda` or `auto`
+    with CUDA available (a device named with its index stays as named)."""
     cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
     return f"cuda:{w.local_rank}" if cuda and w.size > 1 else name
 

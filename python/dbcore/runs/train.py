@@ -166,7 +166,7 @@ def train_run(cfg: Config, store_path: store.Store | Location, run: Path, block:
     calls this and each block, or the baseline, trains data-parallel over them."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    world = data_parallel.world()
+    world = data_parallel.world(cfg.train.device)
     try:
         results = _train_run(cfg, store_path, run, block, e2e, activation_checkpointing, progress,
                              paper_shared, world)
