@@ -110,6 +110,8 @@ def test_run_directory_errors(tmp_path):
     rundir.write_run_json(run, cfg.to_dict(), tmp_path / "s.zarr", "blocks")
     with pytest.raises(rundir.RunError, match="another config"):
         rundir.write_run_json(run, _cfg(depth=4).to_dict(), tmp_path / "s.zarr", "blocks")
+    with pytest.raises(rundir.RunError, match="holds a blocks run, not a e2e run"):
+        rundir.write_run_json(run, cfg.to_dict(), tmp_path / "s.zarr", "e2e")
     # a run recorded before a release added a key (at its default) still resumes
     old = json.loads((run / "run.json").read_text())
     del old["config"]["model"]["conditioning"], old["config"]["train"]["ray_cpus"]

@@ -93,9 +93,11 @@ def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) ->
     path = run / "run.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("kind") != kind or not _same_config(old.get("config"), info["config"]):
-            raise RunError(f"run {run}: holds a {old.get('kind')} run of another config; use a new "
-                           f"{arg('out')}")
+        if old.get("kind") != kind:
+            raise RunError(f"run {run}: holds a {old.get('kind')} run, not a {kind} run (each kind, "
+                           f"blocks or {arg('e2e')}, needs its own run directory); use a new {arg('out')}")
+        if not _same_config(old.get("config"), info["config"]):
+            raise RunError(f"run {run}: holds a {kind} run of another config; use a new {arg('out')}")
         return
     tmp = path.with_name("run.json.tmp")
     tmp.write_text(json.dumps(info, indent=2))
