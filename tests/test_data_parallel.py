@@ -99,6 +99,21 @@ def test_two_processes_train_what_one_trains_and_rank_zero_alone_writes(cached, 
     assert meta["stream"]["world_size"] == 2 and meta["stream"]["batch_size"] == 16
 
 
+def test_the_first_step_sees_the_gradient_of_the_global_batch(cached, tmp_path):
+    """Before Adam can amplify rounding: the gradient DDP averages over 2 processes equals the
+    one process's gradient of the same global batch, tensor by tensor."""
+    from safetensors.torch import load_file
+
+    cfg, store = cached
+    save = str(HERE / "helpers" / "save_first_gradients.py")
+    args = ["train", str(cfg), "--store", str(store), "--block", "0", "--quiet"]
+    _run(*args, "--out", str(tmp_path / "one"), program=(save, str(tmp_path / "one.safetensors")))
+    _run(*args, "--out", str(tmp_path / "two"), ranks=2, program=(save, str(tmp_path / "two.safetensors")))
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert one.keys() == two.keys() and len(one) > 10
+    _close(one, two, tol=1e-6)  # float32 rounding of a mean taken in another order
+
+
 def test_a_run_killed_with_two_processes_resumes_with_one(cached, tmp_path):
     cfg, store = cached
     args = ["train", str(cfg), "--store", str(store), "--block", "0", "--quiet"]
