@@ -62,6 +62,7 @@ class Estimator:
                    tail if options.eval_tail is None else options.eval_tail)
 
     def describe(self, vocab_size: int) -> dict:
+        """The estimator as `eval --json` reports it."""
         if self.slots(vocab_size) is None:
             return {"estimator": "exact", "eval_head": None, "eval_tail": None}
         return {"estimator": "stratified", "eval_head": self.head, "eval_tail": self.tail}
@@ -134,9 +135,10 @@ def _by_mass(prev: torch.Tensor, tolerance: float = MASS_TOLERANCE) -> tuple[tor
 def _strata(prev: torch.Tensor, truth: torch.Tensor, estimator: Estimator, noise: LevelNoise
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stratified sum's slots: the true token with its mass, the `head` likeliest others with
-    theirs, and `tail` draws from the rest in proportion to mass, each weighing the rest's mass /
-    tail (unbiased: E[weight * readout] is the rest's share of the sum). Tokens and weights,
-    (1 + head + tail, N, T) each."""
+    theirs, and `tail` systematic draws from the rest (points (k + u) / tail of its CDF, one
+    uniform u a row), each weighing the rest's mass / tail: a token is drawn tail * its share of
+    the rest times in expectation, so the sum is unbiased. Tokens and weights, (1 + head + tail,
+    N, T) each."""
     truth = truth[..., None]  # (N, T, 1)
     rest = prev.scatter(-1, truth, 0.0)  # (N, T, V): mass of every other token
     head_mass, head = rest.topk(estimator.head, -1)  # (N, T, head) each
@@ -145,8 +147,8 @@ def _strata(prev: torch.Tensor, truth: torch.Tensor, estimator: Estimator, noise
     if estimator.tail:
         cdf = rest.cumsum(-1)  # (N, T, V)
         tail_mass = cdf[..., -1:]  # (N, T, 1)
-        grid = torch.arange(estimator.tail, device=cdf.device, dtype=cdf.dtype)  # systematic: one
-        u = (grid + noise.uniforms(1).to(cdf.dtype)) / estimator.tail * tail_mass  # uniform, tail points
+        grid = torch.arange(estimator.tail, device=cdf.device, dtype=cdf.dtype)
+        u = (grid + noise.uniforms(1).to(cdf.dtype)) / estimator.tail * tail_mass  # (N, T, tail)
         drawn = torch.searchsorted(cdf, u, right=True).clamp_max(prev.shape[-1] - 1)  # inverse CDF
         tokens.append(drawn)
         weights.append((tail_mass / estimator.tail).expand_as(u))
