@@ -114,10 +114,9 @@ def main() -> None:
         }
     print(json.dumps(out, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.json.parent, suffix=".tmp", delete=False) as f:
-        json.dump(out, f, indent=2)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, args.json)
+    tmp = args.json.with_suffix(".json.tmp")  # complete, then in place (as bench_process_memory.py)
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(args.json)
 
 
 if __name__ == "__main__":

@@ -94,8 +94,7 @@ def _is_cuda(name: str) -> bool:
 def device_of(name: str, w: World) -> str:
     """The device of a rank: CUDA device LOCAL_RANK when the run's device is `cuda` or `auto`
     with CUDA available (a device named with its index stays as named)."""
-    cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
-    return f"cuda:{w.local_rank}" if cuda and w.size > 1 else name
+    return f"cuda:{w.local_rank}" if w.size > 1 and ":" not in name and _is_cuda(name) else name
 
 
 @contextlib.contextmanager
