@@ -3,6 +3,7 @@ and cache -> train -> eval -> sample on a small text with resume and clean error
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,7 +18,8 @@ from dbcore.method.edm import SIGMA_MAX
 from dbcore.method.options import Options
 from dbcore.models.ancestral import LevelNoise
 from dbcore.models.layers import make_target_embedding
-from dbcore.models.vocab import Vocabulary
+from dbcore.models.lm import tokenizer_array, tokenizer_of
+from dbcore.models.tokenizer import char_tokenizer
 from dbcore.recipes import for_config
 from dbcore.recipes.arlm import ARBaseline, ARBlock, _level_probs, ar_mask, arlm_tiny
 from dbcore.recipes.mdlm import MASK, elbo_weight, mask_probability, time_slice
@@ -76,11 +78,15 @@ def test_ar_mask_noisy_rows_see_the_clean_prefix_and_themselves_only():
         assert row[t + i] and row[t:].sum() == 1
 
 
+def _tokenizer(chars: str) -> torch.Tensor:
+    """The frozen `tokenizer` array of a character vocabulary."""
+    return torch.from_numpy(tokenizer_array(char_tokenizer(chars)))
+
+
 def _ar_block(seed=0, positions="rope"):
     torch.manual_seed(seed)
     cfg = arlm_tiny(gate_init=1.0, positions=positions)
-    vocab = torch.arange(97, 97 + 11)
-    block = ARBlock(cfg, 2, vocab, make_target_embedding(11, cfg.dim, 0))
+    block = ARBlock(cfg, 2, _tokenizer("abcdefghijk"), make_target_embedding(11, cfg.dim, 0))
     for p in block.parameters():  # a trained-looking block: no zero-initialised shortcut
         p.data.normal_(0, 0.2)
     return cfg, block.eval()
@@ -145,7 +151,7 @@ def test_ar_kv_cached_decoding_equals_the_training_forward(positions):
 def test_ar_baseline_kv_cache_equals_its_causal_forward(positions):
     torch.manual_seed(0)
     cfg = arlm_tiny(positions=positions)
-    model = ARBaseline(cfg, torch.arange(97, 108)).eval()
+    model = ARBaseline(cfg, _tokenizer("abcdefghijk")).eval()
     x = torch.randint(0, 11, (2, cfg.seq_len))
     with torch.no_grad():
         full = model(x)  # (2, T, V)
@@ -218,8 +224,8 @@ def test_lm_cache_train_eval_sample_both_kinds(tmp_path, text, recipe):
     extra = "sample_steps = 4" if recipe == "mdlm" else ""
     cfg = config_mod.load(_cfg(tmp_path, recipe, extra))
     s = write_cache(cfg, load_source(f"text:{text}"), tmp_path / "c.zarr", progress=False)
-    assert s.read(layout.TOKENS).shape == ((len(TEXT) - 16) // 16 + 1, 16)
-    vocab = "".join(chr(c) for c in s.read(layout.VOCAB))
+    assert s.read(layout.TOKENS).shape == (len(TEXT),) and s.read(layout.TOKENS).dtype == np.uint16
+    vocab = tokenizer_of({layout.TOKENIZER: torch.from_numpy(s.read(layout.TOKENIZER))}).vocab.chars
     assert vocab == "".join(sorted(set(TEXT)))
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "blocks", progress=False)
     train_run(cfg, tmp_path / "c.zarr", tmp_path / "e2e", e2e=True, progress=False)
@@ -288,8 +294,8 @@ def test_lm_bad_input_is_one_clear_line(tmp_path, text):
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["sample", str(tmp_path / "run"), "--prompt", "Zürich", "--length", "12"])
     assert r.exit_code == 1 and "not in the vocabulary" in r.output and "--prompt" in r.output
-    r = runner.invoke(main, ["sample", str(tmp_path / "run"), "--prompt", "To", "--length", "99"])
-    assert r.exit_code == 1 and "seq_len 16" in r.output
+    r = runner.invoke(main, ["sample", str(tmp_path / "run"), "--prompt", "To", "--length", "2"])
+    assert r.exit_code == 1 and "--length 2 must be more than the prompt's 2 tokens" in r.output
     r = runner.invoke(main, ["eval", str(tmp_path / "run"), "--data", f"text:{binary}", "--json"])
     assert r.exit_code == 1 and "binary" in r.output
     r = runner.invoke(main, ["eval", str(tmp_path / "run"), "--data", f"text:{text}", "--json",
@@ -304,14 +310,14 @@ def test_mdlm_elbo_of_a_uniform_predictor_is_log2_v(tmp_path, text):
 
     cfg = config_mod.load(_cfg(tmp_path, "mdlm", "eval_draws = 2"))
     recipe = for_config(cfg)
-    vocab = torch.tensor(sorted({ord(ch) for ch in TEXT}))
-    frozen = {layout.VOCAB: vocab}
+    chars = "".join(sorted(set(TEXT)))
+    frozen = {layout.TOKENIZER: _tokenizer(chars)}
     blocks = [recipe.build_block(b, frozen) for b in range(2)]
-    expect = (1 - 2 * cfg.model.mask_eps) * math.log2(len(vocab))
+    expect = (1 - 2 * cfg.model.mask_eps) * math.log2(len(chars))
     for load_block, e2e in ((lambda b: blocks[b], None), (None, recipe.build_e2e(frozen))):
-        r = recipe.evaluate(load_block, e2e, load_text(f"text:{text}", Vocabulary.from_text(TEXT)), Options())
+        r = recipe.evaluate(load_block, e2e, load_text(f"text:{text}", char_tokenizer(chars)), Options())
         assert abs(r["bpc"] - expect) < 4 * r["bpc_stderr"] + 1e-3, (r["bpc"], expect, r["bpc_stderr"])
-        assert sum(p["bpc"] for p in r["per_block"]) == pytest.approx(r["bpc"], abs=1e-4)
+        assert sum(p["bits_per_token"] for p in r["per_block"]) == pytest.approx(r["bpc"], abs=1e-4)
 
 
 def test_rotary_attention_depends_on_relative_positions_only():
@@ -347,7 +353,8 @@ def test_ar_ancestral_likelihood_is_the_distribution_generation_samples(tmp_path
     recipe = for_config(cfg)
     vocab = torch.tensor(sorted({ord(ch) for ch in TEXT}))
     torch.manual_seed(0)
-    frozen = {layout.VOCAB: vocab, layout.TARGET_EMBEDDING: make_target_embedding(len(vocab), 32, 0, 1.0)}
+    frozen = {layout.TOKENIZER: _tokenizer("".join(sorted(set(TEXT)))),
+              layout.TARGET_EMBEDDING: make_target_embedding(len(vocab), 32, 0, 1.0)}
     blocks = [recipe.build_block(b, frozen) for b in range(2)]
     with torch.no_grad():
         for block in blocks:  # a fresh block has D = c_skip z: give its readout and F some shape

@@ -17,6 +17,8 @@ from dbcore.data.sources import load_source
 from dbcore.method.batch import Noised
 from dbcore.method.options import Options
 from dbcore.models.layers import checkpoint_layers, make_target_embedding
+from dbcore.models.lm import tokenizer_array
+from dbcore.models.tokenizer import char_tokenizer
 from dbcore.recipes.looped import (
     LoopedBPTT,
     LoopedConfig,
@@ -75,9 +77,9 @@ def _cfg(tmp_path, extra="train_iterations = 3\nbackprop_iterations = 2"):
 def _model(kind, seed=0, **overrides):
     cfg = looped_tiny(**overrides)
     torch.manual_seed(seed)
-    vocab = torch.arange(32, 32 + 11)
-    emb = make_target_embedding(len(vocab), cfg.dim, 0)
-    model = (LoopedDenoiser if kind == "blocks" else LoopedBPTT)(cfg, vocab, emb)
+    emb = make_target_embedding(11, cfg.dim, 0)
+    tokenizer = torch.from_numpy(tokenizer_array(char_tokenizer("".join(chr(c) for c in range(32, 43)))))
+    model = (LoopedDenoiser if kind == "blocks" else LoopedBPTT)(cfg, tokenizer, emb)
     for p in model.parameters():  # zero-initialised projections would hide paths
         torch.nn.init.normal_(p, std=0.2)
     return cfg, model.eval()
@@ -182,7 +184,7 @@ def test_ancestral_likelihood_is_the_distribution_generation_samples():
         expect = ancestral_probs(model, x, 3, torch.arange(1), 0, draws=64)[0, prompt - 1]  # (V,) of x_7
         first = ancestral_probs(model, x, 1, torch.arange(1), 0, draws=64)[0, prompt - 1]  # level 0 alone
         rows = x[:, :prompt].repeat(6000, 1)
-        out = generate(model, rows, prompt + 1, 3, Options(), torch.Generator().manual_seed(1),
+        out = generate(model, rows, prompt + 1, cfg.seq_len, 3, Options(), torch.Generator().manual_seed(1),
                        sampler="ancestral")
     freq = torch.bincount(out[:, -1], minlength=11).double() / len(out)
 
@@ -350,7 +352,7 @@ def test_frozen_prelude_caches_its_activations_once_and_trains_core_and_coda_fro
     assert not sub.with_name(sub.name + ".partial").exists()
     tokens = torch.from_numpy(acts.read("tokens", slice(0, 4))).long()
     model = LoopedRecipe(config_mod.load(cfg_path)).build_block(0, {
-        "vocab": torch.from_numpy(acts.read("vocab")).long(),
+        "tokenizer": torch.from_numpy(acts.read("tokenizer")),
         "target_embedding": torch.from_numpy(acts.read("target_embedding"))})
     model.load_state_dict(prelude)
     with torch.no_grad():

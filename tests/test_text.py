@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 import dbcore.data.text as text_mod
-from dbcore.data.text import TextSource, Windows, load_text
+from dbcore.data import documents
+from dbcore.data.text import TextSource, load_text
 from dbcore.errors import SourceError
+from dbcore.models.tokenizer import char_tokenizer
 from dbcore.models.vocab import Vocabulary
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/datasets/shakespeare"
@@ -24,25 +26,24 @@ def write(tmp_path: Path, content: str | bytes, name: str = "t.txt") -> Path:
 
 def test_vocabulary_sorted_unique_and_round_trip(tmp_path):
     src = load_text(write(tmp_path, SAMPLE))
-    chars = src.vocab.chars
-    assert chars == "".join(sorted(set(SAMPLE))) and len(src.vocab) == len(set(SAMPLE))
-    assert [ord(c) for c in chars] == sorted({ord(c) for c in chars})
-    ids = src.vocab.encode(SAMPLE)
+    vocab = src.tokenizer.vocab
+    assert vocab.chars == "".join(sorted(set(SAMPLE))) and len(vocab) == len(set(SAMPLE))
+    ids = vocab.encode(SAMPLE)
     assert ids.dtype == np.int64 and ids.shape == (len(SAMPLE),)
-    assert src.vocab.decode(ids) == SAMPLE and src.vocab.decode(list(ids)) == SAMPLE
-    assert src.vocab.decode([]) == ""
-    assert np.array_equal(src.tokens, ids) and src.num_chars == len(SAMPLE)
-    assert Vocabulary.from_json(src.vocab.to_json()) == src.vocab
-    assert src.spec == f"text:{src.path}" and load_text(f"text:{src.path}").spec == f"text:{src.path}"
+    assert vocab.decode(ids) == SAMPLE and vocab.decode(list(ids)) == SAMPLE and vocab.decode([]) == ""
+    assert np.array_equal(src.tokens, ids) and src.num_tokens == len(SAMPLE)
+    assert src.num_bytes == len(SAMPLE.encode()) and src.num_documents == 1
+    path = tmp_path / "t.txt"
+    assert src.spec == f"text:{path}" and load_text(f"text:{path}").spec == f"text:{path}"
     with pytest.raises(ValueError, match="outside 0"):
-        src.vocab.decode([0, len(src.vocab)])
+        vocab.decode([0, len(vocab)])
     with pytest.raises(ValueError, match="outside 0"):
-        src.vocab.decode(np.array([-1]))
+        vocab.decode(np.array([-1]))
 
 
-def test_tokens_are_a_read_only_uint8_memmap_removed_on_close_and_gc(tmp_path):
+def test_tokens_are_a_read_only_uint16_memmap_removed_on_close_and_gc(tmp_path):
     src = load_text(write(tmp_path, SAMPLE))
-    assert src.tokens.dtype == np.uint8 and isinstance(src.tokens, np.memmap)
+    assert src.tokens.dtype == np.uint16 and isinstance(src.tokens, np.memmap)
     assert not src.tokens.flags.writeable
     tmp = Path(src.tokens.filename)
     assert tmp.exists()
@@ -54,17 +55,10 @@ def test_tokens_are_a_read_only_uint8_memmap_removed_on_close_and_gc(tmp_path):
     assert not tmp.exists()
 
 
-def test_token_dtype_grows_with_the_vocabulary():
-    assert text_mod._token_dtype(256) == np.uint8
-    assert text_mod._token_dtype(257) == np.uint16
-    assert text_mod._token_dtype(1 << 17) == np.uint32
-
-
-def test_wide_vocabulary_uses_uint16(tmp_path):
-    content = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 300)) + "\n"
-    src = load_text(write(tmp_path, content))
-    assert len(src.vocab) == 301 and src.tokens.dtype == np.uint16
-    assert src.vocab.decode(src.tokens) == content
+def test_token_dtype_is_uint16_until_the_vocabulary_outgrows_it():
+    assert text_mod.token_dtype(65) == np.uint16
+    assert text_mod.token_dtype(1 << 16) == np.uint16
+    assert text_mod.token_dtype((1 << 16) + 1) == np.uint32
 
 
 @pytest.mark.parametrize("seq_len, stride", [(5, 1), (5, 5), (5, 3), (7, None), (len(SAMPLE), 2), (1, 1)])
@@ -73,23 +67,18 @@ def test_windows_equal_slices_of_the_encoded_string(tmp_path, seq_len, stride):
     w = src.windows(seq_len, stride)
     step = seq_len if stride is None else stride
     n = (len(SAMPLE) - seq_len) // step + 1
-    assert isinstance(w, Windows) and len(w) == n and w.shape == (n, seq_len) and w.dtype == np.int32
-    rows = w[0:n]
-    assert rows.dtype == np.int32 and rows.flags.c_contiguous and rows.shape == (n, seq_len)
+    assert w.shape == (n, seq_len)
     for r in range(n):
-        expect = src.vocab.encode(SAMPLE[r * step:r * step + seq_len])
-        assert np.array_equal(rows[r], expect)
-    assert np.array_equal(w[1:3], rows[1:3]) and np.array_equal(w[:], rows)
-    assert w[n:n + 5].shape == (0, seq_len)
+        assert np.array_equal(w[r], src.tokenizer.encode(SAMPLE[r * step:r * step + seq_len]))
 
 
 def test_windows_with_a_tail_drop_it(tmp_path):
     src = load_text(write(tmp_path, "abcdefghij"))  # 10 chars
     w = src.windows(4, 3)  # rows at 0, 3, 6; "j" is left over
     assert w.shape == (3, 4)
-    assert src.vocab.decode(w[:].ravel()) == "abcd" + "defg" + "ghij"
+    assert src.tokenizer.decode(w.ravel()) == "abcd" + "defg" + "ghij"
     w = src.windows(3)  # rows at 0, 3, 6; "j" is left over
-    assert w.shape == (3, 3) and src.vocab.decode(w[:].ravel()) == "abcdefghi"
+    assert w.shape == (3, 3) and src.tokenizer.decode(w.ravel()) == "abcdefghi"
 
 
 def test_windows_bad_arguments(tmp_path):
@@ -97,7 +86,7 @@ def test_windows_bad_arguments(tmp_path):
     for seq_len, stride in [(0, None), (-1, 1), (3, 0), (3, -2)]:
         with pytest.raises(ValueError, match=">= 1"):
             src.windows(seq_len, stride)
-    with pytest.raises(SourceError, match="text has 6 characters, fewer than seq_len 7"):
+    with pytest.raises(SourceError, match="text has 6 tokens, fewer than seq_len 7"):
         src.windows(7)
     assert src.windows(6).shape == (1, 6)
 
@@ -107,38 +96,38 @@ def test_multibyte_chars_split_over_chunks(tmp_path, monkeypatch, chunk):
     content = "ab€cd😀e\néß\nf" * 5  # 1-, 2-, 3- and 4-byte characters
     p = write(tmp_path, content)
     whole = load_text(p)
-    monkeypatch.setattr(text_mod, "TEXT_READ_BYTES", chunk)
+    monkeypatch.setattr(documents, "PIECE_BYTES", chunk)
     split = load_text(p)
-    assert split.vocab == whole.vocab and split.sha256 == whole.sha256 and split.num_chars == len(content)
-    assert np.array_equal(split.tokens, whole.tokens)
-    assert np.array_equal(split.tokens, whole.vocab.encode(content))
+    assert split.tokenizer.vocab == whole.tokenizer.vocab and split.sha256 == whole.sha256
+    assert split.num_tokens == len(content) and np.array_equal(split.tokens, whole.tokens)
+    assert np.array_equal(split.tokens, whole.tokenizer.encode(content))
 
 
-def test_sha256_is_of_the_file_bytes(tmp_path):
+def test_sha256_of_one_file_is_of_its_bytes(tmp_path):
     p = write(tmp_path, SAMPLE)
     assert load_text(p).sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def test_given_vocabulary_maps_the_text_through_it(tmp_path):
-    vocab = Vocabulary.from_text("abcdefgh \n")
-    src = load_text(write(tmp_path, "bad cafe\nfade"), vocab)
-    assert src.vocab is vocab and np.array_equal(src.tokens, vocab.encode("bad cafe\nfade"))
+def test_given_tokenizer_maps_the_text_through_it(tmp_path):
+    tok = char_tokenizer("".join(sorted(set("abcdefgh \n"))))
+    src = load_text(write(tmp_path, "bad cafe\nfade"), tok)
+    assert src.tokenizer is tok and np.array_equal(src.tokens, tok.encode("bad cafe\nfade"))
 
 
 @pytest.mark.parametrize("chunk", [3, 1 << 20])
 def test_unknown_char_names_line_column_and_file(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(text_mod, "TEXT_READ_BYTES", chunk)
+    monkeypatch.setattr(documents, "PIECE_BYTES", chunk)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    vocab = Vocabulary.from_text("abc \n")
+    tok = char_tokenizer("".join(sorted(set("abc \n"))))
     p = write(tmp_path, "abc\nab cab\nca é b\n")
     with pytest.raises(SourceError, match=r"t\.txt: line 3, column 4: character 'é'"):
-        load_text(p, vocab)
+        load_text(p, tok)
     with pytest.raises(SourceError, match=r"^here: line 2, column 3: character 'z'"):
-        vocab.encode("ab\nabz", where="here")
-    with pytest.raises(SourceError, match=r"line 1, column 1: character 'x'"):
-        load_text(write(tmp_path, "xab"), vocab)
+        tok.encode("ab\nabz", where="here")
+    with pytest.raises(SourceError, match=r"line 1, column 14: character 'x'"):
+        load_text(write(tmp_path, "abcabcabcabcax"), tok)  # no newline: a piece cut mid-line
     assert not list(scratch.iterdir())  # the half-written token file is removed
 
 
@@ -155,7 +144,7 @@ def test_unknown_char_names_line_column_and_file(tmp_path, monkeypatch, chunk):
 )
 @pytest.mark.parametrize("chunk", [2, 1 << 20])
 def test_bad_files_name_the_problem(tmp_path, monkeypatch, content, message, chunk):
-    monkeypatch.setattr(text_mod, "TEXT_READ_BYTES", chunk)
+    monkeypatch.setattr(documents, "PIECE_BYTES", chunk)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -166,9 +155,9 @@ def test_bad_files_name_the_problem(tmp_path, monkeypatch, content, message, chu
 
 
 def test_missing_file_and_directory(tmp_path):
-    with pytest.raises(SourceError, match="not found"):
+    with pytest.raises(SourceError, match="matches no file"):
         load_text(f"text:{tmp_path / 'nope.txt'}")
-    with pytest.raises(SourceError, match="not found"):
+    with pytest.raises(SourceError, match="matches no file"):
         load_text(tmp_path / "nope.txt")
     with pytest.raises(SourceError, match="is a directory"):
         load_text(tmp_path)
@@ -208,9 +197,8 @@ def test_shakespeare_valid_encodes_with_the_train_vocabulary():
     src = load_text(train)
     seconds = time.perf_counter() - t0
     text = train.read_text(encoding="utf-8")
-    assert src.num_chars == len(text) and src.vocab.chars == "".join(sorted(set(text)))
-    ev = load_text(valid, src.vocab)  # must not raise: valid.txt uses only train.txt's characters
-    assert ev.num_chars == len(valid.read_text(encoding="utf-8"))
-    assert ev.vocab.decode(ev.tokens) == valid.read_text(encoding="utf-8")
-    assert isinstance(ev, TextSource) and ev.tokens.dtype == np.uint8
-    print(f"train.txt: {src.num_chars} chars, vocab {len(src.vocab)}, loaded in {seconds:.2f}s")
+    assert src.num_tokens == len(text) and src.tokenizer.vocab.chars == "".join(sorted(set(text)))
+    ev = load_text(valid, src.tokenizer)  # must not raise: valid.txt uses only train.txt's characters
+    assert ev.tokenizer.decode(ev.tokens) == valid.read_text(encoding="utf-8")
+    assert isinstance(ev, TextSource) and ev.tokens.dtype == np.uint16
+    print(f"train.txt: {src.num_tokens} chars, vocab {len(src.tokenizer)}, loaded in {seconds:.2f}s")

@@ -95,6 +95,7 @@ class NativeStream:
         worker: int = 0,
         num_workers: int = 1,
         noise: tuple[int, int, int, int] | None = None,
+        windows: tuple[int, int, bool] | None = None,
     ) -> NativeStream: ...
     @property
     def num_samples(self) -> int: ...

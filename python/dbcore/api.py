@@ -63,8 +63,9 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
           tasks: int | None = None) -> Path:
     """Write the cache store `out` for `cfg` (as `dbcore cache`) and return its path.
 
-    `data`: a source spec ("digits:train", "npz:PATH", "text:PATH"), a Source or TextSource, or an
-    iterable of {"images", "labels"} batches (see the module docs; a single such dict works too).
+    `data`: a source spec ("digits:train", "npz:PATH", "text:PATTERN", "jsonl:PATTERN[#FIELD]",
+    "parquet:PATTERN[#COLUMN]"), a Source or TextSource, or an iterable of {"images", "labels"}
+    batches (see the module docs; a single such dict works too).
     `noise="cached"` also stores `draws` noised targets per sample and block; `target_embedding`:
     frozen rows E (num_classes, dim) instead of seeded random ones. `ray`: written by `tasks` Ray
     tasks (default: one per CPU) on the cluster at `address` (default: a local instance), from a
@@ -84,7 +85,7 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
         cache_on_ray(cfg, data, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                      target_embedding=target_embedding, address=address, tasks=tasks, progress=progress)
         return out
-    with _opened(data, *_scratch_beside(out)) as source:
+    with _opened(data, *_scratch_beside(out), getattr(cfg.model, "tokenizer", "char")) as source:
         write_cache(cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                     progress=progress, target_embedding=target_embedding)
     return out
@@ -193,9 +194,10 @@ def sample_images(run: PathLike, *, num: int = 16, label: int | None = None,
 
 def sample_text(run: PathLike, *, num: int = 1, length: int | None = None, prompt: str | None = None,
                 **options: Any) -> list[str]:
-    """`num` texts of a language-model run, as `dbcore sample`: `length` characters each, prompt
-    included (default: the config's seq_len). Options: `steps`, `seed`, `temperature`, `top_k`,
-    `greedy`, and recipe-specific ones."""
+    """`num` texts of a language-model run, as `dbcore sample`: `length` tokens each (characters
+    with a character vocabulary), prompt included (default: the config's seq_len; any length past
+    it, the next-token LMs sliding their window, the MDLM window by window). Options: `steps`,
+    `seed`, `temperature`, `top_k`, `greedy`, and recipe-specific ones."""
     from dbcore.runs.evaluate import sample_text_run
 
     _check_num(num)
@@ -237,10 +239,11 @@ def _scratch_beside(where: str | Path) -> tuple[Path, str]:
 
 
 @contextmanager
-def _opened(data: Any, parent: Path, name: str) -> Iterator[Source | TextSource]:
-    """`data` as a source; batches are spilled to a temporary folder in `parent`, removed on exit."""
+def _opened(data: Any, parent: Path, name: str, tokenizer: str = "char") -> Iterator[Source | TextSource]:
+    """`data` as a source (a text spec tokenized by `tokenizer`); batches are spilled to a temporary
+    folder in `parent`, removed on exit."""
     if isinstance(data, str):
-        yield load_source(data)
+        yield load_source(data, tokenizer)
         return
     if isinstance(data, (Source, TextSource)):
         yield data

@@ -184,7 +184,9 @@ def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, e
 @click.option("--seed", type=int, default=None, help="sampling seed (default: the run's)")
 @click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="images: also write the raw samples: images uint8 (N,H,W,C), labels")
-@click.option("--length", type=int, default=None, help="text: characters per text, prompt included")
+@click.option("--length", type=int, default=None,
+              help="text: tokens per text (characters with a character vocabulary), prompt included; "
+                   "default the run's seq_len, any length past it")
 @click.option("--prompt", default=None, help="text: the beginning of every text")
 @click.option("--temperature", type=float, default=None, help="text: softmax temperature (default 1)")
 @click.option("--top-k", type=int, default=None, help="text: sample among the k likeliest tokens")

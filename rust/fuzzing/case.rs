@@ -1059,6 +1059,7 @@ impl Run<'_> {
             worker: 0,
             num_workers: 1,
             noise: None,
+            windows: None,
         };
         let mut st = match Stream::open(&self.root, spec.clone()) {
             Ok(st) => st,

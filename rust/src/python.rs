@@ -358,7 +358,7 @@ impl NativeStream {
     #[new]
     #[pyo3(signature = (path, arrays, draws, batch_size, shuffle="chunks", seed=0, rank=0,
         world_size=1, drop_last=false, chunk_rows=None, window_chunks=None, window_bytes=None,
-        threads=None, prefetch=4, worker=0, num_workers=1, noise=None))]
+        threads=None, prefetch=4, worker=0, num_workers=1, noise=None, windows=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -379,6 +379,7 @@ impl NativeStream {
         worker: usize,
         num_workers: usize,
         noise: Option<(u64, u32, usize, usize)>,
+        windows: Option<(u64, u64, bool)>,
     ) -> PyResult<Self> {
         if draws.len() != arrays.len() {
             return Err(invalid("arrays and draws differ in length".into()));
@@ -407,6 +408,11 @@ impl NativeStream {
                 block,
                 gaussians,
                 uniforms,
+            }),
+            windows: windows.map(|(len, stride, jitter)| stream::Windows {
+                len,
+                stride,
+                jitter,
             }),
         };
         let noise = spec.noise;

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import torch
 from dbcore.config import Config
 from dbcore.data import store
 from dbcore.data.location import Location, parse_location
-from dbcore.data.sources import Source, source_sha256
+from dbcore.data.sources import Source, load_source, source_sha256
 from dbcore.method import layout
 from dbcore.method.batch import INDEX
 from dbcore.method.noise import noised_targets
@@ -41,6 +41,11 @@ from dbcore.wording import arg
 ROWS_PER_WRITE = 4096  # rows per chunk of the noised targets
 WRITE_TARGET_BYTES = 32 << 20  # a write covers whole shards or chunks, about this many bytes
 LEDGER = ".dbcore-cache-progress"  # in the store: "array start_row" per finished write, for resuming
+
+
+def load_source_for(cfg: Config, spec: str) -> Any:
+    """The source `spec` as `cfg` caches it (a text corpus through its `[model] tokenizer`)."""
+    return load_source(spec, getattr(cfg.model, "tokenizer", "char"))
 
 
 def schedule_attrs(cfg: Config) -> dict:

@@ -1,5 +1,5 @@
 """Data sources: labelled images, `digits` (scikit-learn's, the embedded default) and `npz:PATH`;
-and text, `text:PATH` (UTF-8, a character vocabulary, streamed: `dbcore.data.text`).
+and text corpora, `text:`, `jsonl:` and `parquet:` (streamed and tokenized: `dbcore.data.text`).
 
 Specs: `digits`, `digits:train`, `digits:valid` (a fixed 80/20 split in source order) and
 `npz:PATH` with arrays `images` uint8 (N, H, W) or (N, H, W, C) and `labels` integer (N,).
@@ -18,6 +18,7 @@ import numpy as np
 from dbcore.errors import SourceError
 
 DIGITS_TRAIN_FRACTION = 0.8
+TEXT_KINDS = ("text", "jsonl", "parquet")  # dbcore.data.documents.KINDS
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,21 @@ def source_sha256(source: Any) -> str:
     return source.sha256 if isinstance(source.sha256, str) else source.sha256()
 
 
-def load_source(spec: str) -> Any:
-    """Load a source by its spec (see the module docstring): a `Source` or a `dbcore.data.text.TextSource`."""
+def load_source(spec: str, tokenizer: str = "char") -> Any:
+    """Load a source by its spec (see the module docstring): a `Source`, or a
+    `dbcore.data.text.TextSource` tokenized by `tokenizer` (a `[model] tokenizer` value)."""
     kind, _, arg = spec.partition(":")
-    if kind == "text" and arg:
+    if kind in TEXT_KINDS and arg:
         from dbcore.data.text import load_text
 
-        return load_text(spec)
+        return load_text(spec, tokenizer)
     if kind == "digits":
         images, labels = _digits(arg or None)
     elif kind == "npz" and arg:
         images, labels = _npz(Path(arg))
     else:
-        raise SourceError(f"unknown data source {spec!r}: expected 'digits[:train|:valid]', 'npz:PATH' "
-                          "or 'text:PATH'")
+        raise SourceError(f"unknown data source {spec!r}: expected 'digits[:train|:valid]', 'npz:PATH', "
+                          "'text:PATTERN', 'jsonl:PATTERN[#FIELD]' or 'parquet:PATTERN[#COLUMN]'")
     if images.ndim == 3:
         images = images[..., None]
     return Source(spec=spec, images=np.ascontiguousarray(images), labels=labels)

@@ -31,6 +31,12 @@ worker w yields the batches position+w, position+w+W, ..., which the DataLoader 
 into the same order. Under a DataLoader the workers hold copies: call `set_epoch(e)` before each
 epoch and count the batches you consumed to resume (`load_state_dict({"epoch": e, "position": p})`).
 
+Windows: `windows=(seq_len, stride)` streams samples cut at read time from flat 1-D arrays (a
+text store's `tokens`): sample i of an epoch is `tokens[o : o + seq_len]` with o from
+`window_offsets` (start i * stride, moved by a counter-based draw within the stride), given as
+int64; an epoch has (num_tokens - seq_len) // stride + 1 samples, and order, sharding, resume and
+noise work on these sample indices as on rows.
+
 Online noise: `noise=(seed, block, gaussians, uniforms)` adds, per sample and with draw = epoch,
 `gaussians` standard normals (`"eps"`, (B, gaussians) float64, when gaussians > 0) and `uniforms`
 uniforms in (0, 1) (`"uniforms"`, (B, uniforms) float64, when uniforms > 0) from the Rust Philox,
@@ -124,6 +130,7 @@ class BatchStream(IterableDataset):
         threads: int | None = None,
         prefetch: int = 4,
         epoch: int = 0,
+        windows: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(store, store_mod.Store):  # streamed through the open handle in this process
@@ -153,6 +160,7 @@ class BatchStream(IterableDataset):
             check_window_bytes(window_bytes)
         self.window_chunks, self.window_bytes, self.chunk_rows, self.threads, self.prefetch = (
             window_chunks, window_bytes, chunk_rows, threads, prefetch)
+        self.windows = None if windows is None else (int(windows[0]), int(windows[1]))
         self.epoch, self.position = int(epoch), 0
         self._native: _native.NativeStream | None = None
         self._key: tuple[int, int, int] | None = None  # (pid, worker, num_workers) of _native
@@ -169,7 +177,7 @@ class BatchStream(IterableDataset):
                 self._store_arg(), self.arrays, self.draw, self.batch_size, self.shuffle,
                 self.seed, self.rank, self.world_size, self.drop_last, self.chunk_rows,
                 self.window_chunks, self.window_bytes, self.threads, self.prefetch, worker, num_workers,
-                self.noise,
+                self.noise, None if self.windows is None else (*self.windows, True),
             )
         if self._native is not None and self._key is not None and self._key[0] == key[0]:
             self._native.stop()
@@ -258,6 +266,8 @@ class BatchStream(IterableDataset):
         m = len(idx)
         out = {name: buf.view(dt).reshape(m, *shape)
                for (name, shape, dt), buf in zip(self._outputs, bufs, strict=True)}
+        if self.windows is not None:  # token ids: uint16/uint32 as stored, int64 for torch
+            out = {name: a.astype(np.int64) for name, a in out.items()}
         out[INDEX] = idx.astype(np.int64)
         if eps is not None:
             out[EPS] = eps.view(np.float64).reshape(m, self.noise[2])
@@ -293,6 +303,20 @@ class BatchStream(IterableDataset):
             self._native.stop()
 
     # ------------------------------------------------------------------ a block's noised targets
+
+    # ------------------------------------------------------------------ a window's offset
+
+    @staticmethod
+    def window_offsets(indices: np.ndarray, epoch: int, seed: int, num_tokens: int,
+                       windows: tuple[int, int]) -> np.ndarray:
+        """The first token of each sample's window (the Rust stream's rule, `rust/src/stream/
+        windows.rs`): min(i * stride + floor(u * stride), num_tokens - seq_len), u the sample's
+        uniform 0 keyed by (seed, i, `rng.DATA_BLOCK`, draw = epoch)."""
+        seq_len, stride = windows
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        u = rng.uniform_for_sigma(idx, seed, rng.DATA_BLOCK, epoch).numpy()
+        shift = np.minimum((u * stride).astype(np.int64), stride - 1)
+        return np.minimum(idx.numpy() * stride + shift, num_tokens - seq_len)
 
     @classmethod
     def for_block(cls, store: store_mod.Store | str | os.PathLike[str], block: int, batch_size: int,

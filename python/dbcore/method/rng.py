@@ -19,6 +19,8 @@ Layout (the contract, shared by all three implementations):
 - The uniforms of target mixing (`dbcore.runs.train`, `mix_fraction`) use group j = MIX_GROUP
   (0xFFFFFFFE), outputs 0..2: they are uniforms 4..6 of the same counter. A recipe that mixes
   targets must therefore not request more than 4 uniforms for anything else.
+- Data draws (the offset of a text window, `dbcore.data.stream`) use block = DATA_BLOCK
+  (0xFFFFFFFF, no network block's index) and draw = epoch: the same for every block of a run.
 - Gaussian groups count up from 0, uniform groups down from 2^32 - 1; a request where they would
   meet (gaussians // 4 + uniforms // 4 + 2 > 2^32) is refused (`check_request`).
 
@@ -38,6 +40,7 @@ PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 SIGMA_GROUP = 0xFFFFFFFF
 MIX_GROUP = 0xFFFFFFFE
+DATA_BLOCK = 0xFFFFFFFF
 MASK32 = 0xFFFFFFFF
 INV_2_32 = 2.0**-32
 

@@ -1,14 +1,16 @@
-"""What the language-model recipes share: the character vocabulary in the store, token windows of
-a text source, the token-and-position embedding, bits per character.
+"""What the language-model recipes share: the tokenizer in the store, the token stream of a text
+source, the token-and-position embedding, bits per token and per byte.
 
-The store holds `tokens` (N, T) int32 windows and `vocab` (V,) int32 code points; `vocab` is a
-frozen array, so every checkpoint carries it and evaluation or sampling maps text through the
-vocabulary the run was trained on (a character outside it is a clear error).
+The store holds `tokens` (num_tokens,) uint16/uint32, the corpus as one stream cut into windows at
+read time, and `tokenizer`, the tokenizer's JSON bytes; `tokenizer` is a frozen array, so every
+checkpoint carries it and evaluation or sampling maps text through the tokenizer the run was
+trained on (a character outside a `char` vocabulary is a clear error).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ from dbcore.method.batch import INDEX, Frozen
 from dbcore.method.options import Options
 from dbcore.method.partition import block_layers
 from dbcore.models.layers import KV, make_target_embedding
-from dbcore.models.vocab import Vocabulary
+from dbcore.models.tokenizer import Tokenizer, char_tokenizer, from_bytes, parse_spec
 from dbcore.wording import arg
 
 POS_INIT_STD = 0.02  # learned positions and token embeddings, as GPT-2 / nanoGPT
@@ -31,77 +33,113 @@ EVAL_BATCH = 64  # windows per forward pass in evaluation
 
 def check_text_source(source: Any, recipe: str) -> Any:
     if not hasattr(source, "windows"):
-        raise SourceError(f"source {source.spec}: recipe {recipe!r} needs a text source (text:PATH)")
+        raise SourceError(f"source {source.spec}: recipe {recipe!r} needs a text source "
+                          "(text:, jsonl: or parquet:)")
     return source
 
 
-def vocab_array(vocab: Vocabulary) -> np.ndarray:
-    """(V,) int32 code points: the store's `vocab` array."""
-    return np.array([ord(ch) for ch in vocab.chars], dtype=np.int32)
+def tokenizer_array(tokenizer: Tokenizer) -> np.ndarray:
+    """(nbytes,) uint8: the store's `tokenizer` array."""
+    return np.frombuffer(tokenizer.to_bytes(), dtype=np.uint8).copy()
 
 
-def vocab_of(frozen: Frozen) -> Vocabulary:
-    """The run's vocabulary from its frozen `vocab` array (store or checkpoint)."""
-    return Vocabulary("".join(chr(int(c)) for c in frozen[layout.VOCAB].tolist()))
+def tokenizer_of(frozen: Frozen) -> Tokenizer:
+    """The run's tokenizer from its frozen `tokenizer` array (store or checkpoint)."""
+    return from_bytes(frozen[layout.TOKENIZER].cpu().numpy().astype(np.uint8))
 
 
-def text_arrays(source: Any, recipe: str, seq_len: int, stride: int) -> tuple[dict, dict]:
-    """Cached arrays of a text recipe: token windows and the vocabulary, and their attributes."""
+def vocab_size(frozen: Frozen) -> int:
+    return len(tokenizer_of(frozen))
+
+
+def text_arrays(source: Any, recipe: str, seq_len: int) -> tuple[dict, dict]:
+    """Cached arrays of a text recipe: the token stream and the tokenizer, and their attributes.
+    The store does not depend on the window, but a text shorter than one is refused."""
     src = check_text_source(source, recipe)
-    windows = src.windows(seq_len, stride or seq_len)
-    arrays = {layout.TOKENS: windows, layout.VOCAB: vocab_array(src.vocab)}
-    attrs = {"text": {"num_chars": src.num_chars, "vocab_size": len(src.vocab), "seq_len": seq_len,
-                      "stride": stride or seq_len}}
+    src.windows(seq_len)  # a SourceError when the text is shorter than one window
+    arrays = {layout.TOKENS: src.tokens, layout.TOKENIZER: tokenizer_array(src.tokenizer)}
+    attrs = {"text": {"num_tokens": src.num_tokens, "num_bytes": src.num_bytes,
+                      "num_documents": src.num_documents, "tokenizer": src.tokenizer.spec,
+                      "vocab_size": len(src.tokenizer)}}
     return arrays, attrs
 
 
 def token_target_arrays(source: Any, recipe: str, m: Any, seed: int) -> tuple[dict, dict]:
-    """Cached arrays of a recipe whose targets are token embeddings (AR, looped): the windows,
-    the vocabulary and the frozen rows E (seeded random, norm `target_scale`, METHOD.md 12)."""
-    arrays, attrs = text_arrays(source, recipe, m.seq_len, m.stride)
-    v = len(arrays[layout.VOCAB])
+    """Cached arrays of a recipe whose targets are token embeddings (AR, looped): the stream, the
+    tokenizer and the frozen rows E (seeded random, norm `target_scale`, METHOD.md 12)."""
+    arrays, attrs = text_arrays(source, recipe, m.seq_len)
+    v = len(source.tokenizer)
     arrays[layout.TARGET_EMBEDDING] = make_target_embedding(v, m.dim, seed, m.target_scale).numpy()
     attrs["target_embedding"] = {"kind": "seeded-random", "seed": seed, "scale": m.target_scale}
     return arrays, attrs
 
 
+def example_tokenizer() -> torch.Tensor:
+    """The frozen `tokenizer` a fresh cache writes for 65 printable characters (benchmarks)."""
+    return torch.from_numpy(tokenizer_array(char_tokenizer("".join(chr(c) for c in range(32, 32 + 65)))))
+
+
 def example_token_frozen(m: Any, seed: int = 0) -> Frozen:
-    """Frozen arrays as a fresh cache would write them for 65 printable characters (benchmarks)."""
-    v = 65
-    return {layout.VOCAB: torch.arange(32, 32 + v),
-            layout.TARGET_EMBEDDING: make_target_embedding(v, m.dim, seed, m.target_scale)}
+    """Frozen arrays as a fresh cache would write them for `example_tokenizer` (benchmarks)."""
+    tokenizer = example_tokenizer()
+    v = vocab_size({layout.TOKENIZER: tokenizer})
+    emb = make_target_embedding(v, m.dim, seed, m.target_scale)
+    return {layout.TOKENIZER: tokenizer, layout.TARGET_EMBEDDING: emb}
 
 
 def example_token_batch(seq_len: int, batch_size: int, frozen: Frozen, device: torch.device
                         ) -> dict[str, torch.Tensor]:
     """A seeded random batch of token windows (N, seq_len) and its sample indices (benchmarks)."""
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, len(frozen[layout.VOCAB]), (batch_size, seq_len), generator=g)
-    return {layout.TOKENS: tokens.to(device, torch.int32), INDEX: torch.arange(batch_size, device=device)}
+    tokens = torch.randint(0, vocab_size(frozen), (batch_size, seq_len), generator=g)
+    return {layout.TOKENS: tokens.to(device), INDEX: torch.arange(batch_size, device=device)}
 
 
-def prompt_rows(options: Options, vocab: Vocabulary, seq_len: int, device: torch.device
+def prompt_rows(options: Options, vocab: Tokenizer, seq_len: int, device: torch.device
                 ) -> tuple[torch.Tensor, int, torch.Generator]:
     """Where a next-token LM's generation starts: the prompt (default a newline) as `num` rows
-    (N, P) on `device`, the length to grow them to (longer than the prompt, at most seq_len) and
-    the sampling generator seeded from the options."""
+    (N, P) on `device`, the length to grow them to (`text_length`) and the sampling generator
+    seeded from the options."""
     prompt = encode_prompt(options.prompt or "\n", vocab)
-    length = options.length or seq_len
-    if not len(prompt) < length <= seq_len:
-        raise ValueError(f"{arg('length', length)} must be in {len(prompt) + 1}..seq_len {seq_len} "
-                         f"(the prompt has {len(prompt)} characters)")
+    length = text_length(options, len(prompt), seq_len)
     g = torch.Generator().manual_seed(int(options.seed or 0))
     return prompt.to(device).expand(options.num, -1).clone(), length, g
 
 
+def text_length(options: Options, prompt_len: int, seq_len: int) -> int:
+    """Tokens per text of a sample call, prompt included: `length` (default seq_len; any length,
+    past the window too), more than the prompt's `prompt_len`."""
+    length = options.length or seq_len
+    if length <= prompt_len:
+        raise ValueError(f"{arg('length', length)} must be more than the prompt's {prompt_len} tokens")
+    return length
+
+
 def eval_windows(source: Any, seq_len: int, limit: int | None) -> torch.Tensor:
-    """Non-overlapping windows (N, T) int64 of a text source (read through the run's vocabulary)."""
+    """Non-overlapping windows (N, T) int64 of a text source (read through the run's tokenizer)."""
     rows = source.windows(seq_len)
     n = len(rows) if not limit else min(limit, len(rows))
-    return torch.from_numpy(rows[0:n]).long()
+    return torch.from_numpy(np.array(rows[:n], dtype=np.int64))
 
 
-def encode_prompt(prompt: str, vocab: Vocabulary) -> torch.Tensor:
+def text_scores(nats: torch.Tensor, scored: torch.Tensor, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The report of a language model's `nats` (N,) summed over each window's scored tokens
+    `scored` (N, t): bits per token and its standard error over windows, `bpb` (bits per UTF-8
+    byte of the text the scored tokens decode to, window by window: comparable across
+    tokenizers) and, for `char`, the same per token as `bpc` and `bpc_stderr`."""
+    n, t = scored.shape
+    per_token = nats.double() / t  # (N,)
+    num_bytes = sum(len(tokenizer.decode(row.numpy()).encode()) for row in scored)
+    out = {"bits_per_token": bits(float(per_token.mean())),
+           "bits_per_token_stderr": bits(float(per_token.std()) / n**0.5) if n > 1 else float("nan"),
+           "bpb": bits(float(nats.double().sum())) / max(1, num_bytes),
+           "num_tokens": n * t, "num_bytes": num_bytes, "tokenizer": tokenizer.spec}
+    if tokenizer.spec == "char":
+        out["bpc"], out["bpc_stderr"] = out["bits_per_token"], out["bits_per_token_stderr"]
+    return out
+
+
+def encode_prompt(prompt: str, vocab: Tokenizer) -> torch.Tensor:
     """(P,) int64 ids of a prompt; a character outside the vocabulary is a clear error."""
     return torch.from_numpy(vocab.encode(prompt, where=arg("prompt"))).long()
 
@@ -153,7 +191,8 @@ class TextModelConfig:
     blocks. A recipe's config extends it and calls `super().__post_init__()`."""
 
     seq_len: int = 128
-    stride: int = 0  # windows of the training text start every `stride` characters; 0 = seq_len
+    stride: int = 0  # training windows start every `stride` tokens (jittered per epoch); 0 = seq_len
+    tokenizer: str = "char"  # char, bpe:N (trained on the training source) or file:PATH (tokenizer.json)
     dim: int = 128
     depth: int = 4
     heads: int = 4
@@ -170,6 +209,7 @@ class TextModelConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        parse_spec(self.tokenizer)
         if self.layer_split is not None:
             self.layer_split = [int(n) for n in self.layer_split]
         block_layers(self)  # validates depth, num_blocks and layer_split
@@ -197,3 +237,34 @@ class TokenEmbedding(nn.Module):
     def at(self, positions: torch.Tensor) -> torch.Tensor | float:
         """The learned position rows (t, d) of `positions` (t,), or 0 with rotary positions."""
         return 0.0 if self.pos is None else self.pos[positions]
+
+
+Encode = Callable[[torch.Tensor, int, Any], tuple[torch.Tensor, Any]]  # `generate_tokens`'s `encode`
+
+
+def generate_tokens(x: torch.Tensor, length: int, seq_len: int, encode: Encode, options: Options,
+                    g: torch.Generator) -> torch.Tensor:
+    """Tokens x (N, P) grown to `length` by a next-token LM of window seq_len, any length: it
+    predicts a token from at most seq_len - 1 tokens of context at positions 0.. (as in training,
+    where the last token of a window is a target only), picked by `pick`. `encode(tokens, start,
+    caches)` takes tokens (N, t) at positions start.. into the KV caches (start 0: fresh caches,
+    `caches` None) and returns the next token's logits (N, V) and the caches.
+
+    The context slides as nanoGPT's `generate` crops it, but by half a window: once it is full,
+    its last seq_len // 2 tokens are encoded afresh from position 0 (rotary positions or a
+    learned table of seq_len rows: a cache cannot shift). One re-encoding of seq_len // 2 tokens
+    per seq_len // 2 new ones costs about one more row per token, where cropping to seq_len - 1
+    tokens at every token would re-encode the whole window per token (the looped LM's K
+    iterations of it, too); each token still sees at least seq_len // 2 tokens, a window of the
+    training text starting anywhere. The first context is the prompt's last seq_len - 1 tokens."""
+    new, start, caches = x[:, -(seq_len - 1):], 0, None  # (N, t) at positions start..
+    while True:
+        logits, caches = encode(new, start, caches)  # (N, V)
+        x = torch.cat([x, pick(logits, options, g)[:, None]], 1)  # (N, L + 1)
+        if x.shape[1] >= length:
+            return x
+        start += new.shape[1]  # the context's tokens, all in the caches
+        if start < seq_len - 1:
+            new = x[:, -1:]
+        else:  # the window is full: its last half from position 0
+            new, start, caches = x[:, -(seq_len // 2):], 0, None

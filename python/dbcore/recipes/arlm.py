@@ -53,12 +53,14 @@ from dbcore.models.lm import (
     eval_windows,
     example_token_batch,
     example_token_frozen,
+    generate_tokens,
     grown,
-    pick,
     prompt_rows,
     repeated,
+    text_scores,
     token_target_arrays,
-    vocab_of,
+    tokenizer_of,
+    vocab_size,
 )
 from dbcore.recipes.base import Recipe
 from dbcore.wording import arg
@@ -195,16 +197,17 @@ class ARBackbone(nn.Module):
 
 
 class ARBlock(nn.Module):
-    """One DiffusionBlock of the AR LM: its own token table, layers, head; E and vocab frozen."""
+    """One DiffusionBlock of the AR LM: its own token table, layers, head; E and tokenizer frozen."""
 
-    def __init__(self, cfg: ARConfig, num_layers: int, vocab: torch.Tensor, emb: torch.Tensor) -> None:
+    def __init__(self, cfg: ARConfig, num_layers: int, tokenizer: torch.Tensor, emb: torch.Tensor) -> None:
         super().__init__()
-        if tuple(emb.shape) != (len(vocab), cfg.dim):
-            raise ValueError(f"target embedding is {tuple(emb.shape)}, expected ({len(vocab)}, {cfg.dim})")
-        self.register_buffer(layout.VOCAB, vocab.clone().long())
+        self.vocab_size = v = vocab_size({layout.TOKENIZER: tokenizer})
+        if tuple(emb.shape) != (v, cfg.dim):
+            raise ValueError(f"target embedding is {tuple(emb.shape)}, expected ({v}, {cfg.dim})")
+        self.register_buffer(layout.TOKENIZER, tokenizer.clone())
         self.register_buffer(layout.TARGET_EMBEDDING, emb.detach().float().clone())
-        self.denoiser = EDMPrecond(ARBackbone(cfg, num_layers, len(vocab)), cfg.sigma_data)
-        self.head = nn.Linear(cfg.dim, len(vocab))  # learned readout of D
+        self.denoiser = EDMPrecond(ARBackbone(cfg, num_layers, v), cfg.sigma_data)
+        self.head = nn.Linear(cfg.dim, v)  # learned readout of D
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -237,15 +240,16 @@ class ARBlock(nn.Module):
 class ARBaseline(nn.Module):
     """Standard next-token transformer: tokens and positions, causal pre-LN layers, LN, head."""
 
-    def __init__(self, cfg: ARConfig, vocab: torch.Tensor) -> None:
+    def __init__(self, cfg: ARConfig, tokenizer: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer(layout.VOCAB, vocab.clone().long())
-        self.embed = TokenEmbedding(len(vocab), cfg.seq_len, cfg.dim, cfg.positions)
+        self.vocab_size = v = vocab_size({layout.TOKENIZER: tokenizer})
+        self.register_buffer(layout.TOKENIZER, tokenizer.clone())
+        self.embed = TokenEmbedding(v, cfg.seq_len, cfg.dim, cfg.positions)
         rope = cfg.positions == "rope"
         self.layers = nn.ModuleList(PreLNLayer(cfg.dim, cfg.heads, cfg.mlp_ratio, rope)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=LN_EPS)
-        self.head = nn.Linear(cfg.dim, len(vocab))
+        self.head = nn.Linear(cfg.dim, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, T) -> next-token logits (N, T, V): row i predicts x_{i+1}."""
@@ -273,8 +277,8 @@ def sampler_of(options: Options, cfg: ARConfig) -> str:
     return chosen_sampler(options, cfg.sampler, SAMPLERS, "the AR LM")
 
 
-def _bpc(scores: torch.Tensor, x: torch.Tensor) -> float:
-    """Bits per character of scores (n, T, V) (logits or log-beliefs) at positions 1..T-1 of x."""
+def _bits_per_token(scores: torch.Tensor, x: torch.Tensor) -> float:
+    """Bits per token of scores (n, T, V) (logits or log-beliefs) at positions 1..T-1 of x."""
     return round(bits(float(F.cross_entropy(scores[:, 1:].transpose(1, 2), x[:, 1:]))), 6)
 
 
@@ -283,8 +287,8 @@ class ARRecipe(Recipe):
     config_class = ARConfig
     stream_arrays = (layout.TOKENS,)
     cond_arrays = (layout.TOKENS,)
-    frozen_arrays = (layout.VOCAB, layout.TARGET_EMBEDDING)
-    cache_fields = ("seq_len", "stride", "dim", "target_scale")
+    frozen_arrays = (layout.TOKENIZER, layout.TARGET_EMBEDDING)
+    cache_fields = ("tokenizer", "dim", "target_scale")
     source_kind = "text"
     cached_noise = False  # (N, K, T, d) noised targets would be K*d times the text: drawn online
     chain_training = False
@@ -310,10 +314,11 @@ class ARRecipe(Recipe):
 
     def build_block(self, block, frozen):
         m = self.model_cfg
-        return ARBlock(m, layers_in_block(m, block), frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING])
+        tokenizer, emb = frozen[layout.TOKENIZER], frozen[layout.TARGET_EMBEDDING]
+        return ARBlock(m, layers_in_block(m, block), tokenizer, emb)
 
     def build_e2e(self, frozen):
-        return ARBaseline(self.model_cfg, frozen[layout.VOCAB])
+        return ARBaseline(self.model_cfg, frozen[layout.TOKENIZER])
 
     def block_loss(self, block, batch, noised, w, backend="torch"):
         x = batch[layout.TOKENS].long()
@@ -340,10 +345,11 @@ class ARRecipe(Recipe):
     # ------------------------------------------------------------------ teacher-forced BPC
 
     def evaluate(self, load_block, e2e, source, options):
-        """bpc over positions 1..T-1 of non-overlapping windows of `data`: the baseline's causal
+        """Bits per token (`text_scores`: and per byte, per character) over positions 1..T-1 of
+        non-overlapping windows of `data`: the baseline's causal
         forward, or generation's own likelihood of the true token given the true prefix, per
         sampler (`_euler_nats`, `_ancestral_nats`: the stratified estimate unless `exact`);
-        `bpc_stderr` over windows; `per_block`: the prediction after each block (its probe)."""
+        `per_block`: the prediction after each block (its probe)."""
         m = self.model_cfg
         t0 = time.perf_counter()
         sampler = sampler_of(options, m)
@@ -354,7 +360,7 @@ class ARRecipe(Recipe):
         estimator = Estimator.of(options, m.eval_head, m.eval_tail)
         summed: dict = {}
         if e2e is not None:
-            vocab = vocab_of({layout.VOCAB: e2e.vocab})
+            vocab = tokenizer_of({layout.TOKENIZER: e2e.tokenizer})
             x = eval_windows(source, m.seq_len, options.num_samples)
             with torch.no_grad():
                 logits = torch.cat([e2e(xb.to(next(e2e.parameters()).device)).float().cpu()
@@ -364,7 +370,7 @@ class ARRecipe(Recipe):
             per_block: list[dict] = []
         else:
             first = load_block(0)
-            vocab = vocab_of({layout.VOCAB: first.vocab})
+            vocab = tokenizer_of({layout.TOKENIZER: first.tokenizer})
             del first
             x = eval_windows(source, m.seq_len, options.num_samples)
             if sampler == "ancestral":
@@ -375,13 +381,9 @@ class ARRecipe(Recipe):
             else:
                 draws = None
                 nats, per_block = self._euler_nats(load_block, x, len(vocab), steps, decode, num_chains)
-        per_window = nats.double().mean(1)
-        n = len(per_window)
         return {
-            "bpc": bits(float(per_window.mean())),
-            "bpc_stderr": bits(float(per_window.std()) / n**0.5) if n > 1 else float("nan"),
-            "num_tokens": int(nats.numel()),
-            "num_windows": n,
+            **text_scores(nats.double().sum(1), x[:, 1:], vocab),
+            "num_windows": len(x),
             "inference_steps": steps,
             "sampler": sampler,
             "decode": decode,
@@ -411,7 +413,8 @@ class ARRecipe(Recipe):
 
         def block_done(b: int) -> None:  # the chain's prediction so far: a probe per block
             if k == 0:
-                per_block.append({"block": b, "bpc_last": _bpc(last, x), "bpc_product": _bpc(product, x)})
+                per_block.append({"block": b, "bits_per_token_last": _bits_per_token(last, x),
+                                  "bits_per_token_product": _bits_per_token(product, x)})
 
         for k in range(num_chains):  # independent initial noise: the chain's own distribution
             product.zero_()
@@ -447,44 +450,40 @@ class ARRecipe(Recipe):
             device = next(block.parameters()).device
             with torch.no_grad():
                 for i, s in ((i, s) for i, s in enumerate(schedule) if s.block == b):
-                    level = torch.zeros(n, t, len(block.vocab))  # (n, T, V) after this level
+                    level = torch.zeros(n, t, block.vocab_size)  # (n, T, V) after this level
                     for start in range(0, n, EVAL_BATCH):
                         rows = slice(start, min(n, start + EVAL_BATCH))
                         noise = LevelNoise(torch.arange(rows.start, rows.stop), (t, m.dim), seed,
-                                           m.num_blocks, i, draws, len(block.vocab), device)
+                                           m.num_blocks, i, draws, block.vocab_size, device)
                         prev = None if p is None else p[rows].to(device)
                         level[rows] = _level_probs(block, x[rows].to(device), s.sigma, noise, prev,
                                                    estimator).cpu()
                     p = level
             del block
             assert p is not None
-            per_block.append({"block": b, "bpc": _bpc(p.clamp_min(TINY).log(), x)})
+            per_block.append({"block": b, "bits_per_token": _bits_per_token(p.clamp_min(TINY).log(), x)})
         assert p is not None
         return p, per_block
 
     # ------------------------------------------------------------------ generation
 
     def sample_text(self, load_block: Any, e2e: nn.Module | None, options: Options) -> list[str]:
-        """`num` texts of `length` characters (prompt included, at most seq_len; the prompt
-        defaults to a newline): per new token, the chain over the blocks from sigma_max (Euler or
-        token-ancestral, `sampler`) with the clean prefix in every block's KV cache; greedy or
-        sampled (temperature, top-k) from the last level's logits. The ancestral chain's earlier
-        levels draw at temperature 1: the distribution its likelihood measures."""
+        """`num` texts of `length` tokens (prompt included, any length: the context window slides,
+        `generate_tokens`; the prompt defaults to a newline): per new token, the chain over the
+        blocks from sigma_max (Euler or token-ancestral, `sampler`) with the clean prefix in every
+        block's KV cache; greedy or sampled (temperature, top-k) from the last level's logits. The
+        ancestral chain's earlier levels draw at temperature 1: the distribution its likelihood
+        measures."""
         m = self.model_cfg
         sampler = sampler_of(options, m)
         models = [e2e] if e2e is not None else [load_block(b) for b in range(m.num_blocks)]
         for model in models:
             model.eval()
-        vocab = vocab_of({layout.VOCAB: models[0].vocab})
+        vocab = tokenizer_of({layout.TOKENIZER: models[0].tokenizer})
         x, length, g = prompt_rows(options, vocab, m.seq_len, next(models[0].parameters()).device)  # (N, P)
         with torch.no_grad():
             if e2e is not None:
-                logits, caches = e2e.extend(x, 0, None)
-                while x.shape[1] < length:
-                    nxt = pick(logits, options, g)[:, None]
-                    x = torch.cat([x, nxt], 1)
-                    if x.shape[1] < length:
-                        logits, caches = e2e.extend(nxt, x.shape[1] - 1, caches)
+                x = generate_tokens(x, length, m.seq_len, e2e.extend, options, g)
             else:
                 if sampler == "ancestral":
                     no_product(options)
@@ -493,15 +492,22 @@ class ARRecipe(Recipe):
 
     def _generate(self, blocks: list[ARBlock], x: torch.Tensor, length: int, options: Options,
                   g: torch.Generator, sampler: str) -> torch.Tensor:
+        """Tokens x (N, P) grown to `length` by the chain of blocks (`generate_tokens`)."""
         m = self.model_cfg
         steps = euler_schedule(m.num_blocks, options.steps or m.sample_steps)
         decode = options.decode or m.decode
-        caches = [b.denoiser.backbone.extend(x, 0, None) for b in blocks]
-        pending: list[torch.Tensor | None] = [None] * len(blocks)  # the last token, until a block caches it
-        while x.shape[1] < length:
-            pos = x.shape[1]
-            z = SIGMA_MAX * torch.randn(len(x), m.dim, generator=g).to(x.device)  # (N, d)
-            score = torch.zeros(len(x), len(blocks[0].vocab), device=x.device)
+
+        def encode(new: torch.Tensor, start: int, caches: list[Caches] | None
+                   ) -> tuple[torch.Tensor, list[Caches]]:
+            """The chain's scores (N, V) of the token after tokens new (N, t) at positions start..,
+            and every block's caches of the clean rows."""
+            pending: list[torch.Tensor | None] = [new] * len(blocks)  # until a block's first step caches it
+            if caches is None:  # a fresh window: its clean rows first
+                caches = [b.denoiser.backbone.extend(new, 0, None) for b in blocks]
+                pending = [None] * len(blocks)
+            pos = start + new.shape[1]  # the noisy row's position: the token it predicts
+            z = SIGMA_MAX * torch.randn(len(new), m.dim, generator=g).to(new.device)  # (N, d)
+            score = torch.zeros(len(new), blocks[0].vocab_size, device=new.device)
             for j, s in enumerate(steps):
                 block, b = blocks[s.block], s.block
                 _, logits, caches[b] = block.decode_step(z, s.sigma, pos, caches[b], pending[b])
@@ -509,16 +515,15 @@ class ARRecipe(Recipe):
                 probs = torch.softmax(logits.float(), -1)  # (N, V)
                 if sampler == "ancestral":  # draw a token, restart from its row at the next level
                     if j < len(steps) - 1:
-                        token = torch.multinomial(probs.cpu(), 1, generator=g)[:, 0].to(x.device)
-                        eps = torch.randn(len(x), m.dim, generator=g).to(x.device)
+                        token = torch.multinomial(probs.cpu(), 1, generator=g)[:, 0].to(new.device)
+                        eps = torch.randn(len(new), m.dim, generator=g).to(new.device)
                         z = block.target_embedding[token] + s.sigma_next * eps
                 else:
                     z = z + (s.sigma_next - s.sigma) * (z - probs @ block.target_embedding) / s.sigma
                 score = score + torch.log_softmax(logits.float(), -1) if decode == "product" else logits
-            nxt = pick(score, options, g)[:, None]
-            x = torch.cat([x, nxt], 1)
-            pending = [nxt] * len(blocks)  # cached by each block's next step, in the same pass
-        return x
+            return score, caches
+
+        return generate_tokens(x, length, m.seq_len, encode, options, g)
 
 
 def no_product(options: Options) -> None:

@@ -66,6 +66,14 @@ class Recipe(ABC):
                      ) -> tuple[dict[str, np.ndarray], dict]:
         """Checked source -> the arrays to cache (name -> rows) and attributes describing them."""
 
+    def stream_windows(self) -> tuple[int, int] | None:
+        """(seq_len, stride) when a sample is a window cut at read time from the flat streamed
+        arrays (`BatchStream(windows=)`): a text recipe's; None when a sample is a row."""
+        if self.source_kind != "text":
+            return None
+        m = self.model_cfg
+        return m.seq_len, m.stride or m.seq_len
+
     # ------------------------------------------------------------------ noise
 
     @abstractmethod

@@ -54,17 +54,18 @@ from dbcore.models.lm import (
     EVAL_BATCH,
     TextModelConfig,
     TokenEmbedding,
-    bits,
     chosen_sampler,
     eval_windows,
     example_token_batch,
     example_token_frozen,
+    generate_tokens,
     grown,
-    pick,
     prompt_rows,
     repeated,
+    text_scores,
     token_target_arrays,
-    vocab_of,
+    tokenizer_of,
+    vocab_size,
 )
 from dbcore.recipes.base import FrozenModule, Recipe
 
@@ -142,27 +143,28 @@ def causal_stack(layers: nn.ModuleList, h: torch.Tensor, start: int, past: Cache
 
 
 class LoopedLM(nn.Module):
-    """What both models share: tokens, prelude, adapter, core, coda, head; E and vocab frozen."""
+    """What both models share: tokens, prelude, adapter, core, coda, head; E and tokenizer frozen."""
 
-    def __init__(self, cfg: LoopedConfig, vocab: torch.Tensor, emb: torch.Tensor) -> None:
+    def __init__(self, cfg: LoopedConfig, tokenizer: torch.Tensor, emb: torch.Tensor) -> None:
         super().__init__()
-        if tuple(emb.shape) != (len(vocab), cfg.dim):
-            raise ValueError(f"target embedding is {tuple(emb.shape)}, expected ({len(vocab)}, {cfg.dim})")
-        self.register_buffer(layout.VOCAB, vocab.clone().long())
+        self.vocab_size = v = vocab_size({layout.TOKENIZER: tokenizer})
+        if tuple(emb.shape) != (v, cfg.dim):
+            raise ValueError(f"target embedding is {tuple(emb.shape)}, expected ({v}, {cfg.dim})")
+        self.register_buffer(layout.TOKENIZER, tokenizer.clone())
         self.register_buffer(layout.TARGET_EMBEDDING, emb.detach().float().clone())
         d, rope = cfg.dim, cfg.positions == "rope"
 
         def stack(n: int) -> nn.ModuleList:
             return nn.ModuleList(PreLNLayer(d, cfg.heads, cfg.mlp_ratio, rope) for _ in range(n))
 
-        self.embed = TokenEmbedding(len(vocab), cfg.seq_len, d, cfg.positions)
+        self.embed = TokenEmbedding(v, cfg.seq_len, d, cfg.positions)
         self.prelude = stack(cfg.prelude_layers)
         self.adapter = nn.Linear(2 * d, d)  # concat(state, context) -> the core's input
         self.core = stack(cfg.core_layers)
         self.coda_in = nn.Linear(d, d)
         self.coda = stack(cfg.coda_layers)
         self.norm = nn.LayerNorm(d, eps=LN_EPS)
-        self.head = nn.Linear(d, len(vocab))
+        self.head = nn.Linear(d, v)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -195,8 +197,8 @@ class LoopedDenoiser(LoopedLM):
     e, causal, no sigma in them, so their keys and values are computed once per window and shared
     by every iteration) and noisy rows, each seeing the context up to its position and itself."""
 
-    def __init__(self, cfg: LoopedConfig, vocab: torch.Tensor, emb: torch.Tensor) -> None:
-        super().__init__(cfg, vocab, emb)
+    def __init__(self, cfg: LoopedConfig, tokenizer: torch.Tensor, emb: torch.Tensor) -> None:
+        super().__init__(cfg, tokenizer, emb)
         d = cfg.dim
         self.noise_embed = NoiseEmbedder(d)
         self.core_norm = nn.LayerNorm(d, eps=LN_EPS)
@@ -235,8 +237,8 @@ class LoopedDenoiser(LoopedLM):
 class LoopedBPTT(LoopedLM):
     """Huginn's baseline: the core maps the state to the next state; the coda reads the last."""
 
-    def __init__(self, cfg: LoopedConfig, vocab: torch.Tensor, emb: torch.Tensor) -> None:
-        super().__init__(cfg, vocab, emb)
+    def __init__(self, cfg: LoopedConfig, tokenizer: torch.Tensor, emb: torch.Tensor) -> None:
+        super().__init__(cfg, tokenizer, emb)
         self.state_norm = nn.LayerNorm(cfg.dim, eps=LN_EPS)
 
     def iterate(self, s: torch.Tensor, e: torch.Tensor, start: int = 0, past: Caches | None = None
@@ -336,8 +338,8 @@ class LoopedRecipe(Recipe):
     config_class = LoopedConfig
     stream_arrays = (layout.TOKENS,)
     cond_arrays = (layout.TOKENS,)
-    frozen_arrays = (layout.VOCAB, layout.TARGET_EMBEDDING)
-    cache_fields = ("seq_len", "stride", "dim", "target_scale")
+    frozen_arrays = (layout.TOKENIZER, layout.TARGET_EMBEDDING)
+    cache_fields = ("tokenizer", "dim", "target_scale")
     source_kind = "text"
     cached_noise = False
     chain_training = False
@@ -430,11 +432,12 @@ class LoopedRecipe(Recipe):
 
     def build_block(self, block, frozen):
         m = self.model_cfg
-        return self._with_prelude(LoopedDenoiser(m, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING]))
+        tokenizer, emb = frozen[layout.TOKENIZER], frozen[layout.TARGET_EMBEDDING]
+        return self._with_prelude(LoopedDenoiser(m, tokenizer, emb))
 
     def build_e2e(self, frozen):
         m = self.model_cfg
-        return self._with_prelude(LoopedBPTT(m, frozen[layout.VOCAB], frozen[layout.TARGET_EMBEDDING]))
+        return self._with_prelude(LoopedBPTT(m, frozen[layout.TOKENIZER], frozen[layout.TARGET_EMBEDDING]))
 
     def block_loss(self, block, batch, noised, w, backend="torch"):
         x = batch[layout.TOKENS].long()
@@ -480,7 +483,7 @@ class LoopedRecipe(Recipe):
         attention scores against them."""
         m = self.model_cfg
         t = m.seq_len - 1
-        rows, v = batch_size * t, len(frozen[layout.VOCAB])
+        rows, v = batch_size * t, vocab_size(frozen)
 
         def stack(n: int) -> float:
             return n * layer_flops(rows, m.dim, m.mlp_ratio, t)
@@ -506,7 +509,8 @@ class LoopedRecipe(Recipe):
     # ------------------------------------------------------------------ evaluation and generation
 
     def evaluate(self, load_block, e2e, source, options):
-        """bpc over positions 1..T-1 of non-overlapping windows of `data` after K iterations
+        """Bits per token (`text_scores`: and per byte, per character) over positions 1..T-1 of
+        non-overlapping windows of `data` after K iterations
         (`num_steps`, default the config's `iterations`): the denoiser's token-ancestral chain
         (`ancestral_probs`, summed stratified unless `exact`, `eval_draws` noise draws per level
         and candidate); else (the baseline, or the denoiser's Euler chain) the readout's probability
@@ -545,11 +549,8 @@ class LoopedRecipe(Recipe):
                     logp = torch.log_softmax(logits.float(), -1).gather(-1, xb[:, 1:, None])[..., 0]
                     chains[k, start:start + len(xb)] = logp.cpu()
         nats = -(torch.logsumexp(chains, 0) - math.log(len(chains)))  # (n, T-1)
-        per_window = nats.double().mean(1)
         return {
-            "bpc": bits(float(per_window.mean())),
-            "bpc_stderr": bits(float(per_window.std()) / n**0.5) if n > 1 else float("nan"),
-            "num_tokens": int(nats.numel()),
+            **text_scores(nats.double().sum(1), x[:, 1:], tokenizer_of({layout.TOKENIZER: model.tokenizer})),
             "num_windows": n,
             "iterations": iterations,
             "eval_chains": None if ancestral else num_chains,
@@ -560,38 +561,40 @@ class LoopedRecipe(Recipe):
         }
 
     def sample_text(self, load_block: Any, e2e: nn.Module | None, options: Options) -> list[str]:
-        """`num` texts of `length` characters (prompt included, at most seq_len; the prompt
-        defaults to a newline): per new token K iterations (`steps`, default `iterations`) over
-        the prefix's KV caches (the baseline's: one per iteration; the denoiser's: its context
-        rows', shared by every iteration); greedy or sampled (temperature, top-k)."""
+        """`num` texts of `length` tokens (prompt included, any length: the context window slides,
+        `generate_tokens`; the prompt defaults to a newline): per new token K iterations (`steps`,
+        default `iterations`) over the prefix's KV caches (the baseline's: one per iteration; the
+        denoiser's: its context rows', shared by every iteration); greedy or sampled (temperature,
+        top-k)."""
         m = self.model_cfg
         model = e2e if e2e is not None else load_block(0)
         model.eval()
-        vocab = vocab_of({layout.VOCAB: model.vocab})
+        vocab = tokenizer_of({layout.TOKENIZER: model.tokenizer})
         x, length, g = prompt_rows(options, vocab, m.seq_len, next(model.parameters()).device)  # (N, P)
         with torch.no_grad():
-            x = generate(model, x, length, options.steps or m.iterations, options, g, m.init_std,
+            x = generate(model, x, length, m.seq_len, options.steps or m.iterations, options, g, m.init_std,
                          self._sampler(options))
         return [vocab.decode(row.cpu().numpy()) for row in x]
 
 
-def generate(model: LoopedLM, x: torch.Tensor, length: int, iterations: int, options: Options,
+def generate(model: LoopedLM, x: torch.Tensor, length: int, seq_len: int, iterations: int, options: Options,
              g: torch.Generator, init_std: float = 1.0, sampler: str = "euler") -> torch.Tensor:
-    """Tokens x (N, P) grown to `length`: the prompt's rows run their K iterations in one pass,
-    then each new token is one row through the prelude and K iterations, every stack KV-cached."""
+    """Tokens x (N, P) grown to `length` (`generate_tokens`, window seq_len): a window's first
+    rows run their K iterations in one pass, then each new token is one row through the prelude
+    and K iterations, every stack KV-cached."""
     d = model.embed.table.embedding_dim
-    e, ctx = model.context(x)
-    noise = torch.randn(x.shape[0], x.shape[1], d, generator=g).to(x.device)
-    logits, caches = run_iterations(model, e, noise, iterations, 0, None, init_std, sampler, g)
-    while True:
-        nxt = pick(logits[:, -1], options, g)[:, None]  # (N, 1)
-        x = torch.cat([x, nxt], 1)
-        if x.shape[1] >= length:
-            return x
-        pos = x.shape[1] - 1
-        e, ctx = model.context(nxt, pos, ctx)
-        noise = torch.randn(x.shape[0], 1, d, generator=g).to(x.device)
-        logits, caches = run_iterations(model, e, noise, iterations, pos, caches, init_std, sampler, g)
+
+    def encode(new: torch.Tensor, start: int, caches: tuple[Caches, Any] | None
+               ) -> tuple[torch.Tensor, tuple[Caches, Any]]:
+        """Next-token logits (N, V) after tokens new (N, t) at positions start.., and the
+        (prelude, iterations) caches grown by them."""
+        ctx, past = caches or (None, None)
+        e, ctx = model.context(new, start, ctx)  # (N, t, d)
+        noise = torch.randn(*new.shape, d, generator=g).to(new.device)  # (N, t, d)
+        logits, past = run_iterations(model, e, noise, iterations, start, past, init_std, sampler, g)
+        return logits[:, -1], (ctx, past)
+
+    return generate_tokens(x, length, seq_len, encode, options, g)
 
 
 def looped_tiny(**overrides: Any) -> LoopedConfig:

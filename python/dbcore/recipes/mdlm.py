@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +41,13 @@ from dbcore.models.lm import (
     encode_prompt,
     eval_windows,
     example_token_batch,
+    example_tokenizer,
     pick,
     text_arrays,
-    vocab_of,
+    text_length,
+    text_scores,
+    tokenizer_of,
+    vocab_size,
 )
 from dbcore.recipes.base import Recipe
 from dbcore.wording import arg
@@ -95,10 +100,11 @@ def mask_tokens(x: torch.Tensor, t: torch.Tensor, u: torch.Tensor, eps: float) -
 class MaskedDenoiser(nn.Module):
     """A block (or the whole baseline): x_t (N, T) ids with MASK, t (N,) -> logits (N, T, V)."""
 
-    def __init__(self, cfg: MDLMConfig, num_layers: int, vocab: torch.Tensor) -> None:
+    def __init__(self, cfg: MDLMConfig, num_layers: int, tokenizer: torch.Tensor) -> None:
         super().__init__()
-        d, v = cfg.dim, len(vocab)
-        self.register_buffer(layout.VOCAB, vocab.clone().long())  # frozen: carried by the checkpoint
+        d, v = cfg.dim, vocab_size({layout.TOKENIZER: tokenizer})
+        self.register_buffer(layout.TOKENIZER, tokenizer.clone())  # frozen: carried by the checkpoint
+        self.vocab_size = v
         self.embed = TokenEmbedding(v + 1, cfg.seq_len, d, cfg.positions)  # row V = MASK
         self.time = NoiseEmbedder(d)
         rope = cfg.positions == "rope"
@@ -108,7 +114,7 @@ class MaskedDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t (N, T) ids or MASK, t (N,) -> logits (N, T, V)."""
-        h = self.embed(torch.where(x_t == MASK, len(self.vocab), x_t))  # (N, T, d)
+        h = self.embed(torch.where(x_t == MASK, self.vocab_size, x_t))  # (N, T, d)
         c = self.time(t)  # (N, d)
         for layer in self.layers:  # bidirectional
             h = layer(h, c)  # (N, T, d)
@@ -134,15 +140,14 @@ class MDLMRecipe(Recipe):
     config_class = MDLMConfig
     stream_arrays = (layout.TOKENS,)
     cond_arrays = ()
-    frozen_arrays = (layout.VOCAB,)
-    cache_fields = ("seq_len", "stride")
+    frozen_arrays = (layout.TOKENIZER,)
+    cache_fields = ("tokenizer",)
     source_kind = "text"
     cached_noise = False
     chain_training = False
 
     def cache_arrays(self, source, seed, target_embedding):
-        m = self.model_cfg
-        return text_arrays(source, self.name, m.seq_len, m.stride)
+        return text_arrays(source, self.name, self.model_cfg.seq_len)
 
     # ------------------------------------------------------------------ noise: masking
 
@@ -179,11 +184,12 @@ class MDLMRecipe(Recipe):
     # ------------------------------------------------------------------ models and loss
 
     def build_block(self, block, frozen):
-        return MaskedDenoiser(self.model_cfg, layers_in_block(self.model_cfg, block), frozen[layout.VOCAB])
+        m = self.model_cfg
+        return MaskedDenoiser(m, layers_in_block(m, block), frozen[layout.TOKENIZER])
 
     def build_e2e(self, frozen):
         m = self.model_cfg
-        return MaskedDenoiser(m, m.depth, frozen[layout.VOCAB])
+        return MaskedDenoiser(m, m.depth, frozen[layout.TOKENIZER])
 
     def _loss(self, model: MaskedDenoiser, batch: Batch, noised: Noised, w: torch.Tensor) -> torch.Tensor:
         x = batch[layout.TOKENS].long()
@@ -201,7 +207,7 @@ class MDLMRecipe(Recipe):
         return self._loss(model, batch, noised, w)
 
     def example_frozen(self, seed=0):
-        return {layout.VOCAB: torch.arange(32, 32 + 65)}  # 65 printable characters
+        return {layout.TOKENIZER: example_tokenizer()}
 
     def example_batch(self, batch_size, frozen, device):
         return example_token_batch(self.model_cfg.seq_len, batch_size, frozen, device)
@@ -212,9 +218,10 @@ class MDLMRecipe(Recipe):
     # ------------------------------------------------------------------ evaluation: BPC by the ELBO
 
     def evaluate(self, load_block, e2e, source, options):
-        """bpc: the ELBO (nats per character / ln 2) on non-overlapping windows of `source`, Monte
-        Carlo over t with `eval_draws` stratified draws in each block's slice; `bpc_stderr` over
-        windows; `per_block`: each slice's share. Blocks and baseline see the same t and masks."""
+        """The ELBO in bits per token (`text_scores`: and per byte, per character) on
+        non-overlapping windows of `source`, Monte Carlo over t with `eval_draws` stratified draws
+        in each block's slice; `per_block`: each slice's share. Blocks and baseline see the same t
+        and masks."""
         m = self.model_cfg
         t0 = time.perf_counter()
         no_sampler(options)
@@ -240,13 +247,11 @@ class MDLMRecipe(Recipe):
                                                    m.mask_eps).double().cpu()
             share *= (hi - lo) / m.eval_draws  # integral over the slice of w(t) E[sum CE]
             nats += share
-            per_block.append({"block": b, "t": [lo, hi], "bpc": round(bits(float(share.mean()) / seq), 6)})
+            per_block.append({"block": b, "t": [lo, hi],
+                              "bits_per_token": round(bits(float(share.mean()) / seq), 6)})
             del model
-        per_char = nats / seq
         return {
-            "bpc": bits(float(per_char.mean())),
-            "bpc_stderr": bits(float(per_char.std()) / n**0.5) if n > 1 else float("nan"),
-            "num_tokens": n * seq,
+            **text_scores(nats, x_all, tokenizer_of({layout.TOKENIZER: models(0).tokenizer})),
             "num_windows": n,
             "eval_draws": m.eval_draws,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -256,30 +261,49 @@ class MDLMRecipe(Recipe):
     # ------------------------------------------------------------------ sampling: ancestral unmasking
 
     def sample_text(self, load_block: Any, e2e: nn.Module | None, options: Options) -> list[str]:
-        """`num` texts of `length` characters (prompt included, at most seq_len): ancestral
-        unmasking over `steps` steps from t = 1 to 0, allotted equally to blocks; a masked token is
-        revealed from t to s with probability (alpha_s - alpha_t) / (1 - alpha_t), all at the end, as
-        drawn by `pick` (temperature, top-k) or the likeliest token (greedy)."""
+        """`num` texts of `length` tokens (prompt included, any length), window by window
+        (`_unmask`): the first holds the prompt (its last seq_len - 1 tokens at most) and masks
+        the rest of the window; past seq_len, each next window starts with the last seq_len // 2
+        tokens of the text so far, unmasked and fixed, and masks the rest, until `length` (every
+        window loads the blocks again, one in memory at a time)."""
         m = self.model_cfg
         no_sampler(options)
         steps = options.steps or m.sample_steps
         if steps % m.num_blocks:
             raise ValueError(f"{arg('steps', steps)} must be a multiple of num_blocks {m.num_blocks}")
-        num, length = options.num, options.length or m.seq_len
         models = (lambda b: e2e) if e2e is not None else load_block
-        first = models(0)
-        vocab = vocab_of({layout.VOCAB: first.vocab})
+        held = {0: models(0)}  # block 0, read for the vocabulary, serves the first window
+
+        def model_of(b: int) -> nn.Module:
+            return held.pop(b) if b in held else models(b)
+
+        vocab = tokenizer_of({layout.TOKENIZER: held[0].tokenizer})
         prompt = encode_prompt(options.prompt or "", vocab)
-        if not 0 < length <= m.seq_len or len(prompt) > length:
-            raise ValueError(f"{arg('length', length)} must be in 1..seq_len {m.seq_len} and cover the "
-                             f"prompt ({len(prompt)} characters)")
+        length = text_length(options, len(prompt), m.seq_len)
         g = torch.Generator().manual_seed(int(options.seed or 0))
-        x = torch.full((num, length), MASK, dtype=torch.long)
-        x[:, : len(prompt)] = prompt
+        x = prompt.expand(options.num, -1)  # (N, P): the text so far
+        kept = min(len(prompt), m.seq_len - 1)  # known tokens that open the window
+        while x.shape[1] < length:
+            new = min(length - x.shape[1], m.seq_len - kept)
+            masked = torch.full((len(x), new), MASK, dtype=torch.long)
+            window = torch.cat([x[:, x.shape[1] - kept:], masked], 1)  # (N, kept + new)
+            x = torch.cat([x, self._unmask(model_of, window, steps, options, g)[:, kept:]], 1)
+            kept = m.seq_len // 2
+        return [vocab.decode(row.numpy()) for row in x]
+
+    def _unmask(self, model_of: Callable[[int], nn.Module], x: torch.Tensor, steps: int, options: Options,
+                g: torch.Generator) -> torch.Tensor:
+        """Window x (N, L) (L <= seq_len) with its MASK positions filled by ancestral unmasking over
+        `steps` steps from t = 1 to 0, allotted equally to blocks (`model_of(b)`, one in memory at
+        a time): a masked token is revealed from t to s with probability (alpha_s - alpha_t) /
+        (1 - alpha_t), all at the end, as drawn by `pick` (temperature, top-k) or the likeliest
+        token (greedy)."""
+        m = self.model_cfg
+        num, length = x.shape
         grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         per_block = steps // m.num_blocks
         for b in range(m.num_blocks):
-            model, first = (first if b == 0 else models(b)), None
+            model = model_of(b)
             model.eval()
             device = next(model.parameters()).device
             with torch.no_grad():
@@ -295,7 +319,7 @@ class MDLMRecipe(Recipe):
                     now = masked & (torch.rand(num, length, generator=g, dtype=torch.float64) < reveal)
                     x = torch.where(now, draw, x)
             del model  # one block in memory at a time
-        return [vocab.decode(row.numpy()) for row in x]
+        return x
 
 
 def _pad(x: torch.Tensor, seq_len: int) -> torch.Tensor:

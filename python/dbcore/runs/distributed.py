@@ -168,10 +168,8 @@ def train_blocks_on_ray(cfg: Config, store_path: Path, run: Path, blocks: list[i
 def _cache_units(cfg_dict: dict, where: str, spec: str, noise: str, draws: int, seed: int,
                  target_embedding: Any, out: str, attrs: dict, units: list[cache.Unit]) -> list[cache.Unit]:
     """The task: write `units` of the store at `out`, from the source loaded by its spec."""
-    from dbcore.data.sources import load_source
-
-    plan = cache.plan_cache(from_dict(cfg_dict, where), load_source(spec), noise, draws, seed,
-                            target_embedding)
+    cfg = from_dict(cfg_dict, where)
+    plan = cache.plan_cache(cfg, cache.load_source_for(cfg, spec), noise, draws, seed, target_embedding)
     if plan.attrs != attrs:  # another file at the same path, another package version...
         raise store.StoreError(f"{out}: a Ray worker sees other cache inputs than the command: "
                                f"{attrs.get('source')} there, {plan.attrs.get('source')} here")
@@ -207,12 +205,11 @@ def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws
     """`cache.write_cache` of the source `spec` by Ray tasks (default: one per CPU of the cluster);
     see the module docs."""
     ray = import_ray()
-    from dbcore.data.sources import load_source
     from dbcore.progress import bar as progress_bar
 
     if tasks is not None and tasks < 1:
         raise ValueError(f"{arg('tasks', tasks)} must be >= 1")
-    plan = cache.plan_cache(cfg, load_source(spec), noise, draws, seed, target_embedding)
+    plan = cache.plan_cache(cfg, cache.load_source_for(cfg, spec), noise, draws, seed, target_embedding)
     out = parse_location(out)
     with store.writer_lock(out):
         s, done = cache.open_for_writing(out, plan.attrs, overwrite)

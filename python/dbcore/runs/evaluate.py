@@ -19,7 +19,7 @@ from dbcore.data.text import load_text
 from dbcore.method import layout
 from dbcore.method.batch import Frozen
 from dbcore.method.options import Options
-from dbcore.models.lm import vocab_of
+from dbcore.models.lm import tokenizer_of
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Recipe
 from dbcore.runs import mirror, rundir
@@ -69,12 +69,12 @@ def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | N
 
 
 def _source(run: Path, kind: str, recipe: Recipe, data: str) -> Any:
-    """Source `data` as the recipe reads it: labelled images, or a text through the run's vocabulary."""
+    """Source `data` as the recipe reads it: labelled images, or a text through the run's tokenizer."""
     if recipe.source_kind != "text":
         return load_source(data)
     name = rundir.E2E if kind == "e2e" else rundir.SHARED if kind == "paper-shared" else rundir.block_name(0)
-    frozen = rundir.frozen_from_checkpoint(run, name, (layout.VOCAB,), recipe=recipe.name)
-    return load_text(data, vocab_of(frozen))
+    frozen = rundir.frozen_from_checkpoint(run, name, (layout.TOKENIZER,), recipe=recipe.name)
+    return load_text(data, tokenizer_of(frozen))
 
 
 def _models(run: Path, kind: str, recipe: Recipe) -> tuple:

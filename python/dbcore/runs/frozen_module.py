@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dbcore.data import store
@@ -71,6 +73,13 @@ def check_resumed_run(run: Path, name: str, fp: str, spec: FrozenModule) -> None
                        f"{arg(spec.option)} gives {fp[:16]}; use a new {arg('out')}")
 
 
+def stream_windows(recipe: Recipe, s: store.Store) -> tuple[int, int] | None:
+    """The recipe's windows (`Recipe.stream_windows`) when store `s` keeps a flat stream; None for
+    a sub-store of a frozen module's outputs, which keeps the windows it computed them on as rows."""
+    windows = recipe.stream_windows()
+    return windows if windows is not None and len(s.info(recipe.stream_arrays[0]).shape) == 1 else None
+
+
 def training_store(recipe: Recipe, s: store.Store, run: Path, name: str) -> store.Store:
     """The store that checkpoint `name` of `run` trains from: `s`, or with a frozen module the
     sub-store of its outputs (written once). The recipe is given the frozen weights."""
@@ -85,6 +94,22 @@ def training_store(recipe: Recipe, s: store.Store, run: Path, name: str) -> stor
     check_resumed_run(Path(run), name, fp, spec)
     recipe.freeze(tensors)
     return _output_store(recipe, s, fp, spec)
+
+
+def _row_reader(src: store.Store, windows: tuple[int, int] | None) -> Callable[[str, slice], np.ndarray]:
+    """Rows of an input array: as stored, or the windows of a flat stream at offsets i * stride
+    (without the training stream's jitter: outputs are computed once, on fixed windows), int32."""
+    if windows is None:
+        return lambda name, rows: src.read(name, rows)
+    seq_len, stride = windows
+    views: dict[str, np.ndarray] = {}  # a text stream, read once: small beside the outputs (n, T, d)
+
+    def read(name: str, rows: slice) -> np.ndarray:
+        if name not in views:
+            views[name] = np.lib.stride_tricks.sliding_window_view(src.read(name), seq_len)[::stride]
+        return np.asarray(views[name][rows], dtype=np.int32)
+
+    return read
 
 
 def _output_store(recipe: Recipe, src: store.Store, fp: str, spec: FrozenModule) -> store.Store:
@@ -107,16 +132,17 @@ def _output_store(recipe: Recipe, src: store.Store, fp: str, spec: FrozenModule)
         dst.write_array(name, src.read(name))
     model = recipe.build_e2e(read_frozen(src, recipe.frozen_arrays)).eval()
     inputs = [a for a in recipe.stream_arrays if a != spec.output]
-    n = src.info(inputs[0]).shape[0]
+    read = _row_reader(src, stream_windows(recipe, src))
+    n = len(read(inputs[0], slice(0, None)))
     writers: dict[str, store.ArrayWriter] = {}
     try:
         with torch.no_grad():
             for start in range(0, n, ROWS_PER_PASS):
-                rows = {a: src.read(a, slice(start, min(n, start + ROWS_PER_PASS))) for a in inputs}
+                rows = {a: read(a, slice(start, min(n, start + ROWS_PER_PASS))) for a in inputs}
                 out = recipe.frozen_outputs(model, {a: torch.from_numpy(r) for a, r in rows.items()}).numpy()
                 if not writers:
                     for a in inputs:
-                        writers[a] = dst.array_writer(a, src.info(a).shape, rows[a].dtype)
+                        writers[a] = dst.array_writer(a, (n, *rows[a].shape[1:]), rows[a].dtype)
                     writers[spec.output] = dst.array_writer(spec.output, (n, *out.shape[1:]), out.dtype)
                 for a in inputs:
                     writers[a].write(start, rows[a])

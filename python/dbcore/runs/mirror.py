@@ -24,10 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dbcore.data.location import is_url
+from dbcore.data.location import is_url, s3_filesystem
 from dbcore.errors import RunError
 
-S3_EXTRA = "pip install 'dbcore[s3]'"
 METRICS = "metrics.jsonl"  # a run's metrics; in the bucket, one object per model:
 METRICS_PREFIX = "metrics/"  # metrics/NAME.jsonl
 
@@ -44,11 +43,7 @@ def _metrics(local: Path) -> Path:
 
 
 def _filesystem() -> Any:
-    try:
-        import s3fs
-    except ImportError:
-        raise _error(f"s3:// runs need s3fs, an optional extra: {S3_EXTRA}") from None
-    return s3fs.S3FileSystem(default_cache_type="none", use_listings_cache=False)
+    return s3_filesystem(RunError, "runs")
 
 
 def mirror_root() -> Path:

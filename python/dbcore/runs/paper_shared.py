@@ -26,6 +26,7 @@ from dbcore.method.batch import INDEX, Frozen
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Recipe
 from dbcore.runs import checkpoint, rundir
+from dbcore.runs.frozen_module import stream_windows
 from dbcore.runs.loop import noise_seed, resolve_device, to_device, train_loop
 from dbcore.runs.step import NumpyBatch, block_noised, block_step_loss, drawn_here
 
@@ -76,7 +77,7 @@ def train_paper_shared(cfg: Config, s: store.Store, run: Path, progress: bool = 
     loop_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, steps=t.steps * m.num_blocks))
     seed = noise_seed(s)
     stream = BatchStream(s, list(recipe.stream_arrays), t.batch_size, seed=t.seed, drop_last=True,
-                         window_bytes=cfg.window_bytes())
+                         window_bytes=cfg.window_bytes(), windows=stream_windows(recipe, s))
     step_counter = {"step": 0}
     req = recipe.noise_request(recipe.target_shape(frozen))
 

@@ -33,7 +33,7 @@ from dbcore.recipes.base import Recipe
 from dbcore.runs import data_parallel, mirror, rundir
 from dbcore.runs.chain import chain_states_for
 from dbcore.runs.data_parallel import ONE, World
-from dbcore.runs.frozen_module import training_store
+from dbcore.runs.frozen_module import stream_windows, training_store
 from dbcore.runs.loop import noise_seed, resolve_device, to_device, train_loop
 from dbcore.runs.paper_shared import train_paper_shared
 from dbcore.runs.step import (
@@ -54,6 +54,9 @@ def check_store(cfg: Config, s: store.Store) -> None:
     if s.attrs.get("format") != layout.FORMAT:
         found = s.attrs.get("format")
         raise RunError(f"store {s.path}: not a dbcore cache (attribute 'format' is {found!r})")
+    if layout.OLD_VOCAB in s.arrays():
+        raise RunError(f"store {s.path}: a text store of an older layout (windows of int32, a character "
+                       "vocabulary); cache it again with `dbcore cache`")
     found = s.attrs.get("recipe")
     if found != cfg.recipe:
         raise RunError(f"store {s.path}: cached for recipe {found!r}, the config {cfg.source_path} is "
@@ -97,7 +100,8 @@ def train_block(cfg: Config, cache: store.Store | Location, run: Path, block: in
     gaussians = 0 if backend == "cupy" else req.gaussians
     stream = BatchStream.for_block(s, block, world.local_batch(t.batch_size), arrays=recipe.stream_arrays,
                                    gaussians=gaussians, uniforms=req.uniforms, seed=t.seed, drop_last=True,
-                                   window_bytes=cfg.window_bytes(), rank=world.rank, world_size=world.size)
+                                   window_bytes=cfg.window_bytes(), rank=world.rank, world_size=world.size,
+                                   windows=stream_windows(recipe, s))
     seed = noise_seed(s)
     ledger, flops = compute_ledger(recipe, t.batch_size, frozen)
 
@@ -134,7 +138,7 @@ def train_e2e(cfg: Config, cache: store.Store | Location, run: Path, progress: b
         noise = (seed, key, 0 if backend == "cupy" else req.gaussians, req.uniforms)
     stream = BatchStream(s, list(recipe.stream_arrays), world.local_batch(t.batch_size), seed=t.seed,
                          drop_last=True, noise=noise, window_bytes=cfg.window_bytes(), rank=world.rank,
-                         world_size=world.size)
+                         world_size=world.size, windows=stream_windows(recipe, s))
     ledger, flops = compute_ledger(recipe, t.batch_size, frozen)
 
     def step_loss(raw: NumpyBatch) -> torch.Tensor:

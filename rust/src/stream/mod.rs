@@ -24,6 +24,7 @@
 mod buffers;
 mod noise;
 mod order;
+mod windows;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +40,7 @@ use noise::add_noise;
 pub use buffers::{BufferPool, POOL_MAX_BYTES};
 pub use noise::NoiseSpec;
 pub use order::{epoch_order, rank_batches, Mode, Order};
+pub use windows::{Windows, DATA_BLOCK};
 
 /// Hard cap on decode threads per stream.
 pub const MAX_THREADS: usize = 16;
@@ -106,6 +108,8 @@ pub struct Spec {
     pub worker: usize,
     pub num_workers: usize,
     pub noise: Option<NoiseSpec>,
+    /// Cut each sample from flat 1-D arrays at read time (`windows`); None: a sample is a row.
+    pub windows: Option<Windows>,
 }
 
 /// One mini-batch: `position` is its index among the rank's batches of the epoch.
@@ -213,15 +217,30 @@ impl Stream {
             }
             handles.push(h);
         }
-        let n = handles[0].rows();
-        if let Some(h) = handles.iter().find(|h| h.rows() != n) {
+        let rows = handles[0].rows();
+        if let Some(h) = handles.iter().find(|h| h.rows() != rows) {
             return Err(Error::Invalid(format!(
-                "{p}: array '{}' has {} rows, '{}' has {n}",
+                "{p}: array '{}' has {} rows, '{}' has {rows}",
                 h.name,
                 h.rows(),
                 handles[0].name
             )));
         }
+        let n = match spec.windows {
+            None => rows,
+            Some(w) => {
+                if let Some(h) = handles.iter().find(|h| h.shape().len() != 1) {
+                    return Err(Error::Invalid(format!(
+                        "{p}: array '{}' has shape {:?}: windows are cut from 1-D arrays only",
+                        h.name,
+                        h.shape()
+                    )));
+                }
+                w.count(rows, &format!("{p}: array '{}'", handles[0].name))?
+            }
+        };
+        // Bytes of one streamed sample of each array.
+        let sample_bytes = |h: &ArrayHandle| h.row_bytes() * spec.windows.map_or(1, |w| w.len as usize);
         // An epoch's order and batches take about 32 bytes a sample, a batch its rows: refuse
         // (corrupt) shapes that memory cannot hold rather than abort on an allocation later.
         let fits = |bytes: Option<u64>| {
@@ -235,12 +254,12 @@ impl Stream {
             )));
         }
         for h in &handles {
-            if !fits((h.row_bytes() as u64).checked_mul(spec.batch_size as u64)) {
+            if !fits((sample_bytes(h) as u64).checked_mul(spec.batch_size as u64)) {
                 return Err(Error::Corrupt(format!(
                     "{p}: array '{}': a batch of {} rows of {} bytes does not fit in memory",
                     h.name,
                     spec.batch_size,
-                    h.row_bytes()
+                    sample_bytes(h)
                 )));
             }
         }
@@ -249,19 +268,21 @@ impl Stream {
                 "{p}: {n} samples do not fit the generator's 32-bit counter"
             )));
         }
-        // Default shuffle unit: the read unit of the array with the largest rows (it dominates I/O).
+        // Default shuffle unit: the read unit of the array with the largest rows (it dominates I/O),
+        // in samples (windows start every `stride` rows).
         let chunk_rows = spec
             .chunk_rows
             .unwrap_or_else(|| {
-                handles
+                let unit = handles
                     .iter()
                     .max_by_key(|h| h.row_bytes())
-                    .map_or(1, |h| h.unit_rows())
+                    .map_or(1, |h| h.unit_rows());
+                unit / spec.windows.map_or(1, |w| w.stride)
             })
             .max(1);
         let row_bytes: u64 = handles
             .iter()
-            .map(|h| h.row_bytes() as u64)
+            .map(|h| sample_bytes(h) as u64)
             .sum::<u64>()
             .max(1);
         let window_chunks = match (spec.window_chunks, spec.window_bytes) {
@@ -334,12 +355,11 @@ impl Stream {
             .iter()
             .zip(&self.ctx.spec.arrays)
             .map(|(h, sel)| {
-                let skip = if sel.draw { 2 } else { 1 };
-                (
-                    sel.name.clone(),
-                    h.shape()[skip..].to_vec(),
-                    h.dtype().name(),
-                )
+                let shape = match self.ctx.spec.windows {
+                    Some(w) => vec![w.len],
+                    None => h.shape()[if sel.draw { 2 } else { 1 }..].to_vec(),
+                };
+                (sel.name.clone(), shape, h.dtype().name())
             })
             .collect()
     }
@@ -461,7 +481,9 @@ fn picks(ctx: &Ctx, epoch: u64) -> Vec<(usize, usize)> {
         .iter()
         .zip(&ctx.spec.arrays)
         .map(|(h, sel)| {
-            if sel.draw {
+            if let Some(w) = ctx.spec.windows {
+                (h.row_bytes() * w.len as usize, 0)
+            } else if sel.draw {
                 let k = h.shape()[1];
                 let sub = h.row_bytes() / k as usize;
                 (sub, (epoch % k) as usize * sub)
@@ -511,25 +533,37 @@ fn decode_batches(
             open.push_back((a, b, new_batch(batches[next])));
             next += 1;
         }
-        let rows = &seq[start..end];
+        let samples = &seq[start..end];
         let filled = ctx.pool.install(|| -> Result<()> {
             for (i, h) in ctx.handles.iter().enumerate() {
                 let (rb, col) = picks[i];
-                let mut slots = Vec::with_capacity(rows.len());
+                // A window is `len` stored rows of `unit` bytes each, read into consecutive slots.
+                let (per_sample, unit) = match ctx.spec.windows {
+                    Some(w) => (w.len as usize, h.row_bytes()),
+                    None => (1, rb),
+                };
+                let mut slots = Vec::with_capacity(samples.len() * per_sample);
                 let mut k = 0;
                 for p in start..end {
                     while open[k].1 <= p {
                         k += 1;
                     }
-                    slots.push((k, (p - open[k].0) * rb));
+                    let at = (p - open[k].0) * rb;
+                    slots.extend((0..per_sample).map(|t| (k, at + t * unit)));
                 }
                 let pieces = open
                     .iter_mut()
                     .map(|(_, _, b)| b.arrays[i].as_mut_slice())
                     .collect();
                 // a failure names the array and the chunk
-                let out = Scatter::new(pieces, slots, rb)?;
-                h.read_rows_scatter_mapped(rows, col, &out, Some(&ctx.maps))?;
+                let out = Scatter::new(pieces, slots, unit)?;
+                match ctx.spec.windows {
+                    Some(w) => {
+                        let rows = w.token_rows(samples, epoch, ctx.spec.seed, h.rows());
+                        h.read_rows_scatter_mapped(&rows, 0, &out, Some(&ctx.maps))?
+                    }
+                    None => h.read_rows_scatter_mapped(samples, col, &out, Some(&ctx.maps))?,
+                }
             }
             Ok(())
         });
@@ -585,6 +619,7 @@ mod tests {
             worker: 0,
             num_workers: 1,
             noise: None,
+            windows: None,
         }
     }
 
@@ -657,6 +692,55 @@ mod tests {
             .flat_map(|b| b.unwrap().indices)
             .collect();
         assert_eq!(tail, st.order(1).order[21..]);
+    }
+
+    #[test]
+    fn streams_windows_cut_from_a_flat_array() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.zarr");
+        let s = Store::create(&path, Map::new(), false).unwrap();
+        let spec_t = ArraySpec {
+            shape: vec![1000],
+            dtype: DType::UInt16,
+            chunk_rows: 64,
+            shard_rows: Some(256),
+            compression: Compression::Zstd(1),
+        };
+        let t = s.create_array("tokens", &spec_t).unwrap();
+        let bytes: Vec<u8> = (0..1000u16).flat_map(|v| v.to_ne_bytes()).collect();
+        t.write_rows(0, &bytes).unwrap();
+        s.finalize().unwrap();
+        let w = Windows {
+            len: 10,
+            stride: 5,
+            jitter: true,
+        };
+        let mut sp = spec(&[("tokens", false)], 16);
+        sp.windows = Some(w);
+        let mut st = Stream::open(&path, sp).unwrap();
+        assert_eq!(st.num_samples(), (1000 - 10) / 5 + 1);
+        assert_eq!(st.outputs()[0].1, vec![10]);
+        for epoch in 0..2u64 {
+            st.start(epoch, 0);
+            let mut seen = Vec::new();
+            while let Some(b) = st.next_batch() {
+                let b = b.unwrap();
+                for (i, &r) in b.indices.iter().enumerate() {
+                    let a = w.offset(r, epoch, 1, 1000);
+                    let row: Vec<u16> = b.arrays[0][i * 20..(i + 1) * 20]
+                        .chunks(2)
+                        .map(|c| u16::from_ne_bytes(c.try_into().unwrap()))
+                        .collect();
+                    assert_eq!(row, (a as u16..a as u16 + 10).collect::<Vec<_>>());
+                }
+                seen.extend(b.indices);
+            }
+            assert_eq!(seen, st.order(epoch).order);
+        }
+        let mut two_d = spec(&[("tokens", false)], 4);
+        two_d.windows = Some(Windows { len: 2000, ..w });
+        let err = Stream::open(&path, two_d).err().unwrap().to_string();
+        assert!(err.contains("fewer than one window of 2000"), "{err}");
     }
 
     #[test]
