@@ -1,7 +1,8 @@
 """A language-model recipe (mdlm or arlm) beside its end-to-end baseline, one command.
 
 Caches the training text, trains every block and the `--e2e` baseline with the same steps (two
-processes side by side), evaluates both by `dbcore eval --json` on the held-out text (BPC), samples
+processes side by side), evaluates both by `dbcore eval --json` on the held-out text (bits per
+byte, and per character for a character model), samples
 texts from both and scores them with an independent judge (a Kneser-Ney character 5-gram fit on the
 training text, `dbcore.metrics.judge`): judge BPC, distinct-4-gram ratio, and decoding speed (characters/s).
 
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override [train] steps")
     ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--num-texts", type=int, default=8)
-    ap.add_argument("--length", type=int, default=None, help="characters per sample (default: seq_len)")
+    ap.add_argument("--length", type=int, default=None, help="tokens per sample (default: seq_len)")
     ap.add_argument("--prompt", default="\n")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--md", type=Path, default=None)
@@ -90,23 +91,27 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         out = args.workdir / f"samples_{kind}.json"
         out.write_text(json.dumps(texts, indent=1) + "\n")
-        new_chars = args.num_texts * (args.length - len(args.prompt))
+        new_chars = sum(len(t) - len(args.prompt) for t in texts)
         result[kind] = {**report, **judge_samples(judge, texts, args.prompt),
                         "sample_seconds": round(seconds, 2),
                         "chars_per_second": round(new_chars / seconds, 1), "sample_path": str(out)}
-    result["bpc_ratio"] = result["blocks"]["bpc"] / result["e2e"]["bpc"]
+    result["bpb_ratio"] = result["blocks"]["bpb"] / result["e2e"]["bpb"]
+    result["bpb_minus_e2e"] = result["blocks"]["bpb"] - result["e2e"]["bpb"]
+    if "bpc" in result["blocks"]:
+        result["bpc_ratio"] = result["blocks"]["bpc"] / result["e2e"]["bpc"]
     result["judge_bpc_ratio"] = result["blocks"]["judge_bpc"] / result["e2e"]["judge_bpc"]
     result["valid_judge_bpc"] = judge.bits_per_char(Path(args.valid_text).read_text(encoding="utf-8")[:20000])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.md:
         args.md.write_text(markdown(result, args))
-    print(json.dumps({k: result[k] for k in ("bpc_ratio", "judge_bpc_ratio")}))
+    print(json.dumps({k: result[k] for k in ("bpb_ratio", "bpb_minus_e2e", "judge_bpc_ratio")}))
 
 
 def markdown(r: dict, args: argparse.Namespace) -> str:
     b, e = r["blocks"], r["e2e"]
-    rows = [("held-out BPC (lower is better)", "bpc", 4), ("  standard error", "bpc_stderr", 4),
+    rows = [("held-out bits per byte (lower is better)", "bpb", 4),
+            ("held-out bits per token", "bits_per_token", 4), ("  standard error", "bits_per_token_stderr", 4),
             ("judge BPC of samples (KN 5-gram)", "judge_bpc", 3), ("distinct 4-grams", "distinct_4", 3),
             ("sampling: characters per second (one shot; see bench_lm_speed.py)", "chars_per_second", 1)]
     lines = [f"# {r['recipe']} on Shakespeare: DiffusionBlocks vs end-to-end", "",
@@ -115,12 +120,13 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
              + (f" --eval-windows {args.eval_windows}" if args.eval_windows else "")
              + (f" --num-texts {args.num_texts}" if args.num_texts != 8 else "") + "`", "",
              f"{r['steps']} steps per block and for the baseline; {b['num_tokens']} held-out tokens of "
-             f"`{Path(r['valid']).name}`; {args.num_texts} samples of {args.length} characters each.", "",
+             f"`{Path(r['valid']).name}` (tokenizer `{b['tokenizer']}`); {args.num_texts} samples of "
+             f"{args.length} tokens each.", "",
              "| | DiffusionBlocks | end-to-end |", "|---|---|---|"]
     for label, key, digits in rows:
         lines.append(f"| {label} | {b[key]:.{digits}f} | {e[key]:.{digits}f} |")
-    lines += ["", f"BPC ratio (blocks / e2e): {r['bpc_ratio']:.3f}; judge BPC of the held-out text itself: "
-              f"{r['valid_judge_bpc']:.3f}.", ""]
+    lines += ["", f"Bits per byte: blocks / e2e {r['bpb_ratio']:.3f}, blocks - e2e {r['bpb_minus_e2e']:+.4f}; "
+              f"judge BPC of the held-out text itself: {r['valid_judge_bpc']:.3f}.", ""]
     return "\n".join(lines)
 
 

@@ -61,7 +61,8 @@ def _run_safely(fn, *args, **kwargs):
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "source", default="digits:train", show_default=True,
-              help="digits[:train|:valid], npz:PATH or text:PATH")
+              help="digits[:train|:valid], npz:PATH, or a text corpus: text:PATTERN, "
+                   "jsonl:PATTERN[#FIELD], parquet:PATTERN[#COLUMN] (a file, a glob, local or s3://)")
 @click.option("--out", required=True, type=LOCATION, help="store to write")
 @click.option("--noise", type=click.Choice(["online", "cached"]), default="online", show_default=True)
 @click.option("--draws", default=4, show_default=True, help="noised draws per sample per block (cached)")
@@ -83,8 +84,11 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
     emb = _run_safely(np.load, emb_path, allow_pickle=False) if emb_path else None
     _run_safely(api.cache, cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                 progress=True, target_embedding=emb, ray=use_ray, address=address, tasks=tasks)
-    n = _run_safely(store.open, out).attrs["source"]["num_samples"]
-    click.echo(f"cached {n} samples of {source} into {out} (noise: {noise})")
+    attrs = _run_safely(store.open, out).attrs
+    text = attrs.get("text")
+    what = (f"{text['num_tokens']} tokens ({text['tokenizer']}, {text['vocab_size']} in the vocabulary) of "
+            f"{text['num_documents']} documents" if text else f"{attrs['source']['num_samples']} samples")
+    click.echo(f"cached {what} of {source} into {out} (noise: {noise})")
 
 
 @main.command()

@@ -24,7 +24,7 @@ from typing import IO, Any
 from dbcore.data.location import is_url, s3_filesystem
 from dbcore.errors import SourceError
 
-PIECE_BYTES = 1 << 20  # text handed to the tokenizer at a time, about
+PIECE_BYTES = 1 << 16  # text per piece, about: a batch of pieces is encoded in parallel
 PARQUET_BATCH_ROWS = 1024
 DEFAULT_FIELD = "text"
 KINDS = ("text", "jsonl", "parquet")  # also dbcore.data.sources.TEXT_KINDS
