@@ -188,6 +188,24 @@ def test_s3_errors_are_one_line(s3, tmp_path, monkeypatch):
     assert r.exit_code == 1 and "pip install 'dbcore[s3]'" in r.output
 
 
+def test_text_corpora_stream_from_s3(s3, tmp_path):
+    from dbcore.data.text import load_text
+    from dbcore.errors import SourceError
+
+    fs = s3fs.S3FileSystem()
+    docs = ["first document", "second — document", "third"]
+    fs.pipe(f"{s3}/corpus/b.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs[1:]).encode())
+    fs.pipe(f"{s3}/corpus/a.jsonl", (json.dumps({"text": docs[0]}) + "\n").encode())
+    fs.pipe(f"{s3}/corpus/plain.txt", "one file of text\n".encode())
+    src = load_text(f"jsonl:{s3}/corpus/*.jsonl", "bpe:270")
+    ids = src.tokens.astype(np.int64)
+    assert src.num_documents == 3 and src.tokenizer.decode(ids).split("<|endoftext|>") == docs
+    assert load_text(f"text:{s3}/corpus/plain.txt").tokenizer.decode(
+        load_text(f"text:{s3}/corpus/plain.txt").tokens) == "one file of text\n"
+    with pytest.raises(SourceError, match="matches no file"):
+        load_text(f"jsonl:{s3}/corpus/*.parquet")
+
+
 def test_ray_trains_blocks_from_and_into_s3(s3, tmp_path):
     ray = pytest.importorskip("ray")
     import torch
