@@ -111,7 +111,8 @@ def main() -> None:
 def markdown(r: dict, args: argparse.Namespace) -> str:
     b, e = r["blocks"], r["e2e"]
     rows = [("held-out bits per byte (lower is better)", "bpb", 4),
-            ("held-out bits per token", "bits_per_token", 4), ("  standard error", "bits_per_token_stderr", 4),
+            ("held-out bits per token", "bits_per_token", 4),
+            ("  standard error", "bits_per_token_stderr", 4),
             ("judge BPC of samples (KN 5-gram)", "judge_bpc", 3), ("distinct 4-grams", "distinct_4", 3),
             ("sampling: characters per second (one shot; see bench_lm_speed.py)", "chars_per_second", 1)]
     lines = [f"# {r['recipe']} on Shakespeare: DiffusionBlocks vs end-to-end", "",
@@ -125,8 +126,8 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
              "| | DiffusionBlocks | end-to-end |", "|---|---|---|"]
     for label, key, digits in rows:
         lines.append(f"| {label} | {b[key]:.{digits}f} | {e[key]:.{digits}f} |")
-    lines += ["", f"Bits per byte: blocks / e2e {r['bpb_ratio']:.3f}, blocks - e2e {r['bpb_minus_e2e']:+.4f}; "
-              f"judge BPC of the held-out text itself: {r['valid_judge_bpc']:.3f}.", ""]
+    lines += ["", f"Bits per byte: blocks / e2e {r['bpb_ratio']:.3f}, "
+              f"blocks - e2e {r['bpb_minus_e2e']:+.4f}; judge BPC of the held-out text itself: {r['valid_judge_bpc']:.3f}.", ""]
     return "\n".join(lines)
 
 

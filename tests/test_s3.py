@@ -196,7 +196,7 @@ def test_text_corpora_stream_from_s3(s3, tmp_path):
     docs = ["first document", "second — document", "third"]
     fs.pipe(f"{s3}/corpus/b.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs[1:]).encode())
     fs.pipe(f"{s3}/corpus/a.jsonl", (json.dumps({"text": docs[0]}) + "\n").encode())
-    fs.pipe(f"{s3}/corpus/plain.txt", "one file of text\n".encode())
+    fs.pipe(f"{s3}/corpus/plain.txt", b"one file of text\n")
     src = load_text(f"jsonl:{s3}/corpus/*.jsonl", "bpe:270")
     ids = src.tokens.astype(np.int64)
     assert src.num_documents == 3 and src.tokenizer.decode(ids).split("<|endoftext|>") == docs

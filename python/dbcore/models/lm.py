@@ -9,6 +9,7 @@ trained on (a character outside a `char` vocabulary is a clear error).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,10 +58,13 @@ def text_arrays(source: Any, recipe: str, seq_len: int) -> tuple[dict, dict]:
     The store does not depend on the window, but a text shorter than one is refused."""
     src = check_text_source(source, recipe)
     src.windows(seq_len)  # a SourceError when the text is shorter than one window
-    arrays = {layout.TOKENS: src.tokens, layout.TOKENIZER: tokenizer_array(src.tokenizer)}
+    tokenizer = tokenizer_array(src.tokenizer)
+    arrays = {layout.TOKENS: src.tokens, layout.TOKENIZER: tokenizer}
     attrs = {"text": {"num_tokens": src.num_tokens, "num_bytes": src.num_bytes,
                       "num_documents": src.num_documents, "tokenizer": src.tokenizer.spec,
-                      "vocab_size": len(src.tokenizer)}}
+                      "vocab_size": len(src.tokenizer),
+                      # a Ray task that trained another BPE would write other ids: the plans differ
+                      "tokenizer_sha256": hashlib.sha256(tokenizer.tobytes()).hexdigest()}}
     return arrays, attrs
 
 
