@@ -127,7 +127,8 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
     for label, key, digits in rows:
         lines.append(f"| {label} | {b[key]:.{digits}f} | {e[key]:.{digits}f} |")
     lines += ["", f"Bits per byte: blocks / e2e {r['bpb_ratio']:.3f}, "
-              f"blocks - e2e {r['bpb_minus_e2e']:+.4f}; judge BPC of the held-out text itself: {r['valid_judge_bpc']:.3f}.", ""]
+              f"blocks - e2e {r['bpb_minus_e2e']:+.4f}; judge BPC of the held-out text itself: "
+              f"{r['valid_judge_bpc']:.3f}.", ""]
     return "\n".join(lines)
 
 
