@@ -194,6 +194,11 @@ def test_train_eval_sample_with_bpe_and_bits_per_byte(tmp_path):
         r["bits_per_token"] * r["num_tokens"] / r["num_bytes"], rel=1e-6)
     texts = api.sample_text(tmp_path / "run", num=2, length=40, prompt="alpha")
     assert all(t.startswith("alpha") for t in texts)
+    _jsonl(tmp_path / "prompts.jsonl", ["beta gamma", "to be"])
+    prompts = f"jsonl:{tmp_path}/prompts.jsonl"
+    r = CliRunner().invoke(main, ["sample", str(tmp_path / "run"), "--prompts", prompts, "--num", "2",
+                                  "--length", "30", "--out", str(tmp_path / "t.txt")])
+    assert r.exit_code == 0 and "wrote 4 texts" in r.output, r.output
     char = api.config({"model": TINY, "train": TRAIN})
     r = CliRunner().invoke(main, ["train", _toml(tmp_path, char), "--store", str(store), "--out",
                                   str(tmp_path / "char")])

@@ -24,7 +24,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -193,15 +193,26 @@ def sample_images(run: PathLike, *, num: int = 16, label: int | None = None,
 
 
 def sample_text(run: PathLike, *, num: int = 1, length: int | None = None, prompt: str | None = None,
-                **options: Any) -> list[str]:
+                prompts: str | Sequence[str] | None = None, **options: Any) -> list[str]:
     """`num` texts of a language-model run, as `dbcore sample`: `length` tokens each (characters
     with a character vocabulary), prompt included (default: the config's seq_len; any length past
-    it, the next-token LMs sliding their window, the MDLM window by window). Options: `steps`,
-    `seed`, `temperature`, `top_k`, `greedy`, and recipe-specific ones."""
+    it, the next-token LMs sliding their window, the MDLM window by window). `prompts`: a corpus
+    spec ("jsonl:PROMPTS.jsonl", "text:DIR/*.txt", ...) whose every document is a prompt, or a list
+    of prompts: `num` texts of each, prompt after prompt. Options: `steps`, `seed`,
+    `temperature`, `top_k`, `greedy`, and recipe-specific ones."""
+    from dbcore.data.documents import document_texts
     from dbcore.runs.evaluate import sample_text_run
 
     _check_num(num)
-    return sample_text_run(parse_location(run), {"num": num, "length": length, "prompt": prompt, **options})
+    if prompts is not None and prompt is not None:
+        raise ValueError(f"give {arg('prompt')} or {arg('prompts')}, not both")
+    if prompts is None:
+        prompts = [prompt]
+    elif isinstance(prompts, str):
+        prompts = document_texts(prompts)
+    run = parse_location(run)
+    return [text for p in prompts
+            for text in sample_text_run(run, {"num": num, "length": length, "prompt": p, **options})]
 
 
 def _check_num(num: int) -> None:

@@ -192,11 +192,13 @@ def eval_(run, source, steps, decode, num_samples, cfg_scale, sampler, chains, e
               help="text: tokens per text (characters with a character vocabulary), prompt included; "
                    "default the run's seq_len, any length past it")
 @click.option("--prompt", default=None, help="text: the beginning of every text")
+@click.option("--prompts", default=None,
+              help="text: a corpus whose every document is a prompt (jsonl:FILE, text:GLOB, ...): --num each")
 @click.option("--temperature", type=float, default=None, help="text: softmax temperature (default 1)")
 @click.option("--top-k", type=int, default=None, help="text: sample among the k likeliest tokens")
 @click.option("--greedy", is_flag=True, help="text: the likeliest token every time")
-def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, prompt, temperature, top_k,
-           greedy):
+def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, prompt, prompts, temperature,
+           top_k, greedy):
     """Samples of a generating run, one block in memory at a time: a PNG grid (DiT) or texts (LMs)."""
     import numpy as np
 
@@ -207,11 +209,11 @@ def sample(run, out, num, class_, cfg_scale, steps, sampler, seed, npz, length, 
         raise _Fail(f"--num must be >= 1, got {num}")
     _, cfg = _run_safely(load_run, run)
     if _run_safely(for_config, cfg).source_kind == "text":
-        from dbcore.runs.evaluate import sample_text_run
+        from dbcore import api
 
-        options = {"num": num or 1, "length": length, "prompt": prompt, "steps": steps, "seed": seed,
-                   "temperature": temperature, "top_k": top_k, "greedy": greedy or None, "sampler": sampler}
-        texts = _run_safely(sample_text_run, run, options)
+        texts = _run_safely(api.sample_text, run, num=num or 1, length=length, prompt=prompt, prompts=prompts,
+                            steps=steps, seed=seed, temperature=temperature, top_k=top_k,
+                            greedy=greedy or None, sampler=sampler)
         if out is None:
             for text in texts:
                 click.echo(text)

@@ -106,6 +106,17 @@ def documents(spec: DocumentSpec) -> Iterator[Piece]:
         yield from read(path, spec.field)
 
 
+def document_texts(spec: str) -> list[str]:
+    """Every document of a corpus spec, whole (for small corpora such as a file of prompts)."""
+    texts, parts = [], []
+    for piece in documents(parse_spec(spec)):
+        parts.append(piece.text)
+        if piece.last:
+            texts.append("".join(parts))
+            parts = []
+    return texts
+
+
 # ---------------------------------------------------------------------------------------- text
 
 
