@@ -24,6 +24,7 @@ from torch import nn
 from dbcore.data import store
 from dbcore.data.location import is_url
 from dbcore.errors import RunError
+from dbcore.method import layout
 from dbcore.runs import checkpoint, mirror
 from dbcore.runs.mirror import METRICS
 from dbcore.wording import arg
@@ -164,7 +165,9 @@ def frozen_from_checkpoint(run: Path, name: str, keys: tuple[str, ...], required
         if hits:
             out[k] = hits[0]
         elif required:
-            raise RunError(f"run {run}: checkpoint {name} lacks the frozen array {k!r}")
+            old = k == layout.TOKENIZER and any(n.endswith(layout.OLD_VOCAB) for n in tensors)
+            why = "; it was trained on a text store of an older layout: train it again" if old else ""
+            raise RunError(f"run {run}: checkpoint {name} lacks the frozen array {k!r}{why}")
     return out
 
 
