@@ -555,6 +555,47 @@ impl ArrayHandle {
     }
 }
 
+impl ArrayHandle {
+    /// Gather windows of `len` rows, window i starting at row `starts[i]` (any order, overlaps
+    /// allowed), into the scatter's slot i: the windows that start in one read unit are read as
+    /// one range (that unit and the rows after it that they reach), units in parallel (in the
+    /// current rayon pool). Memory: the ranges being read, never a pick per row.
+    pub fn read_windows_scatter(&self, starts: &[u64], len: u64, scatter: &Scatter) -> Result<()> {
+        let rb = self.row_bytes;
+        if starts.len() != scatter.slots.len() || scatter.len != len as usize * rb {
+            return Err(Error::Invalid(self.ctx(format!(
+                "{} windows of {len} rows into {} slots of {} bytes",
+                starts.len(),
+                scatter.slots.len(),
+                scatter.len
+            ))));
+        }
+        if let Some(&bad) = starts.iter().find(|&&s| s.saturating_add(len) > self.rows()) {
+            return Err(Error::Index(self.ctx(format!(
+                "window {bad}..{} out of range for {} rows",
+                bad.saturating_add(len),
+                self.rows()
+            ))));
+        }
+        let mut order: Vec<(u64, usize)> = starts.iter().copied().zip(0..).collect();
+        order.sort_unstable();
+        let unit = self.unit_rows.max(1);
+        let groups: Vec<&[(u64, usize)]> = order.chunk_by(|a, b| a.0 / unit == b.0 / unit).collect();
+        groups.par_iter().try_for_each(|g| {
+            let (lo, hi) = (g[0].0, g[g.len() - 1].0 + len);
+            let mut bytes = vec![0u8; (hi - lo) as usize * rb];
+            self.read_range_into(lo, hi, &mut bytes)?;
+            for &(start, slot) in g.iter() {
+                let src = &bytes[(start - lo) as usize * rb..][..scatter.len];
+                // SAFETY: every slot index occurs once in `order`, so in one group, and the
+                // scatter's slots are disjoint and in bounds (`Scatter::new`).
+                unsafe { scatter.slot(slot) }.copy_from_slice(src);
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Codec metadata as JSON, every codec spelled `{"name": ..., "configuration"?: ...}` (Zarr v3 also
 /// allows a bare name, which other writers use for codecs without configuration), nested chains of
 /// sharding included.

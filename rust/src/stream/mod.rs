@@ -537,30 +537,27 @@ fn decode_batches(
         let filled = ctx.pool.install(|| -> Result<()> {
             for (i, h) in ctx.handles.iter().enumerate() {
                 let (rb, col) = picks[i];
-                // A window is `len` stored rows of `unit` bytes each, read into consecutive slots.
-                let (per_sample, unit) = match ctx.spec.windows {
-                    Some(w) => (w.len as usize, h.row_bytes()),
-                    None => (1, rb),
-                };
-                let mut slots = Vec::with_capacity(samples.len() * per_sample);
+                let mut slots = Vec::with_capacity(samples.len());
                 let mut k = 0;
                 for p in start..end {
                     while open[k].1 <= p {
                         k += 1;
                     }
-                    let at = (p - open[k].0) * rb;
-                    slots.extend((0..per_sample).map(|t| (k, at + t * unit)));
+                    slots.push((k, (p - open[k].0) * rb));
                 }
                 let pieces = open
                     .iter_mut()
                     .map(|(_, _, b)| b.arrays[i].as_mut_slice())
                     .collect();
                 // a failure names the array and the chunk
-                let out = Scatter::new(pieces, slots, unit)?;
+                let out = Scatter::new(pieces, slots, rb)?;
                 match ctx.spec.windows {
                     Some(w) => {
-                        let rows = w.token_rows(samples, epoch, ctx.spec.seed, h.rows());
-                        h.read_rows_scatter_mapped(&rows, 0, &out, Some(&ctx.maps))?
+                        let starts: Vec<u64> = samples
+                            .iter()
+                            .map(|&s| w.offset(s, epoch, ctx.spec.seed, h.rows()))
+                            .collect();
+                        h.read_windows_scatter(&starts, w.len, &out)?
                     }
                     None => h.read_rows_scatter_mapped(samples, col, &out, Some(&ctx.maps))?,
                 }

@@ -50,16 +50,6 @@ impl Windows {
         };
         (sample * self.stride + shift).min(rows - self.len)
     }
-
-    /// The token rows of `samples`' windows, window after window (`len` rows each).
-    pub fn token_rows(&self, samples: &[u64], epoch: u64, seed: u64, rows: u64) -> Vec<u64> {
-        let mut out = Vec::with_capacity(samples.len() * self.len as usize);
-        for &s in samples {
-            let a = self.offset(s, epoch, seed, rows);
-            out.extend(a..a + self.len);
-        }
-        out
-    }
 }
 
 #[cfg(test)]
@@ -86,7 +76,7 @@ mod tests {
         let shifts: Vec<u64> = (0..n).map(|s| w.offset(s, 0, 5, rows) - s * 4).collect();
         assert!(shifts.iter().any(|&d| d > 0), "jitter moves some windows");
         let fixed = Windows { jitter: false, ..w };
-        assert_eq!(fixed.token_rows(&[2, 0], 0, 5, rows)[..9], [8, 9, 10, 11, 12, 13, 14, 15, 0]);
+        assert_eq!((fixed.offset(2, 0, 5, rows), fixed.offset(24, 1, 5, rows)), (8, 95));
         assert!(w.count(7, "t").is_err());
     }
 }
