@@ -87,7 +87,7 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
     attrs = _run_safely(store.open, out).attrs
     text = attrs.get("text")
     what = (f"{text['num_tokens']} tokens ({text['tokenizer']}, {text['vocab_size']} in the vocabulary) of "
-            f"{text['num_documents']} documents" if text else f"{attrs['source']['num_samples']} samples")
+            f"{text['num_documents']} document{'s' * (text['num_documents'] != 1)}" if text else f"{attrs['source']['num_samples']} samples")
     click.echo(f"cached {what} of {source} into {out} (noise: {noise})")
 
 
