@@ -86,8 +86,12 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
                 progress=True, target_embedding=emb, ray=use_ray, address=address, tasks=tasks)
     attrs = _run_safely(store.open, out).attrs
     text = attrs.get("text")
-    what = (f"{text['num_tokens']} tokens ({text['tokenizer']}, {text['vocab_size']} in the vocabulary) of "
-            f"{text['num_documents']} document{'s' * (text['num_documents'] != 1)}" if text else f"{attrs['source']['num_samples']} samples")
+    if text:
+        docs = text["num_documents"]
+        what = (f"{text['num_tokens']} tokens ({text['tokenizer']}, {text['vocab_size']} in the vocabulary) "
+                f"of {docs} document{'s' * (docs != 1)}")
+    else:
+        what = f"{attrs['source']['num_samples']} samples"
     click.echo(f"cached {what} of {source} into {out} (noise: {noise})")
 
 
