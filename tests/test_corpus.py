@@ -192,6 +192,8 @@ def test_train_eval_sample_with_bpe_and_bits_per_byte(tmp_path):
     assert r["tokenizer"] == "bpe:270" and "bpc" not in r and r["bits_per_token"] > 0
     assert r["num_bytes"] > r["num_tokens"] and r["bpb"] == pytest.approx(
         r["bits_per_token"] * r["num_tokens"] / r["num_bytes"], rel=1e-6)
+    tok = load_text(f"jsonl:{path}", "bpe:270").tokenizer  # the end of a document is not text
+    assert tok.num_bytes([tok.eot, *tok.encode("to be")]) == 5 and tok.decode([tok.eot]) == EOT
     texts = api.sample_text(tmp_path / "run", num=2, length=40, prompt="alpha")
     assert all(t.startswith("alpha") for t in texts)
     _jsonl(tmp_path / "prompts.jsonl", ["beta gamma", "to be"])

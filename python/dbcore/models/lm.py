@@ -133,7 +133,7 @@ def text_scores(nats: torch.Tensor, scored: torch.Tensor, tokenizer: Tokenizer) 
     tokenizers) and, for `char`, the same per token as `bpc` and `bpc_stderr`."""
     n, t = scored.shape
     per_token = nats.double() / t  # (N,)
-    num_bytes = sum(len(tokenizer.decode(row.numpy()).encode()) for row in scored)
+    num_bytes = sum(tokenizer.num_bytes(row.numpy()) for row in scored)
     out = {"bits_per_token": bits(float(per_token.mean())),
            "bits_per_token_stderr": bits(float(per_token.std()) / n**0.5) if n > 1 else float("nan"),
            "bpb": bits(float(nats.double().sum())) / max(1, num_bytes),

@@ -9,7 +9,8 @@
 
 Every tokenizer is saved as JSON bytes (`to_bytes`), the store's frozen `tokenizer` array, so it
 travels with the store and every checkpoint of the run (`from_bytes`). Each has `len`, `encode`,
-`encode_batch`, `decode`, `separator` (the ids put between documents) and `spec`.
+`encode_batch`, `decode`, `num_bytes` (of the text of some ids), `separator` (the ids put between
+documents) and `spec`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str, where: str = "text") -> np.ndarray: ...
     def encode_batch(self, texts: Sequence[str], where: str = "text") -> list[np.ndarray]: ...
     def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+    def num_bytes(self, ids: Sequence[int] | np.ndarray) -> int: ...
     def separator(self) -> np.ndarray: ...
     def to_bytes(self) -> bytes: ...
 
@@ -71,6 +73,10 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self.vocab.decode(ids)
 
+    def num_bytes(self, ids: Sequence[int] | np.ndarray) -> int:
+        """UTF-8 bytes of the text of `ids`."""
+        return len(self.decode(ids).encode())
+
     def separator(self) -> np.ndarray:
         return self.vocab.encode(CHAR_SEPARATOR, "the document separator")
 
@@ -101,6 +107,10 @@ class HFTokenizer:
         if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= len(self)):
             raise ValueError(f"token id outside 0..{len(self) - 1}")
         return self.tok.decode(arr.tolist(), skip_special_tokens=False)
+
+    def num_bytes(self, ids: Sequence[int] | np.ndarray) -> int:
+        """UTF-8 bytes of the text of `ids`, special tokens (the end of a document) not counted."""
+        return len(self.tok.decode(np.asarray(ids).ravel().tolist(), skip_special_tokens=True).encode())
 
     def separator(self) -> np.ndarray:
         if self.eot is not None:
