@@ -1,7 +1,9 @@
 //! Windows cut at read time from a flat 1-D array (a text store's `tokens`): sample i of an epoch
 //! is `tokens[offset .. offset + len]` with
 //!
-//!     offset = min(i * stride + floor(u * stride), rows - len)      (u = 0 without jitter)
+//! ```text
+//! offset = min(i * stride + floor(u * stride), rows - len)      (u = 0 without jitter)
+//! ```
 //!
 //! where u is uniform 0 of the counter-based draws keyed by (seed, sample i, `DATA_BLOCK`,
 //! draw = epoch): reproducible, resumable, the same on every rank, and independent of the
