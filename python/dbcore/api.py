@@ -151,7 +151,8 @@ def train(cfg: Config, store: PathLike, out: PathLike, *, block: int | None = No
 def evaluate(run: PathLike, data: Any, *, steps: int | None = None, num_samples: int | None = None,
              decode: str | None = None, **options: Any) -> dict:
     """The recipe's report of a run on `data` (as `dbcore eval --json`): accuracy and loss of a
-    classifier, FID and class accuracy of a generator, bits per character of a language model.
+    classifier, FID and class accuracy of a generator, bits per token and per byte of a
+    language model (and per character with the `char` tokenizer).
 
     `data`: a source spec, a Source or TextSource, or an iterable of image batches (as for `cache`).
     `steps`: sampler steps in all (default: the run's); `num_samples`: generator samples for FID,
