@@ -6,6 +6,8 @@
 # With SITE_PACKAGES, the runtime dependencies (torch, ...) are taken from that folder through a
 # .pth file instead of being downloaded again (`make sdist-test` passes the project venv's); the
 # sdist's own dbcore comes first on the path, and the script checks that it is the one imported.
+# The sdist is always built afresh (`--no-cache-dir`): pip caches the wheel it builds from a local
+# archive by its path and version, and a clone at a reused path would install a stale extension.
 set -euo pipefail
 sdist="$(realpath "$1")"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,10 +18,11 @@ py="$work/venv/bin/python"
 if [[ $# -ge 2 ]]; then
     site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     echo "$(realpath "$2")" > "$site/zz_dependencies.pth"
-    "$py" -m pip install -q --no-deps "$sdist"
+    "$py" -m pip install -q --no-deps --no-cache-dir "$sdist"
 else
     "$py" -m pip install -q --upgrade pip
-    "$py" -m pip install -q "$sdist" pytest
+    "$py" -m pip install -q pytest
+    "$py" -m pip install -q --no-cache-dir "$sdist"
 fi
 cd "$work"  # nothing of the source tree on the path: only the installed package
 "$py" - "$work" <<'PY'
