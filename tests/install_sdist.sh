@@ -13,6 +13,13 @@ sdist="$(realpath "$1")"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# maturin's sdist gives every file one fixed old mtime, so cargo would take an earlier build of this
+# crate in a reused CARGO_TARGET_DIR for up to date: drop the crate's own outputs (its dependencies
+# stay built).
+if [[ -n "${CARGO_TARGET_DIR:-}" ]]; then
+    rm -rf "$CARGO_TARGET_DIR"/release/.fingerprint/dbcore-native-* "$CARGO_TARGET_DIR"/release/deps/_native.d \
+        "$CARGO_TARGET_DIR"/release/deps/lib_native.so "$CARGO_TARGET_DIR"/release/lib_native.*
+fi
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
 if [[ $# -ge 2 ]]; then
