@@ -1,7 +1,7 @@
 """The end-to-end baseline's quality against its depth, beside DiffusionBlocks runs' figures.
 
 Diagnoses an LM recipe's gap to its baseline: trains the `--e2e` baseline of CONFIG at each of
-`--depths` (every other setting as CONFIG, the same steps), evaluates its held-out BPC by
+`--depths` (every other setting as CONFIG, the same steps), evaluates its held-out bits per byte by
 `dbcore eval --json` and judges `--num-texts` samples with the Kneser-Ney character judge. The
 DiffusionBlocks rows come from earlier results files (`--blocks LABEL=BPC_JSON,JUDGE_JSON`:
 bench_lm.py's and bench_lm_judge.py's JSON of the same config family), so the table shows which
@@ -86,7 +86,8 @@ def main() -> None:
                                       "prompt": args.prompt, "seed": args.seed})
         verdict = judge_samples(judge, texts, args.prompt)
         scores[d] = verdict.pop("scores")
-        result["e2e"][str(d)] = {"depth": d, "bpc": report["bpc"], "bpc_stderr": report.get("bpc_stderr"),
+        result["e2e"][str(d)] = {"depth": d, "bpb": report["bpb"], "bits_per_token": report["bits_per_token"],
+                                 "bits_per_token_stderr": report["bits_per_token_stderr"],
                                  "num_tokens": report["num_tokens"], **verdict}
     full = str(cfg.model.depth)
     if full in result["e2e"]:
@@ -96,30 +97,30 @@ def main() -> None:
     for spec in args.blocks:
         label, _, paths = spec.rpartition("=")
         bpc_json, judge_json = (json.loads(Path(p).read_text()) for p in paths.split(","))
-        result["blocks"][label] = {"bpc": bpc_json["blocks"]["bpc"],
-                                   "judge_bpc": judge_json["blocks"]["judge_bpc"],
-                                   "e2e_bpc_then": bpc_json["e2e"]["bpc"],
+        bpb = {k: bpc_json[k].get("bpb", bpc_json[k].get("bpc")) for k in ("blocks", "e2e")}  # older: bpc
+        result["blocks"][label] = {"bpb": bpb["blocks"], "judge_bpc": judge_json["blocks"]["judge_bpc"],
+                                   "e2e_bpb_then": bpb["e2e"],
                                    "e2e_judge_bpc_then": judge_json["e2e"]["judge_bpc"], "from": paths}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.md:
         args.md.write_text(markdown(result))
-    print(json.dumps({d: (r["bpc"], r["judge_bpc"]) for d, r in result["e2e"].items()}))
+    print(json.dumps({d: (r["bpb"], r["judge_bpc"]) for d, r in result["e2e"].items()}))
 
 
 def markdown(r: dict) -> str:
     lines = [f"# {Path(r['config']).stem}: the baseline's depth beside DiffusionBlocks", "",
              f"Command: `{r['command']}`", "",
-             f"{r['steps']} steps for every run (per block for DiffusionBlocks); held-out BPC by "
-             "`dbcore eval`; judge BPC (Kneser-Ney 5-gram) of samples.", "",
-             "| model | held-out BPC | +- | judge BPC of samples | distinct 4-grams |",
+             f"{r['steps']} steps for every run (per block for DiffusionBlocks); held-out bits per byte "
+             "by `dbcore eval`; judge BPC (Kneser-Ney 5-gram) of samples.", "",
+             "| model | held-out bits per byte | stderr (bits per token) | judge BPC of samples "
+             "| distinct 4-grams |",
              "|---|---|---|---|---|"]
     for d, e in r["e2e"].items():
-        se = f"{e['bpc_stderr']:.4f}" if e.get("bpc_stderr") is not None else ""
-        lines.append(f"| end-to-end, {d} layers | {e['bpc']:.4f} | {se} | {e['judge_bpc']:.3f} "
-                     f"| {e['distinct_4']:.3f} |")
+        lines.append(f"| end-to-end, {d} layers | {e['bpb']:.4f} | {e['bits_per_token_stderr']:.4f} "
+                     f"| {e['judge_bpc']:.3f} | {e['distinct_4']:.3f} |")
     for label, b in r["blocks"].items():
-        lines.append(f"| DiffusionBlocks ({label}) | {b['bpc']:.4f} | | {b['judge_bpc']:.3f} | |")
+        lines.append(f"| DiffusionBlocks ({label}) | {b['bpb']:.4f} | | {b['judge_bpc']:.3f} | |")
     if r["blocks"]:
         lines += ["", "DiffusionBlocks rows: from " + "; ".join(
             f"{label}: {b['from']}" for label, b in r["blocks"].items()) + "."]
