@@ -25,6 +25,7 @@ from dbcore.data.location import is_url, s3_filesystem
 from dbcore.errors import SourceError
 
 PIECE_BYTES = 1 << 16  # text per piece, about: a batch of pieces is encoded in parallel
+S3_READ_BYTES = 8 << 20  # bytes per request when reading an s3:// file (its read-ahead block)
 PARQUET_BATCH_ROWS = 1024
 DEFAULT_FIELD = "text"
 KINDS = ("text", "jsonl", "parquet")  # also dbcore.data.sources.TEXT_KINDS
@@ -55,10 +56,6 @@ class Piece:
 
 def _default(kind: str) -> str:
     return "" if kind == "text" else DEFAULT_FIELD
-
-
-def is_text_spec(spec: str) -> bool:
-    return spec.partition(":")[0] in KINDS
 
 
 def parse_spec(spec: str) -> DocumentSpec:
@@ -93,7 +90,7 @@ def files(spec: DocumentSpec) -> list[str]:
 def _open(path: str) -> IO[bytes]:
     try:
         if is_url(path):
-            return s3_filesystem(SourceError, "sources").open(path, "rb", block_size=PIECE_BYTES)
+            return s3_filesystem(SourceError, "sources").open(path, "rb", block_size=S3_READ_BYTES)
         return open(path, "rb")
     except Exception as exc:  # OSError, or s3fs/botocore's own types
         raise SourceError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
