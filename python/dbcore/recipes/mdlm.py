@@ -232,6 +232,8 @@ class MDLMRecipe(Recipe):
         per_block = []
         for b in range(m.num_blocks):
             model = models(b)
+            if b == 0:  # the run's tokenizer, read from the model in hand (not loaded again)
+                tokenizer = tokenizer_of({layout.TOKENIZER: model.tokenizer})
             model.eval()
             device = next(model.parameters()).device
             lo, hi = time_slice(b, m.num_blocks)
@@ -251,7 +253,7 @@ class MDLMRecipe(Recipe):
                               "bits_per_token": round(bits(float(share.mean()) / seq), 6)})
             del model
         return {
-            **text_scores(nats, x_all, tokenizer_of({layout.TOKENIZER: models(0).tokenizer})),
+            **text_scores(nats, x_all, tokenizer),
             "num_windows": n,
             "eval_draws": m.eval_draws,
             "seconds": round(time.perf_counter() - t0, 3),
