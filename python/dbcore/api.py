@@ -71,7 +71,7 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
     tasks (default: one per CPU) on the cluster at `address` (default: a local instance), from a
     source spec that every worker can load.
     """
-    from dbcore.data.cache import write_cache
+    from dbcore.data.cache import source_tokenizer, write_cache
 
     if (address is not None or tasks is not None) and not ray:
         raise ValueError(f"{arg('address')} and {arg('tasks')} need {arg('ray')}")
@@ -85,7 +85,7 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
         cache_on_ray(cfg, data, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                      target_embedding=target_embedding, address=address, tasks=tasks, progress=progress)
         return out
-    with _opened(data, *_scratch_beside(out), getattr(cfg.model, "tokenizer", "char")) as source:
+    with _opened(data, *_scratch_beside(out), source_tokenizer(cfg)) as source:
         write_cache(cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                     progress=progress, target_embedding=target_embedding)
     return out

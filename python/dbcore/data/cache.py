@@ -43,9 +43,14 @@ WRITE_TARGET_BYTES = 32 << 20  # a write covers whole shards or chunks, about th
 LEDGER = ".dbcore-cache-progress"  # in the store: "array start_row" per finished write, for resuming
 
 
+def source_tokenizer(cfg: Config) -> str:
+    """The tokenizer `cfg` caches a text corpus with: its `[model] tokenizer` (`char` for images)."""
+    return getattr(cfg.model, "tokenizer", "char")
+
+
 def load_source_for(cfg: Config, spec: str) -> Any:
     """The source `spec` as `cfg` caches it (a text corpus through its `[model] tokenizer`)."""
-    return load_source(spec, getattr(cfg.model, "tokenizer", "char"))
+    return load_source(spec, source_tokenizer(cfg))
 
 
 def schedule_attrs(cfg: Config) -> dict:
