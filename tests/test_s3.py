@@ -235,3 +235,38 @@ def test_ray_trains_blocks_from_and_into_s3(s3, tmp_path):
             a, _ = checkpoint.load(run / f"block{b}", prefix="model.")
             s, _ = checkpoint.load(tmp_path / f"serial/block{b}", prefix="model.")
             assert all(torch.equal(a[k], s[k]) for k in a), b  # the same weights as in turn, locally
+
+
+def test_image_shards_and_folders_stream_from_s3(s3, tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from dbcore.data.decode import ImageFormat
+    from dbcore.data.sources import load_source
+
+    fs = s3fs.S3FileSystem()
+    px = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    pngs = []
+    for x in px:
+        buf = io.BytesIO()
+        Image.fromarray(x).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    shard = io.BytesIO()
+    with tarfile.open(fileobj=shard, mode="w") as tar:
+        for i, data in enumerate(pngs):
+            for name, blob in ((f"{i:03d}.png", data), (f"{i:03d}.cls", str(i).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    fs.pipe(f"{s3}/images/shard-00000.tar", shard.getvalue())
+    for i, data in enumerate(pngs):
+        fs.pipe(f"{s3}/images/folder/{'ab'[i // 2]}/{i}.png", data)
+    fmt = ImageFormat(8, 3, 3)
+    src = load_source(f"tar:{s3}/images/shard-{{00000..00000}}.tar", image=fmt)
+    np.testing.assert_array_equal(src.images, px)
+    assert src.labels.tolist() == [0, 1, 2]
+    src = load_source(f"folder:{s3}/images/folder", image=fmt)
+    np.testing.assert_array_equal(src.images, px)
+    assert src.labels.tolist() == [0, 0, 1] and src.classes == ("a", "b")

@@ -33,8 +33,9 @@ import numpy as np
 
 from dbcore import config as config_mod
 from dbcore.config import Config
+from dbcore.data.images import Source, spill
 from dbcore.data.location import is_url, parse_location
-from dbcore.data.sources import Source, load_source
+from dbcore.data.sources import load_source, load_source_for
 from dbcore.data.text import TextSource
 from dbcore.errors import SourceError
 from dbcore.wording import arg
@@ -42,7 +43,6 @@ from dbcore.wording import arg
 __all__ = ["cache", "config", "evaluate", "sample_images", "sample_text", "train"]
 
 PathLike = str | os.PathLike[str]
-HASH_ROWS = 4096  # rows per update when hashing a spilled source
 
 
 # ----------------------------------------------------------------------------- the steps of a run
@@ -71,7 +71,7 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
     tasks (default: one per CPU) on the cluster at `address` (default: a local instance), from a
     source spec that every worker can load.
     """
-    from dbcore.data.cache import source_tokenizer, write_cache
+    from dbcore.data.cache import write_cache
 
     if (address is not None or tasks is not None) and not ray:
         raise ValueError(f"{arg('address')} and {arg('tasks')} need {arg('ray')}")
@@ -85,7 +85,7 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
         cache_on_ray(cfg, data, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                      target_embedding=target_embedding, address=address, tasks=tasks, progress=progress)
         return out
-    with _opened(data, *_scratch_beside(out), source_tokenizer(cfg)) as source:
+    with _opened(data, *_scratch_beside(out), cfg) as source:
         write_cache(cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
                     progress=progress, target_embedding=target_embedding)
     return out
@@ -224,18 +224,6 @@ def _check_num(num: int) -> None:
 # ----------------------------------------------------------------------------- data as a source
 
 
-class _SpilledSource(Source):
-    """A Source whose arrays are memmaps: its digest is computed a few rows at a time (the same
-    digest as an in-memory Source of the same rows), never loading the images whole."""
-
-    def sha256(self) -> str:
-        h = hashlib.sha256()
-        for rows in (self.images, self.labels):
-            for a in range(0, len(rows), HASH_ROWS):
-                h.update(np.ascontiguousarray(rows[a:a + HASH_ROWS]).data)
-        return h.hexdigest()
-
-
 def _scratch(parent: Path, name: str, what: str) -> Path:
     """A new hidden temporary folder in `parent` (created if missing), named after `name`."""
     parent.mkdir(parents=True, exist_ok=True)
@@ -251,11 +239,15 @@ def _scratch_beside(where: str | Path) -> tuple[Path, str]:
 
 
 @contextmanager
-def _opened(data: Any, parent: Path, name: str, tokenizer: str = "char") -> Iterator[Source | TextSource]:
-    """`data` as a source (a text spec tokenized by `tokenizer`); batches are spilled to a temporary
-    folder in `parent`, removed on exit."""
+def _opened(data: Any, parent: Path, name: str, cfg: Config | None = None) -> Iterator[Source | TextSource]:
+    """`data` as a source (a spec as `cfg` caches it); batches are spilled to a temporary folder in
+    `parent`, removed on exit."""
     if isinstance(data, str):
-        yield load_source(data, tokenizer)
+        source = load_source(data) if cfg is None else load_source_for(cfg, data)
+        try:
+            yield source
+        finally:
+            source.close()
         return
     if isinstance(data, (Source, TextSource)):
         yield data
@@ -272,27 +264,27 @@ def _opened(data: Any, parent: Path, name: str, tokenizer: str = "char") -> Iter
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _spill(batches: Iterable[Any], folder: Path) -> _SpilledSource:
+def _spill(batches: Iterable[Any], folder: Path) -> Source:
     """Validate each batch and append its rows to memmaps in `folder`."""
-    images = labels = None
-    first_shape: tuple[int, ...] = ()
-    count = 0
+    return spill("iterable", _checked_batches(batches), folder)
+
+
+def _checked_batches(batches: Iterable[Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    first_shape: tuple[int, ...] | None = None
+    count = rows = 0
     for i, batch in enumerate(batches):
         x, y = _checked_batch(i, batch)
-        if images is None:
+        if first_shape is None:
             first_shape = x.shape[1:]
-            images = _Rows(folder / "images", first_shape, np.uint8)
-            labels = _Rows(folder / "labels", (), np.int64)
         elif x.shape[1:] != first_shape:
             raise SourceError(f"batch {i}: field 'images' has rows of shape {x.shape[1:]} (H, W, C), "
                               f"expected {first_shape} as in batch 0")
-        images.append(x)
-        labels.append(y)
-        count = i + 1
-    if images is None or images.n == 0:
+        count, rows = i + 1, rows + len(x)
+        if len(x):
+            yield x, y
+    if rows == 0:
         raise SourceError(f"the data holds no rows ({count} batches): expected batches with fields "
                           "'images' and 'labels'")
-    return _SpilledSource(spec="iterable", images=images.finish(), labels=labels.finish())
 
 
 def _checked_batch(i: int, batch: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -327,37 +319,3 @@ def _numpy(value: Any) -> np.ndarray:
     if hasattr(value, "numpy"):
         value = value.numpy()
     return np.asarray(value)
-
-
-class _Rows:
-    """Rows appended to a `.npy` memmap; when full, it is rewritten at twice the capacity."""
-
-    def __init__(self, stem: Path, row_shape: tuple[int, ...], dtype: type) -> None:
-        self.stem, self.row_shape, self.dtype = stem, row_shape, np.dtype(dtype)
-        self.n, self.files = 0, 0
-        self.array: np.memmap | None = None
-
-    def append(self, rows: np.ndarray) -> None:
-        end = self.n + len(rows)
-        if self.array is None or end > len(self.array):
-            self._grow(max(end, 2 * (0 if self.array is None else len(self.array))))
-        self.array[self.n:end] = rows
-        self.n = end
-
-    def _grow(self, capacity: int) -> None:
-        path = Path(f"{self.stem}.{self.files}.npy")
-        shape = (capacity, *self.row_shape)
-        grown = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
-        self.files += 1
-        if self.array is not None:
-            grown[:self.n] = self.array[:self.n]
-            old, self.array = Path(self.array.filename), None
-            old.unlink()
-        self.array = grown
-
-    def finish(self) -> np.ndarray:
-        """The rows written, read-only."""
-        assert self.array is not None
-        self.array.flush()
-        path, self.array = self.array.filename, None
-        return np.load(path, mmap_mode="r")[:self.n]

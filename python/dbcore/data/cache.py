@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import torch
 from dbcore.config import Config
 from dbcore.data import store
 from dbcore.data.location import Location, parse_location
-from dbcore.data.sources import Source, load_source, source_sha256
+from dbcore.data.sources import Source, source_sha256
 from dbcore.method import layout
 from dbcore.method.batch import INDEX
 from dbcore.method.noise import noised_targets
@@ -41,16 +41,6 @@ from dbcore.wording import arg
 ROWS_PER_WRITE = 4096  # rows per chunk of the noised targets
 WRITE_TARGET_BYTES = 32 << 20  # a write covers whole shards or chunks, about this many bytes
 LEDGER = ".dbcore-cache-progress"  # in the store: "array start_row" per finished write, for resuming
-
-
-def source_tokenizer(cfg: Config) -> str:
-    """The tokenizer `cfg` caches a text corpus with: its `[model] tokenizer` (`char` for images)."""
-    return getattr(cfg.model, "tokenizer", "char")
-
-
-def load_source_for(cfg: Config, spec: str) -> Any:
-    """The source `spec` as `cfg` caches it (a text corpus through its `[model] tokenizer`)."""
-    return load_source(spec, source_tokenizer(cfg))
 
 
 def schedule_attrs(cfg: Config) -> dict:
@@ -143,7 +133,8 @@ def plan_cache(
         "format": layout.FORMAT,
         "format_version": layout.FORMAT_VERSION,
         "recipe": cfg.recipe,
-        "source": {"spec": source.spec, "sha256": source_sha256(source), "num_samples": n},
+        "source": {"spec": source.spec, "sha256": source_sha256(source), "num_samples": n,
+                   **({"classes": list(source.classes)} if getattr(source, "classes", None) else {})},
         "cache_fields": cfg.cache_fields(cached),
         "cache_fingerprint": cfg.cache_fingerprint(cached),
         "noise": {"mode": noise, "draws": draws if cached else 0, "seed": seed},

@@ -1,41 +1,30 @@
-"""Data sources: labelled images, `digits` (scikit-learn's, the embedded default) and `npz:PATH`;
-and text corpora, `text:`, `jsonl:` and `parquet:` (streamed and tokenized: `dbcore.data.text`).
+"""Data sources by spec: labelled images and text corpora.
 
-Specs: `digits`, `digits:train`, `digits:valid` (a fixed 80/20 split in source order) and
-`npz:PATH` with arrays `images` uint8 (N, H, W) or (N, H, W, C) and `labels` integer (N,).
-Images are returned as uint8 (N, H, W, C); rows stay in source order.
+Images: `digits`, `digits:train`, `digits:valid` (scikit-learn's, the embedded default; a fixed
+80/20 split in source order), `npz:PATH` (arrays `images` uint8 (N, H, W) or (N, H, W, C) and
+`labels` integer (N,)), and `tar:`, `folder:` and `parquet:` (encoded images, decoded in parallel
+to the recipe's size and channels: `dbcore.data.image_records`). Rows stay in source order, as
+uint8 (N, H, W, C).
+
+Text: `text:`, `jsonl:` and `parquet:` (streamed and tokenized: `dbcore.data.text`). A `parquet:`
+spec is a text corpus for a language recipe and labelled images for an image recipe.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dbcore.config import Config
+from dbcore.data.decode import ImageFormat
+from dbcore.data.image_records import KINDS as IMAGE_KINDS
+from dbcore.data.images import Source, load_images
 from dbcore.errors import SourceError
 
 DIGITS_TRAIN_FRACTION = 0.8
 TEXT_KINDS = ("text", "jsonl", "parquet")  # dbcore.data.documents.KINDS
-
-
-@dataclass(frozen=True)
-class Source:
-    spec: str
-    images: np.ndarray  # (N, H, W, C) uint8
-    labels: np.ndarray  # (N,) int64
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.labels.max()) + 1
-
-    def sha256(self) -> str:
-        h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.images).tobytes())
-        h.update(np.ascontiguousarray(self.labels).tobytes())
-        return h.hexdigest()
 
 
 def _digits(split: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -84,10 +73,31 @@ def source_sha256(source: Any) -> str:
     return source.sha256 if isinstance(source.sha256, str) else source.sha256()
 
 
-def load_source(spec: str, tokenizer: str = "char") -> Any:
-    """Load a source by its spec (see the module docstring): a `Source`, or a
-    `dbcore.data.text.TextSource` tokenized by `tokenizer` (a `[model] tokenizer` value)."""
+def image_format(model: Any) -> ImageFormat | None:
+    """What an image recipe's config `model` caches (None for a text recipe)."""
+    if not hasattr(model, "image_size"):
+        return None
+    return ImageFormat(model.image_size, model.channels, model.num_classes)
+
+
+def source_tokenizer(cfg: Config) -> str:
+    """The tokenizer `cfg` caches a text corpus with: its `[model] tokenizer` (`char` for images)."""
+    return getattr(cfg.model, "tokenizer", "char")
+
+
+def load_source_for(cfg: Config, spec: str) -> Any:
+    """The source `spec` as `cfg` caches it (a text corpus through its `[model] tokenizer`, encoded
+    images decoded to its image size and channels)."""
+    return load_source(spec, source_tokenizer(cfg), image_format(cfg.model))
+
+
+def load_source(spec: str, tokenizer: str = "char", image: ImageFormat | None = None) -> Any:
+    """Load a source by its spec (see the module docstring): a `Source` (encoded images decoded to
+    `image`, default: as found, RGB), or a `dbcore.data.text.TextSource` tokenized by `tokenizer`
+    (a `[model] tokenizer` value). `image` given makes `parquet:` an image source."""
     kind, _, arg = spec.partition(":")
+    if kind in IMAGE_KINDS and arg and (kind != "parquet" or image is not None):
+        return load_images(spec, image or ImageFormat())
     if kind in TEXT_KINDS and arg:
         from dbcore.data.text import load_text
 
@@ -97,8 +107,9 @@ def load_source(spec: str, tokenizer: str = "char") -> Any:
     elif kind == "npz" and arg:
         images, labels = _npz(Path(arg))
     else:
-        raise SourceError(f"unknown data source {spec!r}: expected 'digits[:train|:valid]', 'npz:PATH', "
-                          "'text:PATTERN', 'jsonl:PATTERN[#FIELD]' or 'parquet:PATTERN[#COLUMN]'")
+        raise SourceError(f"unknown data source {spec!r}: expected images as 'digits[:train|:valid]', "
+                          "'npz:PATH', 'tar:PATTERN', 'folder:DIR' or 'parquet:PATTERN[#IMAGE,LABEL]', "
+                          "or text as 'text:PATTERN', 'jsonl:PATTERN[#FIELD]' or 'parquet:PATTERN[#COLUMN]'")
     if images.ndim == 3:
         images = images[..., None]
     return Source(spec=spec, images=np.ascontiguousarray(images), labels=labels)

@@ -31,6 +31,7 @@ from typing import Any
 from dbcore.config import Config, from_dict
 from dbcore.data import cache, store
 from dbcore.data.location import is_url, parse_location
+from dbcore.data.sources import load_source_for
 from dbcore.errors import RunError
 from dbcore.runs import checkpoint, mirror, rundir
 from dbcore.wording import arg
@@ -169,7 +170,7 @@ def _cache_units(cfg_dict: dict, where: str, spec: str, noise: str, draws: int, 
                  target_embedding: Any, out: str, attrs: dict, units: list[cache.Unit]) -> list[cache.Unit]:
     """The task: write `units` of the store at `out`, from the source loaded by its spec."""
     cfg = from_dict(cfg_dict, where)
-    plan = cache.plan_cache(cfg, cache.load_source_for(cfg, spec), noise, draws, seed, target_embedding)
+    plan = cache.plan_cache(cfg, load_source_for(cfg, spec), noise, draws, seed, target_embedding)
     if plan.attrs != attrs:  # another file at the same path, another package version...
         raise store.StoreError(f"{out}: a Ray worker sees other cache inputs than the command: "
                                f"{attrs.get('source')} there, {plan.attrs.get('source')} here")
@@ -209,7 +210,7 @@ def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws
 
     if tasks is not None and tasks < 1:
         raise ValueError(f"{arg('tasks', tasks)} must be >= 1")
-    plan = cache.plan_cache(cfg, cache.load_source_for(cfg, spec), noise, draws, seed, target_embedding)
+    plan = cache.plan_cache(cfg, load_source_for(cfg, spec), noise, draws, seed, target_embedding)
     out = parse_location(out)
     with store.writer_lock(out):
         s, done = cache.open_for_writing(out, plan.attrs, overwrite)

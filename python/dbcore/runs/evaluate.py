@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from dbcore.config import Config, from_dict
-from dbcore.data.sources import load_source
+from dbcore.data.sources import image_format, load_source
 from dbcore.data.text import load_text
 from dbcore.method import layout
 from dbcore.method.batch import Frozen
@@ -71,7 +71,7 @@ def evaluate(run: Path, data: str, num_steps: int | None = None, decode: str | N
 def _source(run: Path, kind: str, recipe: Recipe, data: str) -> Any:
     """Source `data` as the recipe reads it: labelled images, or a text through the run's tokenizer."""
     if recipe.source_kind != "text":
-        return load_source(data)
+        return load_source(data, image=image_format(recipe.model_cfg))
     name = rundir.E2E if kind == "e2e" else rundir.SHARED if kind == "paper-shared" else rundir.block_name(0)
     frozen = rundir.frozen_from_checkpoint(run, name, (layout.TOKENIZER,), recipe=recipe.name)
     return load_text(data, tokenizer_of(frozen))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from dbcore.data import store
+from dbcore.data.decode import ImageFormat
 from dbcore.data.sources import load_source
 from dbcore.method import layout
 from dbcore.method.options import FidReference
@@ -33,7 +34,8 @@ def fid_reference(store_path: Any, valid_spec: str) -> FidReference:
     s = store.open(store_path)
     images, labels = s.read(layout.IMAGES), s.read(layout.LABELS)
 
-    valid = load_source(valid_spec)
+    _, size, _, channels = images.shape
+    valid = load_source(valid_spec, image=ImageFormat(size, channels))
 
     def make_data():
         return images, labels, valid.images, valid.labels

@@ -1,0 +1,207 @@
+"""Images as users keep them: WebDataset tar shards, class folders and Parquet files, decoded in
+parallel to the config's size and channels, and one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dbcore.data import store
+from dbcore.data.decode import ImageFormat, decode
+from dbcore.data.sources import load_source
+from dbcore.errors import SourceError
+
+CIFAR_VALID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10" / "valid-00000.tar"
+
+
+def _pixels(n: int, size: int = 12, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _encoded(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for suffix, data in members.items():
+                _add(tar, key + suffix, data)
+    return path
+
+
+def _png_samples(pixels: np.ndarray, labels: list[int], start: int = 0, json_label: bool = False):
+    out = []
+    for i, (x, y) in enumerate(zip(pixels, labels, strict=True)):
+        label = {".json": json.dumps({"label": y}).encode()} if json_label else {".cls": str(y).encode()}
+        out.append((f"{start + i:06d}", {".png": _encoded(x, "PNG"), **label}))
+    return out
+
+
+def test_tar_shards_decode_to_the_exact_pixels_in_shard_and_key_order(tmp_path):
+    px = _pixels(7)
+    _shard(tmp_path / "train-00001.tar", _png_samples(px[4:], [4, 5, 6], start=4, json_label=True))
+    _shard(tmp_path / "train-00000.tar", _png_samples(px[:4], [0, 1, 2, 3]))
+    for spec in (f"tar:{tmp_path}/train-*.tar", f"tar:{tmp_path}/train-{{00000..00001}}.tar"):
+        src = load_source(spec, image=ImageFormat(12, 3, 10))
+        np.testing.assert_array_equal(src.images, px)  # PNG is lossless
+        assert src.labels.tolist() == list(range(7)) and src.images.dtype == np.uint8
+
+
+def test_a_tar_source_resizes_and_converts_as_documented(tmp_path):
+    wide = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)  # H 20, W 30
+    _shard(tmp_path / "s.tar", [("a", {".png": _encoded(wide, "PNG"), ".cls": b"1"})])
+    src = load_source(f"tar:{tmp_path}/s.tar", image=ImageFormat(10, 1, 2))
+    expect = Image.fromarray(wide).convert("L").resize((15, 10), Image.Resampling.BICUBIC, reducing_gap=None)
+    expect = np.asarray(expect.crop((2, 0, 12, 10)))  # shorter side 10, then the centre 10x10
+    assert src.images.shape == (1, 10, 10, 1)
+    np.testing.assert_array_equal(src.images[0, :, :, 0], expect)
+
+
+def test_jpeg_and_webp_decode_close_to_their_pixels():
+    smooth = np.repeat(np.repeat(np.linspace(0, 255, 16, dtype=np.uint8)[None, :, None], 16, 0), 3, 2)
+    for fmt in ("JPEG", "WEBP"):
+        out = decode(_encoded(smooth, fmt), "x", ImageFormat(16, 3))
+        assert out.shape == (16, 16, 3) and np.abs(out.astype(int) - smooth).mean() < 4, fmt
+
+
+def test_class_folders_take_labels_from_sorted_names_and_keep_the_names(tmp_path):
+    px = _pixels(5)
+    for name, rows in (("dog", [3, 4]), ("cat", [0, 1, 2])):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in rows:
+            Image.fromarray(px[i]).save(tmp_path / "data" / name / f"img{i}.png")
+    (tmp_path / "data" / "notes.txt").write_text("not a class")
+    src = load_source(f"folder:{tmp_path}/data", image=ImageFormat(12, 3, 2))
+    assert src.classes == ("cat", "dog") and src.labels.tolist() == [0, 0, 0, 1, 1]
+    np.testing.assert_array_equal(src.images, px)
+
+
+def _parquet(path: Path, pixels: np.ndarray, labels: list[int], struct: bool = True,
+             names: tuple[str, str] = ("image", "label")) -> Path:
+    data = [_encoded(x, "PNG") for x in pixels]
+    if struct:
+        images = pa.array([{"bytes": d, "path": f"{i}.png"} for i, d in enumerate(data)])
+    else:
+        images = pa.array(data, pa.binary())
+    pq.write_table(pa.table({names[0]: images, names[1]: pa.array(labels, pa.int64())}), path)
+    return path
+
+
+def test_parquet_in_the_datasets_layout_and_with_named_columns(tmp_path):
+    px = _pixels(4)
+    _parquet(tmp_path / "a.parquet", px[:2], [1, 0])
+    _parquet(tmp_path / "b.parquet", px[2:], [3, 2])
+    src = load_source(f"parquet:{tmp_path}/*.parquet", image=ImageFormat(12, 3, 4))
+    np.testing.assert_array_equal(src.images, px)
+    assert src.labels.tolist() == [1, 0, 3, 2]
+    _parquet(tmp_path / "c.parquet", px, [0, 1, 2, 3], struct=False, names=("img", "fine"))
+    src = load_source(f"parquet:{tmp_path}/c.parquet#img,fine", image=ImageFormat(12, 3, 4))
+    np.testing.assert_array_equal(src.images, px)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("nothing", "matches no file"),
+    ("corrupt", r"train\.tar: sample '000001': not a readable image"),
+    ("no label", r"sample '000000': no label"),
+    ("bad cls", r"sample '000000': \.cls must hold a non-negative integer"),
+    ("out of range", r"sample '000001': label 7 is out of range: the config has num_classes 3"),
+    ("no image", r"sample '000000': no image member"),
+    ("empty folder", r"data/cat: class folder holds no image"),
+    ("no column", r"a\.parquet: no column 'image'"),
+    ("not a shard", r"bad\.tar: not a readable tar shard"),
+])
+def test_bad_image_sources_get_one_line_naming_file_and_key(tmp_path, case, match):
+    px = _pixels(2)
+    spec = f"tar:{tmp_path}/train.tar"
+    if case == "nothing":
+        spec = f"tar:{tmp_path}/nope-*.tar"
+    elif case == "corrupt":
+        samples = _png_samples(px, [0, 1])
+        samples[1][1][".png"] = samples[1][1][".png"][:40]  # truncated
+        _shard(tmp_path / "train.tar", samples)
+    elif case == "no label":
+        _shard(tmp_path / "train.tar", [("000000", {".png": _encoded(px[0], "PNG")})])
+    elif case == "bad cls":
+        _shard(tmp_path / "train.tar", [("000000", {".png": _encoded(px[0], "PNG"), ".cls": b"cat"})])
+    elif case == "out of range":
+        _shard(tmp_path / "train.tar", _png_samples(px, [0, 7]))
+    elif case == "no image":
+        _shard(tmp_path / "train.tar", [("000000", {".cls": b"1"})])
+    elif case == "empty folder":
+        (tmp_path / "data" / "cat").mkdir(parents=True)
+        (tmp_path / "data" / "cat" / "readme.txt").write_text("x")
+        spec = f"folder:{tmp_path}/data"
+    elif case == "no column":
+        _parquet(tmp_path / "a.parquet", px, [0, 1], names=("img", "label"))
+        spec = f"parquet:{tmp_path}/a.parquet"
+    elif case == "not a shard":
+        (tmp_path / "bad.tar").write_bytes(b"\x01" * 1000)
+        spec = f"tar:{tmp_path}/bad.tar"
+    with pytest.raises(SourceError, match=match) as info:
+        load_source(spec, image=ImageFormat(12, 3, 3))
+    assert "\n" not in str(info.value)
+
+
+def test_without_a_size_images_of_two_sizes_are_refused(tmp_path):
+    small, big = _pixels(1, 8)[0], _pixels(1, 12)[0]
+    _shard(tmp_path / "s.tar", [("a", {".png": _encoded(small, "PNG"), ".cls": b"0"}),
+                                ("b", {".png": _encoded(big, "PNG"), ".cls": b"0"})])
+    with pytest.raises(SourceError, match="sample 'b': image is 12x12, the ones before it 8x8"):
+        load_source(f"tar:{tmp_path}/s.tar")
+
+
+def test_the_temporary_rows_are_removed_when_the_source_closes(tmp_path):
+    _shard(tmp_path / "s.tar", _png_samples(_pixels(3), [0, 1, 2]))
+    src = load_source(f"tar:{tmp_path}/s.tar", image=ImageFormat(12, 3, 3))
+    folder = Path(src.images.filename).parent
+    assert folder.is_dir()
+    src.close()
+    assert not folder.exists()
+
+
+def test_cache_cli_writes_a_folder_source_with_its_class_names(tmp_path):
+    from click.testing import CliRunner
+
+    from dbcore.cli import main
+
+    px = _pixels(6, 16)
+    for name, rows in (("a", [0, 1, 2]), ("b", [3, 4, 5])):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in rows:
+            Image.fromarray(px[i]).save(tmp_path / "data" / name / f"{i}.png")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("[model]\nrecipe = 'vit'\nimage_size = 8\nchannels = 3\npatch_size = 4\ndim = 16\n"
+                   "depth = 2\nheads = 2\nnum_classes = 2\nnum_blocks = 2\n[train]\nsteps = 2\n")
+    r = CliRunner().invoke(main, ["cache", str(cfg), "--data", f"folder:{tmp_path}/data",
+                                  "--out", str(tmp_path / "c.zarr")])
+    assert r.exit_code == 0, r.output
+    s = store.open(tmp_path / "c.zarr")
+    assert s.read("images").shape == (6, 8, 8, 3) and s.read("labels").tolist() == [0, 0, 0, 1, 1, 1]
+    assert s.attrs["source"]["classes"] == ["a", "b"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR_VALID.is_file(), reason="needs ../shared/datasets/cifar10")
+def test_the_cifar_shard_decodes_as_pillow_decodes_it():
+    src = load_source(f"tar:{CIFAR_VALID}", image=ImageFormat(32, 3, 10))
+    assert src.images.shape == (5000, 32, 32, 3) and set(src.labels.tolist()) == set(range(10))
+    with tarfile.open(CIFAR_VALID) as tar:
+        first = tar.extractfile(tar.getmember("000000.jpg")).read()
+    np.testing.assert_array_equal(src.images[0], np.asarray(Image.open(io.BytesIO(first)).convert("RGB")))
