@@ -40,6 +40,8 @@ class TrainConfig:
     mode: Literal["independent", "sequential"] = "independent"
     sequential_fraction: float = 0.5  # share of each batch taken from the chain states
     mix_fraction: float = 0.0  # share of each batch with mixed target rows, see noise.mix_targets
+    augment_crop: int = 0  # image recipes: random crop after padding this many zero pixels a side
+    augment_flip: bool = False  # image recipes: horizontal flip with probability 1/2 (method.augment)
     inference_steps: int = 0  # Euler steps at evaluation; 0 means one per block
     decode: str = "last"  # the prediction: "last" step's logits or "product", see dbcore.method.sampler
     checkpoint_every: int = 200
@@ -66,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.augment_crop < 0:
+            raise ValueError(f"augment_crop must be >= 0, got {self.augment_crop}")
         if self.checkpoint_chunks < 1:
             raise ValueError(f"checkpoint_chunks must be >= 1, got {self.checkpoint_chunks}")
         if self.shuffle_window_mb < 0:
@@ -133,12 +137,21 @@ def from_dict(data: dict[str, Any], where: str = "<config>") -> Config:
     recipe = model.pop("recipe", "vit")
     if recipe not in REGISTRY:
         raise ConfigError(f"{where} [model] recipe: expected one of {sorted(REGISTRY)}, found {recipe!r}")
-    return Config(
+    return _checked(Config(
         recipe=recipe,
         model=_build(recipe_class(recipe).config_class, model, f"{where} [model]"),
         train=_build(TrainConfig, dict(data.get("train", {})), f"{where} [train]"),
         source_path=where,
-    )
+    ), where)
+
+
+def _checked(cfg: Config, where: str) -> Config:
+    """Refuse what the recipe cannot do with these tables."""
+    t = cfg.train
+    if (t.augment_crop or t.augment_flip) and recipe_class(cfg.recipe).augmented is None:
+        raise ConfigError(f"{where} [train] augment_crop, augment_flip: recipe {cfg.recipe!r} has no images "
+                          "to augment")
+    return cfg
 
 
 def with_overrides(cfg: Config, where: str = "overrides", **tables: dict[str, Any]) -> Config:
@@ -155,7 +168,7 @@ def with_overrides(cfg: Config, where: str = "overrides", **tables: dict[str, An
             current = getattr(cfg, table)
             changed[table] = _build(type(current), {**dataclasses.asdict(current), **values},
                                     f"{where} [{table}]")
-    return dataclasses.replace(cfg, **changed) if changed else cfg
+    return _checked(dataclasses.replace(cfg, **changed), where) if changed else cfg
 
 
 def load(path: str | Path) -> Config:

@@ -21,6 +21,8 @@ Layout (the contract, shared by all three implementations):
   targets must therefore not request more than 4 uniforms for anything else.
 - Data draws (the offset of a text window, `dbcore.data.stream`) use block = DATA_BLOCK
   (0xFFFFFFFF, no network block's index) and draw = epoch: the same for every block of a run.
+  Image augmentation (`dbcore.method.augment`) uses the same counter's group AUGMENT_GROUP
+  (0xFFFFFFFD), outputs 0..2 (crop offsets x and y, flip).
 - Gaussian groups count up from 0, uniform groups down from 2^32 - 1; a request where they would
   meet (gaussians // 4 + uniforms // 4 + 2 > 2^32) is refused (`check_request`).
 
@@ -41,6 +43,7 @@ PHILOX_ROUNDS = 10
 SIGMA_GROUP = 0xFFFFFFFF
 MIX_GROUP = 0xFFFFFFFE
 DATA_BLOCK = 0xFFFFFFFF
+AUGMENT_GROUP = 0xFFFFFFFD
 MASK32 = 0xFFFFFFFF
 INV_2_32 = 2.0**-32
 

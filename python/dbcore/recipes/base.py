@@ -54,6 +54,8 @@ class Recipe(ABC):
     cached_noise: ClassVar[bool] = True  # False: noise is drawn online only (`--noise cached` refused)
     chain_training: ClassVar[bool] = True  # False: `[train] mode = "sequential"` refused
     fid_reference: ClassVar[bool] = False  # True: `evaluate` needs `options.reference`
+    augmented: ClassVar[str | None] = None  # the streamed images `[train] augment_*` transforms
+    augment_changes_targets: ClassVar[bool] = False  # True: augmented images are the targets
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg  # dbcore.config.Config

@@ -50,6 +50,8 @@ class DiTRecipe(Recipe):
     name = "dit"
     config_class = DiTConfig
     stream_arrays = (layout.IMAGES, layout.LABELS)
+    augmented = layout.IMAGES
+    augment_changes_targets = True  # cached noised targets would be of the unaugmented images
     cond_arrays = (layout.LABELS,)
     frozen_arrays = ()
     cache_fields = ("image_size", "channels", "num_classes")

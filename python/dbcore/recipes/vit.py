@@ -242,6 +242,7 @@ class ViTRecipe(Recipe):
     name = "vit"
     config_class = ViTConfig
     stream_arrays = (layout.IMAGES, layout.LABELS)
+    augmented = layout.IMAGES
     cond_arrays = (layout.IMAGES,)
     frozen_arrays = (layout.TARGET_EMBEDDING,)
     cache_fields = ("image_size", "channels", "num_classes", "dim", "target_scale")

@@ -28,7 +28,7 @@ from dbcore.recipes.base import Recipe
 from dbcore.runs import checkpoint, rundir
 from dbcore.runs.frozen_module import stream_windows
 from dbcore.runs.loop import noise_seed, resolve_device, to_device, train_loop
-from dbcore.runs.step import NumpyBatch, block_noised, block_step_loss, drawn_here
+from dbcore.runs.step import NumpyBatch, augmented, block_noised, block_step_loss, drawn_here
 
 
 def _tie_all_but_layers(first: nn.Module, other: nn.Module, layers: nn.Module) -> None:
@@ -84,8 +84,8 @@ def train_paper_shared(cfg: Config, s: store.Store, run: Path, progress: bool = 
     def step_loss(raw: NumpyBatch) -> torch.Tensor:
         b = block_of_step(step_counter["step"], t.seed, m.num_blocks)
         step_counter["step"] += 1
-        batch = to_device(raw, recipe.stream_arrays, device)
         draw = stream.epoch
+        batch = augmented(recipe, to_device(raw, recipe.stream_arrays, device), t, draw)
         # the generator's noise of (seed, sample, block b, draw = epoch), as online training draws
         # it: the uniforms here (the stream cannot know b), eps and sigma by `Recipe.noise`
         drawn = drawn_here(raw[INDEX], req.uniforms, seed, b, draw)

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dbcore.config import TrainConfig
 from dbcore.method import rng
+from dbcore.method.augment import augment_images
 from dbcore.method.batch import INDEX, UNIFORMS, Batch, Frozen, Noised
 from dbcore.recipes.base import Recipe
 
@@ -36,6 +38,16 @@ def drawn_here(index: np.ndarray, uniforms: int, seed: int, key: int, draw: int)
     `key` (`dbcore.method.rng`), drawn here: `Recipe.noise` then draws eps and sigma itself."""
     u = rng.uniforms_of(torch.from_numpy(index), uniforms, seed, key, draw)
     return {INDEX: index, UNIFORMS: u.numpy()}
+
+
+def augmented(recipe: Recipe, batch: Batch, train: TrainConfig, epoch: int) -> Batch:
+    """The batch with the recipe's images augmented as `[train] augment_*` say (`method.augment`)."""
+    name = recipe.augmented
+    if name is None or not (train.augment_crop or train.augment_flip):
+        return batch
+    images = augment_images(batch[name], batch[INDEX], train.seed, epoch, train.augment_crop,
+                            train.augment_flip)
+    return {**batch, name: images}
 
 
 def block_noised(recipe: Recipe, raw: NumpyBatch, batch: Batch, frozen: Frozen, block: int, draw: int,

@@ -39,6 +39,7 @@ from dbcore.runs.paper_shared import train_paper_shared
 from dbcore.runs.step import (
     Chain,
     NumpyBatch,
+    augmented,
     block_noised,
     block_step_loss,
     e2e_noise_key,
@@ -62,6 +63,11 @@ def check_store(cfg: Config, s: store.Store) -> None:
         raise RunError(f"store {s.path}: cached for recipe {found!r}, the config {cfg.source_path} is "
                        f"recipe {cfg.recipe!r}; cache it again with this config")
     cached = bool(s.attrs.get("noise", {}).get("draws"))
+    t = cfg.train
+    if cached and (t.augment_crop or t.augment_flip) and for_config(cfg).augment_changes_targets:
+        raise RunError(f"store {s.path}: holds cached noised targets of the images as stored, and "
+                       f"{cfg.source_path} augments them ([train] augment_crop, augment_flip); cache it with "
+                       "noise online")
     if s.attrs.get("cache_fingerprint") != cfg.cache_fingerprint(cached):
         stored = s.attrs.get("cache_fields", {})
         diff = sorted(k for k, v in cfg.cache_fields(cached).items() if stored.get(k) != v)
@@ -106,7 +112,7 @@ def train_block(cfg: Config, cache: store.Store | Location, run: Path, block: in
     ledger, flops = compute_ledger(recipe, t.batch_size, frozen)
 
     def step_loss(raw: NumpyBatch) -> torch.Tensor:
-        batch = to_device(raw, recipe.stream_arrays, device)
+        batch = augmented(recipe, to_device(raw, recipe.stream_arrays, device), t, stream.epoch)
         noised = block_noised(recipe, raw, batch, frozen, block, stream.epoch, seed, backend, chain,
                               t.sequential_fraction)
         if ledger is not None:
@@ -142,7 +148,7 @@ def train_e2e(cfg: Config, cache: store.Store | Location, run: Path, progress: b
     ledger, flops = compute_ledger(recipe, t.batch_size, frozen)
 
     def step_loss(raw: NumpyBatch) -> torch.Tensor:
-        batch = to_device(raw, recipe.stream_arrays, device)
+        batch = augmented(recipe, to_device(raw, recipe.stream_arrays, device), t, stream.epoch)
         noised = e2e_noised(recipe, raw, batch, frozen, key, stream.epoch, seed, backend)
         if ledger is not None:
             ledger.add(recipe.step_passes("e2e", noised), flops)
