@@ -114,7 +114,12 @@ def test_train_sample_eval_report(trained, tmp_path):
     arr = np.load(tmp_path / "g.npz")
     assert arr["images"].shape == (20, 8, 8, 1) and arr["images"].dtype == np.uint8
     assert sorted(np.bincount(arr["labels"]).tolist()) == [2] * 10
-    assert (tmp_path / "g.png").stat().st_size > 0
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "g.png").convert("L"))  # 20 samples of 8x8, upscaled
+    k = next(k for k in range(1, 65) if grid.shape[1] == 8 * k * (grid.shape[1] // (8 * k)) and
+             np.array_equal(grid[:8 * k:k, :8 * k:k], arr["images"][0, :, :, 0]))
+    assert grid.shape[1] >= 512 and (grid[::k, ::k].repeat(k, 0).repeat(k, 1) == grid).all()
     one = r.invoke(main, ["sample", str(tmp_path / "e2e"), "--out", str(tmp_path / "e.png"), "--num", "3",
                           "--class", "7", "--cfg-scale", "1.5", "--sampler", "heun"])
     assert one.exit_code == 0, one.output

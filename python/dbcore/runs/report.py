@@ -17,6 +17,8 @@ from dbcore.runs import mirror, rundir
 from dbcore.runs.evaluate import block_loader, load_e2e, load_run
 from dbcore.wording import arg
 
+GRID_MIN_WIDTH = 512  # pixels: a grid of 10 8x8 samples a row is 80 wide, upscaled 7x
+
 
 def _pyplot():
     import matplotlib
@@ -38,11 +40,20 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
     return grid
 
 
+def upscaled(grid: np.ndarray, min_width: int = GRID_MIN_WIDTH) -> np.ndarray:
+    """(H, W, C) -> the same image, each pixel repeated k x k times (nearest neighbour), k the
+    smallest whole factor that makes it at least `min_width` pixels wide."""
+    k = max(1, -(-min_width // grid.shape[1]))
+    return grid.repeat(k, axis=0).repeat(k, axis=1)
+
+
 def save_grid(images: np.ndarray, rows: int, out: Path) -> None:
-    grid = image_grid(images, rows)
-    plt = _pyplot()
-    cmap = "gray" if grid.shape[2] == 1 else None
-    plt.imsave(out, grid[..., 0] if grid.shape[2] == 1 else grid, cmap=cmap, vmin=0, vmax=255)
+    """The samples as one PNG grid, upscaled to at least `GRID_MIN_WIDTH` pixels wide."""
+    from PIL import Image
+
+    grid = upscaled(image_grid(images, rows))
+    fmt = Image.registered_extensions().get(Path(out).suffix.lower(), "PNG")  # PNG unless named otherwise
+    Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(out, format=fmt)
 
 
 @mirror.mirrored("run")
