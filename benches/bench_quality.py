@@ -33,6 +33,10 @@ DATA = {
     "mnist": (f"npz:{ROOT.parent / 'shared/datasets/mnist/train.npz'}",
               f"npz:{ROOT.parent / 'shared/datasets/mnist/valid.npz'}"),
     "digits": ("digits:train", "digits:valid"),
+    "fashion_mnist": (f"npz:{ROOT.parent / 'shared/datasets/fashion_mnist/train.npz'}",
+                      f"npz:{ROOT.parent / 'shared/datasets/fashion_mnist/valid.npz'}"),
+    "cifar10": (f"tar:{ROOT.parent / 'shared/datasets/cifar10/train-{00000..00002}.tar'}",
+                f"tar:{ROOT.parent / 'shared/datasets/cifar10/valid-00000.tar'}"),
 }
 
 # name -> (model overrides, train overrides, eval inference steps per block or None)

@@ -306,7 +306,7 @@ class ViTRecipe(Recipe):
         accuracy of each block's last logits and of the running product of beliefs."""
         m, t = self.model_cfg, self.cfg.train
         check_image_source(source, m.image_size, m.channels, m.num_classes)
-        images, labels = torch.from_numpy(source.images), torch.from_numpy(source.labels)
+        images, labels = torch.from_numpy(np.array(source.images)), torch.from_numpy(np.array(source.labels))
         t0 = time.perf_counter()
         per_block: list[dict] = []
         steps = decode = None
