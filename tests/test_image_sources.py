@@ -205,3 +205,24 @@ def test_the_cifar_shard_decodes_as_pillow_decodes_it():
     with tarfile.open(CIFAR_VALID) as tar:
         first = tar.extractfile(tar.getmember("000000.jpg")).read()
     np.testing.assert_array_equal(src.images[0], np.asarray(Image.open(io.BytesIO(first)).convert("RGB")))
+
+
+def test_api_caches_a_datasets_dataset_as_it_is_with_its_class_names(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from dbcore import api
+
+    px = _pixels(6, 16)
+    ds = datasets.Dataset.from_dict(
+        {"img": [{"bytes": _encoded(x, "PNG"), "path": None} for x in px], "fine": [0, 1, 2, 1, 0, 2]},
+        features=datasets.Features({"img": datasets.Image(),
+                                    "fine": datasets.ClassLabel(names=["x", "y", "z"])}))
+    cfg = api.config({"model": {"recipe": "vit", "image_size": 8, "channels": 3, "patch_size": 4, "dim": 16,
+                                "depth": 2, "heads": 2, "num_classes": 3, "num_blocks": 2}})
+    s = store.open(api.cache(cfg, ds, tmp_path / "c.zarr"))
+    expect = load_source(f"parquet:{_parquet(tmp_path / 'p.parquet', px, [0, 1, 2, 1, 0, 2])}",
+                         image=ImageFormat(8, 3, 3))  # the same pixels, resized the same way
+    np.testing.assert_array_equal(s.read("images"), expect.images)
+    assert s.read("labels").tolist() == [0, 1, 2, 1, 0, 2] and s.attrs["source"]["classes"] == ["x", "y", "z"]
+    assert not [p for p in tmp_path.iterdir() if ".spill" in p.name]  # the spill is gone
+    with pytest.raises(SourceError, match="expected one Image column"):
+        api.cache(cfg, ds.remove_columns("img"), tmp_path / "d.zarr")

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +33,11 @@ import numpy as np
 
 from dbcore import config as config_mod
 from dbcore.config import Config
-from dbcore.data.images import Source, spill
+from dbcore.data.decode import ImageFormat
+from dbcore.data.hf_dataset import is_hf_dataset
+from dbcore.data.images import Source, load_dataset, spill
 from dbcore.data.location import is_url, parse_location
-from dbcore.data.sources import load_source, load_source_for
+from dbcore.data.sources import image_format, load_source, load_source_for
 from dbcore.data.text import TextSource
 from dbcore.errors import SourceError
 from dbcore.wording import arg
@@ -63,9 +65,12 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
           tasks: int | None = None) -> Path:
     """Write the cache store `out` for `cfg` (as `dbcore cache`) and return its path.
 
-    `data`: a source spec ("digits:train", "npz:PATH", "text:PATTERN", "jsonl:PATTERN[#FIELD]",
-    "parquet:PATTERN[#COLUMN]"), a Source or TextSource, or an iterable of {"images", "labels"}
-    batches (see the module docs; a single such dict works too).
+    `data`: a source spec ("digits:train", "npz:PATH", "tar:PATTERN", "folder:DIR",
+    "parquet:PATTERN[#IMAGE,LABEL]", "text:PATTERN", "jsonl:PATTERN[#FIELD]", "parquet:PATTERN[#COLUMN]"),
+    a Source or TextSource, a Hugging Face `datasets.Dataset` with an Image column (its encoded
+    images decoded to the config's size; the label column a ClassLabel, whose names are kept, or
+    `label`), or an iterable of {"images", "labels"} batches (see the module docs; one such dict
+    works too).
     `noise="cached"` also stores `draws` noised targets per sample and block; `target_embedding`:
     frozen rows E (num_classes, dim) instead of seeded random ones. `ray`: written by `tasks` Ray
     tasks (default: one per CPU) on the cluster at `address` (default: a local instance), from a
@@ -251,6 +256,15 @@ def _opened(data: Any, parent: Path, name: str, cfg: Config | None = None) -> It
         return
     if isinstance(data, (Source, TextSource)):
         yield data
+        return
+    if is_hf_dataset(data):  # its encoded images, decoded as files are (never by `datasets`)
+        folder = _scratch(parent, name, "spill")
+        fmt = ImageFormat() if cfg is None else image_format(cfg.model) or ImageFormat()
+        try:
+            with closing(load_dataset(data, fmt, scratch=folder)) as source:
+                yield source
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return
     if isinstance(data, Mapping):  # one batch
         data = [data]

@@ -10,11 +10,13 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dbcore.data.decode import ImageFormat, decode_batches
-from dbcore.data.image_records import class_names, parse_spec, records
+from dbcore.data.hf_dataset import columns, dataset_records
+from dbcore.data.image_records import Record, class_names, parse_spec, records
 from dbcore.errors import SourceError
 
 HASH_ROWS = 4096  # rows per update when hashing
@@ -112,9 +114,23 @@ def load_images(spec: str, fmt: ImageFormat, scratch: Path | None = None) -> Sou
     """Decode every image of a `tar:`, `folder:` or `parquet:` spec to `fmt`, in parallel, into a
     Source spilled to a temporary folder in `scratch` (default: the system's temporary folder)."""
     image_spec = parse_spec(spec)
+    return decoded(str(image_spec), records(image_spec), fmt, class_names(image_spec), scratch)
+
+
+def load_dataset(ds: Any, fmt: ImageFormat, image: str | None = None, label: str | None = None,
+                 scratch: Path | None = None) -> Source:
+    """A Hugging Face `datasets.Dataset` decoded as `load_images` decodes files (`data.hf_dataset`)."""
+    image, label = columns(ds, image, label)
+    recs, classes = dataset_records(ds, image, label)
+    spec = f"datasets.Dataset({len(ds)} rows, fingerprint {getattr(ds, '_fingerprint', '?')})"
+    return decoded(spec, recs, fmt, classes, scratch)
+
+
+def decoded(spec: str, recs: Iterable[Record], fmt: ImageFormat, classes: Iterable[str] | None = None,
+            scratch: Path | None = None) -> Source:
+    """The records decoded to `fmt` in parallel, spilled to a temporary folder in `scratch`."""
     folder = Path(tempfile.mkdtemp(prefix="dbcore-images-", dir=scratch))
-    classes = class_names(image_spec)
-    return spill(str(image_spec), _same_shape(decode_batches(records(image_spec), fmt)), folder, classes)
+    return spill(spec, _same_shape(decode_batches(recs, fmt)), folder, classes)
 
 
 def _same_shape(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterable[tuple[np.ndarray, np.ndarray]]:
@@ -128,4 +144,4 @@ def _same_shape(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterable[tu
         yield x, y
 
 
-__all__ = ["ImageFormat", "Rows", "Source", "load_images", "spill"]
+__all__ = ["ImageFormat", "Rows", "Source", "decoded", "load_dataset", "load_images", "spill"]
