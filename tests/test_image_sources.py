@@ -64,21 +64,35 @@ def test_tar_shards_decode_to_the_exact_pixels_in_shard_and_key_order(tmp_path):
         assert src.labels.tolist() == list(range(7)) and src.images.dtype == np.uint8
 
 
-def test_a_tar_source_resizes_and_converts_as_documented(tmp_path):
-    wide = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)  # H 20, W 30
+def _smooth(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    channels = [x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (w + h - 2)]
+    return np.stack(channels, -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_tar_source_resizes_and_converts_as_documented(tmp_path, channels):
+    wide = _smooth(40, 66)  # H 40, W 66: shorter side to 10, W 16.5 -> 17, crop offset 3
     _shard(tmp_path / "s.tar", [("a", {".png": _encoded(wide, "PNG"), ".cls": b"1"})])
-    src = load_source(f"tar:{tmp_path}/s.tar", image=ImageFormat(10, 1, 2))
-    expect = Image.fromarray(wide).convert("L").resize((15, 10), Image.Resampling.BICUBIC, reducing_gap=None)
-    expect = np.asarray(expect.crop((2, 0, 12, 10)))  # shorter side 10, then the centre 10x10
-    assert src.images.shape == (1, 10, 10, 1)
-    np.testing.assert_array_equal(src.images[0, :, :, 0], expect)
+    src = load_source(f"tar:{tmp_path}/s.tar", image=ImageFormat(10, channels, 2))
+    im = Image.fromarray(wide).convert("L" if channels == 1 else "RGB")
+    expect = np.asarray(im.resize((17, 10), Image.Resampling.BICUBIC, reducing_gap=None).crop((3, 0, 13, 10)))
+    assert src.images.shape == (1, 10, 10, channels)
+    diff = np.abs(src.images[0].astype(int) - expect.reshape(10, 10, channels))
+    assert diff.max() <= 2, diff.max()  # the extension's bicubic against Pillow's: rounding only
 
 
-def test_jpeg_and_webp_decode_close_to_their_pixels():
-    smooth = np.repeat(np.repeat(np.linspace(0, 255, 16, dtype=np.uint8)[None, :, None], 16, 0), 3, 2)
+def test_jpeg_and_webp_decode_close_to_their_pixels_and_to_pillow():
+    from dbcore.data.decode import decode_batches
+    from dbcore.data.image_records import Record
+
+    smooth = _smooth(16, 16)
     for fmt in ("JPEG", "WEBP"):
-        out = decode(_encoded(smooth, fmt), "x", ImageFormat(16, 3))
-        assert out.shape == (16, 16, 3) and np.abs(out.astype(int) - smooth).mean() < 4, fmt
+        data = _encoded(smooth, fmt)
+        (rows, _), = decode_batches([Record(data, 0, "x")], ImageFormat(16, 3))  # the extension
+        pillow = decode(data, "x", ImageFormat(16, 3))
+        assert rows.shape == (1, 16, 16, 3) and np.abs(rows[0].astype(int) - smooth).mean() < 4, fmt
+        assert np.abs(rows[0].astype(int) - pillow).mean() < 1, fmt
 
 
 def test_class_folders_take_labels_from_sorted_names_and_keep_the_names(tmp_path):
@@ -155,7 +169,7 @@ def test_bad_image_sources_get_one_line_naming_file_and_key(tmp_path, case, matc
         (tmp_path / "bad.tar").write_bytes(b"\x01" * 1000)
         spec = f"tar:{tmp_path}/bad.tar"
     with pytest.raises(SourceError, match=match) as info:
-        load_source(spec, image=ImageFormat(12, 3, 3))
+        np.asarray(load_source(spec, image=ImageFormat(12, 3, 3)).images)  # decoding finds a corrupt one
     assert "\n" not in str(info.value)
 
 
@@ -167,9 +181,37 @@ def test_without_a_size_images_of_two_sizes_are_refused(tmp_path):
         load_source(f"tar:{tmp_path}/s.tar")
 
 
+def test_rows_decode_on_demand_in_any_range_and_the_digest_follows_the_bytes(tmp_path, monkeypatch):
+    from dbcore.data import images as images_mod
+
+    px = _pixels(9)
+    _shard(tmp_path / "a-0.tar", _png_samples(px[:4], [0, 1, 2, 0]))
+    _shard(tmp_path / "a-1.tar", _png_samples(px[4:], [1, 2, 0, 1, 2], start=4))
+    src = load_source(f"tar:{tmp_path}/a-*.tar", image=ImageFormat(12, 3, 3))
+    assert src.images.shape == (9, 12, 12, 3) and src.labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    for a, b in ((0, 9), (5, 7), (3, 5), (5, 9), (0, 1), (8, 9)):  # across shards, resumed or not
+        np.testing.assert_array_equal(src.images[a:b], px[a:b])
+    np.testing.assert_array_equal(np.asarray(src.images), px)
+    seen: list = []
+    real = images_mod.decode_batches
+    monkeypatch.setattr(images_mod, "decode_batches", lambda recs, fmt: real(_counted(recs, seen), fmt))
+    np.testing.assert_array_equal(src.images[6:8], px[6:8])
+    assert len(seen) == 2  # a read decodes its own rows only
+    digest = src.sha256()
+    assert load_source(f"tar:{tmp_path}/a-*.tar", image=ImageFormat(12, 3, 3)).sha256() == digest
+    _shard(tmp_path / "a-1.tar", _png_samples(px[4:], [1, 2, 0, 1, 1], start=4))  # one label changed
+    assert load_source(f"tar:{tmp_path}/a-*.tar", image=ImageFormat(12, 3, 3)).sha256() != digest
+
+
+def _counted(recs, seen):
+    for r in recs:
+        seen.append(r)
+        yield r
+
+
 def test_the_temporary_rows_are_removed_when_the_source_closes(tmp_path):
     _shard(tmp_path / "s.tar", _png_samples(_pixels(3), [0, 1, 2]))
-    src = load_source(f"tar:{tmp_path}/s.tar", image=ImageFormat(12, 3, 3))
+    src = load_source(f"tar:{tmp_path}/s.tar")  # no size: decoded whole, into a temporary folder
     folder = Path(src.images.filename).parent
     assert folder.is_dir()
     src.close()
@@ -199,12 +241,14 @@ def test_cache_cli_writes_a_folder_source_with_its_class_names(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CIFAR_VALID.is_file(), reason="needs ../shared/datasets/cifar10")
-def test_the_cifar_shard_decodes_as_pillow_decodes_it():
+def test_the_cifar_shard_decodes_within_a_grey_level_of_pillow():
     src = load_source(f"tar:{CIFAR_VALID}", image=ImageFormat(32, 3, 10))
     assert src.images.shape == (5000, 32, 32, 3) and set(src.labels.tolist()) == set(range(10))
     with tarfile.open(CIFAR_VALID) as tar:
-        first = tar.extractfile(tar.getmember("000000.jpg")).read()
-    np.testing.assert_array_equal(src.images[0], np.asarray(Image.open(io.BytesIO(first)).convert("RGB")))
+        jpegs = [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    pillow = np.stack([np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs[:500]])
+    diff = np.abs(src.images[:500].astype(int) - pillow)  # zune-jpeg against libjpeg-turbo
+    assert diff.mean() < 0.5 and (diff <= 1).mean() > 0.9, (diff.mean(), (diff <= 1).mean())  # 0.30, 0.917
 
 
 def test_api_caches_a_datasets_dataset_as_it_is_with_its_class_names(tmp_path):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from dbcore import config as config_mod
 from dbcore.cli import main
+from dbcore.data import store
 from dbcore.data.cache import write_cache
 from dbcore.data.sources import load_source
 from dbcore.runs import checkpoint
@@ -265,3 +267,32 @@ def test_a_block_spanning_two_workers_trains_what_one_process_trains(local_ray, 
             "--workers-per-block", "2"]
     out = CliRunner().invoke(main, args)
     assert out.exit_code != 0 and "--workers-per-block needs --ray (without Ray: torchrun)" in out.output
+
+
+def test_cache_on_ray_of_tar_shards_writes_the_bytes_of_a_single_process_cache(local_ray, small_units,
+                                                                                tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    px = np.random.default_rng(0).integers(0, 256, (300, 8, 8), dtype=np.uint8)
+    for shard in range(3):
+        with tarfile.open(tmp_path / f"s-{shard}.tar", "w") as tar:
+            for i in range(shard * 100, shard * 100 + 100):
+                buf = io.BytesIO()
+                Image.fromarray(px[i]).save(buf, format="PNG")
+                for name, blob in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.cls", str(i % 10).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text(TOML)
+    spec = f"tar:{tmp_path}/s-*.tar"
+    for out, extra in (("one.zarr", []), ("ray.zarr", ["--ray", "--tasks", "3"])):
+        r = CliRunner().invoke(main, ["cache", str(cfg_path), "--data", spec, "--out", str(tmp_path / out),
+                                      *extra])
+        assert r.exit_code == 0, r.output
+    one, many = _files(tmp_path / "one.zarr"), _files(tmp_path / "ray.zarr")
+    assert one.keys() == many.keys() and all(one[k] == many[k] for k in one)
+    np.testing.assert_array_equal(store.open(tmp_path / "ray.zarr").read("images")[..., 0], px)

@@ -18,7 +18,7 @@ use crate::layout;
 use crate::location::{Location, S3_SCHEME};
 use crate::store::{ArrayHandle, ArraySpec, Compression, Store, FORMAT_VERSION};
 use crate::writer::RowWriter;
-use crate::{philox, stream};
+use crate::{decode, philox, stream};
 
 create_exception!(_native, NativeError, PyException);
 
@@ -601,6 +601,28 @@ fn uniforms<'py>(
     Ok(numpy::PyArray1::from_vec(py, out))
 }
 
+/// Decode encoded images into `out` ((n, size, size, channels) uint8, C-contiguous) in parallel,
+/// the GIL released; returns the (index, message) of the images that fail (`decode.rs`).
+#[pyfunction]
+fn decode_images(
+    py: Python<'_>,
+    blobs: Vec<Bound<'_, PyBytes>>,
+    size: u32,
+    channels: usize,
+    out: &Bound<'_, PyUntypedArray>,
+) -> PyResult<Vec<(usize, String)>> {
+    if channels != 1 && channels != 3 {
+        return Err(invalid(format!("channels must be 1 or 3, found {channels}")));
+    }
+    let shape = [blobs.len(), size as usize, size as usize, channels];
+    if out.shape() != shape {
+        return Err(invalid(format!("out has shape {:?}, expected {shape:?}", out.shape())));
+    }
+    let dst = array_mut(out, DType::UInt8)?;
+    let slices: Vec<&[u8]> = blobs.iter().map(|b| b.as_bytes()).collect();
+    Ok(py.detach(|| decode::decode_into(&slices, size, channels, dst)))
+}
+
 /// Streams row blocks into one array, encoding each shard once it is complete.
 #[pyclass(frozen, module = "dbcore._native")]
 struct NativeWriter {
@@ -634,6 +656,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gaussian, m)?)?;
     m.add_function(wrap_pyfunction!(uniform_for_sigma, m)?)?;
     m.add_function(wrap_pyfunction!(uniforms, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_images, m)?)?;
     m.add("STREAM_MAX_THREADS", stream::MAX_THREADS)?;
     m.add("STREAM_DEFAULT_THREADS", stream::DEFAULT_THREADS)?;
     m.add("NativeError", m.py().get_type::<NativeError>())?;

@@ -1,12 +1,14 @@
-"""Encoded images (JPEG, PNG, WebP) to uint8 rows of one shape, decoded by Pillow in a pool of
-threads (Pillow releases the GIL while it decodes and resizes; `benches/bench_decode.py` measured
-the choice).
+"""Encoded images (JPEG, PNG, WebP) to uint8 rows of one shape, decoded `CHUNK` at a time in
+parallel by the Rust extension (`rust/src/decode.rs`: zune-jpeg, png, image-webp; the GIL
+released), which `benches/bench_decode.py` measured against Pillow in a pool. Pillow (`decode`)
+is the reference of the same rules; it decodes what the extension cannot and names a file that
+neither can, and it decodes sources without a size.
 
 An image of another size is resized so that its shorter side is `size` (bicubic, antialiased when
-shrinking; a JPEG is first decoded at the smallest DCT scale still at least that large), then
-centre-cropped to `size` x `size`, as torchvision's `Resize(size)` + `CenterCrop(size)`. Colour
-images become grey-scale (Pillow's `L`: ITU-R 601-2 luma) for one channel; anything becomes RGB
-for three (an alpha channel is dropped).
+shrinking; the longer side rounded half up), then centre-cropped to `size` x `size` (the offset
+rounded down), as torchvision's `Resize(size)` + `CenterCrop(size)`. Colour images become
+grey-scale (Pillow's `L`: ITU-R 601-2 luma) for one channel; anything becomes RGB for three (an
+alpha channel is dropped).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dbcore import _native
 from dbcore.data.image_records import Record
 from dbcore.errors import SourceError
 
-CHUNK = 256  # images per task handed to the pool
+CHUNK = 256  # images per task handed to the pool (decoded in parallel in it by the extension)
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,6 @@ def decode(data: bytes, where: str, fmt: ImageFormat) -> np.ndarray:
     mode = "L" if fmt.channels == 1 else "RGB"
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if fmt.size is not None and im.format == "JPEG":
-                im.draft(mode, (fmt.size, fmt.size))  # decode at a reduced DCT scale, >= size
             im = im.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise SourceError(f"{where}: not a readable image ({exc})") from None
@@ -59,23 +60,34 @@ def _resize_crop(im, size: int):
 
     w, h = im.size
     if (w, h) != (size, size):
-        scale = size / min(w, h)
-        w2, h2 = max(size, round(w * scale)), max(size, round(h * scale))
-        if (w2, h2) != (w, h):
-            im = im.resize((w2, h2), Image.Resampling.BICUBIC, reducing_gap=None)
-        left, top = round((w2 - size) / 2), round((h2 - size) / 2)
+        w2, h2 = resized_dims(w, h, size)
+        im = im.resize((w2, h2), Image.Resampling.BICUBIC, reducing_gap=None)
+        left, top = (w2 - size) // 2, (h2 - size) // 2
         im = im.crop((left, top, left + size, top + size))
     return im
 
 
+def resized_dims(w: int, h: int, size: int) -> tuple[int, int]:
+    """The resized size of (w, h): the shorter side `size`, the longer one scaled, rounded half up."""
+    short, long = min(w, h), max(w, h)
+    scaled = max(size, (2 * long * size + short) // (2 * short))
+    return (size, scaled) if w <= h else (scaled, size)
+
+
 def _decode_chunk(chunk: list[Record], fmt: ImageFormat) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.array([r.label for r in chunk], dtype=np.int64)
+    if fmt.size is not None:
+        out = np.empty((len(chunk), fmt.size, fmt.size, fmt.channels), dtype=np.uint8)
+        for i, _ in _native.decode_images([r.data for r in chunk], fmt.size, fmt.channels, out):
+            out[i] = decode(chunk[i].data, chunk[i].where, fmt)  # Pillow: decodes it, or names it
+        return out, labels
     rows = [decode(r.data, r.where, fmt) for r in chunk]
     first = rows[0].shape
     for r, row in zip(chunk, rows, strict=True):
         if row.shape != first:  # only without a size: every image must then be the same size
             raise SourceError(f"{r.where}: image is {row.shape[1]}x{row.shape[0]}, the ones before it "
                               f"{first[1]}x{first[0]}; give the config's image_size to resize them")
-    return np.stack(rows), np.array([r.label for r in chunk], dtype=np.int64)
+    return np.stack(rows), labels
 
 
 def decode_batches(recs: Iterable[Record], fmt: ImageFormat, workers: int | None = None

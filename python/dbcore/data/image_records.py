@@ -74,23 +74,38 @@ def parse_spec(spec: str) -> ImageSpec:
     return ImageSpec(kind, pattern, (columns[0], columns[1]))
 
 
+Part = tuple[str, int]  # a file of a source, and its label (folder sources) or -1 (many samples)
+
+
+def parts(spec: ImageSpec) -> tuple[list[Part], list[str] | None]:
+    """The files of `spec` in order, and the class names of a `folder:` source (label i is name i;
+    None for the other kinds)."""
+    if spec.kind == "folder":
+        names, items = folder_items(spec.pattern)
+        return items, names
+    return [(path, -1) for path in expand(spec.pattern, spec.kind)], None
+
+
+def part_records(spec: ImageSpec, part: Part) -> Iterator[Record]:
+    """The labelled images of one file of `spec`, in order."""
+    path, label = part
+    if spec.kind == "tar":
+        yield from _tar_records(path)
+    elif spec.kind == "folder":
+        yield Record(_read(path), label, path)
+    else:
+        yield from _parquet_records(path, *spec.columns)
+
+
 def records(spec: ImageSpec) -> Iterator[Record]:
     """Every labelled image of `spec`, in order."""
-    if spec.kind == "tar":
-        for path in expand(spec.pattern, spec.kind):
-            yield from _tar_records(path)
-    elif spec.kind == "folder":
-        _, items = folder_items(spec.pattern)
-        for path, label in items:
-            yield Record(_read(path), label, path)
-    else:
-        for path in expand(spec.pattern, spec.kind):
-            yield from _parquet_records(path, *spec.columns)
+    for part in parts(spec)[0]:
+        yield from part_records(spec, part)
 
 
 def class_names(spec: ImageSpec) -> list[str] | None:
     """The class names of a `folder:` source (label i is name i); None for the other kinds."""
-    return folder_items(spec.pattern)[0] if spec.kind == "folder" else None
+    return parts(spec)[1] if spec.kind == "folder" else None
 
 
 # ---------------------------------------------------------------------------------------- files

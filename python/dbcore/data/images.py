@@ -1,13 +1,17 @@
-"""Labelled images as a `Source`: rows in memory (digits, npz) or spilled to memmaps in a temporary
-folder (decoded shards, folders and Parquet files; the API's batches), never held whole."""
+"""Labelled images as a `Source`: rows in memory (digits, npz), decoded on demand from the files of
+a `tar:`, `folder:` or `parquet:` source (`LazyImages`: a cache decodes each write's rows as it
+writes them, and a Ray task only its own), or spilled to memmaps in a temporary folder (the API's
+batches, a `datasets.Dataset`, files without a target size): never held whole."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,16 @@ import numpy as np
 
 from dbcore.data.decode import ImageFormat, decode_batches
 from dbcore.data.hf_dataset import columns, dataset_records
-from dbcore.data.image_records import Record, class_names, parse_spec, records
+from dbcore.data.image_records import (
+    ImageSpec,
+    Part,
+    Record,
+    class_names,
+    parse_spec,
+    part_records,
+    parts,
+    records,
+)
 from dbcore.errors import SourceError
 
 HASH_ROWS = 4096  # rows per update when hashing
@@ -30,6 +43,7 @@ class Source:
     images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray  # (N,) int64
     classes: tuple[str, ...] | None = None  # class names (folder sources), label i is classes[i]
+    digest: str | None = None  # the provenance digest when it is not of the rows (`LazyImages`)
     _tmp: Path | None = field(default=None, repr=False)
     _finalizer: weakref.finalize | None = field(init=False, default=None, repr=False)
 
@@ -42,7 +56,9 @@ class Source:
         return int(self.labels.max()) + 1
 
     def sha256(self) -> str:
-        """Of the images' bytes then the labels', a few rows at a time."""
+        """Of the images' bytes then the labels', a few rows at a time (or the `digest` given)."""
+        if self.digest is not None:
+            return self.digest
         h = hashlib.sha256()
         for rows in (self.images, self.labels):
             for a in range(0, len(rows), HASH_ROWS):
@@ -110,11 +126,76 @@ def spill(spec: str, batches: Iterable[tuple[np.ndarray, np.ndarray]], folder: P
         raise
 
 
+class LazyImages:
+    """The (N, size, size, C) uint8 images of a file source, decoded when rows are read: a range
+    starts at the file that holds its first row, and a read that starts where the last one ended
+    goes on with the same pass over the files."""
+
+    def __init__(self, spec: ImageSpec, parts: list[Part], first_rows: list[int], n: int, fmt: ImageFormat):
+        assert fmt.size is not None
+        self.spec, self.parts, self.first_rows, self.fmt = spec, parts, first_rows, fmt
+        self.shape = (n, fmt.size, fmt.size, fmt.channels)
+        self.dtype, self.ndim = np.dtype(np.uint8), 4
+        self._cursor: tuple[int, Iterator[Record]] | None = None  # (next row, its records)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice) and key.step in (None, 1):
+            a, b, _ = key.indices(len(self))
+            return self._rows(a, max(a, b))
+        if isinstance(key, (int, np.integer)):
+            return self._rows(int(key) % len(self), int(key) % len(self) + 1)[0]
+        return self._rows(0, len(self))[key]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        rows = self._rows(0, len(self))
+        return rows if dtype is None else rows.astype(dtype)
+
+    def _records_from(self, row: int) -> Iterator[Record]:
+        part = bisect.bisect_right(self.first_rows, row) - 1
+        recs = (r for p in self.parts[part:] for r in part_records(self.spec, p))
+        return itertools.islice(recs, row - self.first_rows[part], None)
+
+    def _rows(self, a: int, b: int) -> np.ndarray:
+        recs = self._cursor[1] if self._cursor and self._cursor[0] == a else self._records_from(a)
+        out = np.empty((b - a, *self.shape[1:]), dtype=np.uint8)
+        done = 0
+        for images, _ in decode_batches(itertools.islice(recs, b - a), self.fmt):
+            out[done:done + len(images)] = images
+            done += len(images)
+        if done != b - a:
+            raise SourceError(f"{self.spec}: {done} images from row {a}, expected {b - a}: the files "
+                              "changed since they were indexed")
+        self._cursor = (b, recs)
+        return out
+
+
 def load_images(spec: str, fmt: ImageFormat, scratch: Path | None = None) -> Source:
-    """Decode every image of a `tar:`, `folder:` or `parquet:` spec to `fmt`, in parallel, into a
-    Source spilled to a temporary folder in `scratch` (default: the system's temporary folder)."""
+    """The images of a `tar:`, `folder:` or `parquet:` spec decoded to `fmt`: `LazyImages` when
+    `fmt` has a size (after one pass that reads every record, decodes none, and takes the labels
+    and a digest of the encoded bytes), else all decoded in parallel into a Source spilled to a
+    temporary folder in `scratch` (default: the system's temporary folder)."""
     image_spec = parse_spec(spec)
-    return decoded(str(image_spec), records(image_spec), fmt, class_names(image_spec), scratch)
+    if fmt.size is None:
+        return decoded(str(image_spec), records(image_spec), fmt, class_names(image_spec), scratch)
+    files, classes = parts(image_spec)
+    h = hashlib.sha256(f"{fmt.size} {fmt.channels}".encode())
+    labels, first_rows = [], []
+    for part in files:
+        first_rows.append(len(labels))
+        for r in part_records(image_spec, part):
+            if fmt.num_classes is not None and r.label >= fmt.num_classes:
+                raise SourceError(f"{r.where}: label {r.label} is out of range: the config has "
+                                  f"num_classes {fmt.num_classes}")
+            h.update(len(r.data).to_bytes(8, "little") + r.data + r.label.to_bytes(8, "little"))
+            labels.append(r.label)
+    if not labels:
+        raise SourceError(f"{image_spec}: the data holds no image")
+    images = LazyImages(image_spec, files, first_rows, len(labels), fmt)
+    return Source(spec=str(image_spec), images=images, labels=np.array(labels, dtype=np.int64),  # type: ignore[arg-type]
+                  classes=None if classes is None else tuple(classes), digest=h.hexdigest())
 
 
 def load_dataset(ds: Any, fmt: ImageFormat, image: str | None = None, label: str | None = None,
@@ -144,4 +225,4 @@ def _same_shape(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterable[tu
         yield x, y
 
 
-__all__ = ["ImageFormat", "Rows", "Source", "decoded", "load_dataset", "load_images", "spill"]
+__all__ = ["ImageFormat", "LazyImages", "Rows", "Source", "decoded", "load_dataset", "load_images", "spill"]

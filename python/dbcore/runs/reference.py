@@ -38,7 +38,7 @@ def fid_reference(store_path: Any, valid_spec: str) -> FidReference:
     valid = load_source(valid_spec, image=ImageFormat(size, channels))
 
     def make_data():
-        return images, labels, valid.images, valid.labels
+        return images, labels, np.asarray(valid.images), valid.labels
 
     sha = s.attrs.get("source", {}).get("sha256", "")
     net, meta = reference_classifier(sha, make_data, seed=0)
