@@ -270,3 +270,21 @@ def test_api_caches_a_datasets_dataset_as_it_is_with_its_class_names(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".spill" in p.name]  # the spill is gone
     with pytest.raises(SourceError, match="expected one Image column"):
         api.cache(cfg, ds.remove_columns("img"), tmp_path / "d.zarr")
+
+
+def test_a_corrupt_image_fails_the_cache_in_one_line_and_leaves_it_unfinished(tmp_path):
+    from click.testing import CliRunner
+
+    from dbcore.cli import main
+
+    samples = _png_samples(_pixels(3, 8), [0, 1, 0])
+    samples[2][1][".png"] = b"\x89PNG broken"
+    _shard(tmp_path / "s.tar", samples)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("[model]\nrecipe = 'vit'\nimage_size = 8\nchannels = 3\npatch_size = 4\ndim = 16\n"
+                   "depth = 2\nheads = 2\nnum_classes = 2\nnum_blocks = 2\n[train]\nsteps = 2\n")
+    r = CliRunner().invoke(main, ["cache", str(cfg), "--data", f"tar:{tmp_path}/s.tar", "--out",
+                                  str(tmp_path / "c.zarr")])
+    assert r.exit_code == 1 and "s.tar: sample '000002': not a readable image" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not store.open(tmp_path / "c.zarr", require_complete=False).complete
