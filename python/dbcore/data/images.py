@@ -5,6 +5,7 @@ batches, a `datasets.Dataset`, files without a target size): never held whole.""
 
 from __future__ import annotations
 
+import array
 import bisect
 import hashlib
 import itertools
@@ -182,7 +183,7 @@ def load_images(spec: str, fmt: ImageFormat, scratch: Path | None = None) -> Sou
         return decoded(str(image_spec), records(image_spec), fmt, class_names(image_spec), scratch)
     files, classes = parts(image_spec)
     h = hashlib.sha256(f"{fmt.size} {fmt.channels}".encode())
-    labels, first_rows = [], []
+    labels, first_rows = array.array("q"), []  # 8 bytes a label, however many
     for part in files:
         first_rows.append(len(labels))
         for r in part_records(image_spec, part):
@@ -194,7 +195,7 @@ def load_images(spec: str, fmt: ImageFormat, scratch: Path | None = None) -> Sou
     if not labels:
         raise SourceError(f"{image_spec}: the data holds no image")
     images = LazyImages(image_spec, files, first_rows, len(labels), fmt)
-    return Source(spec=str(image_spec), images=images, labels=np.array(labels, dtype=np.int64),  # type: ignore[arg-type]
+    return Source(spec=str(image_spec), images=images, labels=np.frombuffer(labels, dtype=np.int64).copy(),  # type: ignore[arg-type]
                   classes=None if classes is None else tuple(classes), digest=h.hexdigest())
 
 
