@@ -14,6 +14,7 @@ __all__ = [
     "gaussian",
     "uniform_for_sigma",
     "uniforms",
+    "decode_images",
     "STREAM_MAX_THREADS",
     "STREAM_DEFAULT_THREADS",
     "NativeError",
