@@ -14,18 +14,16 @@ is one (a cut inside a word could change its tokens), so nothing is ever held wh
 from __future__ import annotations
 
 import codecs
-import glob
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
-from dbcore.data.location import is_url, s3_filesystem
+from dbcore.data.location import glob_files, is_url, open_file
 from dbcore.errors import SourceError
 
 PIECE_BYTES = 1 << 16  # text per piece, about: a batch of pieces is encoded in parallel
-S3_READ_BYTES = 8 << 20  # bytes per request when reading an s3:// file (its read-ahead block)
 PARQUET_BATCH_ROWS = 1024
 DEFAULT_FIELD = "text"
 KINDS = ("text", "jsonl", "parquet")  # also dbcore.data.sources.TEXT_KINDS
@@ -71,29 +69,13 @@ def parse_spec(spec: str) -> DocumentSpec:
 
 def files(spec: DocumentSpec) -> list[str]:
     """The files of `spec`'s pattern, sorted; none is a SourceError."""
-    if is_url(spec.pattern):
-        fs = s3_filesystem(SourceError, "sources")
-        try:
-            found = [f"s3://{p}" for p in fs.glob(spec.pattern) if not fs.isdir(p)]
-        except Exception as exc:  # botocore and s3fs raise many types; the message says which
-            raise SourceError(f"{spec.pattern}: cannot list ({exc})") from None
-    else:
-        if os.path.isdir(spec.pattern):
-            raise SourceError(f"{spec.pattern}: is a directory, expected a file or a glob of files "
-                              f"(e.g. {spec.kind}:{os.path.join(spec.pattern, '*')})")
-        found = [p for p in glob.glob(spec.pattern) if os.path.isfile(p)]
+    if not is_url(spec.pattern) and os.path.isdir(spec.pattern):
+        raise SourceError(f"{spec.pattern}: is a directory, expected a file or a glob of files "
+                          f"(e.g. {spec.kind}:{os.path.join(spec.pattern, '*')})")
+    found = glob_files(spec.pattern)
     if not found:
         raise SourceError(f"{spec.kind} source {spec.pattern!r} matches no file")
-    return sorted(found)
-
-
-def _open(path: str) -> IO[bytes]:
-    try:
-        if is_url(path):
-            return s3_filesystem(SourceError, "sources").open(path, "rb", block_size=S3_READ_BYTES)
-        return open(path, "rb")
-    except Exception as exc:  # OSError, or s3fs/botocore's own types
-        raise SourceError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    return found
 
 
 def documents(spec: DocumentSpec) -> Iterator[Piece]:
@@ -138,7 +120,7 @@ def _chunks(path: str) -> Iterator[str]:
     """Decoded chunks of the file; a NUL byte or invalid UTF-8 (whichever is first) is a SourceError."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     pos = 0
-    with _open(path) as f:
+    with open_file(path) as f:
         try:
             while raw := f.read(PIECE_BYTES):
                 yield _decode(path, decoder, raw, pos, final=False)
@@ -170,7 +152,7 @@ def _decode(path: str, decoder: codecs.IncrementalDecoder, raw: bytes, pos: int,
 
 
 def _jsonl_file(path: str, field: str) -> Iterator[Piece]:
-    with _open(path) as f:
+    with open_file(path) as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -200,7 +182,7 @@ def _parquet_file(path: str, column: str) -> Iterator[Piece]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with _open(path) as f:
+    with open_file(path) as f:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as exc:

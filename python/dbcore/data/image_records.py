@@ -17,16 +17,14 @@ Every PATTERN or DIR may be an `s3://` URL (read through s3fs, `pip install 'dbc
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
 
-from dbcore.data.location import is_url, s3_filesystem
+from dbcore.data.location import glob_files, is_url, open_file, s3_filesystem
 from dbcore.errors import SourceError
 
 KINDS = ("tar", "folder", "parquet")
@@ -34,7 +32,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 LABEL_SUFFIXES = (".cls", ".json")
 PARQUET_COLUMNS = ("image", "label")
 PARQUET_BATCH_ROWS = 256
-S3_READ_BYTES = 8 << 20  # bytes per request when reading an s3:// object (its read-ahead block)
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -115,7 +112,7 @@ def expand(pattern: str, kind: str) -> list[str]:
     """The files of a pattern (brace ranges expanded, then globs), sorted; none is a SourceError."""
     found: set[str] = set()
     for p in _braces(pattern):
-        found.update(_glob(p))
+        found.update(glob_files(p))
     if not found:
         raise SourceError(f"{kind} source {pattern!r} matches no file")
     return sorted(found)
@@ -132,31 +129,8 @@ def _braces(pattern: str) -> list[str]:
     return [out for i in range(int(a), int(b) + 1) for out in _braces(f"{head}{i:0{width}d}{tail}")]
 
 
-def _fs():
-    return s3_filesystem(SourceError, "sources")
-
-
-def _glob(pattern: str) -> list[str]:
-    if is_url(pattern):
-        fs = _fs()
-        try:
-            return [f"s3://{p}" for p in fs.glob(pattern) if not fs.isdir(p)]
-        except Exception as exc:  # botocore and s3fs raise many types; the message says which
-            raise SourceError(f"{pattern}: cannot list ({exc})") from None
-    return [p for p in glob.glob(pattern) if os.path.isfile(p)]
-
-
-def _open(path: str) -> IO[bytes]:
-    try:
-        if is_url(path):
-            return _fs().open(path, "rb", block_size=S3_READ_BYTES)
-        return open(path, "rb")
-    except Exception as exc:  # OSError, or s3fs/botocore's own types
-        raise SourceError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-
-
 def _read(path: str) -> bytes:
-    with _open(path) as f:
+    with open_file(path) as f:
         try:
             return f.read()
         except OSError as exc:
@@ -169,7 +143,7 @@ def _read(path: str) -> bytes:
 def _tar_records(path: str) -> Iterator[Record]:
     """The samples of one shard, read as a stream (members in the order written)."""
     key, members = None, {}
-    with _open(path) as f:
+    with open_file(path) as f:
         try:
             with tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
@@ -223,7 +197,7 @@ def folder_items(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     """(class names, [(image path, label)]) of a class-folder tree, both sorted."""
     root = root.rstrip("/")
     if is_url(root):
-        fs = _fs()
+        fs = s3_filesystem(SourceError, "sources")
         try:
             files = [f"s3://{p}" for p in fs.find(root)]
         except Exception as exc:
@@ -257,7 +231,7 @@ def _parquet_records(path: str, image: str, label: str) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with _open(path) as f:
+    with open_file(path) as f:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as exc:

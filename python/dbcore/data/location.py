@@ -3,12 +3,16 @@ tells them apart (the Rust store parses the same text, `rust/src/location.rs`)."
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from dbcore.errors import SourceError
 
 S3_SCHEME = "s3://"
 S3_EXTRA = "pip install 'dbcore[s3]'"
+S3_READ_BYTES = 8 << 20  # bytes per request when reading an s3:// source file (its read-ahead block)
 
 Location = str | Path  # a store or run: an s3:// URL (a str) or a local path
 
@@ -31,3 +35,25 @@ def s3_filesystem(error: type[Exception], what: str) -> Any:
     except ImportError:
         raise error(f"s3:// {what} need s3fs, an optional extra: {S3_EXTRA}") from None
     return s3fs.S3FileSystem(default_cache_type="none", use_listings_cache=False)
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The files (not folders) a glob matches, local or at an `s3://` URL, sorted; a listing that
+    fails is a SourceError."""
+    if not is_url(pattern):
+        return sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    fs = s3_filesystem(SourceError, "sources")
+    try:
+        return sorted(f"s3://{p}" for p in fs.glob(pattern) if not fs.isdir(p))
+    except Exception as exc:  # botocore and s3fs raise many types; the message says which
+        raise SourceError(f"{pattern}: cannot list ({exc})") from None
+
+
+def open_file(path: str) -> IO[bytes]:
+    """A source file opened for reading, local or at an `s3://` URL; failing is a SourceError."""
+    try:
+        if is_url(path):
+            return s3_filesystem(SourceError, "sources").open(path, "rb", block_size=S3_READ_BYTES)
+        return open(path, "rb")
+    except Exception as exc:  # OSError, or s3fs/botocore's own types
+        raise SourceError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
