@@ -59,6 +59,11 @@ class TrainConfig:
     ray_memory_gb: float = 0.0  # `--ray`: memory each block's worker reserves; 0 = no reservation
     ray_workers: int = 1  # `--ray`: processes per block, data-parallel under torchrun in its task
 
+    @property
+    def augments(self) -> bool:
+        """Whether image recipes augment their training images (`augment_crop`, `augment_flip`)."""
+        return bool(self.augment_crop or self.augment_flip)
+
     def __post_init__(self) -> None:
         from dbcore.method.sampler import DECODES
 
@@ -147,8 +152,7 @@ def from_dict(data: dict[str, Any], where: str = "<config>") -> Config:
 
 def _checked(cfg: Config, where: str) -> Config:
     """Refuse what the recipe cannot do with these tables."""
-    t = cfg.train
-    if (t.augment_crop or t.augment_flip) and recipe_class(cfg.recipe).augmented is None:
+    if cfg.train.augments and recipe_class(cfg.recipe).augmented is None:
         raise ConfigError(f"{where} [train] augment_crop, augment_flip: recipe {cfg.recipe!r} has no images "
                           "to augment")
     return cfg

@@ -43,7 +43,7 @@ def drawn_here(index: np.ndarray, uniforms: int, seed: int, key: int, draw: int)
 def augmented(recipe: Recipe, batch: Batch, train: TrainConfig, epoch: int) -> Batch:
     """The batch with the recipe's images augmented as `[train] augment_*` say (`method.augment`)."""
     name = recipe.augmented
-    if name is None or not (train.augment_crop or train.augment_flip):
+    if name is None or not train.augments:
         return batch
     images = augment_images(batch[name], batch[INDEX], train.seed, epoch, train.augment_crop,
                             train.augment_flip)

@@ -63,8 +63,7 @@ def check_store(cfg: Config, s: store.Store) -> None:
         raise RunError(f"store {s.path}: cached for recipe {found!r}, the config {cfg.source_path} is "
                        f"recipe {cfg.recipe!r}; cache it again with this config")
     cached = bool(s.attrs.get("noise", {}).get("draws"))
-    t = cfg.train
-    if cached and (t.augment_crop or t.augment_flip) and for_config(cfg).augment_changes_targets:
+    if cached and cfg.train.augments and for_config(cfg).augment_changes_targets:
         raise RunError(f"store {s.path}: holds cached noised targets of the images as stored, and "
                        f"{cfg.source_path} augments them ([train] augment_crop, augment_flip); cache it with "
                        "noise online")
