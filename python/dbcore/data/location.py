@@ -1,5 +1,6 @@
-"""Where a store or run lives: a local path, or an `s3://bucket/prefix` URL. The one place Python
-tells them apart (the Rust store parses the same text, `rust/src/location.rs`)."""
+"""Where a store, run or source file lives: a local path, or an `s3://bucket/prefix` URL. The one
+place Python tells them apart (the Rust store parses the same text, `rust/src/location.rs`), and
+where source files are globbed and opened."""
 
 from __future__ import annotations
 
