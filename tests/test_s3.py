@@ -52,7 +52,8 @@ def s3(tmp_path_factory):
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
-           "DBCORE_MIRROR": str(tmp_path_factory.mktemp("mirror"))}
+           "DBCORE_MIRROR": str(tmp_path_factory.mktemp("mirror")),
+           "DBCORE_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     s3fs.S3FileSystem().mkdir(BUCKET)
@@ -151,6 +152,43 @@ def test_cache_train_eval_on_s3_equal_local_disk(s3, tmp_path):
     assert "losses.png" in _cli("report", f"{s3}/run", "--out", tmp_path / "report")  # metrics of both blocks
     again = _cli("train", cfg, "--store", f"{s3}/c.zarr", "--out", f"{s3}/run", "--quiet")
     assert all(json.loads(line)["resumed_at"] == 30 for line in again.splitlines())  # nothing redone
+
+
+def test_training_one_block_downloads_that_block_only(s3, tmp_path, monkeypatch):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TOML.replace("steps = 30", "steps = 10"))
+    st, run = f"{s3}/one.zarr", f"{s3}/one-run"
+    _cli("cache", cfg, "--out", st)
+    _cli("train", cfg, "--store", st, "--out", run, "--quiet", "--block", "0")
+    fresh = tmp_path / "fresh-mirror"  # another machine: an empty mirror
+    monkeypatch.setenv("DBCORE_MIRROR", str(fresh))
+    _cli("train", cfg, "--store", st, "--out", run, "--quiet", "--block", "1")
+    local = fresh / "s3" / BUCKET / "one-run"
+    assert (local / "block0.json").is_file() and (local / "block1.safetensors").is_file()
+    assert not (local / "block0.safetensors").exists()  # block 1 never needs block 0's weights
+
+
+def test_a_cache_killed_before_its_first_record_resumes_on_s3(s3, tmp_path):
+    from dbcore import api
+    from dbcore.data import cache as cache_mod
+    from dbcore.data.sources import load_source_for
+
+    cfg = api.config(str(_toml(tmp_path)))
+    url = f"{s3}/killed.zarr"
+    plan = cache_mod.plan_cache(cfg, load_source_for(cfg, "digits:train"), "online", 1, 0, None)
+    store.create(url, attrs=plan.attrs)  # what a kill right after creating the store leaves
+    r = CliRunner().invoke(main, ["train", str(_toml(tmp_path)), "--store", url, "--out",
+                                  str(tmp_path / "r"), "--quiet"])
+    assert r.exit_code == 1 and "run the command that wrote it again" in r.output, r.output
+    assert "require_complete" not in r.output
+    _cli("cache", _toml(tmp_path), "--out", url)  # the same command resumes it
+    assert store.open(url).complete
+
+
+def _toml(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TOML)
+    return cfg
 
 
 def test_a_checkpoint_is_uploaded_tensors_first_and_json_last(s3, tmp_path, monkeypatch):

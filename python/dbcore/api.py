@@ -62,7 +62,7 @@ def config(path_or_dict: PathLike | Mapping[str, Any]) -> Config:
 def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "cached"] = "online",
           draws: int = 1, seed: int = 0, overwrite: bool = False, progress: bool = False,
           target_embedding: np.ndarray | None = None, ray: bool = False, address: str | None = None,
-          tasks: int | None = None) -> Path:
+          tasks: int | None = None, break_lock: bool = False) -> Path:
     """Write the cache store `out` for `cfg` (as `dbcore cache`) and return its path.
 
     `data`: a source spec ("digits:train", "npz:PATH", "tar:PATTERN", "folder:DIR",
@@ -74,7 +74,8 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
     `noise="cached"` also stores `draws` noised targets per sample and block; `target_embedding`:
     frozen rows E (num_classes, dim) instead of seeded random ones. `ray`: written by `tasks` Ray
     tasks (default: one per CPU) on the cluster at `address` (default: a local instance), from a
-    source spec that every worker can load.
+    source spec that every worker can load. `break_lock`: take over the writer lock of an `s3://`
+    store that another process holds (one that was killed; an expired lock is taken anyway).
     """
     from dbcore.data.cache import write_cache
 
@@ -88,11 +89,12 @@ def cache(cfg: Config, data: Any, out: PathLike, *, noise: Literal["online", "ca
             raise TypeError(f"cache(ray=True) needs a source spec that every worker can load, "
                             f"found {type(data).__name__}")
         cache_on_ray(cfg, data, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
-                     target_embedding=target_embedding, address=address, tasks=tasks, progress=progress)
+                     target_embedding=target_embedding, address=address, tasks=tasks, progress=progress,
+                     break_lock=break_lock)
         return out
     with _opened(data, *_scratch_beside(out), cfg) as source:
         write_cache(cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
-                    progress=progress, target_embedding=target_embedding)
+                    progress=progress, target_embedding=target_embedding, break_lock=break_lock)
     return out
 
 

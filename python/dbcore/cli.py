@@ -73,7 +73,9 @@ def _run_safely(fn, *args, **kwargs):
 @click.option("--ray", "use_ray", is_flag=True, help="write the store's shards in parallel Ray tasks")
 @click.option("--address", default=None, help="with --ray: a running Ray cluster (default: start one here)")
 @click.option("--tasks", type=int, default=None, help="with --ray: number of tasks (default: one per CPU)")
-def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray, address, tasks):
+@click.option("--break-lock", is_flag=True,
+              help="s3://: take over the writer lock a killed `cache` left (an expired one is taken anyway)")
+def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray, address, tasks, break_lock):
     """Write inputs, targets, target embedding and schedule (and noised targets) to a store."""
     import numpy as np
 
@@ -83,7 +85,8 @@ def cache(config, source, out, noise, draws, seed, overwrite, emb_path, use_ray,
     cfg = _run_safely(api.config, config)
     emb = _run_safely(np.load, emb_path, allow_pickle=False) if emb_path else None
     _run_safely(api.cache, cfg, source, out, noise=noise, draws=draws, seed=seed, overwrite=overwrite,
-                progress=True, target_embedding=emb, ray=use_ray, address=address, tasks=tasks)
+                progress=True, target_embedding=emb, ray=use_ray, address=address, tasks=tasks,
+                break_lock=break_lock)
     attrs = _run_safely(store.open, out).attrs
     text = attrs.get("text")
     if text:

@@ -10,6 +10,7 @@ pub mod gather;
 pub mod layout;
 pub mod location;
 pub mod philox;
+pub mod remote;
 pub mod store;
 pub mod stream;
 pub mod writer;

@@ -1,23 +1,24 @@
 //! Where a store lives: a local folder, or a prefix in an S3-compatible bucket (`s3://bucket/prefix`),
 //! and the zarrs storage that reads and writes it.
 //!
-//! Object stores go through `object_store` (credentials, region and endpoint from the standard AWS
-//! environment variables, `AWS_ENDPOINT_URL` included; plain `http://` endpoints are allowed, for
-//! local S3 servers), wrapped for zarrs' synchronous API by one process-wide Tokio runtime.
+//! Object stores go through `object_store` (`remote::client`: settings from the standard AWS
+//! environment variables), wrapped for zarrs' synchronous API by one process-wide Tokio runtime;
+//! a finalized store is read through the local disk cache (`remote::cached`).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use zarrs::filesystem::FilesystemStore;
 use zarrs::storage::storage_adapter::async_to_sync::{
     AsyncToSyncBlockOn, AsyncToSyncStorageAdapter,
 };
 use zarrs::storage::ReadableWritableListableStorage;
-use zarrs_object_store::object_store::aws::AmazonS3Builder;
 use zarrs_object_store::object_store::prefix::PrefixStore;
+use zarrs_object_store::object_store::ObjectStore;
 use zarrs_object_store::AsyncObjectStore;
 
 use crate::error::{Error, Result};
+use crate::remote::{client, disk, CachedStorage, DiskCache};
 
 pub const S3_SCHEME: &str = "s3://";
 
@@ -61,18 +62,52 @@ impl Location {
             Location::Local(path) => Ok(Arc::new(
                 FilesystemStore::new(path).map_err(|e| Error::Io(format!("{self}: {e}")))?,
             )),
-            Location::S3 { bucket, prefix } => {
-                let s3 = s3_builder(bucket)
-                    .build()
-                    .map_err(|e| Error::Io(format!("{self}: {e}")))?;
-                let store = AsyncObjectStore::new(PrefixStore::new(s3, prefix.as_str()));
-                Ok(Arc::new(AsyncToSyncStorageAdapter::new(
-                    Arc::new(store),
-                    TokioBlockOn,
-                )))
-            }
+            Location::S3 { .. } => Ok(self.s3_storage()?.1),
         }
     }
+
+    /// The client of an `s3://` store (scoped to its prefix) and its zarrs storage.
+    fn s3_storage(&self) -> Result<(Arc<dyn ObjectStore>, ReadableWritableListableStorage)> {
+        let Location::S3 { bucket, prefix } = self else {
+            unreachable!("an s3:// location")
+        };
+        let client = client::s3_client(bucket, &self.to_string())?;
+        let scoped: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(client, prefix.as_str()));
+        let store = AsyncObjectStore::new(scoped.clone());
+        let storage = Arc::new(AsyncToSyncStorageAdapter::new(
+            Arc::new(store),
+            TokioBlockOn,
+        ));
+        Ok((scoped, storage))
+    }
+
+    /// The storage to read a finalized store: for an `s3://` store, through the local disk cache
+    /// (None when the cache is off: then read range by range).
+    pub fn read_storage(&self) -> Result<(ReadableWritableListableStorage, Option<CachedStorage>)> {
+        let Location::S3 { .. } = self else {
+            return Ok((self.storage()?, None));
+        };
+        let (scoped, direct) = self.s3_storage()?;
+        let Some(disk) = disk_cache()? else {
+            return Ok((direct, None));
+        };
+        let cached = CachedStorage::open(&self.to_string(), scoped, direct, disk)?;
+        Ok((Arc::new(cached.clone()), Some(cached)))
+    }
+}
+
+/// The process's disk cache for the settings in force (None when its limit is 0).
+fn disk_cache() -> Result<Option<Arc<DiskCache>>> {
+    static CACHE: OnceLock<Mutex<Option<Arc<DiskCache>>>> = OnceLock::new();
+    let settings = disk::settings()?;
+    if settings.limit == 0 {
+        return Ok(None);
+    }
+    let mut held = CACHE.get_or_init(|| Mutex::new(None)).lock().unwrap();
+    if held.as_ref().is_none_or(|c| c.settings != settings) {
+        *held = Some(Arc::new(DiskCache::new(settings)));
+    }
+    Ok(held.clone())
 }
 
 impl From<&Path> for Location {
@@ -102,41 +137,14 @@ impl std::fmt::Display for Location {
     }
 }
 
-/// S3 settings from the environment, as the AWS tools read them.
-fn s3_builder(bucket: &str) -> AmazonS3Builder {
-    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-    let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
-    if let Some(endpoint) = env("AWS_ENDPOINT_URL_S3").or_else(|| env("AWS_ENDPOINT_URL")) {
-        builder = builder
-            .with_allow_http(endpoint.starts_with("http://"))
-            .with_endpoint(endpoint);
-    }
-    if let Some(region) = env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")) {
-        builder = builder.with_region(region);
-    }
-    builder
-}
-
 /// Runs object-store futures to completion on the process's Tokio runtime.
 #[derive(Clone, Copy)]
 struct TokioBlockOn;
 
 impl AsyncToSyncBlockOn for TokioBlockOn {
     fn block_on<F: core::future::Future>(&self, future: F) -> F::Output {
-        runtime().block_on(future)
+        client::block_on(future)
     }
-}
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("dbcore-io")
-            .enable_all()
-            .build()
-            .expect("a Tokio runtime for object-store I/O")
-    })
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::layout;
 use crate::location::{Location, S3_SCHEME};
 use crate::store::{ArrayHandle, ArraySpec, Compression, Store, FORMAT_VERSION};
 use crate::writer::RowWriter;
-use crate::{decode, philox, stream};
+use crate::{decode, philox, remote, stream};
 
 create_exception!(_native, NativeError, PyException);
 
@@ -612,15 +612,94 @@ fn decode_images(
     out: &Bound<'_, PyUntypedArray>,
 ) -> PyResult<Vec<(usize, String)>> {
     if channels != 1 && channels != 3 {
-        return Err(invalid(format!("channels must be 1 or 3, found {channels}")));
+        return Err(invalid(format!(
+            "channels must be 1 or 3, found {channels}"
+        )));
     }
     let shape = [blobs.len(), size as usize, size as usize, channels];
     if out.shape() != shape {
-        return Err(invalid(format!("out has shape {:?}, expected {shape:?}", out.shape())));
+        return Err(invalid(format!(
+            "out has shape {:?}, expected {shape:?}",
+            out.shape()
+        )));
     }
     let dst = array_mut(out, DType::UInt8)?;
     let slices: Vec<&[u8]> = blobs.iter().map(|b| b.as_bytes()).collect();
     Ok(py.detach(|| decode::decode_into(&slices, size, channels, dst)))
+}
+
+/// Set the disk cache of remote stores for the rest of the process: its folder (`objects` under
+/// it) and its limit in bytes (0: off); None keeps the value in force. `reset`: back to the
+/// environment's values, read at each open.
+#[pyfunction]
+#[pyo3(signature = (directory=None, limit=None, reset=false))]
+fn configure_cache(
+    directory: Option<PathBuf>,
+    limit: Option<u64>,
+    reset: bool,
+) -> PyResult<(String, u64)> {
+    if reset {
+        remote::disk::reset();
+    }
+    let mut settings = remote::disk::settings().map_err(to_py)?;
+    if reset && directory.is_none() && limit.is_none() {
+        return Ok((settings.dir.display().to_string(), settings.limit));
+    }
+    if let Some(d) = directory {
+        settings.dir = d.join("objects");
+    }
+    if let Some(l) = limit {
+        settings.limit = l;
+    }
+    remote::disk::configure(settings.clone());
+    Ok((settings.dir.display().to_string(), settings.limit))
+}
+
+/// The one-writer lock of an `s3://` store or run (`remote/lock.rs`); released by `release()`.
+#[pyclass(module = "dbcore._native")]
+struct RemoteLock {
+    inner: Option<remote::lock::RemoteLock>,
+    url: String,
+}
+
+#[pymethods]
+impl RemoteLock {
+    #[new]
+    #[pyo3(signature = (location, what, lease_seconds, force=false))]
+    fn new(
+        py: Python<'_>,
+        location: &str,
+        what: &str,
+        lease_seconds: f64,
+        force: bool,
+    ) -> PyResult<Self> {
+        if !(lease_seconds.is_finite() && lease_seconds > 0.0) {
+            return Err(invalid(format!(
+                "lease_seconds must be > 0, got {lease_seconds}"
+            )));
+        }
+        let loc = Location::parse(location).map_err(to_py)?;
+        let lease = std::time::Duration::from_secs_f64(lease_seconds);
+        let inner = py
+            .detach(|| remote::lock::RemoteLock::acquire(&loc, what, lease, force))
+            .map_err(to_py)?;
+        Ok(RemoteLock {
+            url: inner.url().to_string(),
+            inner: Some(inner),
+        })
+    }
+
+    fn release(&mut self, py: Python<'_>) -> PyResult<()> {
+        match self.inner.take() {
+            Some(mut lock) => py.detach(move || lock.release()).map_err(to_py),
+            None => Ok(()),
+        }
+    }
+
+    #[getter]
+    fn url(&self) -> String {
+        self.url.clone()
+    }
 }
 
 /// Streams row blocks into one array, encoding each shard once it is complete.
@@ -657,6 +736,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(uniform_for_sigma, m)?)?;
     m.add_function(wrap_pyfunction!(uniforms, m)?)?;
     m.add_function(wrap_pyfunction!(decode_images, m)?)?;
+    m.add_function(wrap_pyfunction!(configure_cache, m)?)?;
+    m.add_class::<RemoteLock>()?;
     m.add("STREAM_MAX_THREADS", stream::MAX_THREADS)?;
     m.add("STREAM_DEFAULT_THREADS", stream::DEFAULT_THREADS)?;
     m.add("NativeError", m.py().get_type::<NativeError>())?;

@@ -66,6 +66,7 @@ def write_cache(
     overwrite: bool = False,
     progress: bool = True,
     target_embedding: np.ndarray | None = None,
+    break_lock: bool = False,
 ) -> store.Store:
     """Write the cache store `out`, streaming row blocks (see the module docs for resume).
 
@@ -75,7 +76,7 @@ def write_cache(
     """
     plan = plan_cache(cfg, source, noise, draws, seed, target_embedding)
     out = parse_location(out)
-    with store.writer_lock(out):  # a second `cache` of the same store is refused
+    with store.writer_lock(out, break_lock=break_lock):  # a second writer is refused
         s, done = open_for_writing(out, plan.attrs, overwrite)
         units = pending_units(s, plan.jobs, done)
         bar = progress_bar(len(units), "cache", "block", enabled=progress)
@@ -166,12 +167,13 @@ def open_for_writing(out: Location, attrs: dict, overwrite: bool) -> tuple[store
             f"{out}: already exists and holds a complete cache; "
             f"pass {arg('overwrite', True)} to rewrite it"
         )
-    ledger = s.read_extra(LEDGER)
-    if s.attrs != attrs or ledger is None:
+    if s.attrs != attrs:
         raise store.StoreExistsError(
             f"{out}: exists and holds an interrupted cache of other inputs (source, config, noise "
             f"or seed) or of another tool; pass {arg('overwrite', True)} to replace it"
         )
+    # Same inputs; no ledger yet: killed before its first unit was recorded, so none is done.
+    ledger = s.read_extra(LEDGER) or b""
     done = set()
     for line in ledger.decode(errors="replace").splitlines():
         name, _, start = line.rpartition(" ")

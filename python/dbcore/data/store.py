@@ -51,6 +51,7 @@ import numpy as np
 
 from dbcore import _native
 from dbcore.data.location import is_url, parse_location
+from dbcore.wording import arg
 
 DTYPES = (
     "bool",
@@ -400,19 +401,35 @@ class StoreLockedError(StoreError):
     """Another process is writing the store."""
 
 
+LOCK_LEASE_SECONDS = 120.0  # an s3:// writer's lease, renewed every third of it while it writes
+
+
 @contextmanager
-def writer_lock(path: str | os.PathLike[str], what: str = "store") -> Iterator[None]:
-    """Hold the right to write `path` (a store, or another `what`) for the block's lifetime (an
-    exclusive `flock` on `.NAME.lock` beside it, released by the OS if the process dies); a second
-    writer is refused. Object stores have no such lock: two writers of one s3:// store are not
-    detected."""
+def writer_lock(path: str | os.PathLike[str], what: str = "store", break_lock: bool = False
+                ) -> Iterator[None]:
+    """Hold the right to write `path` (a store, or another `what`) for the block's lifetime; a
+    second writer is refused with one line naming the holder.
+
+    Local: an exclusive `flock` on `.NAME.lock` beside it, released by the OS if the process dies.
+    `s3://`: an object `.NAME.lock` beside it, created by a conditional PUT (`If-None-Match: *`)
+    and naming its holder and a lease of `LOCK_LEASE_SECONDS` that a thread renews; a killed
+    writer's lock expires with its lease, and `break_lock` takes a live one over."""
     if is_url(path):
-        yield
+        try:
+            with _native_errors():
+                lock = _native.RemoteLock(os.fspath(path), what, LOCK_LEASE_SECONDS, break_lock)
+        except StoreExistsError as e:
+            raise StoreLockedError(f"{e} or, if it was killed, pass {arg('break_lock', True)}") from None
+        try:
+            yield
+        finally:
+            with _native_errors():
+                lock.release()
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(f".{path.name}.lock")
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    lock_file = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock_file, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -428,6 +445,18 @@ def writer_lock(path: str | os.PathLike[str], what: str = "store") -> Iterator[N
         os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def configure_cache(directory: str | os.PathLike[str] | None = None, limit: int | None = None,
+                    reset: bool = False) -> tuple[str, int]:
+    """Set the local disk cache of `s3://` stores for stores opened from now on: its folder
+    (entries under `DIRECTORY/objects`; default `DBCORE_CACHE_DIR`, else `~/.cache/dbcore`) and its
+    limit in bytes (default `DBCORE_CACHE_LIMIT`, else 32 GiB; 0 turns it off); `reset`: back to
+    the environment's values. Returns the objects folder and the limit in force."""
+    if limit is not None and limit < 0:
+        raise StoreValueError(f"cache limit must be >= 0 bytes, got {limit}")
+    with _native_errors():
+        return _native.configure_cache(None if directory is None else os.fspath(directory), limit, reset)
 
 
 def create(
@@ -467,6 +496,7 @@ __all__ = [
     "StoreLockedError",
     "StoreNotFoundError",
     "StoreValueError",
+    "configure_cache",
     "create",
     "exists",
     "open",

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from dbcore.errors import CheckpointError
 from dbcore.runs import mirror
 
+TENSORS = ".safetensors"  # NAME.safetensors holds a checkpoint's tensors, NAME.json its metadata
+
 
 def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """`model.load_state_dict(tensors)`, or a CheckpointError naming the weights that differ
@@ -70,7 +72,7 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save(base: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     """Write `base.safetensors` and `base.json`; returns the tensor file's sha256."""
     base.parent.mkdir(parents=True, exist_ok=True)
-    st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    st, js = base.with_suffix(TENSORS), base.with_suffix(".json")
     st_tmp, js_tmp = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
     try:
         save_file(_unshared(tensors), str(st_tmp))
@@ -88,7 +90,7 @@ def save(base: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 
 
 def exists(base: Path) -> bool:
-    return base.with_suffix(".json").is_file() and base.with_suffix(".safetensors").is_file()
+    return base.with_suffix(".json").is_file() and base.with_suffix(TENSORS).is_file()
 
 
 def load_meta(base: Path) -> dict[str, Any]:
@@ -104,7 +106,7 @@ def load_meta(base: Path) -> dict[str, Any]:
 def load(base: Path, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load and verify a checkpoint; keep only tensors whose name starts with `prefix`."""
     meta = load_meta(base)
-    st = base.with_suffix(".safetensors")
+    st = base.with_suffix(TENSORS)
     if not st.is_file():
         raise CheckpointError(f"checkpoint {base}: {st.name} is missing")
     if _sha256(st) != meta.get("sha256"):

@@ -202,7 +202,8 @@ def _task_slots(ray: Any, cpus_per_task: float) -> int:
 
 def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws: int = 1, seed: int = 0,
                  overwrite: bool = False, target_embedding: Any = None, address: str | None = None,
-                 tasks: int | None = None, cpus_per_task: float = 1.0, progress: bool = True) -> store.Store:
+                 tasks: int | None = None, cpus_per_task: float = 1.0, progress: bool = True,
+                 break_lock: bool = False) -> store.Store:
     """`cache.write_cache` of the source `spec` by Ray tasks (default: one per CPU of the cluster);
     see the module docs."""
     ray = import_ray()
@@ -212,7 +213,7 @@ def cache_on_ray(cfg: Config, spec: str, out: Path, noise: str = "online", draws
         raise ValueError(f"{arg('tasks', tasks)} must be >= 1")
     plan = cache.plan_cache(cfg, load_source_for(cfg, spec), noise, draws, seed, target_embedding)
     out = parse_location(out)
-    with store.writer_lock(out):
+    with store.writer_lock(out, break_lock=break_lock):
         s, done = cache.open_for_writing(out, plan.attrs, overwrite)
         units = cache.pending_units(s, plan.jobs, done)
         started_here = _start(ray, address) if units else False

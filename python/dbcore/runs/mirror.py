@@ -61,8 +61,9 @@ class Mirror:
         self.local = mirror_root() / "s3" / self.key
         self.fs = _filesystem()
 
-    def pull(self) -> None:
-        """Download the run's objects that the mirror lacks or holds older copies of."""
+    def pull(self, keep: Callable[[str], bool] | None = None) -> None:
+        """Download the run's objects that the mirror lacks or holds older copies of (with `keep`,
+        those whose path in the run it keeps)."""
         self.local.mkdir(parents=True, exist_ok=True)
         try:
             objects = self.fs.find(self.key, detail=True)
@@ -72,6 +73,8 @@ class Mirror:
         for key, info in sorted(objects.items()):
             rel = key[len(self.key) + 1:]
             if info.get("type") == "directory" or not rel:
+                continue
+            if keep is not None and not keep(rel):
                 continue
             try:
                 if rel.startswith(METRICS_PREFIX):
@@ -124,13 +127,14 @@ def _replace(path: Path, data: bytes) -> None:
 
 
 @contextmanager
-def local_run(run: str | Path) -> Iterator[Path]:
-    """The run's directory on this machine: `run` itself, or the mirror of an `s3://` run."""
+def local_run(run: str | Path, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
+    """The run's directory on this machine: `run` itself, or the mirror of an `s3://` run (with
+    `keep`, of the objects it keeps: see `Mirror.pull`)."""
     if not is_url(run):
         yield Path(run)
         return
     mirror = Mirror(str(run))
-    mirror.pull()
+    mirror.pull(keep)
     outer = _active.get(mirror.local)
     _active[mirror.local] = mirror
     try:
@@ -140,9 +144,12 @@ def local_run(run: str | Path) -> Iterator[Path]:
             _active.pop(mirror.local, None)
 
 
-def mirrored(arg: str = "run") -> Callable[[F], F]:
+def mirrored(arg: str = "run",
+             needs: Callable[[dict[str, Any]], Callable[[str], bool] | None] | None = None
+             ) -> Callable[[F], F]:
     """Decorate a function taking a run directory as `arg`: an `s3://` run is replaced by its
-    local mirror for the call (see `local_run`)."""
+    local mirror for the call (see `local_run`). `needs(arguments)`: which of the run's objects
+    the call needs (a `keep` predicate, None: all), from its bound arguments."""
 
     def wrap(fn: F) -> F:
         sig = inspect.signature(fn)
@@ -152,7 +159,9 @@ def mirrored(arg: str = "run") -> Callable[[F], F]:
             bound = sig.bind(*args, **kwargs)
             if not is_url(bound.arguments.get(arg)):
                 return fn(*args, **kwargs)
-            with local_run(bound.arguments[arg]) as local:
+            bound.apply_defaults()
+            keep = needs(bound.arguments) if needs is not None else None
+            with local_run(bound.arguments[arg], keep) as local:
                 bound.arguments[arg] = local
                 return fn(*bound.args, **bound.kwargs)
 

@@ -13,7 +13,9 @@ trained data-parallel by all the processes (`dbcore.runs.data_parallel`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +32,7 @@ from dbcore.method.flops import Ledger
 from dbcore.models.layers import checkpoint_layers
 from dbcore.recipes import for_config
 from dbcore.recipes.base import Recipe
-from dbcore.runs import data_parallel, mirror, rundir
+from dbcore.runs import checkpoint, data_parallel, mirror, rundir
 from dbcore.runs.chain import chain_states_for
 from dbcore.runs.data_parallel import ONE, World
 from dbcore.runs.frozen_module import stream_windows, training_store
@@ -165,7 +167,20 @@ def compute_ledger(recipe: Recipe, batch_size: int, frozen: Frozen) -> tuple[Led
 # ----------------------------------------------------------------------------- a whole run
 
 
-@mirror.mirrored("run")
+def _objects_needed(arguments: dict[str, Any]) -> Callable[[str], bool] | None:
+    """Of an s3:// run, what training one model alone needs: every checkpoint's JSON (which says
+    what is finished), and only its own checkpoint's tensors; None (everything) otherwise."""
+    cfg, block = arguments["cfg"], arguments["block"]
+    if arguments["e2e"]:
+        name = "e2e"
+    elif block is not None and cfg.train.mode != "sequential":
+        name = rundir.block_name(block)
+    else:
+        return None
+    return lambda rel: not rel.endswith(checkpoint.TENSORS) or rel == name + checkpoint.TENSORS
+
+
+@mirror.mirrored("run", needs=_objects_needed)
 def train_run(cfg: Config, store_path: store.Store | Location, run: Path, block: int | None = None,
               e2e: bool = False, activation_checkpointing: bool = False, progress: bool = True,
               paper_shared: bool = False) -> list[dict]:

@@ -20,6 +20,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gather;
 use crate::location::Location;
+use crate::remote::CachedStorage;
 
 /// How the chunks of a new array are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +71,10 @@ pub struct ArrayHandle {
     index_bytes: u64,
     /// Set when chunks hold raw rows that reads may take straight from the files.
     pub(super) raw: Option<Raw>,
+    /// Set when the store is remote and read through the disk cache.
+    cached: Option<CachedStorage>,
+    /// Rows per object (a shard, or a chunk when unsharded).
+    object_rows: u64,
 }
 
 impl ArrayHandle {
@@ -78,6 +83,7 @@ impl ArrayHandle {
         array: Array<Storage>,
         location: &Location,
         storage: &ReadableWritableListableStorage,
+        cached: Option<&CachedStorage>,
     ) -> Result<Self> {
         let p = location;
         let dtype_name = match array.metadata() {
@@ -149,7 +155,7 @@ impl ArrayHandle {
                 .unwrap_or(u64::MAX),
             _ => 0,
         };
-        let raw = Raw::new(location, &array, unit);
+        let raw = Raw::new(location, cached, &array, unit);
         Ok(ArrayHandle {
             name: name.to_string(),
             root: location.to_string(),
@@ -160,8 +166,29 @@ impl ArrayHandle {
             shard_cache,
             index_bytes,
             raw,
+            cached: cached.cloned(),
+            object_rows: chunk[0].get(),
             array,
         })
+    }
+
+    /// Start downloading the objects (shards or chunks) that hold `rows` into the disk cache, when
+    /// the store is remote; returns at once.
+    pub fn prefetch_rows(&self, rows: impl IntoIterator<Item = u64>) {
+        let Some(cached) = &self.cached else {
+            return;
+        };
+        let per = self.object_rows.max(1);
+        let objects: std::collections::BTreeSet<u64> = rows.into_iter().map(|r| r / per).collect();
+        let mut idx = vec![0u64; self.array.dimensionality()];
+        let keys: Vec<String> = objects
+            .into_iter()
+            .map(|o| {
+                idx[0] = o;
+                self.array.chunk_key(&idx).to_string()
+            })
+            .collect();
+        cached.prefetch(keys.iter().map(String::as_str));
     }
 
     /// True when reads take rows straight from uncompressed chunks.
@@ -570,7 +597,10 @@ impl ArrayHandle {
                 scatter.len
             ))));
         }
-        if let Some(&bad) = starts.iter().find(|&&s| s.saturating_add(len) > self.rows()) {
+        if let Some(&bad) = starts
+            .iter()
+            .find(|&&s| s.saturating_add(len) > self.rows())
+        {
             return Err(Error::Index(self.ctx(format!(
                 "window {bad}..{} out of range for {} rows",
                 bad.saturating_add(len),
@@ -580,7 +610,8 @@ impl ArrayHandle {
         let mut order: Vec<(u64, usize)> = starts.iter().copied().zip(0..).collect();
         order.sort_unstable();
         let unit = self.unit_rows.max(1);
-        let groups: Vec<&[(u64, usize)]> = order.chunk_by(|a, b| a.0 / unit == b.0 / unit).collect();
+        let groups: Vec<&[(u64, usize)]> =
+            order.chunk_by(|a, b| a.0 / unit == b.0 / unit).collect();
         groups.par_iter().try_for_each(|g| {
             let (lo, hi) = (g[0].0, g[g.len() - 1].0 + len);
             let mut bytes = vec![0u8; (hi - lo) as usize * rb];

@@ -29,6 +29,7 @@ use zarrs::storage::{ReadableWritableListableStorage, ReadableWritableListableSt
 
 use crate::error::{Error, Result};
 use crate::location::Location;
+use crate::remote::CachedStorage;
 use names::{check_extra, check_name, exists_err, io_err, key, prefix};
 
 pub use array::{ArrayHandle, ArraySpec, Compression};
@@ -47,6 +48,8 @@ pub const META_KEY: &str = "dbcore";
 pub struct Store {
     location: Location,
     storage: ReadableWritableListableStorage,
+    /// Set when a remote store is read through the local disk cache.
+    cached: Option<CachedStorage>,
     attrs: RwLock<Map<String, Value>>,
     arrays: RwLock<HashMap<String, Arc<ArrayHandle>>>,
 }
@@ -73,6 +76,7 @@ impl Store {
             array,
             &self.location,
             &self.storage,
+            self.cached.as_ref(),
         )?);
         self.arrays
             .write()
@@ -136,6 +140,7 @@ impl Store {
         let store = Store {
             location,
             storage,
+            cached: None,
             attrs: RwLock::new(attrs),
             arrays: RwLock::new(HashMap::new()),
         };
@@ -166,7 +171,12 @@ impl Store {
                 )));
             }
         }
-        let storage = location.storage()?;
+        // A finalized store no longer changes: a remote one is read through the disk cache.
+        let (storage, cached) = if require_complete {
+            location.read_storage()?
+        } else {
+            (location.storage()?, None)
+        };
         if !has_group(&location, &storage)? {
             return Err(Error::NotFound(format!(
                 "{location}: not a Zarr group (no zarr.json)"
@@ -178,6 +188,7 @@ impl Store {
         let store = Store {
             location,
             storage,
+            cached,
             attrs: RwLock::new(group.attributes().clone()),
             arrays: RwLock::new(HashMap::new()),
         };
@@ -213,7 +224,8 @@ impl Store {
         if meta.get("complete").and_then(Value::as_bool) != Some(true) {
             return Err(Error::Incomplete(format!(
                 "{p}: incomplete store: it was never finalized (its writer crashed, was \
-                 interrupted or is still running); rewrite it, or pass require_complete=False"
+                 interrupted or is still running); run the command that wrote it again to resume \
+                 it"
             )));
         }
         let recorded = meta

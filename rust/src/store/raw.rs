@@ -1,4 +1,5 @@
-//! Direct reads of uncompressed arrays in a local folder.
+//! Direct reads of uncompressed arrays in a local folder, or in the local disk cache of a remote
+//! store (each chunk or shard file downloaded whole before its first read).
 //!
 //! Reads of an uncompressed array whose rows lie contiguously in its chunks (every dbcore array:
 //! chunks span all axes but the first) skip the codec pipeline: each row is read from its chunk
@@ -22,24 +23,49 @@ use super::Storage;
 use crate::error::{Error, Result};
 use crate::gather;
 use crate::location::Location;
+use crate::remote::cached::{evicted, EVICTED_RETRIES};
+use crate::remote::CachedStorage;
 
 /// Direct access to the rows of an uncompressed array (see the module docs).
 pub(super) struct Raw {
-    /// The store's folder (raw reads need files).
-    folder: PathBuf,
+    /// Where the chunk and shard files are: the store's folder, or the disk cache.
+    files: Files,
     /// Rows per shard (the grid's chunk) when sharded, else None.
     shard_rows: Option<u64>,
 }
 
 impl Raw {
     /// Direct access to the rows of `array` (read units of `unit_rows`) stored at `location`:
-    /// None unless the store is a local folder and `raw_layout` allows it.
-    pub(super) fn new(location: &Location, array: &Array<Storage>, unit_rows: u64) -> Option<Raw> {
-        let folder = location.local()?;
-        raw_layout(array, unit_rows).map(|shard_rows| Raw {
-            folder: folder.to_path_buf(),
-            shard_rows,
-        })
+    /// None unless the store is a local folder (or read through the disk cache) and `raw_layout`
+    /// allows it.
+    pub(super) fn new(
+        location: &Location,
+        cached: Option<&CachedStorage>,
+        array: &Array<Storage>,
+        unit_rows: u64,
+    ) -> Option<Raw> {
+        let files = match (location.local(), cached) {
+            (Some(folder), _) => Files::Folder(folder.to_path_buf()),
+            (None, Some(cached)) => Files::Cached(cached.clone()),
+            (None, None) => return None,
+        };
+        raw_layout(array, unit_rows).map(|shard_rows| Raw { files, shard_rows })
+    }
+}
+
+/// Where the files of a store are.
+enum Files {
+    Folder(PathBuf),
+    Cached(CachedStorage),
+}
+
+impl Files {
+    /// The file of `key`; None: not stored (the chunk holds the fill value).
+    fn path(&self, key: &str) -> Result<Option<PathBuf>> {
+        match self {
+            Files::Folder(folder) => Ok(Some(folder.join(key))),
+            Files::Cached(cached) => cached.file(key),
+        }
     }
 }
 
@@ -60,23 +86,16 @@ impl ArrayHandle {
         let chunk_bytes = self.unit_rows * rb;
         let mut idx = vec![0u64; self.array.dimensionality()];
         idx[0] = raw.shard_rows.map_or(unit, |s| g.lo / s);
-        let path = raw.folder.join(self.array.chunk_key(&idx).as_str());
+        let key = self.array.chunk_key(&idx);
+        let Some((path, map, file)) = self.open_file(&raw.files, key.as_str(), maps)? else {
+            return Ok(false);
+        };
         let io = |e: std::io::Error| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::Corrupt(self.ctx(format!("{}: truncated chunk", path.display())))
             } else {
                 Error::Io(self.ctx(format!("{}: {e}", path.display())))
             }
-        };
-        // The file, mapped or opened; not stored: the chunk holds the fill value.
-        let (map, file) = match maps.map(|m| m.get(&path)).transpose().map_err(io)? {
-            Some(Mapped::Missing) => return Ok(false),
-            Some(Mapped::Map(map)) => (Some(map), None),
-            Some(Mapped::Unmapped) | None => match std::fs::File::open(&path) {
-                Ok(f) => (None, Some(f)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-                Err(e) => return Err(io(e)),
-            },
         };
         let size = match (&map, &file) {
             (Some(map), _) => map.len() as u64,
@@ -142,6 +161,42 @@ impl ArrayHandle {
             }
         }
         Ok(true)
+    }
+}
+
+type Opened = (PathBuf, Option<Arc<Mmap>>, Option<std::fs::File>);
+
+impl ArrayHandle {
+    /// The chunk or shard file of `key`, mapped (through `maps`) or opened; None when it is not
+    /// stored (the chunk holds the fill value). A cached file that vanished was evicted by another
+    /// process: downloaded again, never taken for the fill value.
+    fn open_file(
+        &self,
+        files: &Files,
+        key: &str,
+        maps: Option<&FileMaps>,
+    ) -> Result<Option<Opened>> {
+        for _ in 0..EVICTED_RETRIES {
+            let Some(path) = files.path(key)? else {
+                return Ok(None);
+            };
+            let io = |e: std::io::Error| Error::Io(self.ctx(format!("{}: {e}", path.display())));
+            let found = match maps.map(|m| m.get(&path)).transpose().map_err(io)? {
+                Some(Mapped::Map(map)) => Some((Some(map), None)),
+                Some(Mapped::Missing) => None,
+                Some(Mapped::Unmapped) | None => match std::fs::File::open(&path) {
+                    Ok(f) => Some((None, Some(f))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(io(e)),
+                },
+            };
+            match (found, files) {
+                (Some((map, file)), _) => return Ok(Some((path, map, file))),
+                (None, Files::Folder(_)) => return Ok(None),
+                (None, Files::Cached(cached)) => cached.forget(key),
+            }
+        }
+        Err(evicted(&self.ctx(key)))
     }
 }
 

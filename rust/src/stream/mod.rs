@@ -240,7 +240,8 @@ impl Stream {
             }
         };
         // Bytes of one streamed sample of each array.
-        let sample_bytes = |h: &ArrayHandle| h.row_bytes() * spec.windows.map_or(1, |w| w.len as usize);
+        let sample_bytes =
+            |h: &ArrayHandle| h.row_bytes() * spec.windows.map_or(1, |w| w.len as usize);
         // An epoch's order and batches take about 32 bytes a sample, a batch its rows: refuse
         // (corrupt) shapes that memory cannot hold rather than abort on an allocation later.
         let fits = |bytes: Option<u64>| {
@@ -524,7 +525,25 @@ fn decode_batches(
     let mut open: VecDeque<(usize, usize, Batch)> = VecDeque::new();
     let mut next = 0; // the next batch to allocate
     let send = |done: Vec<Batch>| -> bool { done.into_iter().all(|b| tx.send(Ok(b)).is_ok()) };
-    for (start, end) in segments {
+    // A remote store's objects that this segment and the next need start downloading together.
+    let prefetch = |(start, end): (usize, usize)| {
+        for h in &ctx.handles {
+            match ctx.spec.windows {
+                Some(w) => h.prefetch_rows(seq[start..end].iter().flat_map(|&s| {
+                    let at = w.offset(s, epoch, ctx.spec.seed, h.rows());
+                    [at, at + w.len - 1]
+                })),
+                None => h.prefetch_rows(seq[start..end].iter().copied()),
+            }
+        }
+    };
+    if let Some(&first) = segments.first() {
+        prefetch(first);
+    }
+    for (i, &(start, end)) in segments.iter().enumerate() {
+        if let Some(&next) = segments.get(i + 1) {
+            prefetch(next);
+        }
         if stop.load(Ordering::Relaxed) {
             return;
         }

@@ -78,7 +78,10 @@ mod tests {
         let shifts: Vec<u64> = (0..n).map(|s| w.offset(s, 0, 5, rows) - s * 4).collect();
         assert!(shifts.iter().any(|&d| d > 0), "jitter moves some windows");
         let fixed = Windows { jitter: false, ..w };
-        assert_eq!((fixed.offset(2, 0, 5, rows), fixed.offset(24, 1, 5, rows)), (8, 95));
+        assert_eq!(
+            (fixed.offset(2, 0, 5, rows), fixed.offset(24, 1, 5, rows)),
+            (8, 95)
+        );
         assert!(w.count(7, "t").is_err());
     }
 }

@@ -1,0 +1,441 @@
+//! A finalized remote store read through the local disk cache: its objects listed once (sizes and
+//! ETags, no size request per read), each object downloaded whole, once, into the cache (several
+//! in flight, deduplicated among threads), and every read served from the local file.
+//!
+//! Writes, lists and erasures go to the bucket (a finalized store is rarely written; a written
+//! key is looked up again before its next read).
+
+use std::collections::{HashMap, HashSet};
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use futures::StreamExt;
+use zarrs::storage::byte_range::ByteRangeIterator;
+use zarrs::storage::{
+    Bytes, ListableStorageTraits, MaybeBytesIterator, OffsetBytesIterator, ReadableStorageTraits,
+    ReadableWritableListableStorage, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes,
+    StorePrefix, WritableStorageTraits,
+};
+use zarrs_object_store::object_store::path::Path as ObjectPath;
+use zarrs_object_store::object_store::{
+    Error as ObjectError, GetOptions, ObjectStore, ObjectStoreExt,
+};
+
+use super::client::{block_on, describe, runtime};
+use super::disk::{touch, DiskCache};
+use crate::error::{Error, Result};
+
+/// Downloads in flight at once, per store.
+pub const IN_FLIGHT: usize = 16;
+
+/// An object as listed.
+#[derive(Clone, Debug)]
+struct Listed {
+    size: u64,
+    etag: Option<String>,
+}
+
+/// A download that threads may wait for.
+#[derive(Default)]
+struct Pending {
+    done: Mutex<Option<std::result::Result<PathBuf, String>>>,
+    ready: Condvar,
+}
+
+impl Pending {
+    fn finish(&self, result: std::result::Result<PathBuf, String>) {
+        *self.done.lock().unwrap() = Some(result);
+        self.ready.notify_all();
+    }
+
+    fn wait(&self) -> std::result::Result<PathBuf, String> {
+        let mut done = self.done.lock().unwrap();
+        while done.is_none() {
+            done = self.ready.wait(done).unwrap();
+        }
+        done.clone().unwrap()
+    }
+}
+
+struct Inner {
+    url: String,
+    remote: Arc<dyn ObjectStore>,
+    folder: PathBuf,
+    disk: Arc<DiskCache>,
+    listing: RwLock<HashMap<String, Listed>>,
+    /// Keys written through this storage since the listing: looked up again before a read.
+    written: Mutex<HashSet<String>>,
+    pending: Mutex<HashMap<String, Arc<Pending>>>,
+    /// Entries this process found complete (or downloaded): not checked again until forgotten.
+    ready: Mutex<HashMap<String, PathBuf>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Objects downloaded by this process.
+    downloads: std::sync::atomic::AtomicU64,
+}
+
+/// A remote store read through the disk cache (see the module docs).
+#[derive(Clone)]
+pub struct CachedStorage {
+    inner: Arc<Inner>,
+    /// Writes, lists and erasures.
+    direct: ReadableWritableListableStorage,
+}
+
+impl CachedStorage {
+    /// List the store at `url` (one request per thousand objects) and read it through `disk`.
+    pub fn open(
+        url: &str,
+        remote: Arc<dyn ObjectStore>,
+        direct: ReadableWritableListableStorage,
+        disk: Arc<DiskCache>,
+    ) -> Result<CachedStorage> {
+        let listed = block_on(async {
+            let mut out = HashMap::new();
+            let mut items = remote.list(None);
+            while let Some(item) = items.next().await {
+                let meta = item?;
+                out.insert(
+                    meta.location.to_string(),
+                    Listed {
+                        size: meta.size,
+                        etag: meta.e_tag,
+                    },
+                );
+            }
+            Ok::<_, ObjectError>(out)
+        })
+        .map_err(|e| describe(url, &e))?;
+        Ok(CachedStorage {
+            inner: Arc::new(Inner {
+                url: url.to_string(),
+                remote,
+                folder: disk.folder(url),
+                disk,
+                listing: RwLock::new(listed),
+                written: Mutex::new(HashSet::new()),
+                pending: Mutex::new(HashMap::new()),
+                ready: Mutex::new(HashMap::new()),
+                slots: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+                downloads: Default::default(),
+            }),
+            direct,
+        })
+    }
+
+    /// Objects this storage downloaded.
+    pub fn downloads(&self) -> u64 {
+        self.inner
+            .downloads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The local file holding `key`, downloaded first if the cache lacks it; None when the store
+    /// has no such object.
+    pub fn file(&self, key: &str) -> Result<Option<PathBuf>> {
+        if let Some(path) = self.inner.ready.lock().unwrap().get(key) {
+            return Ok(Some(path.clone()));
+        }
+        let Some(listed) = self.inner.listed(key)? else {
+            return Ok(None);
+        };
+        let path = self.inner.entry(key, &listed);
+        if self.inner.holds(key, &path, &listed) {
+            return Ok(Some(path));
+        }
+        self.start(key, listed, path)
+            .wait()
+            .map(Some)
+            .map_err(Error::Io)
+    }
+
+    /// Start downloading the objects of `keys` the cache lacks (at most `IN_FLIGHT` at once);
+    /// returns at once.
+    pub fn prefetch<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        for key in keys {
+            let Ok(Some(listed)) = self.inner.listed(key) else {
+                continue;
+            };
+            if self.inner.ready.lock().unwrap().contains_key(key) {
+                continue;
+            }
+            let path = self.inner.entry(key, &listed);
+            if !self.inner.holds(key, &path, &listed) {
+                self.start(key, listed, path);
+            }
+        }
+    }
+
+    /// The download of `key` into `path`, started unless one is under way.
+    fn start(&self, key: &str, listed: Listed, path: PathBuf) -> Arc<Pending> {
+        let mut pending = self.inner.pending.lock().unwrap();
+        if let Some(p) = pending.get(key) {
+            return p.clone();
+        }
+        let p = Arc::new(Pending::default());
+        pending.insert(key.to_string(), p.clone());
+        drop(pending);
+        let (inner, key, task) = (self.inner.clone(), key.to_string(), p.clone());
+        runtime().spawn(async move {
+            let result = inner.download(&key, &listed, &path).await;
+            inner.pending.lock().unwrap().remove(&key);
+            task.finish(result.map(|()| path).map_err(|e| e.to_string()));
+        });
+        p
+    }
+
+    /// The local file of `key` opened (downloaded first if the cache lacks it); None when the
+    /// store has no such object. A file that another download evicts before it is opened is
+    /// downloaded again.
+    pub fn open_file(&self, key: &str) -> Result<Option<std::fs::File>> {
+        for _ in 0..EVICTED_RETRIES {
+            let Some(path) = self.file(key)? else {
+                return Ok(None);
+            };
+            match std::fs::File::open(&path) {
+                Ok(f) => return Ok(Some(f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.forget(key),
+                Err(e) => return Err(Error::Io(format!("{}: {e}", path.display()))),
+            }
+        }
+        Err(evicted(&format!("{}/{key}", self.inner.url)))
+    }
+
+    /// The local file of `key` vanished (evicted by another process): check it again next time.
+    pub fn forget(&self, key: &str) {
+        self.inner.ready.lock().unwrap().remove(key);
+    }
+
+    fn storage_err(e: Error) -> StorageError {
+        StorageError::Other(e.to_string())
+    }
+
+    fn written(&self, key: &str) {
+        self.forget(key);
+        self.inner.listing.write().unwrap().remove(key);
+        self.inner.written.lock().unwrap().insert(key.to_string());
+    }
+}
+
+impl Inner {
+    /// The object's size and ETag: from the listing, or looked up when written since.
+    fn listed(&self, key: &str) -> Result<Option<Listed>> {
+        if let Some(l) = self.listing.read().unwrap().get(key) {
+            return Ok(Some(l.clone()));
+        }
+        if !self.written.lock().unwrap().contains(key) {
+            return Ok(None);
+        }
+        let head = block_on(self.remote.head(&ObjectPath::from(key)));
+        let listed = match head {
+            Ok(meta) => Listed {
+                size: meta.size,
+                etag: meta.e_tag,
+            },
+            Err(ObjectError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(describe(&format!("{}/{key}", self.url), &e)),
+        };
+        self.written.lock().unwrap().remove(key);
+        self.listing
+            .write()
+            .unwrap()
+            .insert(key.to_string(), listed.clone());
+        Ok(Some(listed))
+    }
+
+    /// The cache entry of `key` as listed: `KEY#ETAG` (or `KEY#SIZE` without an ETag).
+    fn entry(&self, key: &str, listed: &Listed) -> PathBuf {
+        let tag: String = match &listed.etag {
+            Some(e) => e
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect(),
+            None => format!("size{}", listed.size),
+        };
+        self.folder.join(format!("{key}#{tag}"))
+    }
+
+    /// Whether the cache holds `path` complete (then marked used, and ready for this process).
+    fn holds(&self, key: &str, path: &PathBuf, listed: &Listed) -> bool {
+        let ok = std::fs::metadata(path).is_ok_and(|m| m.len() == listed.size);
+        if ok {
+            touch(path);
+            self.ready
+                .lock()
+                .unwrap()
+                .insert(key.to_string(), path.clone());
+        }
+        ok
+    }
+
+    /// Download `key` whole into `path` (through a `.part` file, renamed when complete).
+    async fn download(&self, key: &str, listed: &Listed, path: &PathBuf) -> Result<()> {
+        let _slot = self.slots.acquire().await.expect("semaphore open");
+        let url = format!("{}/{key}", self.url);
+        let io = |e: std::io::Error| Error::Io(format!("{url}: cache {}: {e}", path.display()));
+        self.disk.make_room(listed.size, None)?;
+        let parent = path.parent().expect("an entry has a folder");
+        std::fs::create_dir_all(parent).map_err(io)?;
+        let name = path.file_name().unwrap().to_string_lossy();
+        let part = parent.join(format!(
+            ".{name}.{}.{:?}.part",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let options = GetOptions {
+            if_match: listed.etag.clone(),
+            ..Default::default()
+        };
+        let got = self.remote.get_opts(&ObjectPath::from(key), options).await;
+        let got = match got {
+            Ok(g) => g,
+            Err(ObjectError::Precondition { .. }) => return Err(changed(&url)),
+            Err(e) => return Err(describe(&url, &e)),
+        };
+        let mut file = std::fs::File::create(&part).map_err(io)?;
+        let mut body = got.into_stream();
+        let mut bytes = 0u64;
+        let written = async {
+            while let Some(piece) = body.next().await {
+                let piece = piece.map_err(|e| describe(&url, &e))?;
+                bytes += piece.len() as u64;
+                file.write_all(&piece).map_err(io)?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        let done = written.and_then(|()| {
+            if bytes != listed.size {
+                return Err(changed(&url));
+            }
+            std::fs::rename(&part, path).map_err(io)
+        });
+        if done.is_err() {
+            let _ = std::fs::remove_file(&part);
+            return done;
+        }
+        self.downloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ready
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), path.clone());
+        // Downloads in flight together may overshoot the limit: trim back, keeping this one.
+        self.disk.make_room(0, Some(path))
+    }
+}
+
+/// Downloads of a file that other downloads evict before it is opened, before giving up.
+pub const EVICTED_RETRIES: usize = 3;
+
+/// The error when a file keeps being evicted before it is read.
+pub fn evicted(what: &str) -> Error {
+    Error::Io(format!(
+        "{what}: evicted from the disk cache while in use, {EVICTED_RETRIES} times; raise \
+         DBCORE_CACHE_LIMIT"
+    ))
+}
+
+fn changed(url: &str) -> Error {
+    Error::Io(format!(
+        "{url}: the object changed while the store was read (another writer?); open the store again"
+    ))
+}
+
+impl ReadableStorageTraits for CachedStorage {
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> std::result::Result<MaybeBytesIterator<'a>, StorageError> {
+        let Some(file) = self.open_file(key.as_str()).map_err(Self::storage_err)? else {
+            return Ok(None);
+        };
+        let size = file.metadata()?.len();
+        let mut out = Vec::new();
+        for range in byte_ranges {
+            let r = range.to_range(size);
+            if r.end > size || r.start > r.end {
+                return Err(StorageError::Other(format!(
+                    "{}/{key}: bytes {r:?} are past its end ({size})",
+                    self.inner.url
+                )));
+            }
+            let mut buf = vec![0u8; (r.end - r.start) as usize];
+            file.read_exact_at(&mut buf, r.start)?;
+            out.push(Ok(Bytes::from(buf)));
+        }
+        Ok(Some(Box::new(out.into_iter())))
+    }
+
+    fn size_key(&self, key: &StoreKey) -> std::result::Result<Option<u64>, StorageError> {
+        Ok(self
+            .inner
+            .listed(key.as_str())
+            .map_err(Self::storage_err)?
+            .map(|l| l.size))
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        true
+    }
+}
+
+impl WritableStorageTraits for CachedStorage {
+    fn set(&self, key: &StoreKey, value: Bytes) -> std::result::Result<(), StorageError> {
+        self.written(key.as_str());
+        self.direct.set(key, value)
+    }
+
+    fn set_partial_many(
+        &self,
+        key: &StoreKey,
+        offset_values: OffsetBytesIterator,
+    ) -> std::result::Result<(), StorageError> {
+        self.written(key.as_str());
+        self.direct.set_partial_many(key, offset_values)
+    }
+
+    fn erase(&self, key: &StoreKey) -> std::result::Result<(), StorageError> {
+        self.written(key.as_str());
+        self.direct.erase(key)
+    }
+
+    fn erase_prefix(&self, prefix: &StorePrefix) -> std::result::Result<(), StorageError> {
+        let keys: Vec<String> = (self.inner.listing.read().unwrap().keys())
+            .filter(|k| k.starts_with(prefix.as_str()))
+            .cloned()
+            .collect();
+        for k in keys {
+            self.written(&k);
+        }
+        self.direct.erase_prefix(prefix)
+    }
+
+    fn supports_set_partial(&self) -> bool {
+        self.direct.supports_set_partial()
+    }
+}
+
+impl ListableStorageTraits for CachedStorage {
+    fn list(&self) -> std::result::Result<StoreKeys, StorageError> {
+        self.direct.list()
+    }
+
+    fn list_prefix(&self, prefix: &StorePrefix) -> std::result::Result<StoreKeys, StorageError> {
+        self.direct.list_prefix(prefix)
+    }
+
+    fn list_dir(
+        &self,
+        prefix: &StorePrefix,
+    ) -> std::result::Result<StoreKeysPrefixes, StorageError> {
+        self.direct.list_dir(prefix)
+    }
+
+    fn size_prefix(&self, prefix: &StorePrefix) -> std::result::Result<u64, StorageError> {
+        self.direct.size_prefix(prefix)
+    }
+}
