@@ -9,11 +9,12 @@ request, counting requests by method. On it, a 256 MiB float16 store in the defa
 - the same epoch of the same store on local disk (a new process, page cache warm);
 - epoch 1 with the disk cache off (`DBCORE_CACHE_LIMIT=0`: ranged reads, the earlier path).
 
-Each epoch is checked to be a permutation of the rows. Targets: epoch 1 <= 2x the download with at
-most objects + bytes / 4 MiB requests; epoch 2 <= 2x the local epoch. Writes
-benches/results/s3_stream.json.
+Each epoch is checked to be a permutation of the rows. Every measurement but the last is repeated
+`--repeats` times (epoch 1 into an empty cache each time) and its median compared. Targets: epoch 1
+<= 2x the download with at most objects + bytes / 4 MiB requests; epoch 2 <= 2x the local epoch.
+Writes benches/results/s3_stream.json.
 
-    python benches/bench_s3.py [--mib 256] [--delay 0.02] [--out PATH] [--workdir DIR]
+    python benches/bench_s3.py [--mib 256] [--delay 0.02] [--repeats 3] [--out PATH] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--delay", type=float, default=0.02)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results" / "s3_stream.json")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dbcore_bench_s3"))
     args = ap.parse_args()
@@ -108,25 +110,43 @@ def main() -> None:
             return len(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
         get(keys[0])  # a warm connection pool, as the stream's
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(16) as pool:
-            assert sum(pool.map(get, keys)) == nbytes
-        download = time.perf_counter() - t0
+        downloads = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(16) as pool:
+                assert sum(pool.map(get, keys)) == nbytes
+            downloads.append(time.perf_counter() - t0)
+        download = float(np.median(downloads))
+
+        def measure(where: str, extra: dict[str, str], repeats: int, fresh: bool) -> dict:
+            """The median of `repeats` epochs, each in a new process (`fresh`: an empty cache each)."""
+            runs = []
+            for i in range(repeats):
+                counts(endpoint, reset=True)
+                cache = {"DBCORE_CACHE_DIR": str(args.workdir / f"cache{i}")} if fresh else {}
+                r = epoch(where, {**env, **extra, **cache})
+                r["requests"] = counts(endpoint)
+                r["num_requests"] = sum(r["requests"].values())
+                runs.append(r)
+            median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+            return {**median, "all_seconds": [round(r["seconds"], 4) for r in runs],
+                    "permutation": all(r["permutation"] for r in runs)}
 
         results = {}
-        for name, where, extra in [("epoch1_s3", url, {}), ("epoch2_s3_new_process", url, {}),
-                                   ("epoch_local", str(local), {}),
-                                   ("epoch1_s3_cache_off", url, {"DBCORE_CACHE_LIMIT": "0"})]:
-            counts(endpoint, reset=True)
-            r = epoch(where, {**env, **extra})
-            r["requests"] = counts(endpoint)
-            r["num_requests"] = sum(r["requests"].values())
-            results[name] = r
-            print(name, json.dumps(r))
+        for name, where, extra, repeats, fresh in [
+                ("epoch1_s3", url, {}, args.repeats, True),
+                ("epoch2_s3_new_process", url, {}, args.repeats, False),  # the last epoch 1's cache
+                ("epoch_local", str(local), {}, args.repeats, False),
+                ("epoch1_s3_cache_off", url, {"DBCORE_CACHE_LIMIT": "0"}, 1, False)]:
+            if name == "epoch2_s3_new_process":
+                env["DBCORE_CACHE_DIR"] = str(args.workdir / f"cache{args.repeats - 1}")
+            results[name] = measure(where, extra, repeats, fresh)
+            print(name, json.dumps(results[name]))
         budget = len(keys) + nbytes / (4 << 20)
         e1, e2, loc = results["epoch1_s3"], results["epoch2_s3_new_process"], results["epoch_local"]
         summary = {
             "download_all_objects_s": round(download, 3),
+            "download_all_seconds": [round(d, 4) for d in downloads],
             "epoch1_over_download": round(e1["seconds"] / download, 2),
             "epoch1_requests": e1["num_requests"], "request_budget": int(budget),
             "epoch2_over_local": round(e2["seconds"] / loc["seconds"], 2),
@@ -140,6 +160,7 @@ def main() -> None:
         report = {"bench": "s3_stream", "machine": platform.platform(), "cpus": os.cpu_count(),
                   "setup": {"MiB": args.mib, "rows": rows, "row_bytes": 2 * ROW, "batch_size": BATCH,
                             "delay_s": args.delay, "objects": len(keys), "bytes": nbytes,
+                            "repeats": args.repeats,
                             "shuffle": "chunks (the default)"},
                   "summary": summary, "runs": results}
         print(json.dumps(summary, indent=1))

@@ -111,6 +111,27 @@ def test_the_least_recently_used_objects_are_evicted_under_the_limit(server, tmp
         store.configure_cache(reset=True)
 
 
+def test_a_store_larger_than_the_cache_is_read_in_shard_order_once_an_epoch(server, tmp_path):
+    url = f"s3://{BUCKET}/larger.zarr"
+    arrays = _write(url, rows=1024)
+    objects = _objects("larger.zarr")
+    store.configure_cache(tmp_path / "cache", 100_000)  # under the store's ~140 KB
+    try:
+        for epoch in (0, 1):
+            server.reset()
+            st = BatchStream(url, ["x", "labels"], batch_size=64, seed=3, epoch=epoch, threads=2)
+            batches = list(st)
+            index = np.concatenate([b[INDEX] for b in batches])
+            assert sorted(index) == list(range(1024))  # still a permutation
+            np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), arrays["x"][index])
+            # shards in a shuffled order, rows shuffled within a window of shards
+            shard = index // 128
+            assert (np.diff(shard) != 0).sum() < 16 and not np.array_equal(index, np.sort(index))
+            assert server.counts().get("GET", 0) <= objects, server.counts()  # each object once
+    finally:
+        store.configure_cache(reset=True)
+
+
 def test_with_the_cache_off_reads_go_to_the_bucket(server, tmp_path):
     url = f"s3://{BUCKET}/direct.zarr"
     arrays = _write(url)

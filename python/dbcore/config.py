@@ -53,6 +53,8 @@ class TrainConfig:
     # slices of the batch, dividing a recomputed layer's working set by about as many (layers.checkpointed)
     shuffle_window_mb: float = 0.0  # the stream's shuffle window in MiB of decoded rows (whole
     # chunks, at least one batch); 0: at least 4 chunks and 4096 rows, at most 128 MiB (data.stream)
+    cache_limit_gb: float = -1.0  # s3:// stores: the local disk cache's limit in GiB (0: no cache);
+    # -1: DBCORE_CACHE_LIMIT, else 32 GiB (data.store.configure_cache)
     compile: bool = False  # torch.compile the model (nn.Module.compile: parameter names unchanged)
     ray_cpus: float = 1.0  # `--ray`: CPUs each block's worker asks for
     ray_gpus: float = 0.0  # `--ray`: GPUs each block's worker asks for
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_chunks must be >= 1, got {self.checkpoint_chunks}")
         if self.shuffle_window_mb < 0:
             raise ValueError(f"shuffle_window_mb must be >= 0, got {self.shuffle_window_mb}")
+        if self.cache_limit_gb < 0 and self.cache_limit_gb != -1:
+            raise ValueError(f"cache_limit_gb must be >= 0 (or -1: the environment's), got {self.cache_limit_gb}")
         if min(self.ray_cpus, self.ray_gpus, self.ray_memory_gb) < 0:
             raise ValueError("ray_cpus, ray_gpus and ray_memory_gb must be >= 0")
         if self.ray_workers < 1:

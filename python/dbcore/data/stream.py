@@ -16,6 +16,14 @@ or above the memory available); `plan` reports the window in use. `shuffle="exac
 uniform permutation of all samples (each batch then decodes from everywhere: slower on big
 stores); `shuffle=False` reads in order.
 
+Remote stores (`s3://`) are read through the local disk cache (`store.configure_cache`): each
+object downloaded whole, once, the objects of the next window prefetched while this one is read.
+When the cache cannot hold the streamed arrays, the default order becomes shard-aware: the chunk
+is the object (a shard) of the largest array and a window holds at most a third of the cache's
+limit (and 128 MiB of rows), so each object is downloaded once an epoch; still a permutation of
+the samples each epoch, a pure function of (seed, epoch). `shuffle="exact"` stays available (with
+a cache that is too small it downloads objects again and again).
+
 Sharding: global batches of `batch_size * world_size`, rank r takes slice r of each; the final
 partial global batch is dropped (`drop_last`) or split into near-equal parts, so ranks never
 repeat or miss a sample (use `drop_last=True` under DDP, so every rank has as many batches).

@@ -190,6 +190,8 @@ def train_run(cfg: Config, store_path: store.Store | Location, run: Path, block:
     calls this and each block, or the baseline, trains data-parallel over them."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.cache_limit_gb >= 0:  # before the store is opened
+        store.configure_cache(limit=int(cfg.train.cache_limit_gb * 2**30))
     world = data_parallel.world(cfg.train.device)
     try:
         results = _train_run(cfg, store_path, run, block, e2e, activation_checkpointing, progress,

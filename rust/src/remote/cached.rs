@@ -125,6 +125,21 @@ impl CachedStorage {
         })
     }
 
+    /// The disk cache's limit in bytes.
+    pub fn limit(&self) -> u64 {
+        self.inner.disk.settings.limit
+    }
+
+    /// Bytes of the store's objects under `prefix` (an array's folder), as listed.
+    pub fn stored_bytes(&self, prefix: &str) -> u64 {
+        let listing = self.inner.listing.read().unwrap();
+        listing
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, l)| l.size)
+            .sum()
+    }
+
     /// Objects this storage downloaded.
     pub fn downloads(&self) -> u64 {
         self.inner

@@ -1,7 +1,8 @@
 //! The S3 client of a bucket (settings from the AWS environment variables), the process's Tokio
 //! runtime that drives it, and object-store failures as one line naming the URL and what to set.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use zarrs_object_store::object_store::aws::{AmazonS3Builder, S3ConditionalPut};
@@ -26,7 +27,24 @@ pub fn endpoint() -> Option<String> {
 
 /// The client of `bucket`: credentials, region and endpoint as the AWS tools read them (plain
 /// `http://` endpoints allowed, for local S3 servers), conditional puts (`If-None-Match: *`) on.
+/// One per bucket and settings in a process, so that its connections are reused.
 pub fn s3_client(bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>> {
+    static CLIENTS: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
+    let mut settings: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .collect();
+    settings.sort();
+    let id = format!("{bucket}\n{settings:?}");
+    let clients = CLIENTS.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(client) = clients.lock().unwrap().get(&id) {
+        return Ok(client.clone());
+    }
+    let client = build_client(bucket, url)?;
+    clients.lock().unwrap().insert(id, client.clone());
+    Ok(client)
+}
+
+fn build_client(bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>> {
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .with_conditional_put(S3ConditionalPut::ETagMatch)

@@ -172,6 +172,21 @@ impl ArrayHandle {
         })
     }
 
+    /// Rows per object (a shard, or a chunk when unsharded).
+    pub fn object_rows(&self) -> u64 {
+        self.object_rows
+    }
+
+    /// For a remote store read through the disk cache: the array's stored bytes and the cache's
+    /// limit.
+    pub fn cache_fit(&self) -> Option<(u64, u64)> {
+        let cached = self.cached.as_ref()?;
+        Some((
+            cached.stored_bytes(&format!("{}/", self.name)),
+            cached.limit(),
+        ))
+    }
+
     /// Start downloading the objects (shards or chunks) that hold `rows` into the disk cache, when
     /// the store is remote; returns at once.
     pub fn prefetch_rows(&self, rows: impl IntoIterator<Item = u64>) {

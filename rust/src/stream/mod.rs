@@ -77,6 +77,33 @@ fn window_of_bytes(
     Ok(rows / chunk_rows)
 }
 
+/// For a remote store whose streamed arrays the disk cache cannot hold: the shard-aware order's
+/// unit (the largest array's object rows: its shards) and window (in objects: at most a third of
+/// the cache's limit, so that a window and the next one, prefetched, stay cached, and at most
+/// `WINDOW_MAX_BYTES` of rows in memory). Each object is then downloaded once an epoch.
+fn remote_unit(handles: &[Arc<ArrayHandle>], largest: &ArrayHandle) -> Option<(u64, u64)> {
+    let mut stored = 0u64;
+    let mut limit = 0u64;
+    for h in handles {
+        let (bytes, l) = h.cache_fit()?;
+        stored += bytes;
+        limit = l;
+    }
+    if stored <= limit {
+        return None;
+    }
+    let rows = largest.object_rows().max(1);
+    let object_bytes = (stored / largest.rows().div_ceil(rows).max(1)).max(1);
+    let row_bytes: u64 = handles
+        .iter()
+        .map(|h| h.row_bytes() as u64)
+        .sum::<u64>()
+        .max(1);
+    let by_cache = limit / 3 / object_bytes;
+    let by_memory = WINDOW_MAX_BYTES / (rows * row_bytes).max(1);
+    Some((rows, by_cache.min(by_memory).max(1)))
+}
+
 /// Tests only: the decode thread of this epoch panics.
 #[cfg(test)]
 const PANICKING_EPOCH: u64 = u64::MAX - 1;
@@ -270,16 +297,20 @@ impl Stream {
             )));
         }
         // Default shuffle unit: the read unit of the array with the largest rows (it dominates I/O),
-        // in samples (windows start every `stride` rows).
+        // in samples (windows start every `stride` rows); for a remote store that the disk cache
+        // cannot hold, its objects (`remote_unit`).
+        let largest = handles
+            .iter()
+            .max_by_key(|h| h.row_bytes())
+            .expect("arrays");
+        let shard_window = match (spec.chunk_rows, spec.mode, spec.windows) {
+            (None, Mode::Chunks, None) => remote_unit(&handles, largest),
+            _ => None,
+        };
         let chunk_rows = spec
             .chunk_rows
-            .unwrap_or_else(|| {
-                let unit = handles
-                    .iter()
-                    .max_by_key(|h| h.row_bytes())
-                    .map_or(1, |h| h.unit_rows());
-                unit / spec.windows.map_or(1, |w| w.stride)
-            })
+            .or(shard_window.map(|(rows, _)| rows))
+            .unwrap_or_else(|| largest.unit_rows() / spec.windows.map_or(1, |w| w.stride))
             .max(1);
         let row_bytes: u64 = handles
             .iter()
@@ -288,6 +319,7 @@ impl Stream {
             .max(1);
         let window_chunks = match (spec.window_chunks, spec.window_bytes) {
             (Some(w), _) => w,
+            (None, None) if shard_window.is_some() => shard_window.unwrap().1,
             (None, Some(bytes)) => window_of_bytes(bytes, row_bytes, chunk_rows, &spec, &p)?,
             (None, None) => {
                 let want = (WINDOW_MIN_CHUNKS * chunk_rows).max(WINDOW_MIN_ROWS);

@@ -7,6 +7,8 @@
 //!   windows of `window_chunks` consecutive shuffled chunks, and the samples of each window are
 //!   shuffled among themselves. A batch therefore mixes samples of a whole window (every one of
 //!   its chunks), and each chunk is decoded once per window and rank.
+//!   For a remote store that the disk cache cannot hold, the stream takes whole objects (shards) as
+//!   the chunks (`stream::remote_unit`): the shard-aware order.
 //! - `Exact`: one uniform permutation of all n samples (every segment then touches every chunk).
 //! - `Sequential`: 0..n.
 //!
