@@ -200,3 +200,13 @@ def test_bucket_failures_are_one_line(server, monkeypatch):
     with pytest.raises(store.StoreError) as e:
         store.open(f"s3://{BUCKET}/x.zarr")
     assert "no S3 credentials" in str(e.value) and "AWS_ACCESS_KEY_ID" in str(e.value), e.value
+
+
+def test_source_and_run_failures_share_the_wording(server, monkeypatch):
+    from dbcore.data.location import glob_files
+    from dbcore.errors import SourceError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(SourceError) as e:
+        glob_files(f"s3://{BUCKET}/corpus/*.txt")
+    assert "does not answer" in str(e.value) and "AWS_ENDPOINT_URL" in str(e.value), e.value

@@ -82,7 +82,8 @@ class TrainConfig:
         if self.shuffle_window_mb < 0:
             raise ValueError(f"shuffle_window_mb must be >= 0, got {self.shuffle_window_mb}")
         if self.cache_limit_gb < 0 and self.cache_limit_gb != -1:
-            raise ValueError(f"cache_limit_gb must be >= 0 (or -1: the environment's), got {self.cache_limit_gb}")
+            raise ValueError(f"cache_limit_gb must be >= 0 (or -1: the environment's), "
+                             f"got {self.cache_limit_gb}")
         if min(self.ray_cpus, self.ray_gpus, self.ray_memory_gb) < 0:
             raise ValueError("ray_cpus, ray_gpus and ray_memory_gb must be >= 0")
         if self.ray_workers < 1:

@@ -38,6 +38,26 @@ def s3_filesystem(error: type[Exception], what: str) -> Any:
     return s3fs.S3FileSystem(default_cache_type="none", use_listings_cache=False)
 
 
+def s3_reason(exc: BaseException) -> str:
+    """Why a request to a bucket failed, in one line that says what to set (the wording of the Rust
+    store's errors, `rust/src/remote/client.rs`)."""
+    text = f"{type(exc).__name__}: {exc}"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    at = f"endpoint {endpoint}" if endpoint else "AWS"
+    if "NoCredentials" in text or "Unable to locate credentials" in text:
+        return ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                "AWS_ENDPOINT_URL for a server other than AWS)")
+    if "NoSuchBucket" in text or "bucket does not exist" in text:
+        return f"the bucket does not exist at {at}"
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return (f"access denied by {at}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and their "
+                "permissions on the bucket")
+    if any(s in text for s in ("EndpointConnectionError", "Could not connect", "ConnectTimeout",
+                               "Connection refused")):
+        return f"{at} does not answer: check AWS_ENDPOINT_URL and the network"
+    return str(getattr(exc, "strerror", None) or exc).splitlines()[0]
+
+
 def glob_files(pattern: str) -> list[str]:
     """The files (not folders) a glob matches, local or at an `s3://` URL, sorted; a listing that
     fails is a SourceError."""
@@ -47,7 +67,7 @@ def glob_files(pattern: str) -> list[str]:
     try:
         return sorted(f"s3://{p}" for p in fs.glob(pattern) if not fs.isdir(p))
     except Exception as exc:  # botocore and s3fs raise many types; the message says which
-        raise SourceError(f"{pattern}: cannot list ({exc})") from None
+        raise SourceError(f"{pattern}: cannot list ({s3_reason(exc)})") from None
 
 
 def open_file(path: str) -> IO[bytes]:
@@ -57,4 +77,4 @@ def open_file(path: str) -> IO[bytes]:
             return s3_filesystem(SourceError, "sources").open(path, "rb", block_size=S3_READ_BYTES)
         return open(path, "rb")
     except Exception as exc:  # OSError, or s3fs/botocore's own types
-        raise SourceError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+        raise SourceError(f"{path}: cannot read ({s3_reason(exc)})") from None

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dbcore.data.location import is_url, s3_filesystem
+from dbcore.data.location import is_url, s3_filesystem, s3_reason
 from dbcore.errors import RunError
 
 METRICS = "metrics.jsonl"  # a run's metrics; in the bucket, one object per model:
@@ -67,8 +67,8 @@ class Mirror:
         self.local.mkdir(parents=True, exist_ok=True)
         try:
             objects = self.fs.find(self.key, detail=True)
-        except OSError as exc:
-            raise _error(f"{self.url}: cannot list the run ({exc})") from None
+        except Exception as exc:  # OSError, or s3fs/botocore's own types
+            raise _error(f"{self.url}: cannot list the run ({s3_reason(exc)})") from None
         metrics = []
         for key, info in sorted(objects.items()):
             rel = key[len(self.key) + 1:]
@@ -82,7 +82,7 @@ class Mirror:
                 else:
                     self._download(key, self.local / rel, info)
             except OSError as exc:
-                raise _error(f"{self.url}: could not download {rel} ({exc})") from None
+                raise _error(f"{self.url}: could not download {rel} ({s3_reason(exc)})") from None
         _replace(_metrics(self.local), b"".join(metrics))
 
     def _download(self, key: str, path: Path, info: dict) -> None:
@@ -110,13 +110,13 @@ class Mirror:
         try:
             self.fs.pipe_file(f"{self.key}/{METRICS_PREFIX}{name}.jsonl", "".join(lines).encode())
         except OSError as exc:
-            raise _error(f"{self.url}: could not upload the metrics of {name} ({exc})") from None
+            raise _error(f"{self.url}: could not upload the metrics of {name} ({s3_reason(exc)})") from None
 
     def _put(self, path: Path, rel: str) -> None:
         try:
             self.fs.put_file(str(path), f"{self.key}/{rel}")
         except OSError as exc:
-            raise _error(f"{self.url}: could not upload {rel} ({exc}); the local copy is in "
+            raise _error(f"{self.url}: could not upload {rel} ({s3_reason(exc)}); the local copy is in "
                          f"{self.local}") from None
 
 

@@ -194,12 +194,17 @@ impl ArrayHandle {
             return;
         };
         let per = self.object_rows.max(1);
-        let objects: std::collections::BTreeSet<u64> = rows.into_iter().map(|r| r / per).collect();
+        let mut wanted = vec![false; self.rows().div_ceil(per) as usize];
+        for r in rows {
+            if let Some(w) = wanted.get_mut((r / per) as usize) {
+                *w = true;
+            }
+        }
         let mut idx = vec![0u64; self.array.dimensionality()];
-        let keys: Vec<String> = objects
-            .into_iter()
-            .map(|o| {
-                idx[0] = o;
+        let keys: Vec<String> = (wanted.iter().enumerate())
+            .filter(|(_, &w)| w)
+            .map(|(o, _)| {
+                idx[0] = o as u64;
                 self.array.chunk_key(&idx).to_string()
             })
             .collect();
