@@ -35,7 +35,11 @@ def s3_filesystem(error: type[Exception], what: str) -> Any:
         import s3fs
     except ImportError:
         raise error(f"s3:// {what} need s3fs, an optional extra: {S3_EXTRA}") from None
-    return s3fs.S3FileSystem(default_cache_type="none", use_listings_cache=False)
+    # The endpoint as an argument: s3fs keeps one instance per arguments, so a changed endpoint
+    # gets its own.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    extra = {"endpoint_url": endpoint} if endpoint else {}
+    return s3fs.S3FileSystem(default_cache_type="none", use_listings_cache=False, **extra)
 
 
 def s3_reason(exc: BaseException) -> str:
