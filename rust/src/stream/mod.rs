@@ -159,6 +159,9 @@ struct Ctx {
     buffers: Arc<BufferPool>,
     /// Maps of the uncompressed chunk and shard files read so far.
     maps: FileMaps,
+    /// A remote store read through a disk cache that holds it: every object of an epoch is
+    /// prefetched at its start (else one segment ahead).
+    prefetch_epoch: bool,
 }
 
 struct Running {
@@ -345,6 +348,7 @@ impl Stream {
                 pool,
                 buffers: Arc::new(BufferPool::default()),
                 maps: FileMaps::default(),
+                prefetch_epoch: shard_window.is_none(),
             }),
             n,
             chunk_rows,
@@ -557,7 +561,9 @@ fn decode_batches(
     let mut open: VecDeque<(usize, usize, Batch)> = VecDeque::new();
     let mut next = 0; // the next batch to allocate
     let send = |done: Vec<Batch>| -> bool { done.into_iter().all(|b| tx.send(Ok(b)).is_ok()) };
-    // A remote store's objects that this segment and the next need start downloading together.
+    // A remote store's objects start downloading before they are read: when the cache holds the
+    // store, all that the epoch reads, in the order the segments need them (downloads queue first
+    // come, first served); else those of the next segment, one segment ahead.
     let prefetch = |(start, end): (usize, usize)| {
         for h in &ctx.handles {
             match ctx.spec.windows {
@@ -569,11 +575,14 @@ fn decode_batches(
             }
         }
     };
-    if let Some(&first) = segments.first() {
-        prefetch(first);
-    }
+    let ahead = if ctx.prefetch_epoch {
+        segments.len()
+    } else {
+        1
+    };
+    segments.iter().take(ahead).for_each(|&s| prefetch(s));
     for (i, &(start, end)) in segments.iter().enumerate() {
-        if let Some(&next) = segments.get(i + 1) {
+        if let Some(&next) = segments.get(i + 1).filter(|_| !ctx.prefetch_epoch) {
             prefetch(next);
         }
         if stop.load(Ordering::Relaxed) {
