@@ -168,6 +168,21 @@ def test_training_one_block_downloads_that_block_only(s3, tmp_path, monkeypatch)
     assert not (local / "block0.safetensors").exists()  # block 1 never needs block 0's weights
 
 
+def test_a_block_of_an_s3_run_is_trained_by_one_machine_at_a_time(s3, tmp_path, monkeypatch):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TOML.replace("steps = 30", "steps = 5"))
+    st, run = f"{s3}/locks.zarr", f"{s3}/locks-run"
+    _cli("cache", cfg, "--out", st)
+    monkeypatch.setenv("DBCORE_MIRROR", str(tmp_path / "other-machine"))
+    with store.writer_lock(f"{run}/block0", breakable=False):  # block 0 in training elsewhere
+        r = CliRunner().invoke(main, ["train", str(cfg), "--store", st, "--out", run, "--block", "0",
+                                      "--quiet"])
+    assert r.exit_code == 1 and "another process" in r.output and "block0" in r.output, r.output
+    assert "--break-lock" not in r.output and "Traceback" not in r.output
+    _cli("train", cfg, "--store", st, "--out", run, "--block", "0", "--quiet")  # released: trains
+    assert not any(k.endswith(".lock") for k in s3fs.S3FileSystem().find(f"{BUCKET}/locks-run"))
+
+
 def test_a_cache_killed_before_its_first_record_resumes_on_s3(s3, tmp_path):
     from dbcore import api
     from dbcore.data import cache as cache_mod

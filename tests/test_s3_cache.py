@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -159,8 +160,16 @@ def test_one_writer_at_a_time(server):
     keys = s3.list_objects_v2(Bucket=BUCKET, Prefix=".locked").get("KeyCount", 0)
     assert keys == 0  # released
     # A killed writer's lock, its lease run out: taken over.
-    dead = {"holder": "gone:1:0", "what": "store", "since": 0, "expires": time.time() - 1}
+    dead = {"holder": "elsewhere:1:0", "what": "store", "since": 0, "expires": time.time() - 1}
     s3.put_object(Bucket=BUCKET, Key=".locked.zarr.lock", Body=json.dumps(dead).encode())
+    with store.writer_lock(url):
+        pass
+    # A live lease of a process of this machine that is gone (a restart after a crash): taken over.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = record["holder"].split(":")[0]
+    crashed = {"holder": f"{host}:{gone.pid}:0", "what": "store", "since": 0, "expires": time.time() + 99}
+    s3.put_object(Bucket=BUCKET, Key=".locked.zarr.lock", Body=json.dumps(crashed).encode())
     with store.writer_lock(url):
         pass
 

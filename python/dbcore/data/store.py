@@ -405,21 +405,24 @@ LOCK_LEASE_SECONDS = 120.0  # an s3:// writer's lease, renewed every third of it
 
 
 @contextmanager
-def writer_lock(path: str | os.PathLike[str], what: str = "store", break_lock: bool = False
-                ) -> Iterator[None]:
+def writer_lock(path: str | os.PathLike[str], what: str = "store", break_lock: bool = False,
+                breakable: bool = True) -> Iterator[None]:
     """Hold the right to write `path` (a store, or another `what`) for the block's lifetime; a
     second writer is refused with one line naming the holder.
 
     Local: an exclusive `flock` on `.NAME.lock` beside it, released by the OS if the process dies.
     `s3://`: an object `.NAME.lock` beside it, created by a conditional PUT (`If-None-Match: *`)
     and naming its holder and a lease of `LOCK_LEASE_SECONDS` that a thread renews; a killed
-    writer's lock expires with its lease, and `break_lock` takes a live one over."""
+    writer's lock expires with its lease (at once when it ran on this machine), and `break_lock`
+    takes a live one over (`breakable`: the refusal says so)."""
     if is_url(path):
         try:
             with _native_errors():
                 lock = _native.RemoteLock(os.fspath(path), what, LOCK_LEASE_SECONDS, break_lock)
         except StoreExistsError as e:
-            raise StoreLockedError(f"{e} or, if it was killed, pass {arg('break_lock', True)}") from None
+            hint = (f"or, if it was killed, pass {arg('break_lock', True)}" if breakable else
+                    f"(a killed writer's lock expires within {LOCK_LEASE_SECONDS:.0f} s)")
+            raise StoreLockedError(f"{e} {hint}") from None
         try:
             yield
         finally:

@@ -74,7 +74,7 @@ class Mirror:
             rel = key[len(self.key) + 1:]
             if info.get("type") == "directory" or not rel:
                 continue
-            if keep is not None and not keep(rel):
+            if (keep is not None and not keep(rel)) or _is_lock(rel):
                 continue
             try:
                 if rel.startswith(METRICS_PREFIX):
@@ -118,6 +118,21 @@ class Mirror:
         except OSError as exc:
             raise _error(f"{self.url}: could not upload {rel} ({s3_reason(exc)}); the local copy is in "
                          f"{self.local}") from None
+
+
+def _is_lock(rel: str) -> bool:
+    """A writer's lock object (`.NAME.lock`, see `dbcore.data.store.writer_lock`): never mirrored."""
+    name = rel.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(".lock")
+
+
+def url_of(path: Path) -> str | None:
+    """The `s3://` URL of `path` when it lies in the mirror of a run a command works on."""
+    mirror = _mirror_of(Path(path))
+    if mirror is None:
+        return None
+    rel = Path(path).relative_to(mirror.local).as_posix()
+    return mirror.url if rel == "." else f"{mirror.url}/{rel}"
 
 
 def _replace(path: Path, data: bytes) -> None:

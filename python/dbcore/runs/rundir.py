@@ -68,19 +68,20 @@ def read_metrics(run: Path) -> list[dict]:
 def writing(run: Path, name: str, writer: bool = True) -> Iterator[None]:
     """Hold the right to train checkpoint `name` of `run` while the block runs: a second job
     training it (another `train`, a Ray task, a second torchrun) is refused with one line. Only
-    the writer (rank 0) holds it; a local lock, as the store's."""
+    the writer (rank 0) holds it: a local lock, as the store's, and for the mirror of an `s3://`
+    run the lock object beside the checkpoint in the bucket too (jobs on other machines)."""
     if not writer:
         yield
         return
-    try:
-        lock = store.writer_lock(Path(run) / name, what=f"checkpoint of run {run}")
-        lock.__enter__()
-    except store.StoreLockedError as exc:
-        raise RunError(str(exc)) from None
-    try:
+    remote = mirror.url_of(Path(run) / name)
+    with contextlib.ExitStack() as held:
+        for where, what in [(Path(run) / name, f"checkpoint of run {run}"),
+                            *([(remote, f"checkpoint of run {mirror.url_of(Path(run))}")] if remote else [])]:
+            try:
+                held.enter_context(store.writer_lock(where, what=what, breakable=False))
+            except store.StoreLockedError as exc:
+                raise RunError(str(exc)) from None
         yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def write_run_json(run: Path, config_dict: dict, store_path: Path, kind: str) -> None:

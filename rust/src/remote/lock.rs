@@ -2,8 +2,10 @@
 //! (`s3://b/runs/.name.lock`, as a local store's lock file sits beside it) created by a
 //! conditional PUT (`If-None-Match: *`), so of two writers exactly one creates it. It names its
 //! holder and a lease, which a thread renews while the lock is held; a lock whose lease ran out
-//! (its writer was killed) is taken over, and `force` breaks a live one.
+//! (its writer was killed), or whose holder was a process of this machine that is gone (a restart
+//! after a crash), is taken over, and `force` breaks a live one.
 
+use std::path::Path;
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -60,13 +62,9 @@ impl RemoteLock {
         let url = format!("{}{bucket}/{key}", crate::location::S3_SCHEME);
         let client = s3_client(bucket, &url)?;
         let path = ObjectPath::from(key.as_str());
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-            .unwrap_or_else(|| "?".into());
         let holder = format!(
             "{}:{}:{:x}",
-            host.trim(),
+            host(),
             std::process::id(),
             (now() * 1e6) as u64
         );
@@ -85,7 +83,11 @@ impl RemoteLock {
                 .as_ref()
                 .and_then(|v| v["expires"].as_f64())
                 .is_none_or(|t| t < now());
-            if !(expired || force) {
+            let gone = held
+                .as_ref()
+                .and_then(|v| v["holder"].as_str())
+                .is_some_and(dead_here);
+            if !(expired || gone || force) {
                 let v = held.unwrap_or(Value::Null);
                 let left = v["expires"].as_f64().map_or(0.0, |t| t - now());
                 return Err(Error::Exists(format!(
@@ -162,6 +164,26 @@ impl Drop for RemoteLock {
     fn drop(&mut self) {
         let _ = self.release();
     }
+}
+
+/// This machine's name.
+fn host() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map_or_else(|| "?".into(), |h| h.trim().to_string())
+}
+
+/// Whether `holder` ("host:pid:nonce") was a process of this machine that no longer runs.
+fn dead_here(holder: &str) -> bool {
+    let mut parts = holder.split(':');
+    let (Some(h), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    h == host()
+        && pid
+            .parse::<u32>()
+            .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists())
 }
 
 /// The lock's record, None when there is none (or it is not JSON).
