@@ -454,3 +454,95 @@ impl ListableStorageTraits for CachedStorage {
         self.direct.size_prefix(prefix)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::disk::Settings;
+    use zarrs::storage::byte_range::ByteRange;
+    use zarrs::storage::storage_adapter::async_to_sync::{
+        AsyncToSyncBlockOn, AsyncToSyncStorageAdapter,
+    };
+    use zarrs_object_store::object_store::memory::InMemory;
+    use zarrs_object_store::object_store::ObjectStoreExt;
+    use zarrs_object_store::AsyncObjectStore;
+
+    #[derive(Clone, Copy)]
+    struct On;
+    impl AsyncToSyncBlockOn for On {
+        fn block_on<F: core::future::Future>(&self, future: F) -> F::Output {
+            block_on(future)
+        }
+    }
+
+    fn put(remote: &Arc<dyn ObjectStore>, key: &str, bytes: &[u8]) {
+        block_on(remote.put(&ObjectPath::from(key), bytes.to_vec().into())).unwrap();
+    }
+
+    fn open(remote: &Arc<dyn ObjectStore>, dir: &std::path::Path, limit: u64) -> CachedStorage {
+        let direct = Arc::new(AsyncToSyncStorageAdapter::new(
+            Arc::new(AsyncObjectStore::new(remote.clone())),
+            On,
+        ));
+        let disk = Arc::new(DiskCache::new(Settings {
+            dir: dir.to_path_buf(),
+            limit,
+        }));
+        CachedStorage::open("s3://b/s.zarr", remote.clone(), direct, disk).unwrap()
+    }
+
+    #[test]
+    fn objects_are_downloaded_once_and_served_from_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        put(&remote, "x/c/0", b"0123456789");
+        let c = open(&remote, dir.path(), 1 << 20);
+        let key = StoreKey::new("x/c/0").unwrap();
+        assert_eq!(c.size_key(&key).unwrap(), Some(10));
+        let got = c
+            .get_partial(&key, ByteRange::FromStart(2, Some(3)))
+            .unwrap();
+        assert_eq!(got.unwrap().as_ref(), b"234");
+        assert_eq!(c.get(&key).unwrap().unwrap().as_ref(), b"0123456789");
+        assert_eq!(c.downloads(), 1);
+        assert!(c.get(&StoreKey::new("x/c/9").unwrap()).unwrap().is_none());
+        // A second reader (a new process) finds it on disk.
+        let again = open(&remote, dir.path(), 1 << 20);
+        assert_eq!(again.get(&key).unwrap().unwrap().as_ref(), b"0123456789");
+        assert_eq!(again.downloads(), 0);
+    }
+
+    #[test]
+    fn a_rewritten_object_is_a_new_entry_and_a_vanished_one_is_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        put(&remote, "k", b"old");
+        let key = StoreKey::new("k").unwrap();
+        assert_eq!(
+            open(&remote, dir.path(), 1 << 20)
+                .get(&key)
+                .unwrap()
+                .unwrap()
+                .as_ref(),
+            b"old"
+        );
+        put(&remote, "k", b"new!");
+        let c = open(&remote, dir.path(), 1 << 20);
+        assert_eq!(c.get(&key).unwrap().unwrap().as_ref(), b"new!");
+        // evicted by another process after this one found it
+        std::fs::remove_file(c.file("k").unwrap().unwrap()).unwrap();
+        assert_eq!(c.get(&key).unwrap().unwrap().as_ref(), b"new!");
+        assert_eq!(c.downloads(), 2);
+    }
+
+    #[test]
+    fn an_object_changed_after_the_listing_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        put(&remote, "k", b"listed");
+        let c = open(&remote, dir.path(), 1 << 20);
+        put(&remote, "k", b"rewritten");
+        let err = c.file("k").unwrap_err().to_string();
+        assert!(err.contains("changed while the store was read"), "{err}");
+    }
+}
