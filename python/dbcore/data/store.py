@@ -2,7 +2,9 @@
 
 A store is one Zarr v3 group, in a local folder or at `s3://bucket/prefix` (S3 or any
 S3-compatible object store; credentials, region and endpoint from the standard AWS environment
-variables, `AWS_ENDPOINT_URL` included). Each array is chunked along rows (axis 0) and, when it has
+variables, `AWS_ENDPOINT_URL` included). A complete `s3://` store is read through a local disk
+cache (`configure_cache`): listed once, each object downloaded whole, once, and read from disk;
+entries are named by the object's ETag, so a rewritten store is never served stale. Each array is chunked along rows (axis 0) and, when it has
 many chunks, sharded (about 64 MiB shards of about 1 MiB chunks); zarr-python 3 and any other Zarr
 v3 reader open it as it is.
 

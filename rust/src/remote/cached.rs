@@ -6,7 +6,6 @@
 //! key is looked up again before its next read).
 
 use std::collections::{HashMap, HashSet};
-
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -294,11 +293,8 @@ impl Inner {
         let parent = path.parent().expect("an entry has a folder");
         std::fs::create_dir_all(parent).map_err(io)?;
         let name = path.file_name().unwrap().to_string_lossy();
-        let part = parent.join(format!(
-            ".{name}.{}.{:?}.part",
-            std::process::id(),
-            std::thread::current().id()
-        ));
+        // One download of a key at a time in a process: the pid keeps processes apart.
+        let part = parent.join(format!(".{name}.{}.part", std::process::id()));
         let options = GetOptions {
             if_match: listed.etag.clone(),
             ..Default::default()
