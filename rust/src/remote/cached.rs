@@ -293,8 +293,10 @@ impl Inner {
         let parent = path.parent().expect("an entry has a folder");
         std::fs::create_dir_all(parent).map_err(io)?;
         let name = path.file_name().unwrap().to_string_lossy();
-        // One download of a key at a time in a process: the pid keeps processes apart.
-        let part = parent.join(format!(".{name}.{}.part", std::process::id()));
+        // Unique to this download (two handles of one store may fetch one key at once).
+        static PARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let part = parent.join(format!(".{name}.{}.{n}.part", std::process::id()));
         let options = GetOptions {
             if_match: listed.etag.clone(),
             ..Default::default()
