@@ -124,6 +124,14 @@ impl RemoteLock {
                 .spawn(move || loop {
                     match stopped.recv_timeout(lease / 3) {
                         Err(RecvTimeoutError::Timeout) => {
+                            // Renewed only while still ours: a lock broken by another writer
+                            // (`force`) is left to it.
+                            let held = read(&client, &path, "");
+                            if !held
+                                .is_ok_and(|v| v.is_some_and(|v| v["holder"] == holder.as_str()))
+                            {
+                                return;
+                            }
                             let _ = block_on(client.put(&path, body(&holder, &what, lease)));
                         }
                         _ => return,
