@@ -174,6 +174,28 @@ def test_one_writer_at_a_time(server):
         pass
 
 
+def test_a_lease_is_renewed_while_held_and_a_broken_lock_is_left_to_its_new_holder(server):
+    from dbcore import _native
+
+    s3 = boto3.client("s3")
+    url, key = f"s3://{BUCKET}/leased.zarr", ".leased.zarr.lock"
+
+    def record() -> dict:
+        return json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+    lock = _native.RemoteLock(url, "store", 0.6)
+    first = record()
+    time.sleep(0.7)
+    assert record()["expires"] > first["expires"]  # renewed every 0.2 s
+    other = _native.RemoteLock(url, "store", 60.0, True)  # broken by another writer
+    time.sleep(0.5)
+    assert record()["holder"] != first["holder"]  # not renewed over
+    lock.release()  # leaves the other's lock
+    assert record()["holder"] != first["holder"]
+    other.release()
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount", 0) == 0
+
+
 def test_two_caches_of_one_s3_store_one_is_refused(server, tmp_path):
     from click.testing import CliRunner
 
