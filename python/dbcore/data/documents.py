@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbcore.data.location import glob_files, is_url, open_file
+from dbcore.data.parquet import parquet_batches
 from dbcore.errors import SourceError
 
 PIECE_BYTES = 1 << 16  # text per piece, about: a batch of pieces is encoded in parallel
@@ -180,23 +181,13 @@ def _record(record: Any, field: str, where: str, what: str, container: str) -> P
 
 def _parquet_file(path: str, column: str) -> Iterator[Piece]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    with open_file(path) as f:
-        try:
-            pf = pq.ParquetFile(f)
-        except (pa.ArrowException, OSError) as exc:
-            raise SourceError(f"{path}: not a Parquet file ({exc})") from None
-        names = pf.schema_arrow.names
-        if column not in names:
-            raise SourceError(f"{path}: no column {column!r} (columns: {names})")
-        row = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
-            values = batch.column(0)
-            if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-                raise SourceError(f"{path}: column {column!r} is {values.type}, expected strings")
-            for i, text in enumerate(values.to_pylist()):
+    with parquet_batches(path, [column], PARQUET_BATCH_ROWS) as (schema, batches):
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise SourceError(f"{path}: column {column!r} is {kind}, expected strings")
+        for row, batch in batches:
+            for i, text in enumerate(batch.column(0).to_pylist()):
                 if text is None:
                     raise SourceError(f"{path}: row {row + i}: column {column!r} is null")
                 yield Piece(text, f"{path}: row {row + i} (column {column!r})", 0, 0, True)
-            row += len(values)

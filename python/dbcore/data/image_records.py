@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dbcore.data.location import glob_files, is_url, open_file, s3_filesystem
+from dbcore.data.parquet import parquet_batches
 from dbcore.errors import SourceError
 
 KINDS = ("tar", "folder", "parquet")
@@ -229,17 +230,8 @@ def folder_items(root: str) -> tuple[list[str], list[tuple[str, int]]]:
 
 def _parquet_records(path: str, image: str, label: str) -> Iterator[Record]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    with open_file(path) as f:
-        try:
-            pf = pq.ParquetFile(f)
-        except (pa.ArrowException, OSError) as exc:
-            raise SourceError(f"{path}: not a Parquet file ({exc})") from None
-        schema = pf.schema_arrow
-        for column in (image, label):
-            if column not in schema.names:
-                raise SourceError(f"{path}: no column {column!r} (columns: {schema.names})")
+    with parquet_batches(path, [image, label], PARQUET_BATCH_ROWS) as (schema, batches):
         image_type, label_type = schema.field(image).type, schema.field(label).type
         if not pa.types.is_integer(label_type):
             raise SourceError(f"{path}: label column {label!r} is {label_type}, expected integers")
@@ -249,8 +241,7 @@ def _parquet_records(path: str, image: str, label: str) -> Iterator[Record]:
         if not in_struct and not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
             raise SourceError(f"{path}: image column {image!r} is {image_type}, expected a struct with "
                               "'bytes' or binary")
-        row = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image, label]):
+        for row, batch in batches:
             images, labels = batch.column(0), batch.column(1)
             if in_struct:
                 images = images.field("bytes")
@@ -262,4 +253,3 @@ def _parquet_records(path: str, image: str, label: str) -> Iterator[Record]:
                     raise SourceError(f"{where}: label column {label!r} must be a non-negative integer, "
                                       f"found {y}")
                 yield Record(data, y, where)
-            row += len(labels)

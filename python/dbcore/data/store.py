@@ -4,9 +4,10 @@ A store is one Zarr v3 group, in a local folder or at `s3://bucket/prefix` (S3 o
 S3-compatible object store; credentials, region and endpoint from the standard AWS environment
 variables, `AWS_ENDPOINT_URL` included). A complete `s3://` store is read through a local disk
 cache (`configure_cache`): listed once, each object downloaded whole, once, and read from disk;
-entries are named by the object's ETag, so a rewritten store is never served stale. Each array is chunked along rows (axis 0) and, when it has
-many chunks, sharded (about 64 MiB shards of about 1 MiB chunks); zarr-python 3 and any other Zarr
-v3 reader open it as it is.
+entries are named by the object's ETag, so a rewritten store is never served stale.
+
+Each array is chunked along rows (axis 0) and, when it has many chunks, sharded (about 64 MiB
+shards of about 1 MiB chunks); zarr-python 3 and any other Zarr v3 reader open it as it is.
 
 Compression (`compression="auto"`, the default): floating-point arrays (activations, noised
 targets, embeddings) are stored uncompressed, everything else (images, tokens, labels) with zstd
