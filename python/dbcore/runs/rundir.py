@@ -73,10 +73,12 @@ def writing(run: Path, name: str, writer: bool = True) -> Iterator[None]:
     if not writer:
         yield
         return
+    locks: list[tuple[str | Path, str]] = [(Path(run) / name, f"checkpoint of run {run}")]
     remote = mirror.url_of(Path(run) / name)
+    if remote:
+        locks.append((remote, f"checkpoint of run {mirror.url_of(Path(run))}"))
     with contextlib.ExitStack() as held:
-        for where, what in [(Path(run) / name, f"checkpoint of run {run}"),
-                            *([(remote, f"checkpoint of run {mirror.url_of(Path(run))}")] if remote else [])]:
+        for where, what in locks:
             try:
                 held.enter_context(store.writer_lock(where, what=what, breakable=False))
             except store.StoreLockedError as exc:

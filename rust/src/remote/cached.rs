@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use futures::StreamExt;
@@ -35,6 +35,13 @@ pub const IN_FLIGHT: usize = 16;
 struct Listed {
     size: u64,
     etag: Option<String>,
+}
+
+/// Where a key stands in the cache (`CachedStorage::lookup`).
+enum Lookup {
+    OnDisk(PathBuf),
+    Absent,
+    ToFetch(Listed, PathBuf),
 }
 
 /// A download that threads may wait for.
@@ -149,37 +156,41 @@ impl CachedStorage {
     /// The local file holding `key`, downloaded first if the cache lacks it; None when the store
     /// has no such object.
     pub fn file(&self, key: &str) -> Result<Option<PathBuf>> {
-        if let Some(path) = self.inner.ready.lock().unwrap().get(key) {
-            return Ok(Some(path.clone()));
+        match self.lookup(key)? {
+            Lookup::OnDisk(path) => Ok(Some(path)),
+            Lookup::Absent => Ok(None),
+            Lookup::ToFetch(listed, path) => self
+                .start(key, listed, path)
+                .wait()
+                .map(Some)
+                .map_err(Error::Io),
         }
-        let Some(listed) = self.inner.listed(key)? else {
-            return Ok(None);
-        };
-        let path = self.inner.entry(key, &listed);
-        if self.inner.holds(key, &path, &listed) {
-            return Ok(Some(path));
-        }
-        self.start(key, listed, path)
-            .wait()
-            .map(Some)
-            .map_err(Error::Io)
     }
 
     /// Start downloading the objects of `keys` the cache lacks (at most `IN_FLIGHT` at once);
     /// returns at once.
     pub fn prefetch<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
         for key in keys {
-            let Ok(Some(listed)) = self.inner.listed(key) else {
-                continue;
-            };
-            if self.inner.ready.lock().unwrap().contains_key(key) {
-                continue;
-            }
-            let path = self.inner.entry(key, &listed);
-            if !self.inner.holds(key, &path, &listed) {
+            if let Ok(Lookup::ToFetch(listed, path)) = self.lookup(key) {
                 self.start(key, listed, path);
             }
         }
+    }
+
+    /// Where `key` stands: complete on disk, not in the store, or to download into its entry.
+    fn lookup(&self, key: &str) -> Result<Lookup> {
+        if let Some(path) = self.inner.ready.lock().unwrap().get(key) {
+            return Ok(Lookup::OnDisk(path.clone()));
+        }
+        let Some(listed) = self.inner.listed(key)? else {
+            return Ok(Lookup::Absent);
+        };
+        let path = self.inner.entry(key, &listed);
+        Ok(if self.inner.holds(key, &path, &listed) {
+            Lookup::OnDisk(path)
+        } else {
+            Lookup::ToFetch(listed, path)
+        })
     }
 
     /// The download of `key` into `path`, started unless one is under way.
@@ -200,25 +211,44 @@ impl CachedStorage {
         p
     }
 
-    /// The local file of `key` opened (downloaded first if the cache lacks it); None when the
-    /// store has no such object. A file that another download evicts before it is opened is
-    /// downloaded again.
-    pub fn open_file(&self, key: &str) -> Result<Option<std::fs::File>> {
+    /// `open(path)` of the local file of `key` (downloaded first if the cache lacks it); None
+    /// when the store has no such object. A file that `open` finds gone (`Ok(None)`: evicted by
+    /// another download or process) is downloaded again, `EVICTED_RETRIES` times at most; then
+    /// the error names `what()`.
+    pub fn with_file<T>(
+        &self,
+        key: &str,
+        what: impl FnOnce() -> String,
+        mut open: impl FnMut(&Path) -> Result<Option<T>>,
+    ) -> Result<Option<(PathBuf, T)>> {
         for _ in 0..EVICTED_RETRIES {
             let Some(path) = self.file(key)? else {
                 return Ok(None);
             };
-            match std::fs::File::open(&path) {
-                Ok(f) => return Ok(Some(f)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.forget(key),
-                Err(e) => return Err(Error::Io(format!("{}: {e}", path.display()))),
+            if let Some(opened) = open(&path)? {
+                return Ok(Some((path, opened)));
             }
+            self.forget(key);
         }
-        Err(evicted(&format!("{}/{key}", self.inner.url)))
+        Err(evicted(&what()))
     }
 
-    /// The local file of `key` vanished (evicted by another process): check it again next time.
-    pub fn forget(&self, key: &str) {
+    /// The local file of `key` opened: see `with_file`.
+    fn open_file(&self, key: &str) -> Result<Option<std::fs::File>> {
+        let opened = self.with_file(
+            key,
+            || format!("{}/{key}", self.inner.url),
+            |path| match std::fs::File::open(path) {
+                Ok(f) => Ok(Some(f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::Io(format!("{}: {e}", path.display()))),
+            },
+        )?;
+        Ok(opened.map(|(_, f)| f))
+    }
+
+    /// The local file of `key` vanished: check it again next time.
+    fn forget(&self, key: &str) {
         self.inner.ready.lock().unwrap().remove(key);
     }
 
@@ -341,10 +371,10 @@ impl Inner {
 }
 
 /// Downloads of a file that other downloads evict before it is opened, before giving up.
-pub const EVICTED_RETRIES: usize = 3;
+const EVICTED_RETRIES: usize = 3;
 
 /// The error when a file keeps being evicted before it is read.
-pub fn evicted(what: &str) -> Error {
+fn evicted(what: &str) -> Error {
     Error::Io(format!(
         "{what}: evicted from the disk cache while in use, {EVICTED_RETRIES} times; raise \
          DBCORE_CACHE_LIMIT"
@@ -473,6 +503,15 @@ mod tests {
         }
     }
 
+    /// An in-memory bucket holding `objects`, and a cache folder.
+    fn bucket(objects: &[(&str, &[u8])]) -> (tempfile::TempDir, Arc<dyn ObjectStore>) {
+        let remote: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        for (key, bytes) in objects {
+            put(&remote, key, bytes);
+        }
+        (tempfile::tempdir().unwrap(), remote)
+    }
+
     fn put(remote: &Arc<dyn ObjectStore>, key: &str, bytes: &[u8]) {
         block_on(remote.put(&ObjectPath::from(key), bytes.to_vec().into())).unwrap();
     }
@@ -491,9 +530,7 @@ mod tests {
 
     #[test]
     fn objects_are_downloaded_once_and_served_from_the_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let remote: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        put(&remote, "x/c/0", b"0123456789");
+        let (dir, remote) = bucket(&[("x/c/0", b"0123456789")]);
         let c = open(&remote, dir.path(), 1 << 20);
         let key = StoreKey::new("x/c/0").unwrap();
         assert_eq!(c.size_key(&key).unwrap(), Some(10));
@@ -512,9 +549,7 @@ mod tests {
 
     #[test]
     fn a_rewritten_object_is_a_new_entry_and_a_vanished_one_is_fetched_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let remote: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        put(&remote, "k", b"old");
+        let (dir, remote) = bucket(&[("k", b"old")]);
         let key = StoreKey::new("k").unwrap();
         assert_eq!(
             open(&remote, dir.path(), 1 << 20)
@@ -535,9 +570,7 @@ mod tests {
 
     #[test]
     fn an_object_changed_after_the_listing_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let remote: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        put(&remote, "k", b"listed");
+        let (dir, remote) = bucket(&[("k", b"listed")]);
         let c = open(&remote, dir.path(), 1 << 20);
         put(&remote, "k", b"rewritten");
         let err = c.file("k").unwrap_err().to_string();

@@ -23,7 +23,6 @@ use super::Storage;
 use crate::error::{Error, Result};
 use crate::gather;
 use crate::location::Location;
-use crate::remote::cached::{evicted, EVICTED_RETRIES};
 use crate::remote::CachedStorage;
 
 /// Direct access to the rows of an uncompressed array (see the module docs).
@@ -57,16 +56,6 @@ impl Raw {
 enum Files {
     Folder(PathBuf),
     Cached(CachedStorage),
-}
-
-impl Files {
-    /// The file of `key`; None: not stored (the chunk holds the fill value).
-    fn path(&self, key: &str) -> Result<Option<PathBuf>> {
-        match self {
-            Files::Folder(folder) => Ok(Some(folder.join(key))),
-            Files::Cached(cached) => cached.file(key),
-        }
-    }
 }
 
 impl ArrayHandle {
@@ -164,39 +153,41 @@ impl ArrayHandle {
     }
 }
 
+/// A chunk or shard file, mapped or opened.
+type Found = (Option<Arc<Mmap>>, Option<std::fs::File>);
 type Opened = (PathBuf, Option<Arc<Mmap>>, Option<std::fs::File>);
 
 impl ArrayHandle {
     /// The chunk or shard file of `key`, mapped (through `maps`) or opened; None when it is not
     /// stored (the chunk holds the fill value). A cached file that vanished was evicted by another
-    /// process: downloaded again, never taken for the fill value.
+    /// process: downloaded again (`CachedStorage::with_file`), never taken for the fill value.
     fn open_file(
         &self,
         files: &Files,
         key: &str,
         maps: Option<&FileMaps>,
     ) -> Result<Option<Opened>> {
-        for _ in 0..EVICTED_RETRIES {
-            let Some(path) = files.path(key)? else {
-                return Ok(None);
-            };
+        // Some((map, file)), or None when the file is not there.
+        let open = |path: &Path| -> Result<Option<Found>> {
             let io = |e: std::io::Error| Error::Io(self.ctx(format!("{}: {e}", path.display())));
-            let found = match maps.map(|m| m.get(&path)).transpose().map_err(io)? {
+            Ok(match maps.map(|m| m.get(path)).transpose().map_err(io)? {
                 Some(Mapped::Map(map)) => Some((Some(map), None)),
                 Some(Mapped::Missing) => None,
-                Some(Mapped::Unmapped) | None => match std::fs::File::open(&path) {
+                Some(Mapped::Unmapped) | None => match std::fs::File::open(path) {
                     Ok(f) => Some((None, Some(f))),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                     Err(e) => return Err(io(e)),
                 },
-            };
-            match (found, files) {
-                (Some((map, file)), _) => return Ok(Some((path, map, file))),
-                (None, Files::Folder(_)) => return Ok(None),
-                (None, Files::Cached(cached)) => cached.forget(key),
+            })
+        };
+        let opened = match files {
+            Files::Folder(folder) => {
+                let path = folder.join(key);
+                open(&path)?.map(|found| (path, found))
             }
-        }
-        Err(evicted(&self.ctx(key)))
+            Files::Cached(cached) => cached.with_file(key, || self.ctx(key), open)?,
+        };
+        Ok(opened.map(|(path, (map, file))| (path, map, file)))
     }
 }
 

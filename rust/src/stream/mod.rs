@@ -320,11 +320,11 @@ impl Stream {
             .map(|h| sample_bytes(h) as u64)
             .sum::<u64>()
             .max(1);
-        let window_chunks = match (spec.window_chunks, spec.window_bytes) {
-            (Some(w), _) => w,
-            (None, None) if shard_window.is_some() => shard_window.unwrap().1,
-            (None, Some(bytes)) => window_of_bytes(bytes, row_bytes, chunk_rows, &spec, &p)?,
-            (None, None) => {
+        let window_chunks = match (spec.window_chunks, spec.window_bytes, shard_window) {
+            (Some(w), _, _) => w,
+            (None, Some(bytes), _) => window_of_bytes(bytes, row_bytes, chunk_rows, &spec, &p)?,
+            (None, None, Some((_, objects))) => objects,
+            (None, None, None) => {
                 let want = (WINDOW_MIN_CHUNKS * chunk_rows).max(WINDOW_MIN_ROWS);
                 let cap = (WINDOW_MAX_BYTES / row_bytes).max(chunk_rows);
                 want.min(cap).div_ceil(chunk_rows).max(1)
